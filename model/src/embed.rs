@@ -1,0 +1,43 @@
+//! Token embeddings: the first thing the client does with token ids.
+
+use crate::blocks::Hidden;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::matrix::QMatrix;
+
+#[derive(Clone)]
+pub struct Embedding {
+    table: QMatrix,
+}
+
+impl Embedding {
+    pub fn load(file: &GgufFile) -> Result<Self> {
+        Ok(Self {
+            table: QMatrix::new(file.tensor("token_embd.weight")?)?,
+        })
+    }
+
+    pub fn matrix(&self) -> &QMatrix {
+        &self.table
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.table.rows
+    }
+
+    /// Hidden states `[ids.len(), dim]`; an id outside the vocabulary is an error, not a panic.
+    pub fn embed(&self, ids: &[u32]) -> Result<Hidden> {
+        let dim = self.table.cols;
+        let mut data = vec![0f32; ids.len() * dim];
+        for (&id, row) in ids.iter().zip(data.chunks_exact_mut(dim)) {
+            if id as usize >= self.table.rows {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: self.table.rows,
+                });
+            }
+            self.table.dequantize_row(id as usize, row)?;
+        }
+        Hidden::new(ids.len(), dim, data)
+    }
+}

@@ -1,0 +1,63 @@
+//! Final norm and LM head: hidden states to logits, on the client.
+
+use crate::blocks::{load_vector, Hidden};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::matrix::{matmul, Activations, QMatrix};
+use crate::numerics::rms_norm;
+use crate::spec::ModelSpec;
+
+pub struct Head {
+    norm: Vec<f32>,
+    eps: f32,
+    lm: QMatrix,
+}
+
+impl Head {
+    /// Uses `output.weight`, or the token embedding when the file ties them (as SmolLM2 does).
+    pub fn load(file: &GgufFile, spec: &ModelSpec) -> Result<Self> {
+        let name = if spec.tied_embeddings {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        };
+        let lm = QMatrix::new(file.tensor(name)?)?;
+        if lm.cols != spec.embedding_length {
+            return Err(ModelError::BadTensor {
+                name: name.into(),
+                reason: format!("{} columns, expected {}", lm.cols, spec.embedding_length),
+            });
+        }
+        Ok(Self {
+            norm: load_vector(file, "output_norm.weight", spec.embedding_length)?,
+            eps: spec.rms_eps,
+            lm,
+        })
+    }
+
+    pub fn matrix(&self) -> &QMatrix {
+        &self.lm
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.lm.view().len_bytes() + self.norm.len() * 4
+    }
+
+    /// Logits `[tokens, vocab]` for every position of `x`.
+    pub fn logits(&self, x: &Hidden) -> Result<Vec<f32>> {
+        let mut normed = Vec::new();
+        rms_norm(&x.data, &self.norm, self.eps, &mut normed);
+        let mut out = Vec::new();
+        matmul(
+            &Activations::new(&normed, x.tokens, x.dim),
+            &self.lm,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Logits of the last position only: what generation needs, at 1/T of the cost.
+    pub fn last_logits(&self, x: &Hidden) -> Result<Vec<f32>> {
+        self.logits(&x.tail(1))
+    }
+}

@@ -1,0 +1,27 @@
+//! The model math of edge-swarm, with no networking: GGUF spec and sliced loading, the
+//! Llama-family decoder block with a per-session KV cache, embeddings and head, the tokenizer and
+//! chat template, and [`LocalModel`], the single-process golden reference.
+
+pub mod blocks;
+pub mod chat;
+pub mod embed;
+pub mod error;
+pub mod gguf;
+pub mod head;
+pub mod kv_cache;
+pub mod load;
+pub mod local;
+pub mod matrix;
+pub mod numerics;
+pub mod quant;
+pub mod spec;
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use blocks::{BlockStack, Hidden};
+pub use error::{ModelError, Result};
+pub use gguf::GgufFile;
+pub use kv_cache::{LayerKv, SessionKv};
+pub use load::{load, LoadOptions, ModelSlice};
+pub use local::LocalModel;
+pub use spec::ModelSpec;

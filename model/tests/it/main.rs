@@ -1,0 +1,6 @@
+//! One integration-test binary for the model crate (one link instead of one per file).
+
+mod common;
+mod reference;
+mod synthetic;
+mod tokenizer;

@@ -1,0 +1,198 @@
+//! `edge-node bench --local`: end-to-end speed and memory of this machine's engine.
+//!
+//! It runs exactly the code path of `generate` (embedding, every block, head, greedy pick) on a
+//! fixed prompt of a chosen length, and never stops early at an end token, so runs are
+//! comparable with llama.cpp's on the same file (see scripts/llama_cpp_bench.py).
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use coordinator::generate::sample::argmax;
+use model::{GgufFile, Hidden, LoadOptions, ModelSpec};
+
+use crate::rss;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Benchmark this process alone (the only mode so far).
+    #[arg(long)]
+    pub local: bool,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// The median of this many runs is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Load only these blocks (e.g. 0..10) and time them alone: what one peer holds and costs.
+    #[arg(long, value_parser = parse_block_range)]
+    pub blocks: Option<Range<usize>>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_block_range(s: &str) -> Result<Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not a block range like 0..10"))?;
+    let start = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range start in `{s}`"))?;
+    let end = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range end in `{s}`"))?;
+    if start >= end {
+        return Err(format!("block range `{s}` is empty"));
+    }
+    Ok(start..end)
+}
+
+const TEXT: &str = "The history of computing is a story of people finding ways to make machines \
+do arithmetic faster and more reliably. Early mechanical calculators gave way to relays, then \
+vacuum tubes, transistors and integrated circuits. Each step made computers smaller and cheaper, \
+until a phone in a pocket held more power than the rooms of machines that sent people to the moon. ";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.local {
+        bail!("only --local benchmarks exist in this version; pass --local");
+    }
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
+    }
+    let threads = super::init_threads(args.threads)?;
+    let report = match args.blocks.clone() {
+        None => bench_full(&args, threads)?,
+        Some(range) => bench_slice(&args, threads, range)?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn bench_full(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
+    let model = super::open_local(&args.model)?;
+    let spec = model.spec().clone();
+    let mut prompt = Vec::new();
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend(model.tokenizer.encode(TEXT, false)?);
+    }
+    prompt.truncate(args.prompt_tokens);
+    let capacity = args.prompt_tokens + args.gen_tokens;
+    if capacity > spec.context_length {
+        bail!(
+            "prompt + generated tokens exceed the context of {}",
+            spec.context_length
+        );
+    }
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    // One untimed warm-up run so page faults and lazy thread start-up are not measured.
+    for run in 0..=args.repeats {
+        let mut kv = model.new_cache(capacity)?;
+        let t0 = Instant::now();
+        let logits = model.forward(&prompt, &mut kv, 0)?;
+        let t_prefill = t0.elapsed();
+        let mut next = argmax(logits.iter().copied());
+        let t1 = Instant::now();
+        for i in 0..args.gen_tokens {
+            let logits = model.forward(&[next], &mut kv, prompt.len() + i)?;
+            next = argmax(logits.iter().copied());
+        }
+        let t_decode = t1.elapsed();
+        if run > 0 {
+            prefill.push(args.prompt_tokens as f64 / t_prefill.as_secs_f64());
+            decode.push(args.gen_tokens as f64 / t_decode.as_secs_f64());
+        }
+    }
+    Ok(serde_json::json!({
+        "engine": "edge-swarm",
+        "mode": "local",
+        "model": spec.name,
+        "threads": threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "repeats": args.repeats,
+        "prefill_tokens_per_s": median(prefill),
+        "decode_tokens_per_s": median(decode),
+        "weights_mib": rss::mib(model.slice.weight_bytes() as u64),
+        "peak_rss_mib": rss::peak_rss_bytes().map(rss::mib),
+    }))
+}
+
+/// Loads only `range` and runs synthetic hidden states through it, to show what one peer's
+/// slice costs in memory and time per block.
+fn bench_slice(
+    args: &BenchArgs,
+    threads: usize,
+    range: Range<usize>,
+) -> anyhow::Result<serde_json::Value> {
+    let file = GgufFile::open(&args.model)?;
+    let spec = ModelSpec::from_file(&file)?;
+    let (bar, mut progress) =
+        crate::progress::loading_bar(&format!("blocks {}..{}", range.start, range.end));
+    let slice = model::load(&file, &LoadOptions::blocks(range.clone()), &mut progress);
+    bar.finish_and_clear();
+    let slice = slice?;
+    let stack = slice.stack().context("no blocks loaded")?;
+    let d = spec.embedding_length;
+    // Deterministic, model-scale inputs; the values do not matter for timing.
+    let synth = |n: usize, seed: usize| -> Hidden {
+        let data = (0..n * d)
+            .map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        Hidden {
+            tokens: n,
+            dim: d,
+            data,
+        }
+    };
+    let capacity = args.prompt_tokens + args.gen_tokens;
+    let (mut prefill, mut step) = (Vec::new(), Vec::new());
+    for run in 0..=args.repeats {
+        let mut kv = stack.new_cache(range.clone(), capacity);
+        let mut x = synth(args.prompt_tokens, run);
+        let t0 = Instant::now();
+        stack.forward(&mut x, &mut kv, 0)?;
+        let t_prefill = t0.elapsed();
+        let mut t_steps = Duration::ZERO;
+        for i in 0..args.gen_tokens {
+            let mut x = synth(1, i);
+            let t = Instant::now();
+            stack.forward(&mut x, &mut kv, args.prompt_tokens + i)?;
+            t_steps += t.elapsed();
+        }
+        if run > 0 {
+            prefill.push(t_prefill.as_secs_f64());
+            step.push(t_steps.as_secs_f64() / args.gen_tokens as f64);
+        }
+    }
+    let blocks = range.len() as f64;
+    Ok(serde_json::json!({
+        "engine": "edge-swarm",
+        "mode": "slice",
+        "blocks": format!("{}..{}", range.start, range.end),
+        "threads": threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "prefill_ms_per_block": median(prefill) * 1e3 / blocks,
+        "decode_ms_per_block": median(step) * 1e3 / blocks,
+        "weights_mib": rss::mib(slice.weight_bytes() as u64),
+        "peak_rss_mib": rss::peak_rss_bytes().map(rss::mib),
+    }))
+}

@@ -1,0 +1,37 @@
+pub mod bench;
+pub mod generate;
+
+use anyhow::Context;
+
+/// Sizes rayon's pool, which every matrix product runs on. Defaults to all cores.
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    let n = threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("compute-{i}"))
+        .build_global()
+        .context("starting the compute threads")?;
+    Ok(n)
+}
+
+/// Opens the whole model with a progress bar and a log line saying what was loaded.
+pub fn open_local(path: &std::path::Path) -> anyhow::Result<model::LocalModel> {
+    let started = std::time::Instant::now();
+    let (bar, mut progress) = crate::progress::loading_bar(&path.display().to_string());
+    let model = model::LocalModel::open(path, &mut progress);
+    bar.finish_and_clear();
+    let model = model?;
+    let spec = model.spec();
+    tracing::info!(
+        model = spec.name.as_deref().unwrap_or("?"),
+        arch = %spec.architecture,
+        blocks = spec.block_count,
+        weights_mib = format!("{:.1}", crate::rss::mib(model.slice.weight_bytes() as u64)),
+        secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(model)
+}
