@@ -174,7 +174,9 @@ impl TensorView {
     pub fn cast<T: Pod>(&self) -> Result<&[T]> {
         let bytes = self.bytes();
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        if !bytes.len().is_multiple_of(size)
+            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        {
             return Err(ModelError::BadTensor {
                 name: self.name.clone(),
                 reason: format!(

@@ -43,7 +43,7 @@ impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], tokens: usize, cols: usize) -> Self {
         debug_assert_eq!(x.len(), tokens * cols);
         let mut q8 = Vec::new();
-        if cols % QK == 0 {
+        if cols.is_multiple_of(QK) {
             q8 = vec![ActQ8::default(); tokens * cols / QK];
             for (row, out) in x.chunks_exact(cols).zip(q8.chunks_exact_mut(cols / QK)) {
                 quant::quantize_row(row, out);
@@ -103,7 +103,7 @@ impl QMatrix {
             reason,
         };
         let block = self.view.dtype.block_size();
-        if self.cols % block != 0 {
+        if !self.cols.is_multiple_of(block) {
             return Err(bad(format!(
                 "row length {} is not a multiple of the {:?} block size {block}",
                 self.cols, self.view.dtype

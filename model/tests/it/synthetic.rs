@@ -198,7 +198,7 @@ fn bad_files_give_clear_errors() {
         std::fs::write(&truncated, &bytes[..cut]).unwrap();
         let err = GgufFile::open(&truncated)
             .and_then(|f| LocalModel::open(f.path(), &mut |_, _| {}).map(drop));
-        let msg = err.err().expect("truncated file must fail").to_string();
+        let msg = err.expect_err("truncated file must fail").to_string();
         assert!(!msg.is_empty(), "cut at {cut}");
     }
 
