@@ -1,0 +1,255 @@
+//! The `edge-node` binary as a user runs it: output contracts and error behaviour.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use model::synthetic::SyntheticModel;
+use serde_json::Value;
+
+fn edge_node(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edge-node"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run edge-node")
+}
+
+fn default_model() -> String {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ));
+    assert!(
+        p.exists(),
+        "default model missing: run scripts/fetch-model.sh first"
+    );
+    p.to_string_lossy().into_owned()
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("edge-node-it-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(
+        stdout.trim_end().lines().count(),
+        1,
+        "stdout must be one JSON line: {stdout}"
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// A user mistake: non-zero exit, one line on stderr that says what is wrong, no panic.
+fn assert_clean_error(out: &Output, must_contain: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(must_contain),
+        "expected `{must_contain}` in: {stderr}"
+    );
+}
+
+#[test]
+fn greedy_json_matches_the_reference_and_has_every_field() {
+    let out = edge_node(&[
+        "generate",
+        "--local",
+        "--model",
+        &default_model(),
+        "--prompt",
+        "def fibonacci(n):",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--threads",
+        "2",
+    ]);
+    let v = json_of(&out);
+    let ids = |k: &str| -> Vec<u64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("prompt_tokens"), [1604, 3987, 46477, 24, 94, 727]);
+    // llama.cpp's greedy continuation (shared/reference/generations.json, before its near-tie).
+    assert_eq!(ids("tokens"), [472, 585, 304, 1758, 216, 32, 42, 448]);
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 8);
+    assert_eq!(v["text"], "\n    if n == 0:\n       ");
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_text() {
+    let model = default_model();
+    let run = |seed: &str| {
+        json_of(&edge_node(&[
+            "generate",
+            "--local",
+            "--model",
+            &model,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--repeat-penalty",
+            "1.1",
+            "--seed",
+            seed,
+            "--json",
+        ]))["tokens"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn chat_wraps_the_prompt_in_the_template() {
+    let out = edge_node(&[
+        "generate",
+        "--local",
+        "--model",
+        &default_model(),
+        "--chat",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    let prompt: Vec<u64> = v["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    // <|im_start|>system ... <|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+    assert_eq!(prompt[0], 1);
+    assert_eq!(
+        prompt[prompt.len() - 9..],
+        [4093, 198, 26843, 2, 198, 1, 520, 9531, 198]
+    );
+}
+
+#[test]
+fn user_mistakes_are_one_line_errors() {
+    let dir = TempDir::new("errors");
+    let missing = dir.file("missing.gguf");
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--local",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ];
+        args.extend_from_slice(extra);
+        edge_node(&args)
+    };
+    assert_clean_error(&run(&missing, &[]), "missing.gguf");
+
+    let text = dir.file("notes.txt");
+    std::fs::write(&text, "not a model at all").unwrap();
+    assert_clean_error(&run(&text, &[]), "is not a GGUF file");
+
+    let truncated = dir.file("truncated.gguf");
+    let real = std::fs::read(default_model()).unwrap();
+    std::fs::write(&truncated, &real[..real.len() / 2]).unwrap();
+    assert_clean_error(&run(&truncated, &[]), "truncated");
+
+    let mamba = dir.file("mamba.gguf");
+    SyntheticModel {
+        architecture: "mamba".into(),
+        ..Default::default()
+    }
+    .write(&mamba)
+    .unwrap();
+    assert_clean_error(&run(&mamba, &[]), "unsupported model architecture `mamba`");
+
+    let tiny = dir.file("tiny.gguf");
+    SyntheticModel {
+        context: 64,
+        ..Default::default()
+    }
+    .write(&tiny)
+    .unwrap();
+    let long = "word ".repeat(100);
+    let out = edge_node(&[
+        "generate",
+        "--local",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        &long,
+    ]);
+    assert_clean_error(&out, "the model's context holds 64");
+
+    let out = edge_node(&[
+        "bench",
+        "--local",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--blocks",
+        "2..9",
+    ]);
+    assert_clean_error(&out, "block range 2..9 is outside the model's blocks 0..4");
+
+    assert_clean_error(&run(&tiny, &["--top-p", "1.5"]), "--top-p");
+}
+
+#[test]
+fn a_tiny_model_generates_end_to_end() {
+    let dir = TempDir::new("tiny");
+    let tiny = dir.file("tiny.gguf");
+    SyntheticModel::default().write(&tiny).unwrap();
+    let v = json_of(&edge_node(&[
+        "generate",
+        "--local",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]));
+    assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 3);
+    assert!(!v["tokens"].as_array().unwrap().is_empty());
+}
