@@ -1,4 +1,13 @@
-//! The edge-swarm client library. Today it runs generation on a local model; the swarm client
-//! (discovery, routing, span sessions) builds on the same [`generate`] loop.
+//! The edge-swarm client library: connect to a swarm ([`client::SwarmClient`]), find the servers
+//! of a model ([`discovery`]), plan a route over them ([`route`]), open an
+//! [`session::InferenceSession`] and [`generate`] text through it. The same generation loop
+//! runs a local model, which is how swarm output is checked against one process.
 
+pub mod client;
+pub mod discovery;
 pub mod generate;
+pub mod net;
+pub mod route;
+pub mod session;
+
+pub use client::{ClientConfig, ClientModel, SwarmClient, SwarmForward};

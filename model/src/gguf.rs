@@ -163,6 +163,11 @@ impl TensorView {
         self.range.len()
     }
 
+    /// Where the tensor's bytes are in the file.
+    pub fn byte_range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
     pub fn elem_count(&self) -> usize {
         self.dims.iter().product()
     }

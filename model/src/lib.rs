@@ -6,6 +6,7 @@ pub mod blocks;
 pub mod chat;
 pub mod embed;
 pub mod error;
+pub mod fingerprint;
 pub mod gguf;
 pub mod head;
 pub mod kv_cache;

@@ -2,7 +2,6 @@
 //! turns any error into one line on stderr and a non-zero exit code.
 
 mod cmd;
-mod progress;
 mod rss;
 
 use std::process::ExitCode;
@@ -26,6 +25,10 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(cmd::bench::BenchArgs),
+    /// Serve a range of a model's blocks to the swarm.
+    Join(cmd::join::JoinArgs),
+    /// Run a peer that hosts no blocks, for others to find the swarm through.
+    Bootstrap(cmd::join::BootstrapArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,8 +36,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,edge_node=info,coordinator=info,model=info",
+                )
+            }),
         )
         .with_target(false)
         .compact()
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Join(args) => cmd::join::run_join_cmd(args),
+        Command::Bootstrap(args) => cmd::join::run_bootstrap_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,137 @@
-//! Wire formats shared by peers and clients. Empty until the swarm protocol lands: the
-//! `.proto` files and tensor encoding are defined together with the node that speaks them.
+//! Wire formats shared by peers, clients and tools: the protobuf messages of
+//! `proto/edge_swarm.proto`, tensor encoding and the frame codec. No candle dependency, so
+//! anything that only talks to the swarm stays light.
+
+mod error;
+mod frame;
+mod tensor;
+
+pub use error::WireError;
+pub use frame::{read_frame, write_frame};
+pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
+
+/// libp2p stream protocol of inference sessions (one stream per session).
+pub const INFERENCE_PROTOCOL: &str = "/edge-swarm/inference/1";
+
+/// Messages generated from `proto/edge_swarm.proto`, package `edge_swarm.v1`.
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/edge_swarm.v1.rs"));
+}
+
+use v1::{client_frame, server_frame, ErrorCode};
+
+/// What a client should do after a server answers with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorAction {
+    /// Transient: try the same server again, after a pause.
+    Retry,
+    /// This server cannot serve the request; another server of the same blocks may.
+    Reroute,
+    /// The request itself is wrong; every server would refuse it.
+    GiveUp,
+}
+
+impl ErrorCode {
+    /// The recovery the `.proto` prescribes for this code. UNSPECIFIED (a peer that sent no
+    /// code, or a code newer than us) gives up, since we cannot know that retrying is safe.
+    pub fn action(self) -> ErrorAction {
+        match self {
+            ErrorCode::Busy => ErrorAction::Retry,
+            ErrorCode::WrongModel
+            | ErrorCode::BlocksNotServed
+            | ErrorCode::CacheFull
+            | ErrorCode::TooManySessions
+            | ErrorCode::ShuttingDown
+            | ErrorCode::Internal => ErrorAction::Reroute,
+            ErrorCode::Unspecified | ErrorCode::BadRequest | ErrorCode::BadPosition => {
+                ErrorAction::GiveUp
+            }
+        }
+    }
+}
+
+impl v1::ClientFrame {
+    pub fn open(open: v1::OpenSession) -> Self {
+        Self::of(client_frame::Kind::Open(open))
+    }
+
+    pub fn step(position: u32, hidden: v1::Tensor) -> Self {
+        Self::of(client_frame::Kind::Step(v1::Step {
+            position,
+            hidden: Some(hidden),
+        }))
+    }
+
+    pub fn close() -> Self {
+        Self::of(client_frame::Kind::Close(v1::CloseSession {}))
+    }
+
+    fn of(kind: client_frame::Kind) -> Self {
+        Self { kind: Some(kind) }
+    }
+}
+
+impl v1::ServerFrame {
+    pub fn opened(max_length: u32) -> Self {
+        Self::of(server_frame::Kind::Opened(v1::SessionOpened { max_length }))
+    }
+
+    pub fn result(hidden: v1::Tensor, compute_ms: f32) -> Self {
+        Self::of(server_frame::Kind::Result(v1::StepResult {
+            hidden: Some(hidden),
+            compute_ms,
+        }))
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::of(server_frame::Kind::Error(v1::Error {
+            code: code as i32,
+            message: message.into(),
+        }))
+    }
+
+    fn of(kind: server_frame::Kind) -> Self {
+        Self { kind: Some(kind) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_actions_follow_the_proto() {
+        use ErrorAction::*;
+        let expected = [
+            (ErrorCode::Unspecified, GiveUp),
+            (ErrorCode::BadRequest, GiveUp),
+            (ErrorCode::WrongModel, Reroute),
+            (ErrorCode::BlocksNotServed, Reroute),
+            (ErrorCode::CacheFull, Reroute),
+            (ErrorCode::TooManySessions, Reroute),
+            (ErrorCode::ShuttingDown, Reroute),
+            (ErrorCode::BadPosition, GiveUp),
+            (ErrorCode::Internal, Reroute),
+            (ErrorCode::Busy, Retry),
+        ];
+        for (code, action) in expected {
+            assert_eq!(code.action(), action, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn constructors_fill_the_oneof() {
+        let f = v1::ServerFrame::error(ErrorCode::CacheFull, "full");
+        let Some(server_frame::Kind::Error(e)) = f.kind else {
+            panic!("not an error frame: {f:?}");
+        };
+        assert_eq!(
+            (e.code(), e.message.as_str()),
+            (ErrorCode::CacheFull, "full")
+        );
+        assert!(matches!(
+            v1::ClientFrame::close().kind,
+            Some(client_frame::Kind::Close(_))
+        ));
+    }
+}

@@ -20,11 +20,17 @@ pub enum GenerateError {
     EmptyPrompt,
     #[error("the prompt has {tokens} tokens but the model's context holds {context}")]
     PromptTooLong { tokens: usize, context: usize },
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
 }
 
 /// Runs token ids at positions `pos..` through every block and returns the last logits.
 pub trait Forward {
-    fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError>;
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        pos: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<f32>, GenerateError>> + Send;
 }
 
 /// Every block in this process, with one KV cache.
@@ -43,7 +49,8 @@ impl<'a> LocalForward<'a> {
 }
 
 impl Forward for LocalForward<'_> {
-    fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+    /// Computes in place: the local engine is the only work of its caller's thread.
+    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
         Ok(self.model.forward(ids, &mut self.kv, pos)?)
     }
 }
@@ -101,13 +108,13 @@ fn rate(n: usize, t: Duration) -> f64 {
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_text` with each
 /// printable piece as soon as it is complete UTF-8.
-pub fn generate(
-    backend: &mut dyn Forward,
+pub async fn generate<F: Forward>(
+    backend: &mut F,
     tokenizer: &Tokenizer,
     prompt: Vec<u32>,
     context: usize,
     opts: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -134,7 +141,7 @@ pub fn generate(
         return Ok(out);
     }
     let started = Instant::now();
-    let mut logits = backend.forward(&out.prompt_tokens, 0)?;
+    let mut logits = backend.forward(&out.prompt_tokens, 0).await?;
     out.prefill_time = started.elapsed();
     let decode_started = Instant::now();
     loop {
@@ -154,7 +161,7 @@ pub fn generate(
         if out.tokens.len() >= opts.max_new_tokens || history.len() >= context {
             break;
         }
-        logits = backend.forward(&[id], history.len() - 1)?;
+        logits = backend.forward(&[id], history.len() - 1).await?;
     }
     out.decode_time = decode_started.elapsed();
     let rest = decoder.finish();

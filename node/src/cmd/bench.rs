@@ -6,12 +6,13 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use coordinator::generate::sample::argmax;
-use model::{GgufFile, Hidden, LoadOptions, ModelSpec};
+use edge_node::compute::measure_speed;
+use model::{GgufFile, LoadOptions};
 
 use crate::rss;
 
@@ -143,46 +144,21 @@ fn bench_slice(
     range: Range<usize>,
 ) -> anyhow::Result<serde_json::Value> {
     let file = GgufFile::open(&args.model)?;
-    let spec = ModelSpec::from_file(&file)?;
     let (bar, mut progress) =
-        crate::progress::loading_bar(&format!("blocks {}..{}", range.start, range.end));
+        edge_node::progress::loading_bar(&format!("blocks {}..{}", range.start, range.end));
     let slice = model::load(&file, &LoadOptions::blocks(range.clone()), &mut progress);
     bar.finish_and_clear();
     let slice = slice?;
     let stack = slice.stack().context("no blocks loaded")?;
-    let d = spec.embedding_length;
-    // Deterministic, model-scale inputs; the values do not matter for timing.
-    let synth = |n: usize, seed: usize| -> Hidden {
-        let data = (0..n * d)
-            .map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        Hidden {
-            tokens: n,
-            dim: d,
-            data,
-        }
-    };
-    let capacity = args.prompt_tokens + args.gen_tokens;
-    let (mut prefill, mut step) = (Vec::new(), Vec::new());
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    // One untimed warm-up run, as in the full benchmark.
     for run in 0..=args.repeats {
-        let mut kv = stack.new_cache(range.clone(), capacity);
-        let mut x = synth(args.prompt_tokens, run);
-        let t0 = Instant::now();
-        stack.forward(&mut x, &mut kv, 0)?;
-        let t_prefill = t0.elapsed();
-        let mut t_steps = Duration::ZERO;
-        for i in 0..args.gen_tokens {
-            let mut x = synth(1, i);
-            let t = Instant::now();
-            stack.forward(&mut x, &mut kv, args.prompt_tokens + i)?;
-            t_steps += t.elapsed();
-        }
+        let (d, p) = measure_speed(stack, args.prompt_tokens, args.gen_tokens)?;
         if run > 0 {
-            prefill.push(t_prefill.as_secs_f64());
-            step.push(t_steps.as_secs_f64() / args.gen_tokens as f64);
+            decode.push(d);
+            prefill.push(p);
         }
     }
-    let blocks = range.len() as f64;
     Ok(serde_json::json!({
         "engine": "edge-swarm",
         "mode": "slice",
@@ -190,8 +166,8 @@ fn bench_slice(
         "threads": threads,
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
-        "prefill_ms_per_block": median(prefill) * 1e3 / blocks,
-        "decode_ms_per_block": median(step) * 1e3 / blocks,
+        "prefill_ms_per_block": median(prefill),
+        "decode_ms_per_block": median(decode),
         "weights_mib": rss::mib(slice.weight_bytes() as u64),
         "peak_rss_mib": rss::peak_rss_bytes().map(rss::mib),
     }))

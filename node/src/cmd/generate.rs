@@ -3,13 +3,29 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
+use std::time::Duration;
+
 use coordinator::generate::{self, tokenize, GenerateOptions, LocalForward, SamplingOptions};
+use coordinator::session::{RouteHop, Timeouts};
+use coordinator::{ClientConfig, ClientModel, SwarmClient, SwarmForward};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Run every block in this process instead of through the swarm.
     #[arg(long)]
     pub local: bool,
+    /// A peer of the swarm (repeatable); `/p2p/<peer id>` may be left out.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// Find peers on the local network with mDNS (instead of, or besides, --bootstrap).
+    #[arg(long)]
+    pub mdns: bool,
+    /// Seconds to wait for peers and for a complete route before giving up.
+    #[arg(long, default_value_t = 20)]
+    pub discovery_timeout: u64,
+    /// Seconds one step through one peer may take before that peer counts as failed.
+    #[arg(long, default_value_t = 30)]
+    pub step_timeout: u64,
     /// Path to a GGUF model file.
     #[arg(long)]
     pub model: PathBuf,
@@ -73,54 +89,61 @@ impl SamplingArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if !args.local {
-        bail!("generation through a swarm is not available in this version yet; pass --local");
-    }
     let sampling = args.sampling.options()?;
-    super::init_threads(args.threads)?;
-    let model = super::open_local(&args.model)?;
-    let prompt = tokenize::prompt_ids(
-        &model.tokenizer,
-        model.chat_template.as_ref(),
-        &args.prompt,
-        args.chat,
-    )?;
-    let context = model.spec().context_length;
-    if prompt.len() >= context {
+    if !args.local && args.bootstrap.is_empty() && !args.mdns {
         bail!(
-            "the prompt has {} tokens but the model's context holds {context}",
-            prompt.len()
+            "say where the blocks run: --local, or --bootstrap MULTIADDR (or --mdns) for a swarm"
         );
     }
-    let capacity = (prompt.len() + args.max_new_tokens).min(context);
-    let mut backend = LocalForward::new(&model, capacity)?;
+    super::init_threads(args.threads)?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
         stop_at_eos: true,
     };
+    let rt = super::runtime()?;
+    let (out, route) = if args.local {
+        let model = super::open_local(&args.model)?;
+        let prompt = prompt_ids(
+            &model.tokenizer,
+            model.chat_template.as_ref(),
+            &args,
+            model.spec().context_length,
+        )?;
+        let capacity = (prompt.len() + args.max_new_tokens).min(model.spec().context_length);
+        let mut backend = LocalForward::new(&model, capacity)?;
+        let mut sink = text_sink(args.json);
+        let context = model.spec().context_length;
+        let out = rt.block_on(generate::generate(
+            &mut backend,
+            &model.tokenizer,
+            prompt,
+            context,
+            &opts,
+            &mut sink,
+        ))?;
+        (out, None)
+    } else {
+        rt.block_on(swarm_generate(&args, &opts))?
+    };
     let mut stdout = std::io::stdout().lock();
-    let json = args.json;
-    let out = generate::generate(
-        &mut backend,
-        &model.tokenizer,
-        prompt,
-        context,
-        &opts,
-        &mut |piece| {
-            if !json {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            }
-        },
-    )?;
-    if json {
+    if args.json {
         let mut v = serde_json::to_value(&out)?;
         v["prefill_tokens_per_s"] = out.prefill_tokens_per_s().into();
         v["decode_tokens_per_s"] = out.decode_tokens_per_s().into();
+        if let Some(route) = route {
+            v["route"] = serde_json::to_value(route)?;
+        }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
         writeln!(stdout)?;
+        if let Some(route) = &route {
+            let hops: Vec<String> = route
+                .iter()
+                .map(|h| format!("{} [{}]", h.peer, h.blocks))
+                .collect();
+            tracing::info!("route: {}", hops.join(" -> "));
+        }
         tracing::info!(
             prompt_tokens = out.prompt_tokens.len(),
             generated = out.tokens.len(),
@@ -130,4 +153,86 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Streams text to stdout as it is generated, unless only JSON is wanted.
+fn text_sink(json: bool) -> impl FnMut(&str) + Send {
+    move |piece: &str| {
+        if !json {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    }
+}
+
+fn prompt_ids(
+    tokenizer: &model::tokenizer::Tokenizer,
+    template: Option<&model::chat::ChatTemplate>,
+    args: &GenerateArgs,
+    context: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let prompt = tokenize::prompt_ids(tokenizer, template, &args.prompt, args.chat)?;
+    if prompt.len() >= context {
+        bail!(
+            "the prompt has {} tokens but the model's context holds {context}",
+            prompt.len()
+        );
+    }
+    Ok(prompt)
+}
+
+async fn swarm_generate(
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+) -> anyhow::Result<(generate::Generation, Option<Vec<RouteHop>>)> {
+    let (bar, mut progress) = edge_node::progress::loading_bar("embeddings and head");
+    let model = tokio::task::block_in_place(|| ClientModel::open(&args.model, &mut progress));
+    bar.finish_and_clear();
+    let model = model?;
+    let context = model.spec.context_length;
+    let prompt = prompt_ids(
+        &model.tokenizer,
+        model.chat_template.as_ref(),
+        args,
+        context,
+    )?;
+    let config = ClientConfig {
+        bootstrap: args.bootstrap.clone(),
+        mdns: args.mdns,
+        discovery_timeout: Duration::from_secs(args.discovery_timeout.max(1)),
+        timeouts: Timeouts {
+            step: Duration::from_secs(args.step_timeout.max(1)),
+            ..Timeouts::default()
+        },
+        ..ClientConfig::default()
+    };
+    let client = SwarmClient::connect(config).await?;
+    let max_length = (prompt.len() + args.max_new_tokens).min(context) as u32;
+    let session = client.open_session(&model, max_length).await?;
+    let route = session.route();
+    tracing::info!(
+        "route: {}",
+        route
+            .iter()
+            .map(|h| format!("{} [{}]", h.peer, h.blocks))
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    );
+    let mut backend = SwarmForward {
+        model: &model,
+        session,
+    };
+    let mut sink = text_sink(args.json);
+    let out = generate::generate(
+        &mut backend,
+        &model.tokenizer,
+        prompt,
+        context,
+        opts,
+        &mut sink,
+    )
+    .await;
+    backend.session.close().await;
+    Ok((out?, Some(route)))
 }

@@ -1,5 +1,7 @@
 pub mod bench;
 pub mod generate;
+pub mod join;
+pub mod net_args;
 
 use anyhow::Context;
 
@@ -20,7 +22,7 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
 /// Opens the whole model with a progress bar and a log line saying what was loaded.
 pub fn open_local(path: &std::path::Path) -> anyhow::Result<model::LocalModel> {
     let started = std::time::Instant::now();
-    let (bar, mut progress) = crate::progress::loading_bar(&path.display().to_string());
+    let (bar, mut progress) = edge_node::progress::loading_bar(&path.display().to_string());
     let model = model::LocalModel::open(path, &mut progress);
     bar.finish_and_clear();
     let model = model?;
@@ -34,4 +36,44 @@ pub fn open_local(path: &std::path::Path) -> anyhow::Result<model::LocalModel> {
         "model loaded"
     );
     Ok(model)
+}
+
+/// The async runtime of every networked command. Compute has its own threads (rayon and the
+/// compute thread), so two I/O workers are plenty.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM (how docker and systemd stop a service).
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
 }

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 use model::synthetic::SyntheticModel;
 use serde_json::Value;
 
+mod swarm;
+
 fn edge_node(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edge-node"))
         .args(args)

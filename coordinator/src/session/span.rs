@@ -1,0 +1,253 @@
+//! One peer's part of a route: an open session on `blocks` of that peer, over one stream.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use model::fingerprint::Fingerprint;
+use model::Hidden;
+use proto::v1::{
+    client_frame, server_frame, ClientFrame, CloseSession, Dtype, ErrorCode, OpenSession,
+    ServerFrame, Step,
+};
+use proto::{decode_tensor, encode_tensor, TensorLimits};
+use proto::{read_frame, write_frame};
+use proto::{ErrorAction, WireError};
+
+use crate::discovery::Server;
+use crate::net::{NetError, NetHandle, INFERENCE_PROTOCOL};
+
+/// Bounds every wait of a session, so a dead or frozen peer is noticed instead of waited on.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub step: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            step: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("opening a stream to {peer}: {reason}")]
+    Stream { peer: PeerId, reason: String },
+    #[error("talking to {peer}: {source}")]
+    Wire { peer: PeerId, source: WireError },
+    #[error("{peer} refused: {message} ({code:?})")]
+    Remote {
+        peer: PeerId,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{peer} did not answer the {what} within {secs:.1}s")]
+    Timeout {
+        peer: PeerId,
+        what: &'static str,
+        secs: f64,
+    },
+    #[error("{peer} closed the session")]
+    Closed { peer: PeerId },
+    #[error("{peer} broke the protocol: {reason}")]
+    Protocol { peer: PeerId, reason: String },
+}
+
+impl SessionError {
+    /// Whether another peer might succeed where this one failed.
+    pub fn action(&self) -> ErrorAction {
+        match self {
+            SessionError::Remote { code, .. } => code.action(),
+            SessionError::Protocol { .. } => ErrorAction::Reroute,
+            _ => ErrorAction::Reroute,
+        }
+    }
+
+    pub fn peer(&self) -> Option<PeerId> {
+        match self {
+            SessionError::Net(_) => None,
+            SessionError::Stream { peer, .. }
+            | SessionError::Wire { peer, .. }
+            | SessionError::Remote { peer, .. }
+            | SessionError::Timeout { peer, .. }
+            | SessionError::Closed { peer }
+            | SessionError::Protocol { peer, .. } => Some(*peer),
+        }
+    }
+}
+
+pub struct SpanSession {
+    pub peer: PeerId,
+    pub blocks: Range<u32>,
+    stream: libp2p::Stream,
+    dim: usize,
+    max_length: u32,
+    dtype: Dtype,
+    timeouts: Timeouts,
+}
+
+/// Largest frame a server may send back: a full-length prefill in f32, plus headroom.
+fn max_frame(max_length: u32, dim: usize) -> usize {
+    max_length as usize * dim * 4 + 64 * 1024
+}
+
+impl SpanSession {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        net: &NetHandle,
+        server: &Server,
+        blocks: Range<u32>,
+        fp: &Fingerprint,
+        dim: usize,
+        max_length: u32,
+        dtype: Dtype,
+        timeouts: Timeouts,
+    ) -> Result<Self, SessionError> {
+        let peer = server.peer;
+        net.dial(peer, server.addrs.clone(), timeouts.connect)
+            .await?;
+        let mut control = net.stream_control();
+        let stream = tokio::time::timeout(
+            timeouts.connect,
+            control.open_stream(peer, INFERENCE_PROTOCOL),
+        )
+        .await
+        .map_err(|_| SessionError::Timeout {
+            peer,
+            what: "stream open",
+            secs: timeouts.connect.as_secs_f64(),
+        })?
+        .map_err(|e| SessionError::Stream {
+            peer,
+            reason: e.to_string(),
+        })?;
+        let mut s = Self {
+            peer,
+            blocks: blocks.clone(),
+            stream,
+            dim,
+            max_length,
+            dtype,
+            timeouts,
+        };
+        let open = ClientFrame {
+            kind: Some(client_frame::Kind::Open(OpenSession {
+                fingerprint: fp.to_vec(),
+                start_block: blocks.start,
+                end_block: blocks.end,
+                max_length,
+                wire_dtype: dtype as i32,
+            })),
+        };
+        match s.exchange(&open, "session open", timeouts.connect).await? {
+            server_frame::Kind::Opened(_) => Ok(s),
+            other => Err(s.unexpected(other)),
+        }
+    }
+
+    /// Sends `hidden` for positions `pos..` through this peer's blocks and returns the result.
+    pub async fn step(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
+        let frame = ClientFrame {
+            kind: Some(client_frame::Kind::Step(Step {
+                position: pos,
+                hidden: Some(encode_tensor(
+                    &hidden.data,
+                    &[hidden.tokens, hidden.dim],
+                    self.dtype,
+                )),
+            })),
+        };
+        match self.exchange(&frame, "step", self.timeouts.step).await? {
+            server_frame::Kind::Result(r) => {
+                let peer = self.peer;
+                let t = r.hidden.ok_or(SessionError::Protocol {
+                    peer,
+                    reason: "step result without hidden states".into(),
+                })?;
+                let limits = TensorLimits {
+                    max_elements: hidden.tokens * self.dim,
+                    max_rank: 2,
+                };
+                let d = decode_tensor(&t, &limits)
+                    .map_err(|source| SessionError::Wire { peer, source })?;
+                if d.shape != [hidden.tokens, self.dim] {
+                    return Err(SessionError::Protocol {
+                        peer,
+                        reason: format!(
+                            "answered shape {:?} for {}x{}",
+                            d.shape, hidden.tokens, self.dim
+                        ),
+                    });
+                }
+                Hidden::new(hidden.tokens, self.dim, d.values).map_err(|e| SessionError::Protocol {
+                    peer,
+                    reason: e.to_string(),
+                })
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Tells the peer to free the session; best effort, bounded.
+    pub async fn close(mut self) {
+        let frame = ClientFrame {
+            kind: Some(client_frame::Kind::Close(CloseSession {})),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            write_frame(&mut self.stream, &frame),
+        )
+        .await;
+    }
+
+    async fn exchange(
+        &mut self,
+        frame: &ClientFrame,
+        what: &'static str,
+        limit: Duration,
+    ) -> Result<server_frame::Kind, SessionError> {
+        let peer = self.peer;
+        let max = max_frame(self.max_length, self.dim);
+        let io = async {
+            write_frame(&mut self.stream, frame).await?;
+            read_frame::<_, ServerFrame>(&mut self.stream, max).await
+        };
+        let reply = tokio::time::timeout(limit, io)
+            .await
+            .map_err(|_| SessionError::Timeout {
+                peer,
+                what,
+                secs: limit.as_secs_f64(),
+            })?
+            .map_err(|source| SessionError::Wire { peer, source })?;
+        match reply.and_then(|f| f.kind) {
+            None => Err(SessionError::Closed { peer }),
+            Some(server_frame::Kind::Error(e)) => Err(SessionError::Remote {
+                peer,
+                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                message: e.message.chars().take(500).collect(),
+            }),
+            Some(kind) => Ok(kind),
+        }
+    }
+
+    fn unexpected(&self, kind: server_frame::Kind) -> SessionError {
+        SessionError::Protocol {
+            peer: self.peer,
+            reason: format!(
+                "unexpected {} frame",
+                match kind {
+                    server_frame::Kind::Opened(_) => "session-opened",
+                    server_frame::Kind::Result(_) => "step-result",
+                    server_frame::Kind::Error(_) => "error",
+                }
+            ),
+        }
+    }
+}

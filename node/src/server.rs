@@ -1,0 +1,280 @@
+//! The inference protocol on the serving side: one task per stream, one session per stream.
+//!
+//! Every frame is checked before anything is allocated or computed: size, dtype, shape, block
+//! range, position continuity. A bad frame is answered with an error code and ends that
+//! session only; a silent client is dropped after the idle timeout, and its cache freed.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coordinator::net::INFERENCE_PROTOCOL;
+use futures::StreamExt;
+use libp2p::PeerId;
+use model::fingerprint::Fingerprint;
+use model::Hidden;
+use proto::v1::{
+    client_frame, server_frame, ClientFrame, Dtype, ErrorCode, ServerFrame, SessionOpened,
+    StepResult,
+};
+use proto::{decode_tensor, encode_tensor, TensorLimits};
+use proto::{read_frame, write_frame};
+use tokio_util::sync::CancellationToken;
+
+use crate::compute::{ComputeError, ComputeHandle};
+
+/// Everything a session task needs to know about this node.
+pub struct ServeContext {
+    pub fingerprint: Fingerprint,
+    pub blocks: Range<usize>,
+    pub dim: usize,
+    pub context_length: usize,
+    pub compute: ComputeHandle,
+    pub idle_timeout: Duration,
+    /// Set when the node is leaving: new sessions are refused with SHUTTING_DOWN.
+    pub leaving: AtomicBool,
+}
+
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_OPEN_FRAME: usize = 4096;
+
+/// Accepts inference streams until `shutdown`.
+pub async fn accept_loop(
+    mut control: libp2p_stream::Control,
+    ctx: Arc<ServeContext>,
+    shutdown: CancellationToken,
+) {
+    let mut incoming = match control.accept(INFERENCE_PROTOCOL) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot accept inference streams: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = incoming.next() => match next {
+                Some((peer, stream)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { serve_stream(peer, stream, ctx).await });
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Error(proto::v1::Error {
+            code: code as i32,
+            message: message.into(),
+        })),
+    }
+}
+
+fn compute_error(e: ComputeError) -> ServerFrame {
+    let code = match &e {
+        ComputeError::CacheFull { .. } => ErrorCode::CacheFull,
+        ComputeError::TooManySessions(_) => ErrorCode::TooManySessions,
+        ComputeError::BadPosition { .. } => ErrorCode::BadPosition,
+        ComputeError::UnknownSession | ComputeError::Model(_) | ComputeError::Stopped => {
+            ErrorCode::Internal
+        }
+    };
+    error(code, e.to_string())
+}
+
+/// Frees the session's cache however the task ends.
+struct CloseOnDrop(ComputeHandle, u64);
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(self.1);
+    }
+}
+
+async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
+    let (reply, session) = match open(&mut stream, &ctx).await {
+        Ok(ok) => ok,
+        Err(Some(frame)) => {
+            let _ = write_frame(&mut stream, &frame).await;
+            return;
+        }
+        Err(None) => return,
+    };
+    let (id, max_length, dtype, blocks) = session;
+    let _guard = CloseOnDrop(ctx.compute.clone(), id);
+    if write_frame(&mut stream, &reply).await.is_err() {
+        return;
+    }
+    tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");
+    let max_frame = max_length * ctx.dim * 4 + 64 * 1024;
+    let limits = TensorLimits {
+        max_elements: max_length * ctx.dim,
+        max_rank: 2,
+    };
+    loop {
+        let frame = match tokio::time::timeout(
+            ctx.idle_timeout,
+            read_frame::<_, ClientFrame>(&mut stream, max_frame),
+        )
+        .await
+        {
+            Err(_) => {
+                tracing::info!(%peer, session = id, "session idle for {:?}, closing", ctx.idle_timeout);
+                return;
+            }
+            Ok(Err(e)) => {
+                let _ =
+                    write_frame(&mut stream, &error(ErrorCode::BadRequest, e.to_string())).await;
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(f))) => f,
+        };
+        let step = match frame.kind {
+            Some(client_frame::Kind::Step(s)) => s,
+            Some(client_frame::Kind::Close(_)) => return,
+            _ => {
+                let _ = write_frame(
+                    &mut stream,
+                    &error(ErrorCode::BadRequest, "expected a step or close frame"),
+                )
+                .await;
+                return;
+            }
+        };
+        let answer = match check_step(&step, &limits, ctx.dim, max_length) {
+            Err(frame) => Err(frame),
+            Ok(hidden) => match ctx.compute.step(id, step.position as usize, hidden).await {
+                Ok((out, took)) => Ok(ServerFrame {
+                    kind: Some(server_frame::Kind::Result(StepResult {
+                        hidden: Some(encode_tensor(&out.data, &[out.tokens, out.dim], dtype)),
+                        compute_ms: took.as_secs_f32() * 1e3,
+                    })),
+                }),
+                Err(e) => Err(compute_error(e)),
+            },
+        };
+        match answer {
+            Ok(frame) => {
+                if write_frame(&mut stream, &frame).await.is_err() {
+                    return;
+                }
+            }
+            Err(frame) => {
+                tracing::debug!(%peer, session = id, "step refused");
+                let _ = write_frame(&mut stream, &frame).await;
+                return;
+            }
+        }
+    }
+}
+
+type Opened = (u64, usize, Dtype, Range<usize>);
+
+/// Reads and checks the first frame; `Err(Some(frame))` is an answer to send before closing.
+async fn open(
+    stream: &mut libp2p::Stream,
+    ctx: &ServeContext,
+) -> Result<(ServerFrame, Opened), Option<ServerFrame>> {
+    let frame = match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        read_frame::<_, ClientFrame>(stream, MAX_OPEN_FRAME),
+    )
+    .await
+    {
+        Ok(Ok(Some(f))) => f,
+        Ok(Err(e)) => return Err(Some(error(ErrorCode::BadRequest, e.to_string()))),
+        _ => return Err(None),
+    };
+    let Some(client_frame::Kind::Open(open)) = frame.kind else {
+        return Err(Some(error(
+            ErrorCode::BadRequest,
+            "the first frame must open a session",
+        )));
+    };
+    if ctx.leaving.load(Ordering::Relaxed) {
+        return Err(Some(error(
+            ErrorCode::ShuttingDown,
+            "this node is leaving the swarm",
+        )));
+    }
+    if open.fingerprint.as_slice() != ctx.fingerprint.as_slice() {
+        return Err(Some(error(
+            ErrorCode::WrongModel,
+            "this node serves a different model file",
+        )));
+    }
+    let blocks = open.start_block as usize..open.end_block as usize;
+    if blocks.is_empty() || blocks.start < ctx.blocks.start || blocks.end > ctx.blocks.end {
+        return Err(Some(error(
+            ErrorCode::BlocksNotServed,
+            format!(
+                "blocks {}..{} requested, this node serves {}..{}",
+                blocks.start, blocks.end, ctx.blocks.start, ctx.blocks.end
+            ),
+        )));
+    }
+    let max_length = open.max_length as usize;
+    if max_length == 0 || max_length > ctx.context_length {
+        return Err(Some(error(
+            ErrorCode::BadRequest,
+            format!("max_length {max_length} outside 1..={}", ctx.context_length),
+        )));
+    }
+    let dtype = match Dtype::try_from(open.wire_dtype) {
+        Ok(d @ (Dtype::F32 | Dtype::F16 | Dtype::Bf16)) => d,
+        _ => return Err(Some(error(ErrorCode::BadRequest, "unknown wire dtype"))),
+    };
+    match ctx.compute.open(blocks.clone(), max_length).await {
+        Ok(id) => Ok((
+            ServerFrame {
+                kind: Some(server_frame::Kind::Opened(SessionOpened {
+                    max_length: max_length as u32,
+                })),
+            },
+            (id, max_length, dtype, blocks),
+        )),
+        Err(e) => Err(Some(compute_error(e))),
+    }
+}
+
+fn check_step(
+    step: &proto::v1::Step,
+    limits: &TensorLimits,
+    dim: usize,
+    max_length: usize,
+) -> Result<Hidden, ServerFrame> {
+    let bad = |m: String| error(ErrorCode::BadRequest, m);
+    let t = step
+        .hidden
+        .as_ref()
+        .ok_or_else(|| bad("step without hidden states".into()))?;
+    let d = decode_tensor(t, limits).map_err(|e| bad(e.to_string()))?;
+    let [tokens, width] = d.shape[..] else {
+        return Err(bad(format!(
+            "hidden states must be [tokens, {dim}], got {:?}",
+            d.shape
+        )));
+    };
+    if width != dim || tokens == 0 {
+        return Err(bad(format!(
+            "hidden states must be [tokens, {dim}], got {:?}",
+            d.shape
+        )));
+    }
+    if step.position as usize + tokens > max_length {
+        return Err(error(
+            ErrorCode::BadPosition,
+            format!(
+                "positions {}..{} exceed the session's max_length {max_length}",
+                step.position,
+                step.position as usize + tokens
+            ),
+        ));
+    }
+    Hidden::new(tokens, dim, d.values).map_err(|e| bad(e.to_string()))
+}

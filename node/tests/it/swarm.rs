@@ -1,0 +1,185 @@
+//! Real processes on 127.0.0.1: a bootstrap peer and nodes serving slices of the default model,
+//! with clients generating through them. Every process is killed when its handle drops, so a
+//! failing test leaves nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{default_model, edge_node};
+
+pub struct Proc {
+    child: Child,
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `edge-node ARGS` and waits for its TCP `listening on` line.
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn edge-node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let addr = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) if a.contains("/tcp/") => break a,
+            Ok(_) => continue,
+            Err(e) => panic!("edge-node {args:?} printed no listening address: {e}"),
+        }
+    };
+    Proc { child, addr }
+}
+
+pub fn bootstrap() -> Proc {
+    spawn(&["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+}
+
+pub fn node(blocks: &str, bootstrap: &Proc) -> Proc {
+    let model = default_model();
+    spawn(&[
+        "join",
+        "--model",
+        &model,
+        "--blocks",
+        blocks,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--bootstrap",
+        &bootstrap.addr,
+        "--no-mdns",
+        "--announce-interval",
+        "2",
+        "--threads",
+        "1",
+    ])
+}
+
+fn generate_args<'a>(model: &'a str, prompt: &'a str, tokens: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        tokens,
+        "--json",
+        "--threads",
+        "1",
+    ]
+}
+
+fn local(prompt: &str, tokens: &str) -> Value {
+    let model = default_model();
+    let mut args = generate_args(&model, prompt, tokens);
+    args.push("--local");
+    super::json_of(&edge_node(&args))
+}
+
+fn swarm_command(bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
+    let model = default_model();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-node"));
+    cmd.args(generate_args(&model, prompt, tokens))
+        .args(["--bootstrap", &bootstrap.addr, "--discovery-timeout", "30"])
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn route_of(v: &Value) -> Vec<String> {
+    v["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .map(|h| h["blocks"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn three_nodes_give_the_local_tokens_also_to_two_clients_at_once() {
+    let boot = bootstrap();
+    let _a = node("0..10", &boot);
+    let _b = node("10..20", &boot);
+    let _c = node("20..30", &boot);
+    let prompt = "The capital of France is";
+    let v = super::json_of(&swarm_command(&boot, prompt, "24").output().unwrap());
+    assert_eq!(
+        v["tokens"],
+        local(prompt, "24")["tokens"],
+        "swarm output differs from local"
+    );
+    assert_eq!(route_of(&v), ["0..10", "10..20", "20..30"]);
+    for hop in v["route"].as_array().unwrap() {
+        assert!(
+            hop["peer"].as_str().unwrap().starts_with("12D3KooW"),
+            "{hop}"
+        );
+    }
+
+    // Two clients at once, each must get exactly its own local text.
+    let prompts = ["def fibonacci(n):", "Once upon a time"];
+    let children: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            swarm_command(&boot, p, "16")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, p) in children.into_iter().zip(prompts) {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            super::json_of(&out)["tokens"],
+            local(p, "16")["tokens"],
+            "concurrent client for {p:?}"
+        );
+    }
+}
+
+#[test]
+fn overlapping_spans_cover_the_model() {
+    let boot = bootstrap();
+    let _a = node("0..15", &boot);
+    let _b = node("10..30", &boot);
+    let prompt = "1, 2, 3, 4, 5,";
+    let v = super::json_of(&swarm_command(&boot, prompt, "12").output().unwrap());
+    assert_eq!(v["tokens"], local(prompt, "12")["tokens"]);
+    let route = route_of(&v);
+    assert_eq!(route.len(), 2, "{route:?}");
+    assert_eq!(route.first().map(|r| r.starts_with("0..")), Some(true));
+    assert_eq!(route.last().map(|r| r.ends_with("..30")), Some(true));
+}
+
+#[test]
+fn a_missing_range_is_named() {
+    let boot = bootstrap();
+    let _a = node("0..10", &boot);
+    let _c = node("20..30", &boot);
+    let model = default_model();
+    let mut args = generate_args(&model, "hello", "4");
+    args.extend(["--bootstrap", &boot.addr, "--discovery-timeout", "6"]);
+    let out = edge_node(&args);
+    super::assert_clean_error(&out, "no peer serves blocks 10..20");
+}

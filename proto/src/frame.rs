@@ -1,0 +1,274 @@
+//! Length-delimited protobuf frames, the framing of every libp2p stream we speak: an unsigned
+//! varint byte count (exactly what `prost::Message::encode_length_delimited` writes) followed
+//! by the message. Timeouts are the caller's business; this layer only bounds memory.
+
+use std::io::ErrorKind;
+
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use prost::Message;
+
+use crate::WireError;
+
+/// A u64 varint never needs more than 10 bytes (7 payload bits each).
+const MAX_VARINT_LEN: usize = 10;
+
+/// Writes one frame and flushes, so the peer sees it now rather than when a buffer fills.
+pub async fn write_frame<W, M>(w: &mut W, msg: &M) -> Result<(), WireError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+    M: Message,
+{
+    w.write_all(&msg.encode_length_delimited_to_vec()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame of at most `max_len` message bytes.
+///
+/// `Ok(None)` means the peer closed the stream cleanly between frames; EOF anywhere inside a
+/// frame is [`WireError::Truncated`]. The length is checked against `max_len` before the
+/// buffer is allocated, so a peer cannot make us reserve more than `max_len` bytes. The prefix
+/// is read a byte at a time to never consume bytes of the next frame; give it a buffered
+/// reader if the underlying stream makes small reads expensive.
+pub async fn read_frame<R, M>(r: &mut R, max_len: usize) -> Result<Option<M>, WireError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    M: Message + Default,
+{
+    let Some(len) = read_length(r).await? else {
+        return Ok(None);
+    };
+    let len_ok = usize::try_from(len).ok().filter(|&n| n <= max_len);
+    let Some(len) = len_ok else {
+        return Err(WireError::FrameTooLarge { len, max: max_len });
+    };
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.map_err(eof_is_truncation)?;
+    Ok(Some(M::decode(buf.as_slice())?))
+}
+
+/// Reads the varint length prefix; `None` on EOF before its first byte.
+async fn read_length<R>(r: &mut R) -> Result<Option<u64>, WireError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut len = 0u64;
+    for i in 0..MAX_VARINT_LEN {
+        let mut byte = [0u8];
+        match r.read_exact(&mut byte).await {
+            Err(e) if i == 0 && e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+            other => other.map_err(eof_is_truncation)?,
+        }
+        let payload = u64::from(byte[0] & 0x7f);
+        // The 10th byte holds only the top bit of a u64; anything more would be dropped.
+        if i == MAX_VARINT_LEN - 1 && payload > 1 {
+            return Err(WireError::BadVarint);
+        }
+        len |= payload << (7 * i);
+        if byte[0] & 0x80 == 0 {
+            return Ok(Some(len));
+        }
+    }
+    Err(WireError::BadVarint)
+}
+
+fn eof_is_truncation(e: std::io::Error) -> WireError {
+    if e.kind() == ErrorKind::UnexpectedEof {
+        WireError::Truncated
+    } else {
+        WireError::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures::executor::block_on;
+    use futures::io::Cursor;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::encode_tensor;
+    use crate::v1::{ClientFrame, Dtype, ErrorCode, OpenSession, ServerFrame};
+
+    const MAX: usize = 1 << 20;
+
+    fn frames() -> Vec<ClientFrame> {
+        vec![
+            ClientFrame::open(OpenSession {
+                fingerprint: vec![7; 32],
+                start_block: 3,
+                end_block: 9,
+                max_length: 2048,
+                wire_dtype: Dtype::F16 as i32,
+            }),
+            ClientFrame::step(0, encode_tensor(&[1.0; 12], &[3, 4], Dtype::F32)),
+            ClientFrame::step(3, encode_tensor(&[0.5; 4], &[1, 4], Dtype::Bf16)),
+            ClientFrame::close(),
+        ]
+    }
+
+    fn read_all(bytes: Vec<u8>, max_len: usize) -> Result<Vec<ClientFrame>, WireError> {
+        let mut r = Cursor::new(bytes);
+        let mut out = Vec::new();
+        while let Some(f) = block_on(read_frame(&mut r, max_len))? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    fn written(frames: &[ClientFrame]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for f in frames {
+            block_on(write_frame(&mut buf, f)).unwrap();
+        }
+        buf
+    }
+
+    /// Hands out one byte per read and is pending every other poll, like a slow network.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        stall: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.stall = !self.stall;
+            if self.stall {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let Some(&b) = self.data.get(self.pos) else {
+                return Poll::Ready(Ok(0));
+            };
+            match buf.first_mut() {
+                Some(slot) => {
+                    *slot = b;
+                    self.pos += 1;
+                    Poll::Ready(Ok(1))
+                }
+                None => Poll::Ready(Ok(0)),
+            }
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let sent = frames();
+        let bytes = written(&sent);
+        assert_eq!(read_all(bytes.clone(), MAX).unwrap(), sent);
+
+        let mut r = Trickle {
+            data: bytes,
+            pos: 0,
+            stall: false,
+        };
+        for f in &sent {
+            assert_eq!(block_on(read_frame(&mut r, MAX)).unwrap().as_ref(), Some(f));
+        }
+        assert!(block_on(read_frame::<_, ClientFrame>(&mut r, MAX))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn server_frames_round_trip() {
+        let sent = vec![
+            ServerFrame::opened(512),
+            ServerFrame::result(encode_tensor(&[2.0; 8], &[2, 4], Dtype::F16), 1.5),
+            ServerFrame::error(ErrorCode::Busy, "try later"),
+        ];
+        let mut buf = Vec::new();
+        for f in &sent {
+            block_on(write_frame(&mut buf, f)).unwrap();
+        }
+        let mut r = Cursor::new(buf);
+        for f in &sent {
+            assert_eq!(block_on(read_frame(&mut r, MAX)).unwrap().as_ref(), Some(f));
+        }
+    }
+
+    #[test]
+    fn prefix_matches_prost_length_delimited() {
+        let sent = &frames()[1..2];
+        let decoded = ClientFrame::decode_length_delimited(written(sent).as_slice());
+        assert_eq!(decoded.unwrap(), sent[0]);
+    }
+
+    #[test]
+    fn clean_eof_is_none() {
+        assert!(read_all(Vec::new(), MAX).unwrap().is_empty());
+        // An empty message is a valid frame (length 0), distinct from EOF.
+        assert_eq!(
+            read_all(vec![0], MAX).unwrap(),
+            vec![ClientFrame::default()]
+        );
+    }
+
+    #[test]
+    fn oversize_length_is_rejected_before_allocating() {
+        // Header claims 1 TiB and nothing follows; allocating it would abort the test.
+        let tib = 1u64 << 40;
+        let mut header = Vec::new();
+        prost::encoding::encode_varint(tib, &mut header);
+        match read_all(header, MAX) {
+            Err(WireError::FrameTooLarge { len, max }) => assert_eq!((len, max), (tib, MAX)),
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+        let bytes = written(&frames()[1..2]);
+        let err = read_all(bytes.clone(), bytes.len() - 2).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains(&format!("limit of {}", bytes.len() - 2)));
+        assert!(read_all(bytes.clone(), bytes.len() - 1).is_ok());
+    }
+
+    #[test]
+    fn eof_inside_frame_is_truncated() {
+        let mut bytes = written(&frames());
+        bytes.pop();
+        let err = read_all(bytes, MAX).unwrap_err();
+        assert!(matches!(err, WireError::Truncated), "{err:?}");
+        assert!(err.to_string().contains("truncated frame"));
+        // EOF in the middle of the length prefix.
+        let err = read_all(vec![0x80, 0x80], MAX).unwrap_err();
+        assert!(matches!(err, WireError::Truncated), "{err:?}");
+    }
+
+    #[test]
+    fn bad_varint_is_rejected() {
+        let too_long = vec![0x80; 11];
+        assert!(matches!(read_all(too_long, MAX), Err(WireError::BadVarint)));
+        // Ten bytes whose last one carries more than the top bit of a u64.
+        let mut overflow = vec![0xff; 9];
+        overflow.push(0x02);
+        assert!(matches!(read_all(overflow, MAX), Err(WireError::BadVarint)));
+        let mut max = vec![0xff; 9];
+        max.push(0x01);
+        let err = read_all(max, MAX).unwrap_err();
+        assert!(
+            matches!(err, WireError::FrameTooLarge { len: u64::MAX, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_body_is_a_decode_error() {
+        let err = read_all(vec![2, 0xff, 0xff], MAX).unwrap_err();
+        assert!(matches!(err, WireError::Decode(_)), "{err:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_all(bytes, 64);
+        }
+    }
+}
