@@ -59,7 +59,10 @@ fn keypair(path: &Option<PathBuf>) -> Result<Keypair, JoinError> {
 }
 
 /// Prints each listening address on stdout the moment it is known (scripts wait for these).
-fn print_listen() -> (Arc<Mutex<Vec<Multiaddr>>>, Box<dyn Fn(&Multiaddr) + Send>) {
+/// The addresses this node listens on, as reported so far (what it announces).
+type ListenAddrs = Arc<Mutex<Vec<Multiaddr>>>;
+
+fn print_listen() -> (ListenAddrs, net::OnListen) {
     let addrs = Arc::new(Mutex::new(Vec::new()));
     let a = addrs.clone();
     let cb = Box::new(move |addr: &Multiaddr| {
@@ -77,7 +80,7 @@ fn print_listen() -> (Arc<Mutex<Vec<Multiaddr>>>, Box<dyn Fn(&Multiaddr) + Send>
 fn start_network(
     opts: &NetOptions,
     shutdown: &CancellationToken,
-) -> Result<(NetHandle, Arc<Mutex<Vec<Multiaddr>>>), JoinError> {
+) -> Result<(NetHandle, ListenAddrs), JoinError> {
     let (addrs, on_listen) = print_listen();
     let network = net::start(
         NetConfig {
@@ -107,7 +110,7 @@ struct Announcer {
     net: NetHandle,
     fp: Fingerprint,
     blocks: Range<usize>,
-    addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    addrs: ListenAddrs,
     interval: Duration,
 }
 

@@ -42,6 +42,11 @@ pub enum NetError {
     Stopped,
 }
 
+/// Callback told each new listening address.
+pub type OnListen = Box<dyn Fn(&Multiaddr) + Send>;
+type DialWaiter = (Instant, oneshot::Sender<Result<(), NetError>>);
+type GetWaiter = (Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>);
+
 pub struct NetConfig {
     pub keypair: Keypair,
     pub listen: Vec<Multiaddr>,
@@ -50,7 +55,7 @@ pub struct NetConfig {
     /// Serve DHT queries (peers do; a client that only generates need not).
     pub dht_server: bool,
     /// Called with each address the swarm starts listening on, full with `/p2p/<id>`.
-    pub on_listen: Option<Box<dyn Fn(&Multiaddr) + Send>>,
+    pub on_listen: Option<OnListen>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -298,10 +303,10 @@ pub fn start(
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     rx: mpsc::Receiver<Command>,
-    on_listen: Option<Box<dyn Fn(&Multiaddr) + Send>>,
-    pending_get: HashMap<kad::QueryId, (Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>)>,
+    on_listen: Option<OnListen>,
+    pending_get: HashMap<kad::QueryId, GetWaiter>,
     pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
-    pending_dial: HashMap<PeerId, Vec<(Instant, oneshot::Sender<Result<(), NetError>>)>>,
+    pending_dial: HashMap<PeerId, Vec<DialWaiter>>,
     rtts: HashMap<PeerId, Duration>,
     bootstrapped: bool,
 }
@@ -410,14 +415,12 @@ impl EventLoop {
                 peer_id: Some(peer),
                 error,
                 ..
-            } => {
-                if !self.swarm.is_connected(&peer) {
-                    for (_, reply) in self.pending_dial.remove(&peer).unwrap_or_default() {
-                        let _ = reply.send(Err(NetError::Dial {
-                            peer: peer.to_string(),
-                            reason: error.to_string(),
-                        }));
-                    }
+            } if !self.swarm.is_connected(&peer) => {
+                for (_, reply) in self.pending_dial.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(NetError::Dial {
+                        peer: peer.to_string(),
+                        reason: error.to_string(),
+                    }));
                 }
             }
             SwarmEvent::ConnectionClosed {
