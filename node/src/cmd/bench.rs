@@ -18,9 +18,15 @@ use crate::rss;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Benchmark this process alone (the only mode so far).
-    #[arg(long)]
+    /// Benchmark this process alone.
+    #[arg(long, conflicts_with = "swarm")]
     pub local: bool,
+    /// Benchmark a swarm of real processes on 127.0.0.1 against the local run, in one run.
+    #[arg(long)]
+    pub swarm: bool,
+    /// Nodes of the benchmark swarm; the blocks are split evenly between them.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
@@ -62,20 +68,31 @@ do arithmetic faster and more reliably. Early mechanical calculators gave way to
 vacuum tubes, transistors and integrated circuits. Each step made computers smaller and cheaper, \
 until a phone in a pocket held more power than the rooms of machines that sent people to the moon. ";
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// A fixed English prompt of exactly `n` tokens.
+pub fn prompt_of(tokenizer: &model::tokenizer::Tokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
+    let mut prompt = Vec::new();
+    while prompt.len() < n {
+        prompt.extend(tokenizer.encode(TEXT, false)?);
+    }
+    prompt.truncate(n);
+    Ok(prompt)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if !args.local {
-        bail!("only --local benchmarks exist in this version; pass --local");
+    if !args.local && !args.swarm {
+        bail!("say what to benchmark: --local, or --swarm (a 127.0.0.1 swarm against local)");
     }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {
+        _ if args.swarm => super::bench_swarm::run(&args, threads, args.nodes)?,
         None => bench_full(&args, threads)?,
         Some(range) => bench_slice(&args, threads, range)?,
     };
@@ -90,11 +107,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn bench_full(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Value> {
     let model = super::open_local(&args.model)?;
     let spec = model.spec().clone();
-    let mut prompt = Vec::new();
-    while prompt.len() < args.prompt_tokens {
-        prompt.extend(model.tokenizer.encode(TEXT, false)?);
-    }
-    prompt.truncate(args.prompt_tokens);
+    let prompt = prompt_of(&model.tokenizer, args.prompt_tokens)?;
     let capacity = args.prompt_tokens + args.gen_tokens;
     if capacity > spec.context_length {
         bail!(

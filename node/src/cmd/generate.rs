@@ -137,13 +137,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
         writeln!(stdout)?;
-        if let Some(route) = &route {
-            let hops: Vec<String> = route
-                .iter()
-                .map(|h| format!("{} [{}]", h.peer, h.blocks))
-                .collect();
-            tracing::info!("route: {}", hops.join(" -> "));
-        }
         tracing::info!(
             prompt_tokens = out.prompt_tokens.len(),
             generated = out.tokens.len(),

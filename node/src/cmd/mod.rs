@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_swarm;
 pub mod generate;
 pub mod join;
 pub mod net_args;

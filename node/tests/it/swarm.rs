@@ -183,3 +183,64 @@ fn a_missing_range_is_named() {
     let out = edge_node(&args);
     super::assert_clean_error(&out, "no peer serves blocks 10..20");
 }
+
+#[test]
+fn an_identity_file_keeps_the_peer_id_and_bootstrap_needs_no_peer_id() {
+    let dir = super::TempDir::new("identity");
+    let key = dir.file("node.key");
+    let key = key.to_str().unwrap();
+    let peer_of = |p: &Proc| p.addr.rsplit("/p2p/").next().unwrap().to_string();
+    let first = spawn(&[
+        "bootstrap",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--identity",
+        key,
+    ]);
+    let id = peer_of(&first);
+    drop(first);
+    let again = spawn(&[
+        "bootstrap",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--identity",
+        key,
+    ]);
+    assert_eq!(peer_of(&again), id, "same identity file, same peer id");
+
+    // Nodes and clients join through an address without `/p2p/<id>`.
+    let bare = again.addr.split("/p2p/").next().unwrap().to_string();
+    let bare_boot = Proc {
+        child: Command::new("true").spawn().unwrap(),
+        addr: bare,
+    };
+    let _n = node("0..30", &bare_boot);
+    let prompt = "The capital of France is";
+    let v = super::json_of(&swarm_command(&bare_boot, prompt, "6").output().unwrap());
+    assert_eq!(v["tokens"], local(prompt, "6")["tokens"]);
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_announces_that_it_left() {
+    let boot = bootstrap();
+    let _a = node("0..20", &boot);
+    let mut b = node("20..30", &boot);
+    let prompt = "hello";
+    let v = super::json_of(&swarm_command(&boot, prompt, "2").output().unwrap());
+    assert_eq!(route_of(&v), ["0..20", "20..30"]);
+    let status = Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = b.child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM must be a clean exit, got {exit:?}");
+    // Its record now says offline (it would otherwise linger until it expired), so the gap is
+    // reported at once.
+    let model = default_model();
+    let mut args = generate_args(&model, prompt, "2");
+    args.extend(["--bootstrap", &boot.addr, "--discovery-timeout", "3"]);
+    super::assert_clean_error(&edge_node(&args), "no peer serves blocks 20..30");
+}
