@@ -3,25 +3,24 @@
 //! The client keeps the token embedding, the final norm and the LM head (and the tokenizer) of
 //! the model; every transformer block runs on peers found through the DHT.
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use model::chat::ChatTemplate;
 use model::embed::Embedding;
 use model::fingerprint::{fingerprint, short_hex, Fingerprint};
 use model::head::Head;
 use model::tokenizer::Tokenizer;
 use model::{load, GgufFile, LoadOptions, ModelError, ModelSpec};
-use proto::v1::{Dtype, ServerState};
+use proto::v1::Dtype;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{self, now_ms, Server};
+use crate::discovery::{self, Server};
 use crate::generate::{Forward, GenerateError};
 use crate::net::{self, NetConfig, NetError, NetHandle};
-use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
-use crate::session::{InferenceSession, SessionError, SpanSession, Timeouts};
+use crate::session::{Bans, InferenceSession, RouteError, Router, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -30,9 +29,7 @@ pub enum ClientError {
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
-    Session(#[from] SessionError),
-    #[error("cannot build a route for model {model}: {source}")]
-    Route { model: String, source: PlanError },
+    Route(#[from] RouteError),
     #[error("no peer of the swarm answered within {secs:.0}s (check the --bootstrap address)")]
     NoPeers { secs: f64 },
 }
@@ -103,6 +100,8 @@ pub struct SwarmClient {
     net: NetHandle,
     config: ClientConfig,
     shutdown: CancellationToken,
+    /// Failed peers, shared by every session of this client.
+    bans: Arc<Mutex<Bans>>,
 }
 
 impl Drop for SwarmClient {
@@ -130,6 +129,7 @@ impl SwarmClient {
             net: network.handle,
             config,
             shutdown,
+            bans: Arc::default(),
         };
         let deadline = tokio::time::Instant::now() + client.config.discovery_timeout;
         while client.net.connected_peers().await == 0 {
@@ -152,80 +152,30 @@ impl SwarmClient {
         Ok(discovery::lookup(&self.net, &model.fingerprint, model.spec.block_count as u32).await?)
     }
 
-    /// The cheapest chain of spans over blocks `0..L`, from what the DHT and ping say now.
-    pub async fn plan(
-        &self,
-        model: &ClientModel,
-        servers: &[Server],
-        cache_tokens: u64,
-        banned_until_ms: &HashMap<PeerId, u64>,
-    ) -> Result<Vec<Span<PeerId>>, ClientError> {
-        let mut infos = Vec::with_capacity(servers.len());
-        for s in servers {
-            infos.push(ServerInfo {
-                peer: s.peer,
-                blocks: s.blocks.clone(),
-                online: s.state == ServerState::Online,
-                decode_ms_per_block: s.decode_ms_per_block,
-                rtt_ms: self.net.rtt(s.peer).await.map(|d| d.as_secs_f32() * 1e3),
-                free_cache_tokens: s.free_cache_tokens,
-            });
-        }
-        let req = PlanRequest {
-            blocks: 0..model.spec.block_count as u32,
-            cache_tokens,
-            now_ms: now_ms(),
-            banned_until_ms,
-            default_rtt_ms: 20.0,
-        };
-        plan_route(&infos, &req).map_err(|source| ClientError::Route {
-            model: model.short_id(),
-            source,
+    /// What sessions of `model` use to find, open and replace peers.
+    pub fn router(&self, model: &ClientModel) -> Arc<Router> {
+        Arc::new(Router {
+            net: self.net.clone(),
+            fingerprint: model.fingerprint,
+            block_count: model.spec.block_count as u32,
+            dim: model.spec.embedding_length,
+            dtype: self.config.wire_dtype,
+            timeouts: self.config.timeouts,
+            discovery_timeout: self.config.discovery_timeout,
+            bans: self.bans.clone(),
         })
     }
 
-    /// Finds servers, plans a route and opens a session on every hop.
+    /// Finds servers, plans a route over every block and opens a session on each hop.
     ///
-    /// Servers may take a moment to appear in the DHT after they start, so a route that is not
-    /// yet complete is retried until the discovery timeout; the error then names the blocks
-    /// nobody serves.
+    /// Servers may take a moment to appear in the DHT after they start, so an incomplete route
+    /// is retried until the discovery timeout; the error then names the blocks nobody serves.
     pub async fn open_session(
         &self,
         model: &ClientModel,
         max_length: u32,
     ) -> Result<InferenceSession, ClientError> {
-        let deadline = tokio::time::Instant::now() + self.config.discovery_timeout;
-        let banned = HashMap::new();
-        let (servers, route) = loop {
-            let servers = self.servers(model).await?;
-            match self.plan(model, &servers, max_length as u64, &banned).await {
-                Ok(route) => break (servers, route),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                Err(e) => {
-                    tracing::debug!("route not ready yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        };
-        let mut spans = Vec::with_capacity(route.len());
-        for hop in &route {
-            let Some(server) = servers.iter().find(|s| s.peer == hop.peer) else {
-                continue;
-            };
-            let span = SpanSession::open(
-                &self.net,
-                server,
-                hop.blocks.clone(),
-                &model.fingerprint,
-                model.spec.embedding_length,
-                max_length,
-                self.config.wire_dtype,
-                self.config.timeouts,
-            )
-            .await?;
-            spans.push(span);
-        }
-        Ok(InferenceSession::new(spans))
+        Ok(InferenceSession::open(self.router(model), max_length).await?)
     }
 }
 

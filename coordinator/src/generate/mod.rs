@@ -21,7 +21,7 @@ pub enum GenerateError {
     #[error("the prompt has {tokens} tokens but the model's context holds {context}")]
     PromptTooLong { tokens: usize, context: usize },
     #[error(transparent)]
-    Session(#[from] crate::session::SessionError),
+    Route(#[from] crate::session::RouteError),
 }
 
 /// Runs token ids at positions `pos..` through every block and returns the last logits.

@@ -26,6 +26,12 @@ pub struct GenerateArgs {
     /// Seconds one step through one peer may take before that peer counts as failed.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
+    /// Seconds to connect to a peer and open a session there.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds the whole generation may take (default: no limit beyond the per-step ones).
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Path to a GGUF model file.
     #[arg(long)]
     pub model: PathBuf,
@@ -131,8 +137,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&out)?;
         v["prefill_tokens_per_s"] = out.prefill_tokens_per_s().into();
         v["decode_tokens_per_s"] = out.decode_tokens_per_s().into();
-        if let Some(route) = route {
-            v["route"] = serde_json::to_value(route)?;
+        if let Some(info) = route {
+            v["route"] = serde_json::to_value(info.route)?;
+            v["reroutes"] = info.reroutes.into();
         }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
@@ -178,7 +185,7 @@ fn prompt_ids(
 async fn swarm_generate(
     args: &GenerateArgs,
     opts: &GenerateOptions,
-) -> anyhow::Result<(generate::Generation, Option<Vec<RouteHop>>)> {
+) -> anyhow::Result<(generate::Generation, Option<SwarmInfo>)> {
     let (bar, mut progress) = edge_node::progress::loading_bar("embeddings and head");
     let model = tokio::task::block_in_place(|| ClientModel::open(&args.model, &mut progress));
     bar.finish_and_clear();
@@ -196,36 +203,53 @@ async fn swarm_generate(
         discovery_timeout: Duration::from_secs(args.discovery_timeout.max(1)),
         timeouts: Timeouts {
             step: Duration::from_secs(args.step_timeout.max(1)),
-            ..Timeouts::default()
+            connect: Duration::from_secs(args.connect_timeout.max(1)),
         },
         ..ClientConfig::default()
     };
     let client = SwarmClient::connect(config).await?;
     let max_length = (prompt.len() + args.max_new_tokens).min(context) as u32;
     let session = client.open_session(&model, max_length).await?;
-    let route = session.route();
-    tracing::info!(
-        "route: {}",
-        route
-            .iter()
-            .map(|h| format!("{} [{}]", h.peer, h.blocks))
-            .collect::<Vec<_>>()
-            .join(" -> ")
-    );
+    log_route("route", &session.route());
     let mut backend = SwarmForward {
         model: &model,
         session,
     };
     let mut sink = text_sink(args.json);
-    let out = generate::generate(
+    let run = generate::generate(
         &mut backend,
         &model.tokenizer,
         prompt,
         context,
         opts,
         &mut sink,
-    )
-    .await;
+    );
+    let out: anyhow::Result<generate::Generation> = match args.timeout {
+        Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), run).await {
+            Ok(r) => r.map_err(Into::into),
+            Err(_) => Err(anyhow::anyhow!("generation did not finish within {secs} s")),
+        },
+        None => run.await.map_err(Into::into),
+    };
+    let route = backend.session.route();
+    let reroutes = backend.session.reroutes();
+    if reroutes > 0 {
+        log_route(&format!("final route after {reroutes} reroute(s)"), &route);
+    }
     backend.session.close().await;
-    Ok((out?, Some(route)))
+    Ok((out?, Some(SwarmInfo { route, reroutes })))
+}
+
+fn log_route(what: &str, route: &[RouteHop]) {
+    let hops: Vec<String> = route
+        .iter()
+        .map(|h| format!("{} [{}]", h.peer, h.blocks))
+        .collect();
+    tracing::info!("{what}: {}", hops.join(" -> "));
+}
+
+/// What a swarm run adds to the JSON output.
+struct SwarmInfo {
+    route: Vec<RouteHop>,
+    reroutes: usize,
 }
