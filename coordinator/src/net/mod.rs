@@ -45,7 +45,18 @@ pub enum NetError {
 /// Callback told each new listening address.
 pub type OnListen = Box<dyn Fn(&Multiaddr) + Send>;
 type DialWaiter = (Instant, oneshot::Sender<Result<(), NetError>>);
-type GetWaiter = (Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>);
+/// A lookup in progress: copies found so far, the reply, when to answer at the latest, and when
+/// the first copy arrived.
+struct GetWaiter {
+    found: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Vec<Vec<u8>>>,
+    deadline: Instant,
+    first_found: Option<Instant>,
+}
+
+/// Once one copy of a record is in, other copies get this long to arrive. A query otherwise
+/// waits for every close peer, and one frozen peer would stall it for the whole kad timeout.
+const GET_GRACE: Duration = Duration::from_millis(400);
 
 pub struct NetConfig {
     pub keypair: Keypair,
@@ -70,6 +81,7 @@ struct Behaviour {
 enum Command {
     GetRecord {
         key: RecordKey,
+        timeout: Duration,
         reply: oneshot::Sender<Vec<Vec<u8>>>,
     },
     PutRecord {
@@ -130,14 +142,20 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Stopped)
     }
 
-    /// Every copy of the record found in the DHT (several peers may hold different versions),
-    /// or none; bounded by `timeout`.
+    /// The copies of the record found in the DHT (several peers may hold different versions),
+    /// possibly none. The network task answers by `timeout` with whatever it has found, so a
+    /// frozen peer slows a lookup down but never fails it.
     pub async fn get_record(
         &self,
         key: RecordKey,
         timeout: Duration,
     ) -> Result<Vec<Vec<u8>>, NetError> {
-        tokio::time::timeout(timeout, self.ask(|reply| Command::GetRecord { key, reply }))
+        let ask = self.ask(|reply| Command::GetRecord {
+            key,
+            timeout,
+            reply,
+        });
+        tokio::time::timeout(timeout + Duration::from_secs(1), ask)
             .await
             .map_err(|_| NetError::Timeout {
                 op: "get",
@@ -314,6 +332,7 @@ struct EventLoop {
 impl EventLoop {
     async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut expiry = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -326,6 +345,7 @@ impl EventLoop {
                     // Keep the routing table fresh; harmless when nobody is known yet.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = expiry.tick() => self.answer_due_lookups(),
             }
         }
         // Dropping the senders answers every waiter with `Stopped`.
@@ -335,9 +355,21 @@ impl EventLoop {
     fn command(&mut self, cmd: Command) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         match cmd {
-            Command::GetRecord { key, reply } => {
+            Command::GetRecord {
+                key,
+                timeout,
+                reply,
+            } => {
                 let id = kad.get_record(key);
-                self.pending_get.insert(id, (Vec::new(), reply));
+                self.pending_get.insert(
+                    id,
+                    GetWaiter {
+                        found: Vec::new(),
+                        reply,
+                        deadline: Instant::now() + timeout,
+                        first_found: None,
+                    },
+                );
             }
             Command::PutRecord { key, value, reply } => {
                 let record = Record::new(key, value);
@@ -470,17 +502,40 @@ impl EventLoop {
         }
     }
 
+    /// Answers lookups that reached their deadline, or whose first copy arrived more than
+    /// `GET_GRACE` ago, with what they found, and stops their queries.
+    fn answer_due_lookups(&mut self) {
+        let now = Instant::now();
+        let due: Vec<kad::QueryId> = self
+            .pending_get
+            .iter()
+            .filter(|(_, w)| {
+                now >= w.deadline || w.first_found.is_some_and(|t| now - t >= GET_GRACE)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+            if let Some(w) = self.pending_get.remove(&id) {
+                let _ = w.reply.send(w.found);
+            }
+        }
+    }
+
     fn query_progressed(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
         match result {
             kad::QueryResult::GetRecord(res) => {
-                if let Some((found, _)) = self.pending_get.get_mut(&id) {
+                if let Some(w) = self.pending_get.get_mut(&id) {
                     if let Ok(kad::GetRecordOk::FoundRecord(r)) = res {
-                        found.push(r.record.value);
+                        w.found.push(r.record.value);
+                        w.first_found.get_or_insert_with(Instant::now);
                     }
                 }
                 if last {
-                    if let Some((found, reply)) = self.pending_get.remove(&id) {
-                        let _ = reply.send(found);
+                    if let Some(w) = self.pending_get.remove(&id) {
+                        let _ = w.reply.send(w.found);
                     }
                 }
             }

@@ -5,6 +5,8 @@
 //! run the same planner on live, simulated or generated data and get the same plan for the
 //! same input.
 
+pub mod balance;
 pub mod planner;
 
+pub use balance::*;
 pub use planner::*;

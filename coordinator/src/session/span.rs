@@ -111,7 +111,11 @@ impl SpanSession {
     ) -> Result<Self, SessionError> {
         let peer = server.peer;
         net.dial(peer, server.addrs.clone(), timeouts.connect)
-            .await?;
+            .await
+            .map_err(|e| SessionError::Stream {
+                peer,
+                reason: e.to_string(),
+            })?;
         let mut control = net.stream_control();
         let stream = tokio::time::timeout(
             timeouts.connect,

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::{default_model, edge_node};
 
 pub struct Proc {
-    child: Child,
+    pub child: Child,
     pub addr: String,
 }
 
@@ -24,7 +24,7 @@ impl Drop for Proc {
 }
 
 /// Starts `edge-node ARGS` and waits for its TCP `listening on` line.
-fn spawn(args: &[&str]) -> Proc {
+pub fn spawn(args: &[&str]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -56,8 +56,12 @@ pub fn bootstrap() -> Proc {
 }
 
 pub fn node(blocks: &str, bootstrap: &Proc) -> Proc {
+    node_with(blocks, bootstrap, &[])
+}
+
+pub fn node_with(blocks: &str, bootstrap: &Proc, extra: &[&str]) -> Proc {
     let model = default_model();
-    spawn(&[
+    let mut args = vec![
         "join",
         "--model",
         &model,
@@ -72,10 +76,26 @@ pub fn node(blocks: &str, bootstrap: &Proc) -> Proc {
         "2",
         "--threads",
         "1",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
 }
 
-fn generate_args<'a>(model: &'a str, prompt: &'a str, tokens: &'a str) -> Vec<&'a str> {
+impl Proc {
+    pub fn peer_id(&self) -> &str {
+        self.addr.rsplit("/p2p/").next().unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} failed");
+    }
+}
+
+pub fn generate_args<'a>(model: &'a str, prompt: &'a str, tokens: &'a str) -> Vec<&'a str> {
     vec![
         "generate",
         "--model",
@@ -90,14 +110,14 @@ fn generate_args<'a>(model: &'a str, prompt: &'a str, tokens: &'a str) -> Vec<&'
     ]
 }
 
-fn local(prompt: &str, tokens: &str) -> Value {
+pub fn local(prompt: &str, tokens: &str) -> Value {
     let model = default_model();
     let mut args = generate_args(&model, prompt, tokens);
     args.push("--local");
     super::json_of(&edge_node(&args))
 }
 
-fn swarm_command(bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
+pub fn swarm_command(bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
     let model = default_model();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-node"));
     cmd.args(generate_args(&model, prompt, tokens))
@@ -106,7 +126,7 @@ fn swarm_command(bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
     cmd
 }
 
-fn route_of(v: &Value) -> Vec<String> {
+pub fn route_of(v: &Value) -> Vec<String> {
     v["route"]
         .as_array()
         .expect("route")
