@@ -256,3 +256,14 @@ pub fn measure_speed(
     let decode_ms = steps.as_secs_f64() * 1e3 / decode_steps.max(1) as f64 / blocks;
     Ok((decode_ms, prefill.as_secs_f64() * 1e3 / blocks))
 }
+
+/// Bytes of the tensors of block `index` in the file (what serving one block costs in weights).
+pub fn block_weight_bytes(file: &model::GgufFile, index: usize) -> Result<u64, ModelError> {
+    let prefix = format!("blk.{index}.");
+    Ok(file
+        .tensors()?
+        .iter()
+        .filter(|v| v.name.starts_with(&prefix))
+        .map(|v| v.len_bytes() as u64)
+        .sum())
+}

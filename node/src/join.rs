@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use coordinator::discovery::{self, now_ms};
 use coordinator::net::{self, identity, NetConfig, NetHandle};
+use coordinator::route::{
+    block_throughput, blocks_for_memory, choose_blocks, should_move, span_throughput, Served,
+};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use model::fingerprint::{fingerprint, short_hex, Fingerprint};
@@ -32,6 +35,8 @@ pub enum JoinError {
     Identity(#[from] identity::IdentityError),
     #[error("starting the compute thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("not even one block fits in --max-memory {} MiB", max_memory_bytes >> 20)]
+    NoRoom { max_memory_bytes: u64 },
 }
 
 pub struct NetOptions {
@@ -41,14 +46,29 @@ pub struct NetOptions {
     pub mdns: bool,
 }
 
+/// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as
+/// many as fit in a memory budget, placed the same way.
+#[derive(Clone, Debug)]
+pub enum BlockChoice {
+    Fixed(Range<usize>),
+    Count(usize),
+    Auto { max_memory_bytes: u64 },
+}
+
 pub struct JoinConfig {
     pub model: PathBuf,
-    pub blocks: Range<usize>,
+    pub blocks: BlockChoice,
     pub net: NetOptions,
     pub max_sessions: usize,
     pub cache_tokens: usize,
     pub announce_interval: Duration,
     pub idle_timeout: Duration,
+    /// How often to check whether moving would help the swarm; `None` never moves.
+    pub rebalance_interval: Option<Duration>,
+    /// Move only if the swarm's weakest block gets this much faster (0.2 = 20%).
+    pub rebalance_min_gain: f64,
+    /// How long a leaving node waits for its sessions to move elsewhere.
+    pub drain_timeout: Duration,
 }
 
 fn keypair(path: &Option<PathBuf>) -> Result<Keypair, JoinError> {
@@ -109,21 +129,26 @@ pub async fn run_bootstrap(opts: NetOptions, shutdown: CancellationToken) -> Res
 struct Announcer {
     net: NetHandle,
     fp: Fingerprint,
-    blocks: Range<usize>,
     addrs: ListenAddrs,
     interval: Duration,
 }
 
 impl Announcer {
-    async fn announce(&self, state: ServerState, speed: (f64, f64), free_cache_tokens: u64) {
+    async fn announce(
+        &self,
+        blocks: &Range<usize>,
+        state: ServerState,
+        speed: (f64, f64),
+        free_cache_tokens: u64,
+    ) {
         let now = now_ms();
         let addrs = self.addrs.lock().map(|v| v.clone()).unwrap_or_default();
         let record = ServerRecord {
             peer_id: self.net.peer_id().to_bytes(),
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
             fingerprint: self.fp.to_vec(),
-            start_block: self.blocks.start as u32,
-            end_block: self.blocks.end as u32,
+            start_block: blocks.start as u32,
+            end_block: blocks.end as u32,
             state: state as i32,
             decode_ms_per_block: speed.0 as f32,
             prefill_ms_per_block: speed.1 as f32,
@@ -138,50 +163,150 @@ impl Announcer {
     }
 }
 
-/// Serves blocks `config.blocks` of the model until `shutdown`.
+/// A joining server's decode time is not measured yet; count it as typical so that nodes
+/// starting together still see each other's choices.
+const JOINING_DECODE_MS: f32 = 1.0;
+
+/// The swarm's servers of this model as the balancing logic sees them.
+async fn served(
+    net: &NetHandle,
+    fp: &Fingerprint,
+    block_count: u32,
+) -> Vec<Served<libp2p::PeerId>> {
+    let servers = discovery::lookup(net, fp, block_count)
+        .await
+        .unwrap_or_default();
+    servers
+        .into_iter()
+        .filter(|s| matches!(s.state, ServerState::Online | ServerState::Joining))
+        .map(|s| {
+            let ms = if s.decode_ms_per_block > 0.0 {
+                s.decode_ms_per_block
+            } else {
+                JOINING_DECODE_MS
+            };
+            Served {
+                throughput: span_throughput(ms, s.blocks.len() as u32),
+                peer: s.peer,
+                blocks: s.blocks,
+            }
+        })
+        .collect()
+}
+
+/// Why a node stopped serving its current range.
+enum Outcome {
+    Shutdown,
+    Move(Range<usize>),
+}
+
+/// Serves blocks of the model, chosen by `config.blocks`, until `shutdown`.
 pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result<(), JoinError> {
     let file = GgufFile::open(&config.model)?;
     let spec = ModelSpec::from_file(&file)?;
-    if config.blocks.end > spec.block_count || config.blocks.is_empty() {
-        return Err(model::ModelError::BadBlockRange {
-            start: config.blocks.start,
-            end: config.blocks.end,
-            count: spec.block_count,
+    let block_count = spec.block_count;
+    let bad_range = |start, end| model::ModelError::BadBlockRange {
+        start,
+        end,
+        count: block_count,
+    };
+    let count = match &config.blocks {
+        BlockChoice::Fixed(r) if r.is_empty() || r.end > block_count => {
+            return Err(bad_range(r.start, r.end).into())
         }
-        .into());
-    }
+        BlockChoice::Fixed(r) => r.len(),
+        BlockChoice::Count(n) if *n == 0 || *n > block_count => return Err(bad_range(0, *n).into()),
+        BlockChoice::Count(n) => *n,
+        BlockChoice::Auto { max_memory_bytes } => {
+            let block_bytes = crate::compute::block_weight_bytes(&file, 0)?;
+            blocks_for_memory(
+                *max_memory_bytes,
+                MEMORY_OVERHEAD_BYTES,
+                block_bytes,
+                spec.kv_bytes_per_token_per_block() as u64,
+                config.cache_tokens as u64,
+                block_count as u32,
+            )
+            .ok_or(JoinError::NoRoom {
+                max_memory_bytes: *max_memory_bytes,
+            })? as usize
+        }
+    };
     let fp = fingerprint(&file)?;
-    tracing::info!(model = %short_hex(&fp), blocks = ?config.blocks, "joining");
+    tracing::info!(model = %short_hex(&fp), "joining with {count} block(s)");
 
     let net_shutdown = CancellationToken::new();
     let (net, addrs) = start_network(&config.net, &net_shutdown)?;
-    let announcer = Arc::new(Announcer {
+    let announcer = Announcer {
         net: net.clone(),
         fp,
-        blocks: config.blocks.clone(),
         addrs,
         interval: config.announce_interval,
-    });
+    };
     // Let the first listen addresses and bootstrap connections settle before announcing.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    announcer
-        .announce(ServerState::Joining, (0.0, 0.0), 0)
-        .await;
+    let mut range = match &config.blocks {
+        BlockChoice::Fixed(r) => r.clone(),
+        _ => {
+            // Nodes started together would all see the same swarm and pick the same run;
+            // a random pause lets each see the choices of those before it.
+            let jitter =
+                rand::random_range(0..=config.announce_interval.as_millis().min(3000) as u64);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            let swarm = served(&net, &fp, block_count as u32).await;
+            let throughput = block_throughput(&swarm, block_count as u32);
+            let r = choose_blocks(&throughput, count as u32).ok_or(bad_range(0, count))?;
+            tracing::info!(
+                "chose blocks {}..{}, the weakest part of the swarm",
+                r.start,
+                r.end
+            );
+            r.start as usize..r.end as usize
+        }
+    };
 
-    let (bar, mut progress) = crate::progress::loading_bar(&format!(
-        "blocks {}..{}",
-        config.blocks.start, config.blocks.end
-    ));
+    loop {
+        match serve_range(&config, &file, &spec, &announcer, &range, &shutdown).await? {
+            Outcome::Shutdown => break,
+            Outcome::Move(to) => {
+                tracing::info!(
+                    "moving from blocks {}..{} to {}..{}",
+                    range.start,
+                    range.end,
+                    to.start,
+                    to.end
+                );
+                range = to;
+            }
+        }
+    }
+    net_shutdown.cancel();
+    Ok(())
+}
+
+/// A node's fixed costs besides block weights and KV cache (runtime, GGUF header, buffers).
+const MEMORY_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// Loads `range`, serves it and keeps it announced until shutdown or until moving would
+/// strengthen the swarm; then leaves that range gracefully.
+async fn serve_range(
+    config: &JoinConfig,
+    file: &GgufFile,
+    spec: &ModelSpec,
+    announcer: &Announcer,
+    range: &Range<usize>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, JoinError> {
+    announcer
+        .announce(range, ServerState::Joining, (0.0, 0.0), 0)
+        .await;
+    let (bar, mut progress) =
+        crate::progress::loading_bar(&format!("blocks {}..{}", range.start, range.end));
     let slice = tokio::task::block_in_place(|| {
-        load(
-            &file,
-            &LoadOptions::blocks(config.blocks.clone()),
-            &mut progress,
-        )
+        load(file, &LoadOptions::blocks(range.clone()), &mut progress)
     });
     bar.finish_and_clear();
-    let slice = slice?;
-    let stack = slice.stack.ok_or(model::ModelError::NotLoaded {
+    let stack = slice?.stack.ok_or(model::ModelError::NotLoaded {
         what: "transformer blocks",
     })?;
     let speed = tokio::task::block_in_place(|| measure_speed(&stack, 32, 8))?;
@@ -199,8 +324,8 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
         },
     )?;
     let ctx = Arc::new(ServeContext {
-        fingerprint: fp,
-        blocks: config.blocks.clone(),
+        fingerprint: announcer.fp,
+        blocks: range.clone(),
         dim: spec.embedding_length,
         context_length: spec.context_length,
         compute: compute.clone(),
@@ -209,39 +334,77 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
     });
     let serve_shutdown = CancellationToken::new();
     let server = tokio::spawn(accept_loop(
-        net.stream_control(),
+        announcer.net.stream_control(),
         ctx.clone(),
         serve_shutdown.clone(),
     ));
-
     announcer
-        .announce(ServerState::Online, speed, compute.free_cache_tokens())
+        .announce(
+            range,
+            ServerState::Online,
+            speed,
+            compute.free_cache_tokens(),
+        )
         .await;
-    tracing::info!(
-        "serving blocks {}..{}",
-        config.blocks.start,
-        config.blocks.end
-    );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "serving blocks {}..{}", range.start, range.end);
+        let _ = out.flush();
+    }
+    tracing::info!("serving blocks {}..{}", range.start, range.end);
+
     let mut refresh = tokio::time::interval(config.announce_interval);
     refresh.tick().await;
-    loop {
+    let next_check = |every: Duration| {
+        // Checks are staggered so servers of the same range do not all move at once.
+        let jitter = rand::random_range(0..=every.as_millis() as u64 / 2);
+        tokio::time::Instant::now() + every + Duration::from_millis(jitter)
+    };
+    let far = Duration::from_secs(365 * 24 * 3600);
+    let mut check_at = next_check(config.rebalance_interval.unwrap_or(far));
+    let outcome = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Outcome::Shutdown,
             _ = refresh.tick() => {
-                announcer.announce(ServerState::Online, speed, compute.free_cache_tokens()).await;
+                announcer.announce(range, ServerState::Online, speed, compute.free_cache_tokens()).await;
+            }
+            _ = tokio::time::sleep_until(check_at), if config.rebalance_interval.is_some() => {
+                check_at = next_check(config.rebalance_interval.unwrap_or(far));
+                let swarm = served(&announcer.net, &announcer.fp, spec.block_count as u32).await;
+                let me = announcer.net.peer_id();
+                if let Some(m) = should_move(&swarm, &me, spec.block_count as u32, config.rebalance_min_gain) {
+                    tracing::info!(
+                        "the weakest block would go from {:.1} to {:.1} tokens/s",
+                        m.min_before,
+                        m.min_after
+                    );
+                    break Outcome::Move(m.to.start as usize..m.to.end as usize);
+                }
             }
         }
-    }
+    };
 
-    tracing::info!("leaving: refusing new sessions and announcing offline");
+    // Leave this range: refuse new sessions and further steps (clients reroute on the code),
+    // say so in the DHT, give sessions a moment to move, then stop.
+    tracing::info!(
+        "leaving blocks {}..{}: announcing offline",
+        range.start,
+        range.end
+    );
     ctx.leaving.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        announcer.announce(ServerState::Offline, speed, 0),
+        announcer.announce(range, ServerState::Offline, speed, 0),
     )
     .await;
+    let drained = tokio::time::Instant::now() + config.drain_timeout;
+    while compute.stats.sessions.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < drained
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     serve_shutdown.cancel();
     let _ = server.await;
-    net_shutdown.cancel();
-    Ok(())
+    Ok(outcome)
 }

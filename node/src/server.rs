@@ -146,6 +146,15 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 return;
             }
         };
+        if ctx.leaving.load(Ordering::Relaxed) {
+            // The client reroutes this step elsewhere; nothing is lost.
+            let _ = write_frame(
+                &mut stream,
+                &error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
+            )
+            .await;
+            return;
+        }
         let answer = match check_step(&step, &limits, ctx.dim, max_length) {
             Err(frame) => Err(frame),
             Ok(hidden) => match ctx.compute.step(id, step.position as usize, hidden).await {

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use edge_node::join::{run_bootstrap, run_join, JoinConfig};
+use edge_node::join::{run_bootstrap, run_join, BlockChoice, JoinConfig};
 
 use super::bench::parse_block_range;
 use super::net_args::NetArgs;
@@ -13,9 +13,28 @@ pub struct JoinArgs {
     /// Path to the GGUF model file (every peer of a swarm must use the same file).
     #[arg(long)]
     pub model: PathBuf,
-    /// Blocks to serve, e.g. 0..10.
-    #[arg(long, value_parser = parse_block_range)]
-    pub blocks: Range<usize>,
+    /// Blocks to serve: a range such as 0..10, or `auto` to serve as many as fit in
+    /// --max-memory, placed where the swarm is weakest.
+    #[arg(long, value_parser = parse_blocks, conflicts_with = "num_blocks")]
+    pub blocks: Option<Blocks>,
+    /// Serve this many blocks, placed where the swarm is weakest.
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Memory budget for `--blocks auto`: weights plus KV cache (e.g. 512M, 2G).
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// Seconds between checks whether moving to other blocks would strengthen the swarm.
+    #[arg(long, default_value_t = 30)]
+    pub rebalance_interval: u64,
+    /// Never move to other blocks.
+    #[arg(long)]
+    pub no_rebalance: bool,
+    /// Move only if the swarm's weakest block gets at least this much faster (0.2 = 20%).
+    #[arg(long, default_value_t = 0.2)]
+    pub rebalance_min_gain: f64,
+    /// Seconds a leaving node waits for its sessions to move elsewhere.
+    #[arg(long, default_value_t = 5)]
+    pub drain_timeout: u64,
     #[command(flatten)]
     pub net: NetArgs,
     /// Most inference sessions served at once.
@@ -41,11 +60,55 @@ pub struct BootstrapArgs {
     pub net: NetArgs,
 }
 
+#[derive(Clone, Debug)]
+pub enum Blocks {
+    Range(Range<usize>),
+    Auto,
+}
+
+fn parse_blocks(s: &str) -> Result<Blocks, String> {
+    if s == "auto" {
+        Ok(Blocks::Auto)
+    } else {
+        parse_block_range(s).map(Blocks::Range)
+    }
+}
+
+/// `512M`, `2G`, `1048576`: a size in bytes with an optional binary suffix.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 2G"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
 pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
+    let blocks = match (&args.blocks, args.num_blocks, args.max_memory) {
+        (Some(Blocks::Range(r)), None, _) => BlockChoice::Fixed(r.clone()),
+        (Some(Blocks::Auto), None, Some(max_memory_bytes)) => BlockChoice::Auto { max_memory_bytes },
+        (Some(Blocks::Auto), None, None) => anyhow::bail!("--blocks auto needs --max-memory (e.g. 512M)"),
+        (None, Some(n), _) => BlockChoice::Count(n),
+        _ => anyhow::bail!("say which blocks to serve: --blocks START..END, --num-blocks N, or --blocks auto --max-memory SIZE"),
+    };
     super::init_threads(args.threads)?;
     let config = JoinConfig {
         model: args.model,
-        blocks: args.blocks,
+        blocks,
+        rebalance_interval: (!args.no_rebalance)
+            .then(|| Duration::from_secs(args.rebalance_interval.max(1))),
+        rebalance_min_gain: args.rebalance_min_gain,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
         net: args.net.options(),
         max_sessions: args.max_sessions.max(1),
         cache_tokens: args.cache_tokens,

@@ -168,3 +168,27 @@ fn with_no_replacement_the_error_comes_within_the_bound() {
         "{stderr:?}"
     );
 }
+
+#[test]
+fn a_node_leaving_gracefully_mid_generation_costs_no_failed_step() {
+    let boot = bootstrap();
+    let _first = node("0..15", &boot);
+    let (mut b1, mut b2) = (node("15..30", &boot), node("15..30", &boot));
+    let run = start_client(&boot, &[]);
+    std::thread::sleep(Duration::from_millis(800));
+    let (victim, _spare) = in_route(&run, &mut b1, &mut b2);
+    victim.signal("-TERM");
+    let (out, stderr) = run.finish();
+    let v = super::json_of(&out);
+    assert!(v["reroutes"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["tokens"], local(PROMPT, TOKENS)["tokens"]);
+    // The node refused the next step with SHUTTING_DOWN: a clean hand-over, not a broken stream.
+    assert!(
+        stderr.iter().any(|l| l.contains("ShuttingDown")),
+        "{stderr:?}"
+    );
+    assert!(
+        victim.child.wait().unwrap().success(),
+        "SIGTERM must end the node cleanly"
+    );
+}

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,6 +14,8 @@ use super::{default_model, edge_node};
 pub struct Proc {
     pub child: Child,
     pub addr: String,
+    /// Every `serving blocks A..B` line the process printed, in order.
+    pub serving: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Proc {
@@ -34,10 +36,15 @@ pub fn spawn(args: &[&str]) -> Proc {
         .expect("spawn edge-node");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
+    let serving = Arc::new(Mutex::new(Vec::new()));
+    let sv = serving.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(addr) = line.strip_prefix("listening on ") {
                 let _ = tx.send(addr.to_string());
+            }
+            if let Some(r) = line.strip_prefix("serving blocks ") {
+                sv.lock().unwrap().push(r.to_string());
             }
         }
     });
@@ -48,7 +55,11 @@ pub fn spawn(args: &[&str]) -> Proc {
             Err(e) => panic!("edge-node {args:?} printed no listening address: {e}"),
         }
     };
-    Proc { child, addr }
+    Proc {
+        child,
+        addr,
+        serving,
+    }
 }
 
 pub fn bootstrap() -> Proc {
@@ -235,6 +246,7 @@ fn an_identity_file_keeps_the_peer_id_and_bootstrap_needs_no_peer_id() {
     let bare_boot = Proc {
         child: Command::new("true").spawn().unwrap(),
         addr: bare,
+        serving: Arc::default(),
     };
     let _n = node("0..30", &bare_boot);
     let prompt = "The capital of France is";
