@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Nodes of the benchmark swarm; the blocks are split evenly between them.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// With --swarm: measure recovery instead, killing a node after this many positions of
+    /// history (e.g. 100).
+    #[arg(long)]
+    pub recovery: Option<usize>,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
@@ -92,7 +96,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {
-        _ if args.swarm => super::bench_swarm::run(&args, threads, args.nodes)?,
+        _ if args.swarm => match args.recovery {
+            Some(history) => super::bench_swarm::recovery(&args, threads, history.max(2))?,
+            None => super::bench_swarm::run(&args, threads, args.nodes)?,
+        },
         None => bench_full(&args, threads)?,
         Some(range) => bench_slice(&args, threads, range)?,
     };

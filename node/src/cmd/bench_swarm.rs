@@ -204,3 +204,103 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
         "bootstrap_peak_rss_mib": peak_rss_mib(boot.child.id()),
     }))
 }
+
+/// Recovery time: a generation with `history` positions behind it loses the node serving its
+/// second span (`kill -9`); measured from the kill to the next token's logits, which includes
+/// noticing the failure, finding the spare, and replaying the history there.
+pub fn recovery(
+    args: &BenchArgs,
+    threads: usize,
+    history: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let model_path = args.model.to_string_lossy().into_owned();
+    let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
+    let spec = client_model.spec.clone();
+    let half = spec.block_count / 2;
+    let boot = spawn(
+        &["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"].map(String::from),
+        None,
+    )?;
+    let join = |r: Range<usize>| {
+        let a = [
+            "join",
+            "--model",
+            &model_path,
+            "--blocks",
+            &format!("{}..{}", r.start, r.end),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            &boot.addr,
+            "--no-mdns",
+            "--threads",
+            &threads.to_string(),
+        ]
+        .map(String::from);
+        spawn(&a, Some(r))
+    };
+    let _first = join(0..half)?;
+    let mut spares = vec![join(half..spec.block_count)?, join(half..spec.block_count)?];
+    let rt = super::runtime()?;
+    let client = rt.block_on(SwarmClient::connect(ClientConfig {
+        bootstrap: vec![boot.addr.parse()?],
+        discovery_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    }))?;
+    let prompt_len = history.saturating_sub(10).max(1);
+    let tokenizer = &client_model.tokenizer;
+    let prompt = super::bench::prompt_of(tokenizer, prompt_len)?;
+    let (mut recoveries, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let (recovery_ms, step_ms) = rt.block_on(async {
+            let mut session = client
+                .open_session(&client_model, (history + 8) as u32)
+                .await?;
+            let x = client_model.embedding.embed(&prompt)?;
+            let y = session.forward(x, 0).await?;
+            let mut next = argmax(client_model.head.last_logits(&y)?.iter().copied());
+            let mut pos = prompt.len();
+            let t = Instant::now();
+            while pos < history {
+                let y = session
+                    .forward(client_model.embedding.embed(&[next])?, pos as u32)
+                    .await?;
+                next = argmax(client_model.head.last_logits(&y)?.iter().copied());
+                pos += 1;
+            }
+            let step_ms = t.elapsed().as_secs_f64() * 1e3 / (history - prompt.len()).max(1) as f64;
+            let route = session.route();
+            let victim = spares
+                .iter()
+                .position(|p| route.iter().any(|h| p.addr.ends_with(&h.peer)))
+                .context("no spare node is in the route")?;
+            let mut dead = spares.remove(victim);
+            let killed = Instant::now();
+            dead.child.kill()?;
+            let y = session
+                .forward(client_model.embedding.embed(&[next])?, pos as u32)
+                .await?;
+            client_model.head.last_logits(&y)?;
+            let recovery_ms = killed.elapsed().as_secs_f64() * 1e3;
+            anyhow::ensure!(session.reroutes() >= 1, "the kill was not noticed");
+            session.close().await;
+            drop(dead);
+            anyhow::Ok((recovery_ms, step_ms))
+        })?;
+        recoveries.push(recovery_ms);
+        steps.push(step_ms);
+        // Put a spare back for the next round.
+        spares.push(join(half..spec.block_count)?);
+    }
+    drop(client);
+    Ok(serde_json::json!({
+        "engine": "edge-swarm",
+        "mode": "recovery",
+        "history_tokens": history,
+        "threads": threads,
+        "repeats": args.repeats,
+        "recovery_ms": recoveries,
+        "recovery_ms_median": median(recoveries.clone()),
+        "decode_step_ms_median": median(steps),
+    }))
+}
