@@ -69,6 +69,8 @@ pub struct JoinConfig {
     pub rebalance_min_gain: f64,
     /// How long a leaving node waits for its sessions to move elsewhere.
     pub drain_timeout: Duration,
+    /// Touched on every announcement while serving, for container health checks.
+    pub health_file: Option<PathBuf>,
 }
 
 fn keypair(path: &Option<PathBuf>) -> Result<Keypair, JoinError> {
@@ -142,7 +144,19 @@ impl Announcer {
         free_cache_tokens: u64,
     ) {
         let now = now_ms();
-        let addrs = self.addrs.lock().map(|v| v.clone()).unwrap_or_default();
+        let mut addrs = self.addrs.lock().map(|v| v.clone()).unwrap_or_default();
+        // Another host dialing our loopback address would reach itself; announce loopback only
+        // when there is nothing else (a swarm on one machine).
+        let routable = |a: &Multiaddr| {
+            !a.iter().any(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+                libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+                _ => false,
+            })
+        };
+        if addrs.iter().any(routable) {
+            addrs.retain(routable);
+        }
         let record = ServerRecord {
             peer_id: self.net.peer_id().to_bytes(),
             addrs: addrs.iter().map(|a| a.to_vec()).collect(),
@@ -284,6 +298,14 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
     Ok(())
 }
 
+fn touch(path: &Option<PathBuf>) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::write(p, now_ms().to_string()) {
+            tracing::warn!("cannot write health file {}: {e}", p.display());
+        }
+    }
+}
+
 /// A node's fixed costs besides block weights and KV cache (runtime, GGUF header, buffers).
 const MEMORY_OVERHEAD_BYTES: u64 = 64 << 20;
 
@@ -368,6 +390,7 @@ async fn serve_range(
             _ = shutdown.cancelled() => break Outcome::Shutdown,
             _ = refresh.tick() => {
                 announcer.announce(range, ServerState::Online, speed, compute.free_cache_tokens()).await;
+                touch(&config.health_file);
             }
             _ = tokio::time::sleep_until(check_at), if config.rebalance_interval.is_some() => {
                 check_at = next_check(config.rebalance_interval.unwrap_or(far));

@@ -29,6 +29,8 @@ enum Command {
     Join(cmd::join::JoinArgs),
     /// Run a peer that hosts no blocks, for others to find the swarm through.
     Bootstrap(cmd::join::BootstrapArgs),
+    /// Check that a local node is serving (for container health checks).
+    Health(cmd::join::HealthArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Join(args) => cmd::join::run_join_cmd(args),
         Command::Bootstrap(args) => cmd::join::run_bootstrap_cmd(args),
+        Command::Health(args) => cmd::join::run_health_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -98,6 +98,10 @@ enum Command {
         peer: PeerId,
         reply: oneshot::Sender<Option<Duration>>,
     },
+    /// Connects to peers not yet connected, so ping measures their round-trip time.
+    Probe {
+        peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -206,6 +210,11 @@ impl NetHandle {
             .flatten()
     }
 
+    /// Starts connections to `peers` (ping then measures them) without waiting for them.
+    pub async fn probe(&self, peers: Vec<(PeerId, Vec<Multiaddr>)>) {
+        let _ = self.tx.send(Command::Probe { peers }).await;
+    }
+
     pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.ask(|reply| Command::ListenAddrs { reply })
             .await
@@ -306,6 +315,7 @@ pub fn start(
         pending_dial: HashMap::new(),
         rtts: HashMap::new(),
         bootstrapped: false,
+        bootstrap: config.bootstrap.clone(),
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok(Network {
@@ -327,11 +337,14 @@ struct EventLoop {
     pending_dial: HashMap<PeerId, Vec<DialWaiter>>,
     rtts: HashMap<PeerId, Duration>,
     bootstrapped: bool,
+    /// Dialled again whenever this peer has lost every connection (Wi-Fi gone, network cut).
+    bootstrap: Vec<Multiaddr>,
 }
 
 impl EventLoop {
     async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut reconnect = tokio::time::interval(Duration::from_secs(3));
         let mut expiry = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
@@ -341,6 +354,13 @@ impl EventLoop {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.event(event),
+                _ = reconnect.tick() => {
+                    if self.swarm.connected_peers().next().is_none() {
+                        for addr in self.bootstrap.clone() {
+                            let _ = self.swarm.dial(addr);
+                        }
+                    }
+                }
                 _ = tick.tick() => {
                     // Keep the routing table fresh; harmless when nobody is known yet.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -404,6 +424,16 @@ impl EventLoop {
                             peer: peer.to_string(),
                             reason: e.to_string(),
                         }));
+                    }
+                }
+            }
+            Command::Probe { peers } => {
+                for (peer, addrs) in peers {
+                    if !self.swarm.is_connected(&peer) && !addrs.is_empty() {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                            .addresses(addrs)
+                            .build();
+                        let _ = self.swarm.dial(opts);
                     }
                 }
             }

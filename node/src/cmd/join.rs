@@ -52,6 +52,33 @@ pub struct JoinArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// File touched on every announcement while serving (for `edge-node health`).
+    #[arg(long, value_name = "FILE")]
+    pub health_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The node's --health-file.
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Healthy when the file was written at most this many seconds ago.
+    #[arg(long, default_value_t = 30)]
+    pub max_age: u64,
+}
+
+/// Exit 0 when the node behind `--file` announced itself recently (container health checks;
+/// works in an image that has no shell).
+pub fn run_health_cmd(args: HealthArgs) -> anyhow::Result<()> {
+    let age = std::fs::metadata(&args.file)
+        .and_then(|m| m.modified())
+        .map_err(|e| anyhow::anyhow!("node not serving yet ({}: {e})", args.file.display()))?
+        .elapsed()
+        .unwrap_or_default();
+    if age > Duration::from_secs(args.max_age) {
+        anyhow::bail!("node silent for {:.0} s", age.as_secs_f64());
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +136,7 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(args.rebalance_interval.max(1))),
         rebalance_min_gain: args.rebalance_min_gain,
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        health_file: args.health_file,
         net: args.net.options(),
         max_sessions: args.max_sessions.max(1),
         cache_tokens: args.cache_tokens,

@@ -1,0 +1,482 @@
+//! Fault scenarios against the docker-compose home cluster (deploy/docker-compose.yml).
+//!
+//! `cargo run --release -p simulations --bin compose-scenarios -- NAME|all` builds the image and
+//! starts the cluster when needed, runs the scenario(s), prints PASS or FAIL with the measured
+//! figures, and always removes its containers and network. Every scenario compares the swarm's
+//! greedy tokens with a local run of the same model in the same image.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+const PROJECT: &str = "edgeswarm-scenarios";
+const MODEL: &str = "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const PROMPT: &str = "Once upon a time, in a small village by the sea,";
+const NODES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
+const SCENARIOS: [&str; 5] = [
+    "steady",
+    "node-loss",
+    "partition",
+    "slow-link",
+    "rolling-restart",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// `docker compose` (plugin) when present, else the standalone `docker-compose`.
+fn compose() -> Command {
+    let plugin = Command::new("docker")
+        .args(["compose", "version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut c = if plugin {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    };
+    c.current_dir(root().join("deploy"))
+        .args(["-p", PROJECT, "-f", "docker-compose.yml"]);
+    c
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn container(service: &str) -> anyhow::Result<String> {
+    let id = run(compose().args(["ps", "-q", service]))?;
+    id.lines()
+        .next()
+        .map(str::to_string)
+        .context(format!("{service} has no container"))
+}
+
+fn docker(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("docker").args(args))
+}
+
+/// Removes the cluster whatever happens (also when a scenario panics or fails).
+struct Cluster;
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = compose()
+            .args(["down", "-v", "--remove-orphans"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Cluster {
+    fn start() -> anyhow::Result<Self> {
+        run(Command::new("bash").arg(root().join("scripts/fetch-model.sh")))?;
+        if docker(&["image", "inspect", "edge-swarm/edge-node:latest"]).is_err() {
+            println!("building the edge-node image...");
+            run(Command::new("bash").arg(root().join("deploy/build-image.sh")))?;
+        }
+        let _ = compose().args(["down", "-v", "--remove-orphans"]).output();
+        let cluster = Cluster;
+        run(compose().args(["up", "-d"]))?;
+        cluster.wait_healthy(&NODES)?;
+        Ok(cluster)
+    }
+
+    fn wait_healthy(&self, services: &[&str]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for s in services {
+            loop {
+                let id = container(s)?;
+                let state =
+                    docker(&["inspect", "-f", "{{.State.Health.Status}}", &id]).unwrap_or_default();
+                if state.trim() == "healthy" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{s} did not become healthy within 120 s (state {})",
+                        state.trim()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        Ok(())
+    }
+
+    /// Peer id of a node, from its `listening on` line.
+    fn peer_id(&self, service: &str) -> anyhow::Result<String> {
+        let logs = run(compose().args(["logs", "--no-color", service]))?;
+        logs.lines()
+            .filter_map(|l| l.split("/p2p/").nth(1))
+            .map(|p| p.trim().to_string())
+            .next()
+            .context(format!("{service} printed no peer id"))
+    }
+}
+
+/// A generation running in a one-off client container.
+struct Generation {
+    child: std::process::Child,
+    route: mpsc::Receiver<String>,
+    log: std::thread::JoinHandle<Vec<String>>,
+}
+
+fn generate(extra: &[&str], tokens: usize) -> anyhow::Result<Generation> {
+    let tokens = tokens.to_string();
+    let mut args = vec![
+        "run",
+        "--rm",
+        "-T",
+        "-e",
+        "RUST_LOG=info",
+        "client",
+        "generate",
+        "--model",
+        MODEL,
+    ];
+    args.extend(["--prompt", PROMPT, "--max-new-tokens", &tokens, "--json"]);
+    args.extend(extra);
+    let mut child = compose()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("client stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("route: ") {
+                let _ = tx.send(line.clone());
+            }
+            all.push(line);
+        }
+        all
+    });
+    Ok(Generation {
+        child,
+        route: rx,
+        log,
+    })
+}
+
+impl Generation {
+    fn route_line(&self) -> anyhow::Result<String> {
+        self.route
+            .recv_timeout(Duration::from_secs(90))
+            .context("the client never found a route")
+    }
+
+    fn finish(self) -> anyhow::Result<(Value, Vec<String>)> {
+        let out = self.child.wait_with_output()?;
+        let log = self.log.join().unwrap_or_default();
+        if !out.status.success() {
+            bail!(
+                "generation failed: {}",
+                log.last().cloned().unwrap_or_default()
+            );
+        }
+        let json = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(json.trim()).context("client printed no JSON")?;
+        Ok((v, log))
+    }
+}
+
+const SWARM: [&str; 8] = [
+    "--bootstrap",
+    "/dns4/bootstrap/tcp/31330",
+    "--step-timeout",
+    "3",
+    "--discovery-timeout",
+    "40",
+    "--connect-timeout",
+    "3",
+];
+
+fn reference(tokens: usize) -> anyhow::Result<Value> {
+    Ok(generate(&["--local"], tokens)?.finish()?.0)
+}
+
+fn same_tokens(a: &Value, b: &Value) -> bool {
+    a["tokens"] == b["tokens"] && a["tokens"].as_array().is_some_and(|t| !t.is_empty())
+}
+
+/// Which of the 15..30 nodes the running generation uses.
+fn second_half_in_route(cluster: &Cluster, route: &str) -> anyhow::Result<&'static str> {
+    for s in ["node-b", "node-d"] {
+        if route.contains(&cluster.peer_id(s)?) {
+            return Ok(s);
+        }
+    }
+    bail!("neither node-b nor node-d is in the route: {route}")
+}
+
+fn recovery_ms(log: &[String]) -> Option<String> {
+    log.iter()
+        .find_map(|l| l.split(" rerouted in ").nth(1))
+        .and_then(|r| r.split(" ms").next())
+        .map(str::to_string)
+}
+
+type Outcome = anyhow::Result<String>;
+
+fn steady(_: &Cluster, reference: &Value) -> Outcome {
+    let (v, _) = generate(&SWARM, 300)?.finish()?;
+    anyhow::ensure!(
+        same_tokens(&v, reference),
+        "tokens differ from the local run"
+    );
+    Ok(format!(
+        "300 tokens identical to local, {:.1} tokens/s",
+        v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+    ))
+}
+
+fn node_loss(cluster: &Cluster, reference: &Value) -> Outcome {
+    let g = generate(&SWARM, 300)?;
+    let victim = second_half_in_route(cluster, &g.route_line()?)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    docker(&["kill", &container(victim)?])?;
+    let (v, log) = g.finish()?;
+    let reroutes = v["reroutes"].as_u64().unwrap_or(0);
+    run(compose().args(["up", "-d", victim]))?;
+    cluster.wait_healthy(&[victim])?;
+    anyhow::ensure!(reroutes >= 1, "the kill of {victim} went unnoticed");
+    anyhow::ensure!(
+        same_tokens(&v, reference),
+        "tokens differ after the reroute"
+    );
+    Ok(format!(
+        "docker kill {victim}: identical tokens, {reroutes} reroute(s), recovery {} ms",
+        recovery_ms(&log).unwrap_or_else(|| "?".into())
+    ))
+}
+
+fn network_name() -> String {
+    format!("{}_swarm", PROJECT.replace('-', ""))
+}
+
+fn network_of(id: &str) -> anyhow::Result<String> {
+    let nets = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+        id,
+    ])?;
+    Ok(nets
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .unwrap_or_else(network_name))
+}
+
+fn partition(cluster: &Cluster, reference: &Value) -> Outcome {
+    let g = generate(&SWARM, 300)?;
+    let victim = second_half_in_route(cluster, &g.route_line()?)?;
+    let other = if victim == "node-b" {
+        "node-d"
+    } else {
+        "node-b"
+    };
+    let id = container(victim)?;
+    let net = network_of(&id)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    docker(&["network", "disconnect", &net, &id])?;
+    let (v, log) = g.finish()?;
+    anyhow::ensure!(
+        v["reroutes"].as_u64().unwrap_or(0) >= 1,
+        "the partition went unnoticed"
+    );
+    anyhow::ensure!(
+        same_tokens(&v, reference),
+        "tokens differ after the partition"
+    );
+    let recovery = recovery_ms(&log).unwrap_or_else(|| "?".into());
+    // Reconnected, it must serve again: with its twin stopped it is the only way through.
+    docker(&["network", "connect", &net, &id])?;
+    std::thread::sleep(Duration::from_secs(8));
+    docker(&["stop", "-t", "15", &container(other)?])?;
+    let again = generate(&SWARM, 16)?;
+    let route = again.route_line()?;
+    let (v2, _) = again.finish()?;
+    run(compose().args(["up", "-d", other]))?;
+    cluster.wait_healthy(&[other])?;
+    anyhow::ensure!(
+        route.contains(&cluster.peer_id(victim)?),
+        "{victim} was not used again after reconnecting"
+    );
+    anyhow::ensure!(
+        v2["tokens"].as_array().map(Vec::len) == Some(16),
+        "no generation through the reconnected node"
+    );
+    Ok(format!("{victim} cut off: identical tokens (step timeout 3 s, recovery {recovery} ms); reconnected and used again"))
+}
+
+/// One-way delay on a container's interface with tc netem, applied from the host inside the
+/// container's network namespace (the image has no tc of its own).
+fn netem(id: &str, delay_ms: u32) -> anyhow::Result<()> {
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", id])?;
+    run(Command::new("nsenter")
+        .args([
+            "-t",
+            pid.trim(),
+            "-n",
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+            "root",
+            "netem",
+            "delay",
+        ])
+        .arg(format!("{delay_ms}ms")))?;
+    Ok(())
+}
+
+fn slow_link(cluster: &Cluster, reference: &Value) -> Outcome {
+    let slow = "node-d";
+    let id = container(slow)?;
+    netem(&id, 100)?;
+    let result = (|| {
+        let g = generate(&SWARM, 64)?;
+        let route = g.route_line()?;
+        let (v, _) = g.finish()?;
+        anyhow::ensure!(
+            !route.contains(&cluster.peer_id(slow)?),
+            "the route uses the slow node: {route}"
+        );
+        anyhow::ensure!(
+            v["tokens"].as_array().map(Vec::len) == Some(64),
+            "short output"
+        );
+        anyhow::ensure!(
+            v["tokens"].as_array().unwrap_or(&vec![])[..]
+                == reference["tokens"].as_array().unwrap_or(&vec![])[..64],
+            "tokens differ"
+        );
+        Ok(format!(
+            "100 ms added on {slow}: routed around it, {:.1} tokens/s",
+            v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+        ))
+    })();
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &id])?;
+    let _ = Command::new("nsenter")
+        .args([
+            "-t",
+            pid.trim(),
+            "-n",
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            "eth0",
+            "root",
+        ])
+        .status();
+    result
+}
+
+fn rolling_restart(cluster: &Cluster, reference: &Value) -> Outcome {
+    let (tx, rx) = mpsc::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let reference2 = reference.clone();
+    let load = std::thread::spawn(move || {
+        let mut done = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && done < 40 {
+            let r = generate(&SWARM, 120)
+                .and_then(|g| g.finish())
+                .map(|(v, _)| {
+                    v["tokens"].as_array().unwrap_or(&vec![])[..]
+                        == reference2["tokens"].as_array().unwrap_or(&vec![])[..120]
+                });
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+            done += 1;
+        }
+    });
+    for s in NODES {
+        docker(&["restart", "-t", "15", &container(s)?])?;
+        cluster.wait_healthy(&[s])?;
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = load.join();
+    let results: Vec<Result<bool, String>> = rx.try_iter().collect();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let wrong = results.iter().filter(|r| matches!(r, Ok(false))).count();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} generations failed, e.g. {}",
+        failed.len(),
+        results.len(),
+        failed[0]
+    );
+    anyhow::ensure!(wrong == 0, "{wrong} generations differ from the local run");
+    anyhow::ensure!(
+        results.len() >= 2,
+        "too few generations ran during the restarts"
+    );
+    Ok(format!(
+        "4 nodes restarted one by one; {} generations meanwhile, none failed, all identical",
+        results.len()
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    let name = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let names: Vec<&str> = if name == "all" {
+        SCENARIOS.to_vec()
+    } else if let Some(n) = SCENARIOS.iter().find(|s| **s == name) {
+        vec![*n]
+    } else {
+        bail!("unknown scenario `{name}`; one of {SCENARIOS:?} or all");
+    };
+    let cluster = Cluster::start()?;
+    let reference = reference(300)?;
+    let mut failures = 0;
+    for n in names {
+        let started = Instant::now();
+        let outcome = match n {
+            "steady" => steady(&cluster, &reference),
+            "node-loss" => node_loss(&cluster, &reference),
+            "partition" => partition(&cluster, &reference),
+            "slow-link" => slow_link(&cluster, &reference),
+            _ => rolling_restart(&cluster, &reference),
+        };
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(figures) => println!("PASS {n} ({secs:.0} s): {figures}"),
+            Err(e) => {
+                failures += 1;
+                println!("FAIL {n} ({secs:.0} s): {e:#}");
+            }
+        }
+    }
+    drop(cluster);
+    if failures > 0 {
+        bail!("{failures} scenario(s) failed");
+    }
+    Ok(())
+}
