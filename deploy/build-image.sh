@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 
 IMAGE=${EDGE_IMAGE:-edge-swarm/edge-node:latest}
 CPU=${EDGE_TARGET_CPU:-}
-if [ -n "$CPU" ]; then
+if [ "${EDGE_PROFILE:-release}" = debug ]; then
+  # The test build: dependencies and the model crate are optimised in it as well.
+  cargo build -p node --bin edge-node
+  BIN=target/debug/edge-node
+elif [ -n "$CPU" ]; then
   # A different target CPU gets its own target dir, so local builds are not thrown away.
   RUSTFLAGS="-C target-cpu=$CPU" cargo build --release -p node --bin edge-node --target-dir "target/cpu-$CPU"
   BIN="target/cpu-$CPU/release/edge-node"

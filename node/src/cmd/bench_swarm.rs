@@ -64,6 +64,40 @@ fn spawn(args: &[String], blocks: Option<Range<usize>>) -> anyhow::Result<Peer> 
     Ok(peer)
 }
 
+fn spawn_bootstrap() -> anyhow::Result<Peer> {
+    spawn(
+        &["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"].map(String::from),
+        None,
+    )
+}
+
+/// A node serving `blocks` on 127.0.0.1, joined through `boot`.
+fn spawn_node(
+    model: &str,
+    blocks: Range<usize>,
+    boot: &Peer,
+    threads: usize,
+) -> anyhow::Result<Peer> {
+    let range = format!("{}..{}", blocks.start, blocks.end);
+    let threads = threads.to_string();
+    let args = [
+        "join",
+        "--model",
+        model,
+        "--blocks",
+        &range,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--bootstrap",
+        &boot.addr,
+        "--no-mdns",
+        "--threads",
+        &threads,
+    ]
+    .map(String::from);
+    spawn(&args, Some(blocks))
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -97,29 +131,11 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     let prompt = prompt_of(&local.tokenizer, args.prompt_tokens)?;
     let max_len = args.prompt_tokens + args.gen_tokens;
 
-    let boot = spawn(
-        &["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"].map(String::from),
-        None,
-    )?;
+    let boot = spawn_bootstrap()?;
     let mut peers = Vec::new();
     for i in 0..nodes {
         let r = spec.block_count * i / nodes..spec.block_count * (i + 1) / nodes;
-        let a = [
-            "join",
-            "--model",
-            &model_path,
-            "--blocks",
-            &format!("{}..{}", r.start, r.end),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap",
-            &boot.addr,
-            "--no-mdns",
-            "--threads",
-            &threads.to_string(),
-        ]
-        .map(String::from);
-        peers.push(spawn(&a, Some(r))?);
+        peers.push(spawn_node(&model_path, r, &boot, threads)?);
     }
 
     let rt = super::runtime()?;
@@ -217,28 +233,8 @@ pub fn recovery(
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
     let spec = client_model.spec.clone();
     let half = spec.block_count / 2;
-    let boot = spawn(
-        &["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"].map(String::from),
-        None,
-    )?;
-    let join = |r: Range<usize>| {
-        let a = [
-            "join",
-            "--model",
-            &model_path,
-            "--blocks",
-            &format!("{}..{}", r.start, r.end),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap",
-            &boot.addr,
-            "--no-mdns",
-            "--threads",
-            &threads.to_string(),
-        ]
-        .map(String::from);
-        spawn(&a, Some(r))
-    };
+    let boot = spawn_bootstrap()?;
+    let join = |r: Range<usize>| spawn_node(&model_path, r, &boot, threads);
     let _first = join(0..half)?;
     let mut spares = vec![join(half..spec.block_count)?, join(half..spec.block_count)?];
     let rt = super::runtime()?;

@@ -65,30 +65,22 @@ impl Running {
     }
 }
 
-/// Of two processes serving the same blocks, the one the running client uses.
-fn in_route<'a>(run: &Running, a: &'a mut Proc, b: &'a mut Proc) -> (&'a mut Proc, &'a mut Proc) {
-    if run.uses(a) {
-        (a, b)
-    } else {
-        assert!(
-            run.uses(b),
-            "neither duplicate is in the route: {}",
-            run.route_line
-        );
-        (b, a)
-    }
-}
-
-#[test]
-fn kill_9_mid_generation_reroutes_with_identical_tokens() {
+/// The swarm the fault tests share: one node for 0..15, two for 15..30. A client generates
+/// while `signal` hits whichever of the two it uses; the generation must complete with the
+/// local tokens after at least one reroute. Returns the output, the client's log and the victim.
+fn survive(signal: &str, client_args: &[&str]) -> (Value, Vec<String>, Proc) {
     let boot = bootstrap();
     let _first = node("0..15", &boot);
-    let (mut b1, mut b2) = (node("15..30", &boot), node("15..30", &boot));
-    let run = start_client(&boot, &[]);
+    let mut spares = vec![node("15..30", &boot), node("15..30", &boot)];
+    let run = start_client(&boot, client_args);
     std::thread::sleep(Duration::from_millis(800));
-    let (victim, _spare) = in_route(&run, &mut b1, &mut b2);
-    victim.signal("-KILL");
-    let (out, _) = run.finish();
+    let i = spares
+        .iter()
+        .position(|p| run.uses(p))
+        .expect("a 15..30 node is in the route");
+    let victim = spares.swap_remove(i);
+    victim.signal(signal);
+    let (out, log) = run.finish();
     let v = super::json_of(&out);
     assert!(
         v["reroutes"].as_u64().unwrap() >= 1,
@@ -99,23 +91,19 @@ fn kill_9_mid_generation_reroutes_with_identical_tokens() {
         local(PROMPT, TOKENS)["tokens"],
         "tokens changed after the reroute"
     );
+    (v, log, victim)
+}
+
+#[test]
+fn kill_9_mid_generation_reroutes_with_identical_tokens() {
+    let (v, _, _) = survive("-KILL", &[]);
     assert_eq!(route_of(&v).concat(), "0..1515..30");
 }
 
 #[test]
 fn a_frozen_node_is_detected_by_timeout_and_routed_around() {
-    let boot = bootstrap();
-    let _first = node("0..15", &boot);
-    let (mut b1, mut b2) = (node("15..30", &boot), node("15..30", &boot));
-    let run = start_client(&boot, &["--step-timeout", "2"]);
-    std::thread::sleep(Duration::from_millis(800));
-    let (victim, _spare) = in_route(&run, &mut b1, &mut b2);
-    victim.signal("-STOP");
     let started = Instant::now();
-    let (out, _) = run.finish();
-    let v = super::json_of(&out);
-    assert!(v["reroutes"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["tokens"], local(PROMPT, TOKENS)["tokens"]);
+    let (_, _, victim) = survive("-STOP", &["--step-timeout", "2"]);
     assert!(started.elapsed() < Duration::from_secs(60));
     victim.signal("-CONT");
 }
@@ -171,22 +159,9 @@ fn with_no_replacement_the_error_comes_within_the_bound() {
 
 #[test]
 fn a_node_leaving_gracefully_mid_generation_costs_no_failed_step() {
-    let boot = bootstrap();
-    let _first = node("0..15", &boot);
-    let (mut b1, mut b2) = (node("15..30", &boot), node("15..30", &boot));
-    let run = start_client(&boot, &[]);
-    std::thread::sleep(Duration::from_millis(800));
-    let (victim, _spare) = in_route(&run, &mut b1, &mut b2);
-    victim.signal("-TERM");
-    let (out, stderr) = run.finish();
-    let v = super::json_of(&out);
-    assert!(v["reroutes"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["tokens"], local(PROMPT, TOKENS)["tokens"]);
+    let (_, log, mut victim) = survive("-TERM", &[]);
     // The node refused the next step with SHUTTING_DOWN: a clean hand-over, not a broken stream.
-    assert!(
-        stderr.iter().any(|l| l.contains("ShuttingDown")),
-        "{stderr:?}"
-    );
+    assert!(log.iter().any(|l| l.contains("ShuttingDown")), "{log:?}");
     assert!(
         victim.child.wait().unwrap().success(),
         "SIGTERM must end the node cleanly"

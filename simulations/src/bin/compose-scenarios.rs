@@ -333,32 +333,19 @@ fn partition(cluster: &Cluster, reference: &Value) -> Outcome {
     Ok(format!("{victim} cut off: identical tokens (step timeout 3 s, recovery {recovery} ms); reconnected and used again"))
 }
 
-/// One-way delay on a container's interface with tc netem, applied from the host inside the
-/// container's network namespace (the image has no tc of its own).
-fn netem(id: &str, delay_ms: u32) -> anyhow::Result<()> {
-    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", id])?;
-    run(Command::new("nsenter")
-        .args([
-            "-t",
-            pid.trim(),
-            "-n",
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            "eth0",
-            "root",
-            "netem",
-            "delay",
-        ])
-        .arg(format!("{delay_ms}ms")))?;
+/// Shapes a container's link with a named profile (shared with the simulator) through
+/// deploy/netem.sh; `clear` removes it.
+fn netem(profile: &str, id: &str) -> anyhow::Result<()> {
+    run(Command::new("bash")
+        .arg(root().join("deploy/netem.sh"))
+        .args([profile, id]))?;
     Ok(())
 }
 
 fn slow_link(cluster: &Cluster, reference: &Value) -> Outcome {
     let slow = "node-d";
     let id = container(slow)?;
-    netem(&id, 100)?;
+    netem("wan-100ms", &id)?;
     let result = (|| {
         let g = generate(&SWARM, 64)?;
         let route = g.route_line()?;
@@ -377,24 +364,11 @@ fn slow_link(cluster: &Cluster, reference: &Value) -> Outcome {
             "tokens differ"
         );
         Ok(format!(
-            "100 ms added on {slow}: routed around it, {:.1} tokens/s",
+            "wan-100ms link on {slow}: routed around it, {:.1} tokens/s",
             v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
         ))
     })();
-    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &id])?;
-    let _ = Command::new("nsenter")
-        .args([
-            "-t",
-            pid.trim(),
-            "-n",
-            "tc",
-            "qdisc",
-            "del",
-            "dev",
-            "eth0",
-            "root",
-        ])
-        .status();
+    let _ = netem("clear", &id);
     result
 }
 
