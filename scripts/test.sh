@@ -6,3 +6,13 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# Fault scenarios against the docker-compose cluster, where a Docker engine is reachable. The
+# image is made from the test build (dependencies and model math are optimised there too), so
+# no second, release build is needed here.
+if docker info >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1; then
+  EDGE_PROFILE=debug bash deploy/build-image.sh
+  cargo run --locked -p simulations --bin compose-scenarios -- all
+else
+  echo "compose scenarios SKIPPED: no Docker engine reachable (or no nsenter) on this machine"
+fi

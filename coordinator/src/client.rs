@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery::{self, Server};
 use crate::generate::{Forward, GenerateError};
 use crate::net::{self, NetConfig, NetError, NetHandle};
-use crate::session::{Bans, InferenceSession, RouteError, Router, Timeouts};
+use crate::session::{Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -154,13 +154,19 @@ impl SwarmClient {
 
     /// What sessions of `model` use to find, open and replace peers.
     pub fn router(&self, model: &ClientModel) -> Arc<Router> {
+        let block_count = model.spec.block_count as u32;
         Arc::new(Router {
-            net: self.net.clone(),
+            network: Libp2pNetwork {
+                net: self.net.clone(),
+                fingerprint: model.fingerprint,
+                block_count,
+                dim: model.spec.embedding_length,
+                dtype: self.config.wire_dtype,
+                timeouts: self.config.timeouts,
+            },
             fingerprint: model.fingerprint,
-            block_count: model.spec.block_count as u32,
+            block_count,
             dim: model.spec.embedding_length,
-            dtype: self.config.wire_dtype,
-            timeouts: self.config.timeouts,
             discovery_timeout: self.config.discovery_timeout,
             bans: self.bans.clone(),
         })

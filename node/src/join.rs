@@ -44,6 +44,9 @@ pub struct NetOptions {
     pub bootstrap: Vec<Multiaddr>,
     pub identity: Option<PathBuf>,
     pub mdns: bool,
+    /// Addresses others should dial instead of the ones we listen on (a port forward, a
+    /// proxy); announced in place of the listening addresses when given.
+    pub external: Vec<Multiaddr>,
 }
 
 /// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as
@@ -104,6 +107,11 @@ fn start_network(
     shutdown: &CancellationToken,
 ) -> Result<(NetHandle, ListenAddrs), JoinError> {
     let (addrs, on_listen) = print_listen();
+    let announced = if opts.external.is_empty() {
+        addrs
+    } else {
+        Arc::new(Mutex::new(opts.external.clone()))
+    };
     let network = net::start(
         NetConfig {
             keypair: keypair(&opts.identity)?,
@@ -116,7 +124,7 @@ fn start_network(
         shutdown.clone(),
     )?;
     tracing::info!(peer = %network.handle.peer_id(), "network started");
-    Ok((network.handle, addrs))
+    Ok((network.handle, announced))
 }
 
 /// A peer that hosts no blocks: the swarm's meeting point.

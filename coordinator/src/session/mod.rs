@@ -9,6 +9,7 @@
 //! replacement's cache, and therefore the generated text, is identical to a run without failure.
 
 pub mod bans;
+pub mod network;
 pub mod span;
 
 use std::collections::HashMap;
@@ -19,16 +20,17 @@ use std::time::Duration;
 use libp2p::PeerId;
 use model::fingerprint::{short_hex, Fingerprint};
 use model::Hidden;
-use proto::v1::{Dtype, ServerState};
+use proto::v1::ServerState;
 use proto::ErrorAction;
 use serde::Serialize;
 
 pub use bans::Bans;
+pub use network::{Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
 
-use crate::discovery::{self, now_ms, Server};
-use crate::net::{NetError, NetHandle};
-use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
+use crate::discovery::Server;
+use crate::net::NetError;
+use crate::route::{PlanError, PlanRequest, ServerInfo, Span};
 
 /// One hop of a route as reported to users: which peer ran which blocks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -54,23 +56,23 @@ pub enum RouteError {
 }
 
 /// What a session needs to find and open peers, shared by the client and its sessions.
-pub struct Router {
-    pub net: NetHandle,
+/// Generic over the [`Network`] so that simulations run this same code.
+pub struct Router<N: Network = Libp2pNetwork> {
+    pub network: N,
     pub fingerprint: Fingerprint,
     pub block_count: u32,
     pub dim: usize,
-    pub dtype: Dtype,
-    pub timeouts: Timeouts,
     /// Bound on finding a complete route (at open, and again after each failure).
     pub discovery_timeout: Duration,
     pub bans: Arc<Mutex<Bans>>,
 }
 
-impl Router {
+impl<N: Network> Router<N> {
     fn ban(&self, peer: PeerId) {
+        let now = self.network.now_ms();
         if let Ok(mut b) = self.bans.lock() {
-            let until = b.ban(peer, now_ms());
-            tracing::info!(%peer, "banned for {:.1}s", (until.saturating_sub(now_ms())) as f64 / 1e3);
+            let until = b.ban(peer, now);
+            tracing::info!(%peer, "banned for {:.1}s", (until.saturating_sub(now)) as f64 / 1e3);
         }
     }
 
@@ -83,7 +85,7 @@ impl Router {
         deadline: tokio::time::Instant,
     ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
         loop {
-            let servers = discovery::lookup(&self.net, &self.fingerprint, self.block_count).await?;
+            let servers = self.network.lookup().await?;
             let mut infos = Vec::with_capacity(servers.len());
             for s in &servers {
                 infos.push(ServerInfo {
@@ -91,20 +93,27 @@ impl Router {
                     blocks: s.blocks.clone(),
                     online: s.state == ServerState::Online,
                     decode_ms_per_block: s.decode_ms_per_block,
-                    rtt_ms: self.net.rtt(s.peer).await.map(|d| d.as_secs_f32() * 1e3),
+                    rtt_ms: self
+                        .network
+                        .rtt(s.peer)
+                        .await
+                        .map(|d| d.as_secs_f32() * 1e3),
                     free_cache_tokens: s.free_cache_tokens,
                 });
+            }
+            for i in &infos {
+                tracing::debug!(peer = %i.peer, blocks = ?i.blocks, rtt_ms = ?i.rtt_ms, decode_ms = i.decode_ms_per_block, "candidate");
             }
             let banned: HashMap<PeerId, u64> =
                 self.bans.lock().map(|b| b.snapshot()).unwrap_or_default();
             let req = PlanRequest {
                 blocks: blocks.clone(),
                 cache_tokens,
-                now_ms: now_ms(),
+                now_ms: self.network.now_ms(),
                 banned_until_ms: &banned,
                 default_rtt_ms: 20.0,
             };
-            match plan_route(&infos, &req) {
+            match self.network.plan(&infos, &req) {
                 Ok(route) => return Ok((servers, route)),
                 Err(source) if tokio::time::Instant::now() >= deadline => {
                     return Err(RouteError::Plan {
@@ -126,7 +135,7 @@ impl Router {
         &self,
         blocks: Range<u32>,
         max_length: u32,
-    ) -> Result<Vec<SpanSession>, RouteError> {
+    ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
         let deadline = tokio::time::Instant::now() + self.discovery_timeout;
         loop {
             let (servers, route) = self
@@ -138,19 +147,16 @@ impl Router {
                 let Some(server) = servers.iter().find(|s| s.peer == hop.peer) else {
                     continue;
                 };
-                let opened = SpanSession::open(
-                    &self.net,
-                    server,
-                    hop.blocks.clone(),
-                    &self.fingerprint,
-                    self.dim,
-                    max_length,
-                    self.dtype,
-                    self.timeouts,
-                )
-                .await;
+                let opened = self
+                    .network
+                    .open(server, hop.blocks.clone(), max_length)
+                    .await;
                 match opened {
-                    Ok(s) => spans.push(s),
+                    Ok(session) => spans.push(OpenSpan {
+                        peer: hop.peer,
+                        blocks: hop.blocks.clone(),
+                        session,
+                    }),
                     Err(e) => {
                         failure = Some(e);
                         break;
@@ -160,7 +166,7 @@ impl Router {
             let Some(e) = failure else {
                 return Ok(spans);
             };
-            futures::future::join_all(spans.into_iter().map(SpanSession::close)).await;
+            self.close_all(spans).await;
             if e.action() == ErrorAction::GiveUp || tokio::time::Instant::now() >= deadline {
                 return Err(e.into());
             }
@@ -170,42 +176,53 @@ impl Router {
             }
         }
     }
+
+    async fn close_all(&self, spans: Vec<OpenSpan<N::Span>>) {
+        futures::future::join_all(spans.into_iter().map(|s| self.network.close(s.session))).await;
+    }
+}
+
+/// A session opened on one hop of a route.
+pub struct OpenSpan<S> {
+    pub peer: PeerId,
+    pub blocks: Range<u32>,
+    pub session: S,
 }
 
 /// A span of the route and the inputs it has been sent (positions `0..len`), kept for replay.
-struct SpanState {
-    session: SpanSession,
+struct SpanState<S> {
+    span: OpenSpan<S>,
     inputs: Vec<f32>,
 }
 
-impl SpanState {
+impl<S> SpanState<S> {
     fn record(&mut self, pos: u32, x: &Hidden) {
         self.inputs.truncate(pos as usize * x.dim);
         self.inputs.extend_from_slice(&x.data);
     }
 }
 
-pub struct InferenceSession {
-    router: Arc<Router>,
-    spans: Vec<SpanState>,
+pub struct InferenceSession<N: Network = Libp2pNetwork> {
+    router: Arc<Router<N>>,
+    spans: Vec<SpanState<N::Span>>,
     max_length: u32,
-    reroutes: usize,
+    recoveries: Vec<Duration>,
 }
 
-impl InferenceSession {
-    pub async fn open(router: Arc<Router>, max_length: u32) -> Result<Self, RouteError> {
+impl<N: Network> InferenceSession<N> {
+    pub async fn open(router: Arc<Router<N>>, max_length: u32) -> Result<Self, RouteError> {
         let spans = router.open(0..router.block_count, max_length).await?;
         Ok(Self {
             spans: spans
                 .into_iter()
-                .map(|session| SpanState {
-                    session,
+                .map(|span| SpanState {
+                    span,
                     inputs: Vec::new(),
                 })
                 .collect(),
             router,
             max_length,
-            reroutes: 0,
+            recoveries: Vec::new(),
         })
     }
 
@@ -213,24 +230,36 @@ impl InferenceSession {
         self.spans
             .iter()
             .map(|s| RouteHop {
-                peer: s.session.peer.to_string(),
-                blocks: format!("{}..{}", s.session.blocks.start, s.session.blocks.end),
+                peer: s.span.peer.to_string(),
+                blocks: format!("{}..{}", s.span.blocks.start, s.span.blocks.end),
             })
             .collect()
     }
 
     /// How many times a failed span was replaced.
     pub fn reroutes(&self) -> usize {
-        self.reroutes
+        self.recoveries.len()
+    }
+
+    /// How long each successful replacement took, from the failure to the replayed history;
+    /// what users wait on top of the step itself.
+    pub fn recoveries(&self) -> &[Duration] {
+        &self.recoveries
     }
 
     /// Runs positions `pos..pos + x.tokens` through the whole chain, replacing failed peers.
     pub async fn forward(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
         let mut i = 0;
         while i < self.spans.len() {
-            match self.spans[i].session.step(pos, &x).await {
+            let state = &mut self.spans[i];
+            match self
+                .router
+                .network
+                .step(&mut state.span.session, pos, &x)
+                .await
+            {
                 Ok(y) => {
-                    self.spans[i].record(pos, &x);
+                    state.record(pos, &x);
                     x = y;
                     i += 1;
                 }
@@ -245,15 +274,14 @@ impl InferenceSession {
     /// replays its history there. Bounded by the discovery timeout.
     async fn replace(&mut self, i: usize, error: SessionError) -> Result<(), RouteError> {
         let failed = self.spans.remove(i);
-        let blocks = failed.session.blocks.clone();
+        let blocks = failed.span.blocks.clone();
         tracing::warn!("{error}; rerouting blocks {}..{}", blocks.start, blocks.end);
-        self.router.ban(failed.session.peer);
-        self.reroutes += 1;
+        self.router.ban(failed.span.peer);
         let started = tokio::time::Instant::now();
         let deadline = started + self.router.discovery_timeout;
         let dim = self.router.dim;
         let history = failed.inputs;
-        drop(failed.session);
+        drop(failed.span);
         let mut last: RouteError = error.into();
         while tokio::time::Instant::now() < deadline {
             let spans = match self.router.open(blocks.clone(), self.max_length).await {
@@ -264,8 +292,9 @@ impl InferenceSession {
                     continue;
                 }
             };
-            match replay(spans, &history, dim).await {
+            match replay(&self.router.network, spans, &history, dim).await {
                 Ok(states) => {
+                    self.recoveries.push(started.elapsed());
                     tracing::info!(
                         "blocks {}..{} rerouted in {:.0} ms ({} positions replayed)",
                         blocks.start,
@@ -293,17 +322,19 @@ impl InferenceSession {
 
     /// Frees every span's cache on its peer (best effort, bounded).
     pub async fn close(self) {
-        futures::future::join_all(self.spans.into_iter().map(|s| s.session.close())).await;
+        let spans = self.spans.into_iter().map(|s| s.span).collect();
+        self.router.close_all(spans).await;
     }
 }
 
 /// Sends the kept inputs through the new spans in order, so each rebuilds its cache; each new
 /// span's own history is what it was just sent.
-async fn replay(
-    spans: Vec<SpanSession>,
+async fn replay<N: Network>(
+    network: &N,
+    spans: Vec<OpenSpan<N::Span>>,
     history: &[f32],
     dim: usize,
-) -> Result<Vec<SpanState>, SessionError> {
+) -> Result<Vec<SpanState<N::Span>>, SessionError> {
     let tokens = history.len() / dim;
     let mut x = Hidden {
         tokens,
@@ -311,12 +342,135 @@ async fn replay(
         data: history.to_vec(),
     };
     let mut states = Vec::with_capacity(spans.len());
-    for mut session in spans {
+    for mut span in spans {
         let inputs = x.data.clone();
         if tokens > 0 {
-            x = session.step(0, &x).await?;
+            x = network.step(&mut span.session, 0, &x).await?;
         }
-        states.push(SpanState { session, inputs });
+        states.push(SpanState { span, inputs });
     }
     Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A swarm in memory: each span adds its block count to every value, and `dead` peers fail
+    /// every step from position `dies_at` on.
+    struct Fake {
+        servers: Vec<Server>,
+        dead: PeerId,
+        dies_at: u32,
+        steps: Mutex<Vec<(PeerId, u32, usize)>>,
+    }
+
+    fn server(peer: PeerId, blocks: Range<u32>, ms: f32) -> Server {
+        Server {
+            peer,
+            addrs: Vec::new(),
+            blocks,
+            state: ServerState::Online,
+            decode_ms_per_block: ms,
+            prefill_ms_per_block: ms,
+            free_cache_tokens: 1 << 20,
+            version: String::new(),
+            announced_at_ms: 0,
+        }
+    }
+
+    impl Network for Fake {
+        type Span = (PeerId, Range<u32>);
+
+        fn now_ms(&self) -> u64 {
+            1_000
+        }
+
+        async fn lookup(&self) -> Result<Vec<Server>, NetError> {
+            Ok(self.servers.clone())
+        }
+
+        async fn rtt(&self, _peer: PeerId) -> Option<Duration> {
+            Some(Duration::from_millis(1))
+        }
+
+        async fn open(
+            &self,
+            server: &Server,
+            blocks: Range<u32>,
+            _max_length: u32,
+        ) -> Result<Self::Span, SessionError> {
+            Ok((server.peer, blocks))
+        }
+
+        async fn step(
+            &self,
+            span: &mut Self::Span,
+            pos: u32,
+            hidden: &Hidden,
+        ) -> Result<Hidden, SessionError> {
+            let (peer, blocks) = span.clone();
+            if peer == self.dead && pos + hidden.tokens as u32 > self.dies_at {
+                return Err(SessionError::Closed { peer });
+            }
+            if let Ok(mut s) = self.steps.lock() {
+                s.push((peer, pos, hidden.tokens));
+            }
+            let add = blocks.len() as f32;
+            let data = hidden.data.iter().map(|v| v + add).collect();
+            Ok(Hidden { data, ..*hidden })
+        }
+
+        async fn close(&self, _span: Self::Span) {}
+    }
+
+    fn hidden(values: &[f32]) -> Hidden {
+        Hidden {
+            tokens: values.len(),
+            dim: 1,
+            data: values.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_peer_is_banned_replaced_and_its_history_replayed() {
+        let (fast, slow, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let network = Fake {
+            servers: vec![
+                server(fast, 0..4, 1.0),
+                server(slow, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ],
+            dead: fast,
+            dies_at: 3,
+            steps: Mutex::default(),
+        };
+        let router = Arc::new(Router {
+            network,
+            fingerprint: [0; 32],
+            block_count: 6,
+            dim: 1,
+            discovery_timeout: Duration::from_secs(1),
+            bans: Arc::default(),
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, fast.to_string());
+
+        let y = session.forward(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        let y = session.forward(hidden(&[3.0]), 2).await.unwrap();
+        assert_eq!(y.data, [9.0]);
+        // Position 3 is past the fast peer's death: the same answer comes from the slow one.
+        let y = session.forward(hidden(&[4.0]), 3).await.unwrap();
+        assert_eq!(y.data, [10.0]);
+
+        assert_eq!(session.reroutes(), 1);
+        assert_eq!(session.recoveries().len(), 1);
+        assert_eq!(session.route()[0].peer, slow.to_string());
+        assert!(router.bans.lock().unwrap().snapshot()[&fast] > 1_000);
+        let steps = router.network.steps.lock().unwrap().clone();
+        // The replacement first rebuilt its cache from the three kept positions, then stepped.
+        let on_slow: Vec<_> = steps.iter().filter(|s| s.0 == slow).collect();
+        assert_eq!(on_slow, [&(slow, 0, 3), &(slow, 3, 1)]);
+    }
 }

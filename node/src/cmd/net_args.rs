@@ -18,6 +18,10 @@ pub struct NetArgs {
     /// Do not look for peers on the local network with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Address other peers should dial to reach this one, announced instead of the listening
+    /// addresses (repeatable; for port forwards and proxies).
+    #[arg(long = "external-address", value_name = "MULTIADDR")]
+    pub external: Vec<Multiaddr>,
 }
 
 impl NetArgs {
@@ -35,6 +39,7 @@ impl NetArgs {
             bootstrap: self.bootstrap.clone(),
             identity: self.identity.clone(),
             mdns: !self.no_mdns,
+            external: self.external.clone(),
         }
     }
 }

@@ -1,0 +1,166 @@
+//! The seam between the session logic and the outside world.
+//!
+//! Rerouting, bans and replay are the subtle part of the client, and they must behave the same
+//! on a real swarm and in a simulated one of thousands of peers. So everything they need from
+//! outside (the clock, discovery, round-trip measurements, the route choice, and opening and
+//! stepping span sessions) goes through [`Network`]. The client uses [`Libp2pNetwork`]; the
+//! simulator supplies virtual time and modelled links, and runs the very same
+//! [`Router`](super::Router) and [`InferenceSession`](super::InferenceSession) code.
+
+use std::future::Future;
+use std::ops::Range;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use model::fingerprint::Fingerprint;
+use model::Hidden;
+use proto::v1::{Dtype, ServerState};
+
+use super::span::{SessionError, SpanSession, Timeouts};
+use crate::discovery::{self, Server};
+use crate::net::{NetError, NetHandle};
+use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
+
+/// Everything a session needs from the swarm. Futures are `Send` so that sessions can run on
+/// any runtime; a simulation backs them with virtual time.
+pub trait Network: Send + Sync {
+    /// An open session on one peer for one span of blocks.
+    type Span: Send;
+
+    /// Milliseconds since the Unix epoch (or any fixed origin), for bans and record expiry.
+    fn now_ms(&self) -> u64;
+
+    /// Every server discovery knows for the model, one entry per peer.
+    fn lookup(&self) -> impl Future<Output = Result<Vec<Server>, NetError>> + Send;
+
+    /// The measured round trip to `peer`, if there is one.
+    fn rtt(&self, peer: PeerId) -> impl Future<Output = Option<Duration>> + Send;
+
+    /// Chooses a route; the real planner unless a simulation compares it with other policies.
+    fn plan(
+        &self,
+        servers: &[ServerInfo<PeerId>],
+        req: &PlanRequest<'_, PeerId>,
+    ) -> Result<Vec<Span<PeerId>>, PlanError> {
+        plan_route(servers, req)
+    }
+
+    /// Opens a session for `blocks` on `server`, with room for `max_length` positions.
+    fn open(
+        &self,
+        server: &Server,
+        blocks: Range<u32>,
+        max_length: u32,
+    ) -> impl Future<Output = Result<Self::Span, SessionError>> + Send;
+
+    /// Runs positions `pos..pos + hidden.tokens` through the span's blocks.
+    fn step(
+        &self,
+        span: &mut Self::Span,
+        pos: u32,
+        hidden: &Hidden,
+    ) -> impl Future<Output = Result<Hidden, SessionError>> + Send;
+
+    /// Frees the span on its peer; best effort, bounded.
+    fn close(&self, span: Self::Span) -> impl Future<Output = ()> + Send;
+}
+
+/// The real swarm: DHT discovery and span sessions over libp2p streams.
+pub struct Libp2pNetwork {
+    pub net: NetHandle,
+    pub fingerprint: Fingerprint,
+    pub block_count: u32,
+    pub dim: usize,
+    pub dtype: Dtype,
+    pub timeouts: Timeouts,
+}
+
+/// Most peers measured before one plan, and how long their measurements may take.
+const PROBE_LIMIT: usize = 32;
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+impl Libp2pNetwork {
+    /// Servers this client never talked to have no measured round trip, and the planner would
+    /// give them all the same default: a node behind a 100 ms link would look as good as one
+    /// on the LAN. Connecting lets ping measure them; the results get a short, bounded wait,
+    /// and whatever is still unmeasured keeps the default (which a measured LAN peer beats).
+    async fn measure_unknown(&self, servers: &[Server]) {
+        let mut unknown = Vec::new();
+        for s in servers.iter().filter(|s| s.state == ServerState::Online) {
+            if unknown.len() == PROBE_LIMIT {
+                break;
+            }
+            if self.net.rtt(s.peer).await.is_none() {
+                unknown.push((s.peer, s.addrs.clone()));
+            }
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        let peers: Vec<PeerId> = unknown.iter().map(|(p, _)| *p).collect();
+        self.net.probe(unknown).await;
+        let deadline = tokio::time::Instant::now() + PROBE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let mut measured = 0;
+            for p in &peers {
+                if self.net.rtt(*p).await.is_some() {
+                    measured += 1;
+                }
+            }
+            if measured == peers.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Network for Libp2pNetwork {
+    type Span = SpanSession;
+
+    fn now_ms(&self) -> u64 {
+        discovery::now_ms()
+    }
+
+    async fn lookup(&self) -> Result<Vec<Server>, NetError> {
+        let servers = discovery::lookup(&self.net, &self.fingerprint, self.block_count).await?;
+        self.measure_unknown(&servers).await;
+        Ok(servers)
+    }
+
+    async fn rtt(&self, peer: PeerId) -> Option<Duration> {
+        self.net.rtt(peer).await
+    }
+
+    async fn open(
+        &self,
+        server: &Server,
+        blocks: Range<u32>,
+        max_length: u32,
+    ) -> Result<SpanSession, SessionError> {
+        SpanSession::open(
+            &self.net,
+            server,
+            blocks,
+            &self.fingerprint,
+            self.dim,
+            max_length,
+            self.dtype,
+            self.timeouts,
+        )
+        .await
+    }
+
+    async fn step(
+        &self,
+        span: &mut SpanSession,
+        pos: u32,
+        hidden: &Hidden,
+    ) -> Result<Hidden, SessionError> {
+        span.step(pos, hidden).await
+    }
+
+    async fn close(&self, span: SpanSession) {
+        span.close().await;
+    }
+}
