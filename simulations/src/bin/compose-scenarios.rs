@@ -124,13 +124,15 @@ impl Cluster {
         Ok(())
     }
 
-    /// Peer id of a node, from its `listening on` line.
+    /// Peer id of a node, from its latest `listening on` line.
     fn peer_id(&self, service: &str) -> anyhow::Result<String> {
         let logs = run(compose().args(["logs", "--no-color", service]))?;
+        // The newest line: a restarted container keeps the logs of its earlier runs, and
+        // without an identity file each run has a new peer id.
         logs.lines()
             .filter_map(|l| l.split("/p2p/").nth(1))
             .map(|p| p.trim().to_string())
-            .next()
+            .last()
             .context(format!("{service} printed no peer id"))
     }
 }
