@@ -23,6 +23,22 @@ fn escape(s: &str) -> String {
 }
 
 /// Round tick values covering `lo..hi`.
+/// Horizontal grid lines with their labels, from 0 to `y1`, ending at `right`.
+fn y_grid(svg: &mut String, y1: f64, right: f64, py: &dyn Fn(f64) -> f64) {
+    for y in ticks(0.0, y1) {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{0}" y1="{1:.1}" x2="{2}" y2="{1:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##,
+            LEFT,
+            py(y),
+            right,
+            LEFT - 6.0,
+            py(y) + 4.0,
+            label(y)
+        );
+    }
+}
+
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(1e-9);
     let raw = span / 5.0;
@@ -117,18 +133,7 @@ pub fn line_chart(
             label(x)
         );
     }
-    for y in ticks(0.0, y1) {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{0}" y1="{1:.1}" x2="{2}" y2="{1:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##,
-            LEFT,
-            py(y),
-            W - RIGHT,
-            LEFT - 6.0,
-            py(y) + 4.0,
-            label(y)
-        );
-    }
+    y_grid(&mut svg, y1, W - RIGHT, &py);
     let _ = writeln!(
         svg,
         r##"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
@@ -178,18 +183,7 @@ pub fn bar_chart(title: &str, y_label: &str, bars: &[(String, f64, &'static str)
     let py = |y: f64| H - BOTTOM - y / y1 * (H - TOP - BOTTOM);
     let mut svg = String::new();
     frame(&mut svg, title, "", y_label);
-    for y in ticks(0.0, y1) {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{0}" y1="{1:.1}" x2="{2}" y2="{1:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##,
-            LEFT,
-            py(y),
-            LEFT + inner,
-            LEFT - 6.0,
-            py(y) + 4.0,
-            label(y)
-        );
-    }
+    y_grid(&mut svg, y1, LEFT + inner, &py);
     for (k, (name, v, color)) in bars.iter().enumerate() {
         let x = LEFT + slot * k as f64 + slot * 0.15;
         // Long names go on two lines, split after a '+', so neighbours do not overlap.

@@ -335,6 +335,9 @@ struct EventLoop {
     pending_get: HashMap<kad::QueryId, GetWaiter>,
     pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
     pending_dial: HashMap<PeerId, Vec<DialWaiter>>,
+    /// Latest ping round trip per peer. Kept after a disconnect: the planner still needs to
+    /// know how far a peer is, and a dead one is kept out by bans, not by a missing number
+    /// (which would make every re-plan wait for a probe that cannot succeed).
     rtts: HashMap<PeerId, Duration>,
     bootstrapped: bool,
     /// Dialled again whenever this peer has lost every connection (Wi-Fi gone, network cut).
@@ -484,13 +487,6 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-            }
-            SwarmEvent::ConnectionClosed {
-                peer_id,
-                num_established: 0,
-                ..
-            } => {
-                self.rtts.remove(&peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

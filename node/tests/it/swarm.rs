@@ -221,24 +221,20 @@ fn an_identity_file_keeps_the_peer_id_and_bootstrap_needs_no_peer_id() {
     let key = dir.file("node.key");
     let key = key.to_str().unwrap();
     let peer_of = |p: &Proc| p.addr.rsplit("/p2p/").next().unwrap().to_string();
-    let first = spawn(&[
-        "bootstrap",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--identity",
-        key,
-    ]);
+    let start = || {
+        spawn(&[
+            "bootstrap",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--identity",
+            key,
+        ])
+    };
+    let first = start();
     let id = peer_of(&first);
     drop(first);
-    let again = spawn(&[
-        "bootstrap",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--identity",
-        key,
-    ]);
+    let again = start();
     assert_eq!(peer_of(&again), id, "same identity file, same peer id");
 
     // Nodes and clients join through an address without `/p2p/<id>`.

@@ -132,7 +132,7 @@ impl Cluster {
         logs.lines()
             .filter_map(|l| l.split("/p2p/").nth(1))
             .map(|p| p.trim().to_string())
-            .last()
+            .next_back()
             .context(format!("{service} printed no peer id"))
     }
 }
