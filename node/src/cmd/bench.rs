@@ -72,6 +72,25 @@ do arithmetic faster and more reliably. Early mechanical calculators gave way to
 vacuum tubes, transistors and integrated circuits. Each step made computers smaller and cheaper, \
 until a phone in a pocket held more power than the rooms of machines that sent people to the moon. ";
 
+/// One local run: the prompt's prefill, then `steps` greedy decode steps; their durations.
+pub fn time_local(
+    model: &model::LocalModel,
+    prompt: &[u32],
+    steps: usize,
+) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+    let mut kv = model.new_cache(prompt.len() + steps)?;
+    let t = Instant::now();
+    let logits = model.forward(prompt, &mut kv, 0)?;
+    let prefill = t.elapsed();
+    let mut next = argmax(logits.iter().copied());
+    let t = Instant::now();
+    for i in 0..steps {
+        let logits = model.forward(&[next], &mut kv, prompt.len() + i)?;
+        next = argmax(logits.iter().copied());
+    }
+    Ok((prefill, t.elapsed()))
+}
+
 /// A fixed English prompt of exactly `n` tokens.
 pub fn prompt_of(tokenizer: &model::tokenizer::Tokenizer, n: usize) -> anyhow::Result<Vec<u32>> {
     let mut prompt = Vec::new();
@@ -125,17 +144,7 @@ fn bench_full(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Va
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One untimed warm-up run so page faults and lazy thread start-up are not measured.
     for run in 0..=args.repeats {
-        let mut kv = model.new_cache(capacity)?;
-        let t0 = Instant::now();
-        let logits = model.forward(&prompt, &mut kv, 0)?;
-        let t_prefill = t0.elapsed();
-        let mut next = argmax(logits.iter().copied());
-        let t1 = Instant::now();
-        for i in 0..args.gen_tokens {
-            let logits = model.forward(&[next], &mut kv, prompt.len() + i)?;
-            next = argmax(logits.iter().copied());
-        }
-        let t_decode = t1.elapsed();
+        let (t_prefill, t_decode) = time_local(&model, &prompt, args.gen_tokens)?;
         if run > 0 {
             prefill.push(args.prompt_tokens as f64 / t_prefill.as_secs_f64());
             decode.push(args.gen_tokens as f64 / t_decode.as_secs_f64());

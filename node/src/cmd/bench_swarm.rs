@@ -14,7 +14,7 @@ use coordinator::generate::sample::argmax;
 use coordinator::{ClientConfig, ClientModel, SwarmClient};
 use model::GgufFile;
 
-use super::bench::{median, prompt_of, BenchArgs};
+use super::bench::{median, prompt_of, time_local, BenchArgs};
 
 struct Peer {
     child: Child,
@@ -151,17 +151,7 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     let mut route = Vec::new();
     for run in 0..=args.repeats {
         // Local, then swarm, alternating, so drifts of the machine hit both alike.
-        let mut kv = local.new_cache(max_len)?;
-        let t = Instant::now();
-        let logits = local.forward(&prompt, &mut kv, 0)?;
-        let prefill = t.elapsed();
-        let mut next = argmax(logits.iter().copied());
-        let t = Instant::now();
-        for i in 0..args.gen_tokens {
-            let logits = local.forward(&[next], &mut kv, prompt.len() + i)?;
-            next = argmax(logits.iter().copied());
-        }
-        let steps = t.elapsed();
+        let (prefill, steps) = time_local(&local, &prompt, args.gen_tokens)?;
         let (s_prefill, s_steps) = rt.block_on(async {
             let mut session = client.open_session(&client_model, max_len as u32).await?;
             route = session.route();
