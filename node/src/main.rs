@@ -31,6 +31,8 @@ enum Command {
     Bootstrap(cmd::join::BootstrapArgs),
     /// Check that a local node is serving (for container health checks).
     Health(cmd::join::HealthArgs),
+    /// Show which peers serve which blocks of a model, as a table.
+    Status(cmd::status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Join(args) => cmd::join::run_join_cmd(args),
         Command::Bootstrap(args) => cmd::join::run_bootstrap_cmd(args),
         Command::Health(args) => cmd::join::run_health_cmd(args),
+        Command::Status(args) => cmd::status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@ pub mod bench_swarm;
 pub mod generate;
 pub mod join;
 pub mod net_args;
+pub mod status;
 
 use anyhow::Context;
 

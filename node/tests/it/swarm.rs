@@ -272,3 +272,31 @@ fn a_node_stopped_with_sigterm_announces_that_it_left() {
     args.extend(["--bootstrap", &boot.addr, "--discovery-timeout", "3"]);
     super::assert_clean_error(&edge_node(&args), "no peer serves blocks 20..30");
 }
+
+#[test]
+fn status_shows_coverage_and_gaps() {
+    let boot = bootstrap();
+    let a = node("0..20", &boot);
+    let _b = node("15..25", &boot);
+    let model = default_model();
+    let run = || edge_node(&["status", "--bootstrap", &boot.addr, "--model", &model]);
+    // Nodes announce right after they start; give the DHT a moment.
+    let mut out = run();
+    for _ in 0..20 {
+        if String::from_utf8_lossy(&out.stdout).contains("2 server(s)") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        out = run();
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 server(s)"), "{text}");
+    assert!(text.contains(a.peer_id()), "{text}");
+    assert!(text.contains("not covered: blocks 25..30"), "{text}");
+    assert!(text.contains("111111111111111222221111100000"), "{text}");
+}
