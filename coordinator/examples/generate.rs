@@ -49,6 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..SamplingOptions::default()
         },
         stop_at_eos: true,
+        stop: Vec::new(),
     };
     let mut backend = SwarmForward {
         model: &model,

@@ -61,6 +61,10 @@ pub struct GenerateOptions {
     pub sampling: SamplingOptions,
     /// Stop at the tokenizer's end-of-generation tokens (EOS, `<|im_end|>`, ...).
     pub stop_at_eos: bool,
+    /// Stop as soon as the text contains one of these; the text ends before it. Text that
+    /// might be the start of one is held back until it is decided, so a streaming reader
+    /// never sees part of a stop sequence.
+    pub stop: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -68,7 +72,7 @@ pub struct GenerateOptions {
 pub enum FinishReason {
     /// `max_new_tokens` reached or the context is full.
     Length,
-    /// The model produced an end-of-generation token.
+    /// The model produced an end-of-generation token or the text reached a stop sequence.
     Stop,
 }
 
@@ -95,6 +99,48 @@ impl Generation {
     /// Tokens produced by one-token decode steps (all but the first) per second.
     pub fn decode_tokens_per_s(&self) -> f64 {
         rate(self.tokens.len().saturating_sub(1), self.decode_time)
+    }
+}
+
+/// Finds stop sequences in streamed text, holding back any tail that could begin one.
+struct StopFilter<'a> {
+    stops: Vec<&'a str>,
+    held: String,
+}
+
+impl<'a> StopFilter<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops: stops
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !s.is_empty())
+                .collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Adds `piece`; returns the text now safe to show and whether a stop sequence was hit
+    /// (the returned text then ends right before it).
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s)).min() {
+            self.held.truncate(at);
+            return (std::mem::take(&mut self.held), true);
+        }
+        let keep_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        let rest = self.held.split_off(keep_from);
+        (std::mem::replace(&mut self.held, rest), false)
+    }
+
+    /// Whatever was held back, once no more text will come.
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
     }
 }
 
@@ -127,6 +173,7 @@ pub async fn generate<F: Forward>(
     }
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut decoder = StreamDecoder::default();
+    let mut stops = StopFilter::new(&opts.stop);
     let mut history = prompt.clone();
     let mut out = Generation {
         prompt_tokens: prompt,
@@ -140,10 +187,17 @@ pub async fn generate<F: Forward>(
     if opts.max_new_tokens == 0 {
         return Ok(out);
     }
+    let mut emit = |out: &mut Generation, text: &str| {
+        if !text.is_empty() {
+            on_text(text);
+            out.text.push_str(text);
+        }
+    };
     let started = Instant::now();
     let mut logits = backend.forward(&out.prompt_tokens, 0).await?;
     out.prefill_time = started.elapsed();
     let decode_started = Instant::now();
+    let mut stopped = false;
     loop {
         let id = sampler.sample(&logits, &history);
         out.tokens.push(id);
@@ -153,10 +207,12 @@ pub async fn generate<F: Forward>(
             out.finish_reason = FinishReason::Stop;
             break;
         }
-        let piece = decoder.push(tokenizer, id);
-        if !piece.is_empty() {
-            on_text(&piece);
-            out.text.push_str(&piece);
+        let (text, hit) = stops.push(&decoder.push(tokenizer, id));
+        emit(&mut out, &text);
+        if hit {
+            out.finish_reason = FinishReason::Stop;
+            stopped = true;
+            break;
         }
         if out.tokens.len() >= opts.max_new_tokens || history.len() >= context {
             break;
@@ -164,10 +220,63 @@ pub async fn generate<F: Forward>(
         logits = backend.forward(&[id], history.len() - 1).await?;
     }
     out.decode_time = decode_started.elapsed();
-    let rest = decoder.finish();
-    if !rest.is_empty() {
-        on_text(&rest);
-        out.text.push_str(&rest);
+    if !stopped {
+        let (text, hit) = stops.push(&decoder.finish());
+        emit(&mut out, &text);
+        if hit {
+            out.finish_reason = FinishReason::Stop;
+        } else {
+            emit(&mut out, &stops.finish());
+        }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    /// Feeds pieces one by one; returns what a streaming reader saw and whether it stopped.
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut f = StopFilter::new(&stops);
+        let mut seen = String::new();
+        for p in pieces {
+            let (text, hit) = f.push(p);
+            seen.push_str(&text);
+            if hit {
+                return (seen, true);
+            }
+        }
+        seen.push_str(&f.finish());
+        (seen, false)
+    }
+
+    #[test]
+    fn stop_sequence_split_over_pieces_is_never_shown() {
+        assert_eq!(run(&["\n\n"], &["a", "b\n", "\nc"]), ("ab".into(), true));
+        assert_eq!(run(&["END"], &["xE", "N", "Dy"]), ("x".into(), true));
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_cannot_start_a_stop() {
+        let stops = vec!["END".to_string()];
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("aE"), ("a".into(), false));
+        assert_eq!(f.push("x"), ("Ex".into(), false));
+        assert_eq!(f.push("EN"), ("".into(), false));
+        assert_eq!(f.finish(), "EN");
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins_and_empty_stops_are_ignored() {
+        assert_eq!(run(&["", "cd", "b"], &["abcd"]), ("a".into(), true));
+        assert_eq!(run(&[""], &["ab", "c"]), ("abc".into(), false));
+    }
+
+    #[test]
+    fn multibyte_text_is_split_on_char_boundaries() {
+        assert_eq!(run(&["éz"], &["aé", "é", "b"]), ("aééb".into(), false));
+        assert_eq!(run(&["éz"], &["aé", "z"]), ("a".into(), true));
+    }
 }

@@ -106,6 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         sampling,
         stop_at_eos: true,
+        stop: Vec::new(),
     };
     let rt = super::runtime()?;
     let (out, route) = if args.local {
