@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt.
     Generate(cmd::generate::GenerateArgs),
+    /// Chat with the model in the terminal (reads lines from stdin; /reset, /exit).
+    Chat(cmd::chat::ChatArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(cmd::bench::BenchArgs),
     /// Serve a range of a model's blocks to the swarm.
@@ -36,7 +38,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `join --config FILE` reads flags from a TOML file; everything else is plain clap.
+    let cli = match cmd::config::parse::<Cli>(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -51,6 +60,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Join(args) => cmd::join::run_join_cmd(args),
         Command::Bootstrap(args) => cmd::join::run_bootstrap_cmd(args),

@@ -3,35 +3,17 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use std::time::Duration;
 
 use coordinator::generate::{self, tokenize, GenerateOptions, LocalForward, SamplingOptions};
-use coordinator::session::{RouteHop, Timeouts};
-use coordinator::{ClientConfig, ClientModel, SwarmClient, SwarmForward};
+use coordinator::session::RouteHop;
+use coordinator::{SwarmClient, SwarmForward};
+
+use super::client::{log_route, open_client_model, print_text, RouteArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Run every block in this process instead of through the swarm.
-    #[arg(long)]
-    pub local: bool,
-    /// A peer of the swarm (repeatable); `/p2p/<peer id>` may be left out.
-    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
-    pub bootstrap: Vec<libp2p::Multiaddr>,
-    /// Find peers on the local network with mDNS (instead of, or besides, --bootstrap).
-    #[arg(long)]
-    pub mdns: bool,
-    /// Seconds to wait for peers and for a complete route before giving up.
-    #[arg(long, default_value_t = 20)]
-    pub discovery_timeout: u64,
-    /// Seconds one step through one peer may take before that peer counts as failed.
-    #[arg(long, default_value_t = 30)]
-    pub step_timeout: u64,
-    /// Seconds to connect to a peer and open a session there.
-    #[arg(long, default_value_t = 10)]
-    pub connect_timeout: u64,
-    /// Seconds the whole generation may take (default: no limit beyond the per-step ones).
-    #[arg(long)]
-    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub route: RouteArgs,
     /// Path to a GGUF model file.
     #[arg(long)]
     pub model: PathBuf,
@@ -96,11 +78,7 @@ impl SamplingArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = args.sampling.options()?;
-    if !args.local && args.bootstrap.is_empty() && !args.mdns {
-        bail!(
-            "say where the blocks run: --local, or --bootstrap MULTIADDR (or --mdns) for a swarm"
-        );
-    }
+    args.route.check()?;
     super::init_threads(args.threads)?;
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
@@ -109,7 +87,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop: Vec::new(),
     };
     let rt = super::runtime()?;
-    let (out, route) = if args.local {
+    let (out, route) = if args.route.local {
         let model = super::open_local(&args.model)?;
         let prompt = prompt_ids(
             &model.tokenizer,
@@ -160,9 +138,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 fn text_sink(json: bool) -> impl FnMut(&str) + Send {
     move |piece: &str| {
         if !json {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+            print_text(piece);
         }
     }
 }
@@ -187,10 +163,7 @@ async fn swarm_generate(
     args: &GenerateArgs,
     opts: &GenerateOptions,
 ) -> anyhow::Result<(generate::Generation, Option<SwarmInfo>)> {
-    let (bar, mut progress) = edge_node::progress::loading_bar("embeddings and head");
-    let model = tokio::task::block_in_place(|| ClientModel::open(&args.model, &mut progress));
-    bar.finish_and_clear();
-    let model = model?;
+    let model = open_client_model(&args.model)?;
     let context = model.spec.context_length;
     let prompt = prompt_ids(
         &model.tokenizer,
@@ -198,17 +171,7 @@ async fn swarm_generate(
         args,
         context,
     )?;
-    let config = ClientConfig {
-        bootstrap: args.bootstrap.clone(),
-        mdns: args.mdns,
-        discovery_timeout: Duration::from_secs(args.discovery_timeout.max(1)),
-        timeouts: Timeouts {
-            step: Duration::from_secs(args.step_timeout.max(1)),
-            connect: Duration::from_secs(args.connect_timeout.max(1)),
-        },
-        ..ClientConfig::default()
-    };
-    let client = SwarmClient::connect(config).await?;
+    let client = SwarmClient::connect(args.route.client_config()).await?;
     let max_length = (prompt.len() + args.max_new_tokens).min(context) as u32;
     let session = client.open_session(&model, max_length).await?;
     log_route("route", &session.route());
@@ -225,13 +188,7 @@ async fn swarm_generate(
         opts,
         &mut sink,
     );
-    let out: anyhow::Result<generate::Generation> = match args.timeout {
-        Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), run).await {
-            Ok(r) => r.map_err(Into::into),
-            Err(_) => Err(anyhow::anyhow!("generation did not finish within {secs} s")),
-        },
-        None => run.await.map_err(Into::into),
-    };
+    let out = args.route.bounded(run).await;
     let route = backend.session.route();
     let reroutes = backend.session.reroutes();
     if reroutes > 0 {
@@ -239,14 +196,6 @@ async fn swarm_generate(
     }
     backend.session.close().await;
     Ok((out?, Some(SwarmInfo { route, reroutes })))
-}
-
-fn log_route(what: &str, route: &[RouteHop]) {
-    let hops: Vec<String> = route
-        .iter()
-        .map(|h| format!("{} [{}]", h.peer, h.blocks))
-        .collect();
-    tracing::info!("{what}: {}", hops.join(" -> "));
 }
 
 /// What a swarm run adds to the JSON output.

@@ -10,6 +10,11 @@ use super::net_args::NetArgs;
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
+    /// Read flags from this TOML file (`num-blocks = 10`, `bootstrap = ["/ip4/..."]`, ...;
+    /// see deploy/edge-node.toml). Flags given on the command line win over the file; relative
+    /// `model`, `identity` and `health-file` paths in it are taken from the file's directory.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Path to the GGUF model file (every peer of a swarm must use the same file).
     #[arg(long)]
     pub model: PathBuf,

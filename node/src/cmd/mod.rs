@@ -1,8 +1,12 @@
 pub mod bench;
 pub mod bench_swarm;
+pub mod chat;
+pub mod client;
+pub mod config;
 pub mod generate;
 pub mod join;
 pub mod net_args;
+pub mod prefix_cache;
 pub mod status;
 
 use anyhow::Context;

@@ -7,6 +7,8 @@ use model::synthetic::SyntheticModel;
 use serde_json::Value;
 
 mod balance;
+mod chat;
+mod config;
 mod faults;
 mod swarm;
 
