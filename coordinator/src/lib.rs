@@ -9,5 +9,6 @@ pub mod generate;
 pub mod net;
 pub mod route;
 pub mod session;
+pub mod status;
 
 pub use client::{ClientConfig, ClientModel, SwarmClient, SwarmForward};

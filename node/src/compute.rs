@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use model::{BlockStack, Hidden, ModelError, SessionKv};
 use tokio::sync::oneshot;
 
+use crate::metrics::NodeMetrics;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ComputeError {
     #[error("no room for {wanted} more cached tokens ({free} free of {total})")]
@@ -84,13 +86,20 @@ struct Session {
 
 impl ComputeHandle {
     /// Starts the compute thread; it ends when every handle is dropped.
-    pub fn spawn(stack: BlockStack, limits: ComputeLimits) -> std::io::Result<Self> {
+    pub fn spawn(
+        stack: BlockStack,
+        limits: ComputeLimits,
+        metrics: Arc<NodeMetrics>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let stats = Arc::new(ComputeStats::default());
         let st = stats.clone();
+        metrics
+            .kv_cache_capacity_tokens
+            .set(limits.cache_tokens as i64);
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || serve(stack, limits, rx, st))?;
+            .spawn(move || serve(stack, limits, rx, st, metrics))?;
         Ok(Self { tx, stats, limits })
     }
 
@@ -144,10 +153,12 @@ fn serve(
     limits: ComputeLimits,
     rx: std::sync::mpsc::Receiver<Job>,
     stats: Arc<ComputeStats>,
+    metrics: Arc<NodeMetrics>,
 ) {
     let mut sessions: HashMap<SessionId, Session> = HashMap::new();
     let mut next_id: SessionId = 1;
     let mut used = 0usize;
+    let mut kv_bytes = 0usize;
     while let Ok(job) = rx.recv() {
         match job {
             Job::Open {
@@ -168,6 +179,8 @@ fn serve(
                     next_id += 1;
                     used += max_length;
                     let kv = stack.new_cache(span.clone(), max_length);
+                    kv_bytes += kv.bytes();
+                    metrics.sessions_opened.inc();
                     sessions.insert(
                         id,
                         Session {
@@ -178,6 +191,17 @@ fn serve(
                     );
                     Ok(id)
                 };
+                if let Err(e) = &res {
+                    let reason = match e {
+                        ComputeError::TooManySessions(_) => "sessions_full",
+                        ComputeError::CacheFull { .. } => "cache_full",
+                        _ => "other",
+                    };
+                    metrics
+                        .sessions_refused
+                        .get_or_create(&vec![("reason", reason)])
+                        .inc();
+                }
                 let _ = reply.send(res);
             }
             Job::Step {
@@ -203,11 +227,23 @@ fn serve(
                     }
                 };
                 stats.steps.fetch_add(1, Ordering::Relaxed);
+                match &res {
+                    Ok((out, took)) => {
+                        metrics.steps.inc();
+                        metrics.tokens.inc_by(out.tokens as u64);
+                        metrics.step_seconds.observe(took.as_secs_f64());
+                        metrics.rate.add(out.tokens as u64);
+                    }
+                    Err(_) => {
+                        metrics.step_errors.inc();
+                    }
+                }
                 let _ = reply.send(res);
             }
             Job::Close { id } => {
                 if let Some(s) = sessions.remove(&id) {
                     used -= s.max_length;
+                    kv_bytes -= s.kv.bytes();
                 }
             }
         }
@@ -217,7 +253,14 @@ fn serve(
         stats
             .sessions
             .store(sessions.len() as u64, Ordering::Relaxed);
+        metrics.sessions.set(sessions.len() as i64);
+        metrics.kv_cache_bytes.set(kv_bytes as i64);
+        metrics.kv_cache_reserved_tokens.set(used as i64);
     }
+    // The thread ends with its sessions: their caches are gone.
+    metrics.sessions.set(0);
+    metrics.kv_cache_bytes.set(0);
+    metrics.kv_cache_reserved_tokens.set(0);
 }
 
 /// Times the stack on synthetic model-scale inputs: a `prefill_tokens` prefill and

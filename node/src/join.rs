@@ -22,7 +22,11 @@ use model::{load, GgufFile, LoadOptions, ModelSpec};
 use proto::v1::{ServerRecord, ServerState};
 use tokio_util::sync::CancellationToken;
 
+use coordinator::status::ModelInfo;
+
 use crate::compute::{measure_speed, ComputeHandle, ComputeLimits};
+use crate::http::NodeStatus;
+use crate::metrics::NodeMetrics;
 use crate::server::{accept_loop, ServeContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,11 @@ pub enum JoinError {
     Thread(#[from] std::io::Error),
     #[error("not even one block fits in --max-memory {} MiB", max_memory_bytes >> 20)]
     NoRoom { max_memory_bytes: u64 },
+    #[error("cannot serve the status page on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct NetOptions {
@@ -74,6 +83,8 @@ pub struct JoinConfig {
     pub drain_timeout: Duration,
     /// Touched on every announcement while serving, for container health checks.
     pub health_file: Option<PathBuf>,
+    /// Where to serve this node's status page and `/metrics` (none when `None`).
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 fn keypair(path: &Option<PathBuf>) -> Result<Keypair, JoinError> {
@@ -259,6 +270,11 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
 
     let net_shutdown = CancellationToken::new();
     let (net, addrs) = start_network(&config.net, &net_shutdown)?;
+    let metrics = Arc::new(NodeMetrics::default());
+    if let Some(addr) = config.http_listen {
+        let info = ModelInfo::new(ModelInfo::id_of(&config.model), &fp, &spec);
+        start_http(addr, &net, fp, info, metrics.clone(), &net_shutdown).await?;
+    }
     let announcer = Announcer {
         net: net.clone(),
         fp,
@@ -288,7 +304,10 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
     };
 
     loop {
-        match serve_range(&config, &file, &spec, &announcer, &range, &shutdown).await? {
+        let served = serve_range(
+            &config, &file, &spec, &announcer, &range, &metrics, &shutdown,
+        );
+        match served.await? {
             Outcome::Shutdown => break,
             Outcome::Move(to) => {
                 tracing::info!(
@@ -303,6 +322,50 @@ pub async fn run_join(config: JoinConfig, shutdown: CancellationToken) -> Result
         }
     }
     net_shutdown.cancel();
+    Ok(())
+}
+
+/// Serves the status page and `/metrics`, and says where on stdout (scripts wait for it).
+async fn start_http(
+    addr: std::net::SocketAddr,
+    net: &NetHandle,
+    fp: Fingerprint,
+    info: ModelInfo,
+    metrics: Arc<NodeMetrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), JoinError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| JoinError::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| JoinError::Http { addr, source })?;
+    let status = Arc::new(NodeStatus {
+        swarm: gateway::page::watch_swarm(
+            net.clone(),
+            fp,
+            info.clone(),
+            Duration::from_secs(3),
+            shutdown.clone(),
+        ),
+        info,
+        peer_id: net.peer_id().to_string(),
+        metrics,
+    });
+    let router = gateway::page::router(status);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = gateway::page::serve(listener, router, stop).await {
+            tracing::warn!("status page stopped: {e}");
+        }
+    });
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "status page on http://{bound}");
+        let _ = out.flush();
+    }
+    tracing::info!("status page on http://{bound}/, metrics on http://{bound}/metrics");
     Ok(())
 }
 
@@ -325,8 +388,11 @@ async fn serve_range(
     spec: &ModelSpec,
     announcer: &Announcer,
     range: &Range<usize>,
+    metrics: &Arc<NodeMetrics>,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, JoinError> {
+    metrics.block_start.set(range.start as i64);
+    metrics.block_end.set(0);
     announcer
         .announce(range, ServerState::Joining, (0.0, 0.0), 0)
         .await;
@@ -352,7 +418,9 @@ async fn serve_range(
             max_sessions: config.max_sessions,
             cache_tokens: config.cache_tokens,
         },
+        metrics.clone(),
     )?;
+    metrics.block_end.set(range.end as i64);
     let ctx = Arc::new(ServeContext {
         fingerprint: announcer.fp,
         blocks: range.clone(),

@@ -3,6 +3,8 @@
 //! `main.rs` only parses flags and calls in here.
 
 pub mod compute;
+pub mod http;
 pub mod join;
+pub mod metrics;
 pub mod progress;
 pub mod server;

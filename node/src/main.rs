@@ -33,6 +33,8 @@ enum Command {
     Bootstrap(cmd::join::BootstrapArgs),
     /// Check that a local node is serving (for container health checks).
     Health(cmd::join::HealthArgs),
+    /// Serve the OpenAI-compatible HTTP API, gRPC, a status page and metrics, backed by the swarm.
+    ServeApi(cmd::serve_api::ServeApiArgs),
     /// Show which peers serve which blocks of a model, as a table.
     Status(cmd::status::StatusArgs),
 }
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Bootstrap(args) => cmd::join::run_bootstrap_cmd(args),
         Command::Health(args) => cmd::join::run_health_cmd(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::ServeApi(args) => cmd::serve_api::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

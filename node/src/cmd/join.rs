@@ -60,6 +60,10 @@ pub struct JoinArgs {
     /// File touched on every announcement while serving (for `edge-node health`).
     #[arg(long, value_name = "FILE")]
     pub health_file: Option<PathBuf>,
+    /// Serve a status page and Prometheus `/metrics` on this address (e.g. 127.0.0.1:9100;
+    /// port 0 picks a free one, printed as `status page on http://...`).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +146,7 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         rebalance_min_gain: args.rebalance_min_gain,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         health_file: args.health_file,
+        http_listen: args.http_listen,
         net: args.net.options(),
         max_sessions: args.max_sessions.max(1),
         cache_tokens: args.cache_tokens,

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod join;
 pub mod net_args;
 pub mod prefix_cache;
+pub mod serve_api;
 pub mod status;
 
 use anyhow::Context;

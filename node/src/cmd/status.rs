@@ -1,9 +1,11 @@
-//! `edge-node status`: the swarm's view of one model, as a table in the terminal.
+//! `edge-node status`: the swarm's view of one model, as a table in the terminal. The same
+//! snapshot feeds the status pages and the gRPC `SwarmStatus` call.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use coordinator::status::{self, ModelInfo};
 use coordinator::{ClientConfig, ClientModel, SwarmClient};
 
 #[derive(Args, Debug)]
@@ -18,72 +20,60 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let model = ClientModel::open(&args.model, &mut |_, _| {})?;
-    let blocks = model.spec.block_count;
-    let rt = super::runtime()?;
-    let servers = rt.block_on(async {
+    let info = ModelInfo::new(
+        ModelInfo::id_of(&args.model),
+        &model.fingerprint,
+        &model.spec,
+    );
+    let view = super::runtime()?.block_on(async {
         let client = SwarmClient::connect(ClientConfig {
             bootstrap: args.bootstrap.clone(),
             discovery_timeout: Duration::from_secs(10),
             ..ClientConfig::default()
         })
         .await?;
-        anyhow::Ok(client.servers(&model).await?)
+        anyhow::Ok(status::snapshot(client.net(), &model.fingerprint, info).await?)
     })?;
+    let blocks = view.model.block_count;
     println!(
         "model {} ({blocks} blocks): {} server(s)",
         model.short_id(),
-        servers.len()
+        view.peers.len()
     );
     println!(
-        "{:<54} {:>8} {:>8} {:>11} {:>12}  coverage",
-        "peer", "blocks", "state", "ms/block", "free cache"
+        "{:<54} {:>8} {:>8} {:>9} {:>9} {:>11}  coverage",
+        "peer", "blocks", "state", "ms/block", "RTT ms", "free cache"
     );
-    let mut served = vec![0usize; blocks];
-    for s in &servers {
-        let online = s.state == proto::v1::ServerState::Online;
-        let bar: String = (0..blocks as u32)
-            .map(|b| {
-                if s.blocks.contains(&b) {
-                    if online {
-                        '#'
-                    } else {
-                        '-'
-                    }
-                } else {
-                    '.'
-                }
+    for p in &view.peers {
+        let bar: String = (0..blocks)
+            .map(|b| match (b >= p.start_block && b < p.end_block, p.state) {
+                (false, _) => '.',
+                (true, "online") => '#',
+                (true, _) => '-',
             })
             .collect();
-        if online {
-            for b in s.blocks.clone() {
-                served[b as usize] += 1;
-            }
-        }
+        let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1}"));
         println!(
-            "{:<54} {:>8} {:>8} {:>11.3} {:>12}  {bar}",
-            s.peer.to_string(),
-            format!("{}..{}", s.blocks.start, s.blocks.end),
-            format!("{:?}", s.state).to_lowercase(),
-            s.decode_ms_per_block,
-            s.free_cache_tokens,
+            "{:<54} {:>8} {:>8} {:>9.3} {:>9} {:>11}  {bar}",
+            p.peer_id,
+            format!("{}..{}", p.start_block, p.end_block),
+            p.state,
+            p.decode_ms_per_block,
+            rtt,
+            p.free_cache_tokens,
         );
     }
-    let per_block: String = served
+    let per_block: String = view
+        .servers_per_block
         .iter()
-        .map(|&n| std::char::from_digit(n.min(9) as u32, 10).unwrap_or('9'))
+        .map(|&n| std::char::from_digit(n.min(9), 10).unwrap_or('9'))
         .collect();
-    println!(
-        "{:<54} {:>8} {:>8} {:>11} {:>12}  {per_block}",
-        "servers per block", "", "", "", ""
-    );
-    match served.iter().position(|&n| n == 0) {
-        Some(first) => {
-            let end = served[first..]
-                .iter()
-                .position(|&n| n > 0)
-                .map_or(blocks, |k| first + k);
-            println!("not covered: blocks {first}..{end} have no online server");
-        }
+    println!("{:<95}  {per_block}", "servers per block");
+    match &view.first_gap {
+        Some(gap) => println!(
+            "not covered: blocks {}..{} have no online server",
+            gap.start, gap.end
+        ),
         None => println!("every block is served"),
     }
     Ok(())

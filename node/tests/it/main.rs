@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use model::synthetic::SyntheticModel;
 use serde_json::Value;
 
+mod api;
 mod balance;
 mod chat;
 mod config;

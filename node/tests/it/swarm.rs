@@ -16,6 +16,8 @@ pub struct Proc {
     pub addr: String,
     /// Every `serving blocks A..B` line the process printed, in order.
     pub serving: Arc<Mutex<Vec<String>>>,
+    /// Every line the process printed on stdout.
+    pub lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Proc {
@@ -27,6 +29,12 @@ impl Drop for Proc {
 
 /// Starts `edge-node ARGS` and waits for its TCP `listening on` line.
 pub fn spawn(args: &[&str]) -> Proc {
+    spawn_until(args, "listening on ", "/tcp/")
+}
+
+/// Starts `edge-node ARGS` and waits for a stdout line `{prefix}...` containing `must`; the
+/// rest of that line becomes `addr`.
+pub fn spawn_until(args: &[&str], prefix: &str, must: &str) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -37,28 +45,32 @@ pub fn spawn(args: &[&str]) -> Proc {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     let serving = Arc::new(Mutex::new(Vec::new()));
-    let sv = serving.clone();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (sv, all) = (serving.clone(), lines.clone());
+    let prefix_owned = prefix.to_string();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("listening on ") {
+            if let Some(addr) = line.strip_prefix(&prefix_owned) {
                 let _ = tx.send(addr.to_string());
             }
             if let Some(r) = line.strip_prefix("serving blocks ") {
                 sv.lock().unwrap().push(r.to_string());
             }
+            all.lock().unwrap().push(line);
         }
     });
     let addr = loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) if a.contains("/tcp/") => break a,
+            Ok(a) if a.contains(must) => break a,
             Ok(_) => continue,
-            Err(e) => panic!("edge-node {args:?} printed no listening address: {e}"),
+            Err(e) => panic!("edge-node {args:?} printed no `{prefix}` line: {e}"),
         }
     };
     Proc {
         child,
         addr,
         serving,
+        lines,
     }
 }
 
@@ -93,6 +105,27 @@ pub fn node_with(blocks: &str, bootstrap: &Proc, extra: &[&str]) -> Proc {
 }
 
 impl Proc {
+    /// Waits (bounded) for a stdout line starting with `prefix`; returns the rest of it.
+    pub fn wait_line(&self, prefix: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).map(str::to_string));
+            if let Some(rest) = found {
+                return rest;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{prefix}` line within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn peer_id(&self) -> &str {
         self.addr.rsplit("/p2p/").next().unwrap_or_default()
     }
@@ -243,6 +276,7 @@ fn an_identity_file_keeps_the_peer_id_and_bootstrap_needs_no_peer_id() {
         child: Command::new("true").spawn().unwrap(),
         addr: bare,
         serving: Arc::default(),
+        lines: Arc::default(),
     };
     let _n = node("0..30", &bare_boot);
     let prompt = "The capital of France is";

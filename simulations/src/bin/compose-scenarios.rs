@@ -46,8 +46,43 @@ fn compose() -> Command {
         Command::new("docker-compose")
     };
     c.current_dir(root().join("deploy"))
-        .args(["-p", PROJECT, "-f", "docker-compose.yml"]);
+        .args(["-p", PROJECT, "-f", "docker-compose.yml"])
+        .env("EDGE_API_PORT", api_port().to_string());
     c
+}
+
+/// A free port on the host for the gateway's published port, chosen once per run so a busy
+/// 8080 on a CI machine cannot break the scenarios.
+fn api_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_or(18080, |a| a.port())
+    })
+}
+
+/// A plain HTTP/1.1 request to the gateway on the host; returns status and body.
+fn api(method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = format!("127.0.0.1:{}", api_port());
+    let mut s = std::net::TcpStream::connect(&addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP answer")?;
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -249,9 +284,51 @@ fn steady(_: &Cluster, reference: &Value) -> Outcome {
         same_tokens(&v, reference),
         "tokens differ from the local run"
     );
+    let api = through_the_gateway(reference)?;
     Ok(format!(
-        "300 tokens identical to local, {:.1} tokens/s",
+        "300 tokens identical to local, {:.1} tokens/s; {api}",
         v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+    ))
+}
+
+/// The gateway container, from the host through its published port: the status page sees all
+/// four nodes and the OpenAI completions endpoint gives the local text.
+fn through_the_gateway(reference: &Value) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let online = loop {
+        let status = api("GET", "/api/status", "")
+            .ok()
+            .filter(|(c, _)| *c == 200);
+        let online = status
+            .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+            .and_then(|v| {
+                let peers = v["swarm"]["peers"].as_array()?.clone();
+                Some(peers.iter().filter(|p| p["state"] == "online").count())
+            })
+            .unwrap_or(0);
+        if online == NODES.len() {
+            break online;
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway's status page shows {online} of 4 nodes online after 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let request = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "prompt": PROMPT,
+        "max_tokens": 300,
+        "temperature": 0,
+    });
+    let (code, body) = api("POST", "/v1/completions", &request.to_string())?;
+    anyhow::ensure!(code == 200, "the gateway answered {code}: {body}");
+    let v: Value = serde_json::from_str(&body).context("the gateway's answer is not JSON")?;
+    anyhow::ensure!(
+        v["choices"][0]["text"] == reference["text"],
+        "the gateway's text differs from the local run"
+    );
+    Ok(format!(
+        "gateway: {online} nodes on the status page, /v1/completions text identical"
     ))
 }
 

@@ -1,0 +1,354 @@
+//! Runs generations for both front ends: admission (a bounded queue in front of a fixed number
+//! of concurrent generations), a swarm session per request, and a stream of events. Dropping
+//! the [`Running`] handle (a client hung up) stops the generation and frees its peers' caches.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use coordinator::generate::{self, FinishReason, Forward, GenerateError, GenerateOptions};
+use coordinator::session::{InferenceSession, RouteHop};
+use coordinator::SwarmForward;
+use model::chat::ChatMessage;
+use tokio::sync::mpsc;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::Gateway;
+
+/// One generation as the front ends ask for it (already validated).
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// `None`: the gateway's default. Capped by what is left of the model's context.
+    pub max_tokens: Option<usize>,
+    pub sampling: generate::SamplingOptions,
+    pub stop: Vec<String>,
+}
+
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 1024;
+
+impl Job {
+    /// Validates sampling parameters as OpenAI defines them: `temperature` in [0, 2]
+    /// (default 1, 0 = greedy), `top_p` in (0, 1] (default 1), a random seed when none is
+    /// given, at most 16 stop sequences.
+    pub fn new(
+        prompt: Vec<u32>,
+        max_tokens: Option<usize>,
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        seed: Option<u64>,
+        stop: Vec<String>,
+    ) -> Result<Self, ApiError> {
+        let temperature = temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        if stop.len() > MAX_STOPS {
+            return Err(ApiError::bad(
+                "stop",
+                format!("at most {MAX_STOPS} stop sequences"),
+            ));
+        }
+        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::bad(
+                "stop",
+                format!("stop sequences are limited to {MAX_STOP_BYTES} bytes"),
+            ));
+        }
+        Ok(Self {
+            prompt,
+            max_tokens,
+            sampling: generate::SamplingOptions {
+                temperature,
+                top_p,
+                top_k: 0,
+                repetition_penalty: 1.0,
+                seed: seed.unwrap_or_else(rand::random),
+                ..generate::SamplingOptions::default()
+            },
+            stop,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Outcome),
+    Failed(ApiError),
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub route: Vec<RouteHop>,
+    pub reroutes: usize,
+}
+
+/// A generation in progress; its task is aborted when this is dropped.
+pub struct Running {
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub prompt_tokens: usize,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gateway {
+    /// Token ids of a conversation rendered with the model's chat template, the assistant's
+    /// turn open.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        let template = self.model.chat_template.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                "messages",
+                format!(
+                    "model {} has no chat template; use /v1/completions with a prompt",
+                    self.info.id
+                ),
+            )
+        })?;
+        let text = template
+            .render(messages, true)
+            .map_err(|e| ApiError::bad("messages", format!("cannot render the chat: {e}")))?;
+        self.text_prompt(&text)
+    }
+
+    /// Token ids of plain text (special tokens parsed, BOS if the model wants it).
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        let tok = &self.model.tokenizer;
+        let mut ids = Vec::new();
+        if tok.add_bos() {
+            ids.push(tok.bos_id());
+        }
+        ids.extend(
+            tok.encode(text, true)
+                .map_err(|e| ApiError::bad("prompt", format!("cannot tokenize: {e}")))?,
+        );
+        if ids.is_empty() {
+            return Err(ApiError::bad("prompt", "the prompt is empty"));
+        }
+        Ok(ids)
+    }
+
+    /// Admits `job`, opens a route through the swarm and starts generating. Errors before the
+    /// first token (queue full, no route) come back here, so the front ends can answer them
+    /// with a status code instead of a broken stream.
+    pub async fn run(self: &Arc<Self>, job: Job) -> Result<Running, ApiError> {
+        let context = self.model.spec.context_length;
+        let prompt_tokens = job.prompt.len();
+        if prompt_tokens >= context {
+            return Err(ApiError::new(
+                ErrorKind::ContextLength,
+                format!(
+                    "the prompt has {prompt_tokens} tokens but the model's context holds {context}"
+                ),
+            ));
+        }
+        let max_tokens = job
+            .max_tokens
+            .unwrap_or(self.config.default_max_tokens)
+            .min(context - prompt_tokens);
+
+        let permit = self.admit().await?;
+        let max_length = (prompt_tokens + max_tokens) as u32;
+        let started = Instant::now();
+        let session = InferenceSession::open(self.client.router(&self.model), max_length)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorKind::SwarmUnavailable,
+                    format!("the swarm cannot serve {}: {e}", self.info.id),
+                )
+            })?;
+
+        let (tx, events) = mpsc::unbounded_channel();
+        let gw = self.clone();
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            gw.metrics.active.inc();
+            let event = gw.generate(job, max_tokens, session, started, &tx).await;
+            gw.metrics.active.dec();
+            let _ = tx.send(event);
+        });
+        Ok(Running {
+            events,
+            prompt_tokens,
+            task,
+        })
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _undo = scopeguard(|| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        });
+        if waiting >= self.config.max_waiting {
+            return Err(ApiError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "{} generations are running and {waiting} waiting; try again later",
+                    self.config.max_concurrent
+                ),
+            ));
+        }
+        match tokio::time::timeout(
+            self.config.queue_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ApiError::new(
+                ErrorKind::SwarmUnavailable,
+                "the gateway is shutting down",
+            )),
+            Err(_) => Err(ApiError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "waited {:.0} s for a free generation slot; try again later",
+                    self.config.queue_timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
+    async fn generate(
+        &self,
+        job: Job,
+        max_tokens: usize,
+        session: InferenceSession,
+        started: Instant,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Event {
+        let opts = GenerateOptions {
+            max_new_tokens: max_tokens,
+            sampling: job.sampling,
+            stop_at_eos: true,
+            stop: job.stop,
+        };
+        let mut backend = Metered {
+            inner: SwarmForward {
+                model: &self.model,
+                session,
+            },
+            gateway: self,
+            started,
+            first: true,
+        };
+        let mut on_text = |piece: &str| {
+            let _ = tx.send(Event::Text(piece.to_owned()));
+        };
+        let run = generate::generate(
+            &mut backend,
+            &self.model.tokenizer,
+            job.prompt,
+            self.model.spec.context_length,
+            &opts,
+            &mut on_text,
+        );
+        let result = tokio::time::timeout(self.config.generation_timeout, run).await;
+        let session = backend.inner.session;
+        let route = session.route();
+        let reroutes = session.reroutes();
+        session.close().await;
+        self.metrics.reroutes.inc_by(reroutes as u64);
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(out)) => {
+                self.metrics
+                    .prompt_tokens
+                    .inc_by(out.prompt_tokens.len() as u64);
+                self.metrics
+                    .generated_tokens
+                    .inc_by(out.tokens.len() as u64);
+                Event::Done(Outcome {
+                    finish_reason: out.finish_reason,
+                    prompt_tokens: out.prompt_tokens.len(),
+                    completion_tokens: out.tokens.len(),
+                    route,
+                    reroutes,
+                })
+            }
+            Ok(Err(e)) => Event::Failed(generate_error(e)),
+            Err(_) => Event::Failed(ApiError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the generation did not finish within {:.0} s",
+                    self.config.generation_timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+}
+
+fn generate_error(e: GenerateError) -> ApiError {
+    match e {
+        GenerateError::EmptyPrompt => ApiError::bad("prompt", e.to_string()),
+        GenerateError::PromptTooLong { .. } => {
+            ApiError::new(ErrorKind::ContextLength, e.to_string())
+        }
+        GenerateError::Route(_) | GenerateError::Model(_) => ApiError::new(
+            ErrorKind::SwarmUnavailable,
+            format!("generation failed: {e}"),
+        ),
+    }
+}
+
+/// Counts generated tokens for the live speed and times the first one.
+struct Metered<'a> {
+    inner: SwarmForward<'a>,
+    gateway: &'a Gateway,
+    started: Instant,
+    first: bool,
+}
+
+impl Forward for Metered<'_> {
+    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+        let logits = self.inner.forward(ids, pos).await?;
+        if self.first {
+            // The prefill's logits give the first token.
+            self.first = false;
+            self.gateway
+                .metrics
+                .first_token_seconds
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+        self.gateway.rate.add(1);
+        Ok(logits)
+    }
+}
+
+/// Runs `f` when dropped (undoes a counter on every return path).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,152 @@
+//! What people who do not write Rust use: an OpenAI-compatible HTTP API, a gRPC service, a
+//! status page and Prometheus metrics, all on one port and all backed by one swarm client.
+//!
+//! `edge-node serve-api` wires it up; [`Gateway::start`] and [`Gateway::router`] are the
+//! library entry points for embedding it elsewhere.
+
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod openai;
+pub mod page;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use coordinator::status::ModelInfo;
+use coordinator::{ClientModel, SwarmClient};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use error::{ApiError, ErrorKind};
+use metrics::GatewayMetrics;
+use page::{RateMeter, StatusSource, SwarmSnapshot};
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: usize,
+    /// Generations running at once; more wait in the queue.
+    pub max_concurrent: usize,
+    /// Requests allowed to wait; beyond that they are refused with 429.
+    pub max_waiting: usize,
+    pub queue_timeout: Duration,
+    pub generation_timeout: Duration,
+    /// How often the status page's swarm snapshot (and gRPC health) is refreshed.
+    pub status_interval: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 256,
+            max_concurrent: 4,
+            max_waiting: 64,
+            queue_timeout: Duration::from_secs(60),
+            generation_timeout: Duration::from_secs(600),
+            status_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub info: ModelInfo,
+    pub metrics: GatewayMetrics,
+    client: SwarmClient,
+    model: Arc<ClientModel>,
+    swarm: watch::Receiver<SwarmSnapshot>,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    rate: RateMeter,
+    /// Unix seconds when the gateway started (the model's `created` in the OpenAI API).
+    created: u64,
+}
+
+impl Gateway {
+    /// Starts the background swarm snapshots; `model_id` is the name clients use.
+    pub fn start(
+        client: SwarmClient,
+        model: ClientModel,
+        model_id: String,
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let info = ModelInfo::new(model_id, &model.fingerprint, &model.spec);
+        let swarm = page::watch_swarm(
+            client.net().clone(),
+            model.fingerprint,
+            info.clone(),
+            config.status_interval,
+            shutdown,
+        );
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            config,
+            info,
+            metrics: GatewayMetrics::default(),
+            client,
+            model: Arc::new(model),
+            swarm,
+            waiting: AtomicUsize::new(0),
+            rate: RateMeter::new(Duration::from_secs(10)),
+            created: coordinator::discovery::now_ms() / 1000,
+        })
+    }
+
+    /// Every endpoint: OpenAI under `/v1`, gRPC (with reflection and health), the status page
+    /// at `/`, `/api/status` and `/metrics`.
+    pub fn router(self: &Arc<Self>, shutdown: CancellationToken) -> Router {
+        openai::router(self.clone())
+            .merge(grpc::router(self.clone(), shutdown))
+            .merge(page::router(self.clone()))
+            .fallback(openai::not_found)
+    }
+
+    /// The latest swarm snapshot (refreshed every `status_interval`).
+    pub fn swarm(&self) -> SwarmSnapshot {
+        self.swarm.borrow().clone()
+    }
+
+    /// Swarm gauges are set from the snapshot when someone reads them.
+    fn update_swarm_gauges(&self, snap: &SwarmSnapshot) {
+        if let Some(Ok(view)) = snap {
+            let online = view.peers.iter().filter(|p| p.state == "online").count();
+            self.metrics.swarm_peers_online.set(online as i64);
+            self.metrics.swarm_complete.set(view.complete() as i64);
+        }
+    }
+
+    pub fn swarm_updates(&self) -> watch::Receiver<SwarmSnapshot> {
+        self.swarm.clone()
+    }
+}
+
+impl StatusSource for Gateway {
+    fn status(&self) -> serde_json::Value {
+        let snap = self.swarm();
+        self.update_swarm_gauges(&snap);
+        let (swarm, swarm_error) = page::swarm_fields(&snap);
+        serde_json::json!({
+            "role": "gateway",
+            "model": self.info,
+            "swarm": swarm,
+            "swarm_error": swarm_error,
+            "live": {
+                "tokens_per_second": self.rate.per_second(),
+                "active": self.metrics.active.get(),
+                "tokens_total": self.metrics.generated_tokens.get(),
+                "requests_total": self.metrics.requests_total(),
+                "reroutes_total": self.metrics.reroutes.get(),
+            },
+        })
+    }
+
+    fn metrics(&self) -> String {
+        self.update_swarm_gauges(&self.swarm());
+        self.metrics.encode()
+    }
+}
