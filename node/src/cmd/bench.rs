@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// history (e.g. 100).
     #[arg(long)]
     pub recovery: Option<usize>,
+    /// With --swarm: measure the OpenAI-compatible gateway (`serve-api`) against the client
+    /// library on the same swarm, and CLIENTS concurrent streams against one.
+    #[arg(long, value_name = "CLIENTS", conflicts_with = "recovery")]
+    pub api: Option<usize>,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
@@ -115,9 +119,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {
-        _ if args.swarm => match args.recovery {
-            Some(history) => super::bench_swarm::recovery(&args, threads, history.max(2))?,
-            None => super::bench_swarm::run(&args, threads, args.nodes)?,
+        _ if args.swarm => match (args.recovery, args.api) {
+            (Some(history), _) => super::bench_swarm::recovery(&args, threads, history.max(2))?,
+            (None, Some(clients)) => super::bench_swarm::api(&args, threads, args.nodes, clients)?,
+            (None, None) => super::bench_swarm::run(&args, threads, args.nodes)?,
         },
         None => bench_full(&args, threads)?,
         Some(range) => bench_slice(&args, threads, range)?,

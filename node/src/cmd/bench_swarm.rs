@@ -30,6 +30,17 @@ impl Drop for Peer {
 }
 
 fn spawn(args: &[String], blocks: Option<Range<usize>>) -> anyhow::Result<Peer> {
+    spawn_until(args, blocks, "listening on ", "/tcp/")
+}
+
+/// Starts `edge-node ARGS` and waits for a stdout line `{prefix}...` containing `must`, whose
+/// rest becomes the peer's `addr`.
+fn spawn_until(
+    args: &[String],
+    blocks: Option<Range<usize>>,
+    prefix: &'static str,
+    must: &str,
+) -> anyhow::Result<Peer> {
     let exe = std::env::current_exe().context("locating edge-node")?;
     let mut child = Command::new(exe)
         .args(args)
@@ -42,7 +53,7 @@ fn spawn(args: &[String], blocks: Option<Range<usize>>) -> anyhow::Result<Peer> 
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("listening on ") {
+            if let Some(a) = line.strip_prefix(prefix) {
                 let _ = tx.send(a.to_string());
             }
         }
@@ -56,9 +67,9 @@ fn spawn(args: &[String], blocks: Option<Range<usize>>) -> anyhow::Result<Peer> 
     while peer.addr.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(a) if a.contains("/tcp/") => peer.addr = a,
+            Ok(a) if a.contains(must) => peer.addr = a,
             Ok(_) => {}
-            Err(_) => bail!("a swarm peer printed no listening address within 60 s"),
+            Err(_) => bail!("{args:?} printed no `{prefix}` line within 60 s"),
         }
     }
     Ok(peer)
@@ -289,4 +300,228 @@ pub fn recovery(
         "recovery_ms_median": median(recoveries.clone()),
         "decode_step_ms_median": median(steps),
     }))
+}
+
+/// `bench --swarm --api`: what the OpenAI-compatible gateway costs over calling the swarm from
+/// the client library, and how it holds up with `clients` concurrent streams, all against the
+/// same 127.0.0.1 swarm in one run. Both paths generate the same greedy tokens from the same
+/// text, so their times compare directly.
+pub fn api(
+    args: &BenchArgs,
+    threads: usize,
+    nodes: usize,
+    clients: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use coordinator::generate::{self, GenerateOptions, SamplingOptions};
+    use coordinator::SwarmForward;
+
+    let model_path = args.model.to_string_lossy().into_owned();
+    let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
+    let spec = client_model.spec.clone();
+    if nodes == 0 || nodes > spec.block_count {
+        bail!("--nodes must be between 1 and {}", spec.block_count);
+    }
+    let prompt_ids = prompt_of(&client_model.tokenizer, args.prompt_tokens)?;
+    let prompt_text = client_model.tokenizer.decode(&prompt_ids);
+    let model_id = coordinator::status::ModelInfo::id_of(&args.model);
+    let boot = spawn_bootstrap()?;
+    let mut peers = Vec::new();
+    for i in 0..nodes {
+        let r = spec.block_count * i / nodes..spec.block_count * (i + 1) / nodes;
+        peers.push(spawn_node(&model_path, r, &boot, threads)?);
+    }
+    let concurrent = clients.max(1).to_string();
+    let gateway = spawn_until(
+        &[
+            "serve-api",
+            "--model",
+            &model_path,
+            "--bootstrap",
+            &boot.addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery-timeout",
+            "60",
+            "--max-concurrent",
+            &concurrent,
+        ]
+        .map(String::from),
+        None,
+        "serving the API on http://",
+        ":",
+    )?;
+
+    let rt = super::runtime()?;
+    let client = rt.block_on(SwarmClient::connect(ClientConfig {
+        bootstrap: vec![boot.addr.parse()?],
+        discovery_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    }))?;
+    let opts = GenerateOptions {
+        max_new_tokens: args.gen_tokens,
+        sampling: SamplingOptions::greedy(),
+        stop_at_eos: true,
+        stop: Vec::new(),
+    };
+    // The gateway tokenizes the text itself; the library path gets the same ids.
+    let mut ids = Vec::new();
+    if client_model.tokenizer.add_bos() {
+        ids.push(client_model.tokenizer.bos_id());
+    }
+    ids.extend(client_model.tokenizer.encode(&prompt_text, true)?);
+
+    let (mut lib_ttft, mut lib_step, mut api_ttft, mut api_step) =
+        (vec![], vec![], vec![], vec![]);
+    let mut tokens = 0;
+    for run in 0..=args.repeats {
+        let (ttft, step, n) = rt.block_on(async {
+            let t = Instant::now();
+            let session = client
+                .open_session(&client_model, (ids.len() + args.gen_tokens) as u32)
+                .await?;
+            let opened = t.elapsed();
+            let mut backend = SwarmForward {
+                model: &client_model,
+                session,
+            };
+            let context = spec.context_length;
+            let g = generate::generate(
+                &mut backend,
+                &client_model.tokenizer,
+                ids.clone(),
+                context,
+                &opts,
+                &mut |_| {},
+            )
+            .await?;
+            backend.session.close().await;
+            let steps = g.tokens.len().saturating_sub(1).max(1);
+            anyhow::Ok((
+                opened + g.prefill_time,
+                g.decode_time.as_secs_f64() * 1e3 / steps as f64,
+                g.tokens.len(),
+            ))
+        })?;
+        let stream = stream_completion(&gateway.addr, &model_id, &prompt_text, args.gen_tokens)?;
+        anyhow::ensure!(
+            stream.tokens == n,
+            "the gateway generated {} tokens, the library {n}",
+            stream.tokens
+        );
+        tokens = n;
+        if run > 0 {
+            lib_ttft.push(ttft.as_secs_f64() * 1e3);
+            lib_step.push(step);
+            api_ttft.push(stream.first_ms);
+            api_step.push(stream.step_ms);
+        }
+    }
+
+    // Aggregate throughput of `clients` concurrent streams against one stream.
+    let single = {
+        let t = Instant::now();
+        let s = stream_completion(&gateway.addr, &model_id, &prompt_text, args.gen_tokens)?;
+        s.tokens as f64 / t.elapsed().as_secs_f64()
+    };
+    let t = Instant::now();
+    let handles: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let (addr, id) = (gateway.addr.clone(), model_id.clone());
+            let (text, n) = (prompt_text.clone(), args.gen_tokens);
+            std::thread::spawn(move || stream_completion(&addr, &id, &text, n))
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        let s = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        total += s.tokens;
+    }
+    let concurrent_tps = total as f64 / t.elapsed().as_secs_f64();
+    drop(client);
+    let (ls, as_) = (median(lib_step), median(api_step));
+    let (lt, at) = (median(lib_ttft), median(api_ttft));
+    Ok(serde_json::json!({
+        "engine": "edge-swarm",
+        "mode": "api-vs-library",
+        "nodes": nodes,
+        "threads": threads,
+        "prompt_tokens": ids.len(),
+        "gen_tokens": tokens,
+        "repeats": args.repeats,
+        "library_decode_ms_per_token": ls,
+        "api_decode_ms_per_token": as_,
+        "decode_ratio": as_ / ls,
+        "library_first_token_ms": lt,
+        "api_first_token_ms": at,
+        "first_token_ratio": at / lt,
+        "concurrent_clients": clients.max(1),
+        "api_single_stream_tokens_per_s": single,
+        "api_concurrent_tokens_per_s": concurrent_tps,
+        "concurrency_gain": concurrent_tps / single,
+    }))
+}
+
+struct Streamed {
+    tokens: usize,
+    /// From sending the request to the first text chunk.
+    first_ms: f64,
+    /// Per token between the first text chunk and the end of the stream.
+    step_ms: f64,
+}
+
+/// One streaming `/v1/completions` request over a plain socket, timed as a client sees it.
+fn stream_completion(
+    addr: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> anyhow::Result<Streamed> {
+    use std::io::Write;
+    let body = serde_json::json!({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(300)))?;
+    sock.set_nodelay(true)?;
+    let sent = Instant::now();
+    write!(
+        sock,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let (mut first, mut last, mut tokens) = (None, None, None);
+    for line in BufReader::new(sock).lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            last = Some(Instant::now());
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(e) = v.get("error") {
+            bail!("the gateway failed: {e}");
+        }
+        if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = Some(n as usize);
+        }
+    }
+    let (Some(first), Some(last), Some(tokens)) = (first, last, tokens) else {
+        bail!("the stream from {addr} ended early");
+    };
+    Ok(Streamed {
+        tokens,
+        first_ms: first.duration_since(sent).as_secs_f64() * 1e3,
+        step_ms: last.duration_since(first).as_secs_f64() * 1e3
+            / tokens.saturating_sub(1).max(1) as f64,
+    })
 }
