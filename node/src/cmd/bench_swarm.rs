@@ -370,8 +370,7 @@ pub fn api(
     }
     ids.extend(client_model.tokenizer.encode(&prompt_text, true)?);
 
-    let (mut lib_ttft, mut lib_step, mut api_ttft, mut api_step) =
-        (vec![], vec![], vec![], vec![]);
+    let (mut lib_ttft, mut lib_step, mut api_ttft, mut api_step) = (vec![], vec![], vec![], vec![]);
     let mut tokens = 0;
     for run in 0..=args.repeats {
         let (ttft, step, n) = rt.block_on(async {
@@ -508,7 +507,11 @@ fn stream_completion(
         if let Some(e) = v.get("error") {
             bail!("the gateway failed: {e}");
         }
-        if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) && first.is_none() {
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+            && first.is_none()
+        {
             first = Some(Instant::now());
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {

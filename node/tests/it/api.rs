@@ -341,3 +341,91 @@ fn headless(browser: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn a_node_killed_during_an_api_request_costs_a_reroute_not_the_answer() {
+    let boot = bootstrap();
+    let _first = node_with("0..15", &boot, &["--http-listen", "127.0.0.1:0"]);
+    let mut twins: Vec<Proc> = (0..2)
+        .map(|_| node_with("15..30", &boot, &["--http-listen", "127.0.0.1:0"]))
+        .collect();
+    let model = default_model();
+    let api = spawn_until(
+        &[
+            "serve-api",
+            "--model",
+            &model,
+            "--bootstrap",
+            &boot.addr,
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery-timeout",
+            "30",
+            "--step-timeout",
+            "5",
+            "--connect-timeout",
+            "3",
+        ],
+        "serving the API on http://",
+        ":",
+    );
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let tokens = 160;
+    let reference = json_of(&edge_node(&[
+        "generate",
+        "--local",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &tokens.to_string(),
+        "--json",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while get_json(&api.addr, "/api/status")["swarm"]["peers"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| p["state"] == "online").count())
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the swarm never came online");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let addr = api.addr.clone();
+    let body = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": prompt,
+                      "max_tokens": tokens, "temperature": 0})
+    .to_string();
+    let request =
+        std::thread::spawn(move || http(&addr, "POST", "/v1/completions", body.as_bytes()));
+    // The twin holding the session says so in its metrics; kill that one, mid-generation.
+    let victim = loop {
+        let busy = twins.iter().position(|n| {
+            let (_, text) = http(
+                &n.wait_line("status page on http://"),
+                "GET",
+                "/metrics",
+                b"",
+            );
+            metric(&text, "edge_node_sessions") >= 1.0
+        });
+        if let Some(i) = busy {
+            break i;
+        }
+        assert!(
+            !request.is_finished(),
+            "the request ended before a twin was seen busy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    twins[victim].signal("-KILL");
+    let (status, body) = request.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["text"], reference["text"], "{body}");
+    assert!(v["edge_swarm"]["reroutes"].as_u64().unwrap() >= 1, "{body}");
+    let (_, metrics) = http(&api.addr, "GET", "/metrics", b"");
+    assert!(metric(&metrics, "edge_gateway_reroutes_total") >= 1.0);
+    drop(twins.remove(victim));
+}
