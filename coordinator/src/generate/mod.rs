@@ -49,8 +49,11 @@ impl<'a> LocalForward<'a> {
 }
 
 impl Forward for LocalForward<'_> {
-    /// Computes in place: the local engine is the only work of its caller's thread.
+    /// Computes in place: the local engine is the only work of its caller's thread. A position
+    /// inside the cache rolls it back, as swarm nodes do, so a caller can re-run from any point
+    /// (a chat that reuses the conversation's common prefix).
     async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+        self.kv.truncate(pos);
         Ok(self.model.forward(ids, &mut self.kv, pos)?)
     }
 }

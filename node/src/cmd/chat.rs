@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use coordinator::generate::{self, tokenize, FinishReason, Forward, GenerateOptions};
+use coordinator::generate::{
+    self, tokenize, FinishReason, Forward, GenerateOptions, LocalForward,
+};
 use coordinator::{SwarmClient, SwarmForward};
 use model::chat::{ChatMessage, ChatTemplate};
 use model::tokenizer::Tokenizer;
@@ -20,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::client::{open_client_model, print_text, route_text, RouteArgs};
 use super::generate::SamplingArgs;
-use super::prefix_cache::{PrefixReuse, RewindLocal};
+use super::prefix_cache::PrefixReuse;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -74,7 +76,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             capacity,
             system: args.system.clone(),
         };
-        let mut backend = PrefixReuse::new(RewindLocal::new(&model, capacity)?);
+        let mut backend = PrefixReuse::new(LocalForward::new(&model, capacity)?);
         eprintln!(
             "{}: all {} blocks in this process, {capacity} positions",
             model_name(spec.name.as_deref(), &args),

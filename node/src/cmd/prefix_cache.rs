@@ -2,14 +2,13 @@
 //!
 //! Both backends accept a step at a position inside what they already hold and roll their cache
 //! back to it: a swarm peer truncates its session's cache (`node/src/compute.rs`) and the client
-//! truncates each span's kept history (`InferenceSession::forward`); [`RewindLocal`] does the
+//! truncates each span's kept history (`InferenceSession::forward`); `LocalForward` does the
 //! same in this process. [`PrefixReuse`] remembers the ids fed so far and, when a generation
 //! starts again from position 0, runs only what follows the common prefix. Blocks compute the
 //! same bits whether positions arrive one by one or in one batch, so the logits are exactly
 //! those of a fresh prefill.
 
 use coordinator::generate::{Forward, GenerateError};
-use model::{LocalModel, SessionKv};
 
 /// A [`Forward`] that skips the ids its backend already holds.
 pub struct PrefixReuse<F> {
@@ -80,31 +79,11 @@ impl<F: Forward + Send> Forward for PrefixReuse<F> {
     }
 }
 
-/// Every block in this process, with one KV cache that a step at an earlier position rolls back.
-pub struct RewindLocal<'a> {
-    model: &'a LocalModel,
-    kv: SessionKv,
-}
-
-impl<'a> RewindLocal<'a> {
-    pub fn new(model: &'a LocalModel, capacity: usize) -> Result<Self, GenerateError> {
-        Ok(Self {
-            kv: model.new_cache(capacity)?,
-            model,
-        })
-    }
-}
-
-impl Forward for RewindLocal<'_> {
-    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
-        self.kv.truncate(pos);
-        Ok(self.model.forward(ids, &mut self.kv, pos)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use coordinator::generate::LocalForward;
+    use model::LocalModel;
 
     /// Records each step; logits say how many positions the "cache" holds after it.
     #[derive(Default)]
@@ -185,12 +164,12 @@ mod tests {
         let model = LocalModel::open(&path, &mut |_, _| {}).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         block_on(async {
-            let fresh = RewindLocal::new(&model, 16)
+            let fresh = LocalForward::new(&model, 16)
                 .unwrap()
                 .forward(&[3, 4, 5, 9], 0)
                 .await
                 .unwrap();
-            let mut f = PrefixReuse::new(RewindLocal::new(&model, 16).unwrap());
+            let mut f = PrefixReuse::new(LocalForward::new(&model, 16).unwrap());
             f.forward(&[3, 4, 5, 6, 7], 0).await.unwrap();
             let reused = f.forward(&[3, 4, 5, 9], 0).await.unwrap();
             assert_eq!(f.reused, 3);
