@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use coordinator::generate::{
-    self, tokenize, FinishReason, Forward, GenerateOptions, LocalForward,
-};
+use coordinator::generate::{self, tokenize, FinishReason, Forward, GenerateOptions, LocalForward};
 use coordinator::{SwarmClient, SwarmForward};
 use model::chat::{ChatMessage, ChatTemplate};
 use model::tokenizer::Tokenizer;
