@@ -6,10 +6,12 @@ use std::path::PathBuf;
 /// tensor at fault, because most of these come from user mistakes (wrong file, wrong range).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot open model file {path}: {source}")]
+    // The I/O error is part of the message, not a `source`: chained error printers (anyhow's
+    // `{:#}`) would print it twice.
+    #[error("cannot open model file {path}: {reason}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{path} is not a GGUF file (it does not start with the GGUF magic)")]
     NotGguf { path: PathBuf },

@@ -17,9 +17,9 @@ pub type Fingerprint = [u8; 32];
 /// serves ten blocks must hash all of them, and reading keeps those pages out of its resident
 /// memory.
 pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
-    let io = |source| ModelError::Open {
+    let io = |reason| ModelError::Open {
         path: file.path().to_path_buf(),
-        source,
+        reason,
     };
     let mut f = std::fs::File::open(file.path()).map_err(io)?;
     let mut h = Sha256::new();

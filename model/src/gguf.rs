@@ -38,15 +38,15 @@ pub struct TensorView {
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|source| ModelError::Open {
+        let file = std::fs::File::open(&path).map_err(|reason| ModelError::Open {
             path: path.clone(),
-            source,
+            reason,
         })?;
         // SAFETY: the mapping is read-only. A file truncated by another process while mapped
         // would fault; that is the same contract every mmap-based model loader accepts.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Open {
+        let map = unsafe { Mmap::map(&file) }.map_err(|reason| ModelError::Open {
             path: path.clone(),
-            source,
+            reason,
         })?;
         if map.len() < 4 || &map[..4] != GGUF_MAGIC {
             return Err(ModelError::NotGguf { path });
