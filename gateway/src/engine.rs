@@ -183,8 +183,11 @@ impl Gateway {
         let task = tokio::spawn(async move {
             let _permit = permit;
             gw.metrics.active.inc();
+            // Also when the task is aborted because the client went away.
+            let _active = scopeguard(|| {
+                gw.metrics.active.dec();
+            });
             let event = gw.generate(job, max_tokens, session, started, &tx).await;
-            gw.metrics.active.dec();
             let _ = tx.send(event);
         });
         Ok(Running {
@@ -280,9 +283,6 @@ impl Gateway {
                 self.metrics
                     .prompt_tokens
                     .inc_by(out.prompt_tokens.len() as u64);
-                self.metrics
-                    .generated_tokens
-                    .inc_by(out.tokens.len() as u64);
                 Event::Done(Outcome {
                     finish_reason: out.finish_reason,
                     prompt_tokens: out.prompt_tokens.len(),
@@ -335,7 +335,10 @@ impl Forward for Metered<'_> {
                 .first_token_seconds
                 .observe(self.started.elapsed().as_secs_f64());
         }
+        // Every forward yields one sampled token: count it now, so aborted and failed
+        // generations are counted too.
         self.gateway.rate.add(1);
+        self.gateway.metrics.generated_tokens.inc();
         Ok(logits)
     }
 }

@@ -319,6 +319,42 @@ fn status_pages_show_the_swarm_in_a_browser_and_bad_requests_fail_alone() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 3);
     assert_eq!(v["edge_swarm"]["route"].as_array().unwrap().len(), 3);
+
+    // A streaming client that hangs up stops its generation and frees the peers' caches.
+    let stream = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "Once upon a time",
+                        "max_tokens": 2000, "temperature": 0, "stream": true});
+    let body = stream.to_string();
+    let mut s = TcpStream::connect(api).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    let busy = |addr: &str, name: &str| metric(&http(addr, "GET", "/metrics", b"").1, name);
+    assert_eq!(busy(api, "edge_gateway_generations_active"), 1.0);
+    drop(s);
+    // 2000 tokens would keep them busy for half a minute at least.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let nodes: Vec<String> = (0..3).map(|i| swarm.node_http(i)).collect();
+    while busy(api, "edge_gateway_generations_active") > 0.0
+        || nodes.iter().any(|n| busy(n, "edge_node_sessions") > 0.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a dropped stream kept its generation or sessions"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tokens = busy(api, "edge_gateway_tokens_generated_total");
+    assert!(
+        tokens < 2000.0,
+        "the dropped generation ran to its end ({tokens} tokens)"
+    );
 }
 
 /// Runs headless Chromium with the page's scripts given time to fetch and render.
