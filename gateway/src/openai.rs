@@ -403,25 +403,24 @@ impl Envelope {
                 json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish.map(finish_name)})
             }
         };
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.system_fingerprint,
-            "choices": [choice],
-        })
+        self.object_with(true, vec![choice])
     }
 
     fn usage_chunk(&self, o: &Outcome) -> Value {
+        let mut v = self.object_with(true, Vec::new());
+        v["usage"] = usage(o);
+        v
+    }
+
+    /// The fields every answer and chunk of this response share, with `choices`.
+    fn object_with(&self, stream: bool, choices: Vec<Value>) -> Value {
         json!({
             "id": self.id,
-            "object": self.object(true),
+            "object": self.object(stream),
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.system_fingerprint,
-            "choices": [],
-            "usage": usage(o),
+            "choices": choices,
         })
     }
 
@@ -440,16 +439,10 @@ impl Envelope {
                 "finish_reason": finish_name(o.finish_reason),
             }),
         };
-        json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.system_fingerprint,
-            "choices": [choice],
-            "usage": usage(o),
-            "edge_swarm": {"route": o.route, "reroutes": o.reroutes},
-        })
+        let mut v = self.object_with(false, vec![choice]);
+        v["usage"] = usage(o);
+        v["edge_swarm"] = json!({"route": o.route, "reroutes": o.reroutes});
+        v
     }
 }
 

@@ -90,6 +90,24 @@ fn get_json(addr: &str, path: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
+/// `serve-api` on a free port of 127.0.0.1; its `addr` is host:port.
+fn gateway(boot: &Proc, extra: &[&str]) -> Proc {
+    let model = default_model();
+    let mut args = vec![
+        "serve-api",
+        "--model",
+        &model,
+        "--bootstrap",
+        &boot.addr,
+        "--listen",
+        "127.0.0.1:0",
+        "--discovery-timeout",
+        "30",
+    ];
+    args.extend_from_slice(extra);
+    spawn_until(&args, "serving the API on http://", ":")
+}
+
 struct Swarm {
     _boot: Proc,
     nodes: Vec<Proc>,
@@ -105,22 +123,7 @@ impl Swarm {
             .iter()
             .map(|r| node_with(r, &boot, &["--http-listen", "127.0.0.1:0"]))
             .collect();
-        let model = default_model();
-        let api = spawn_until(
-            &[
-                "serve-api",
-                "--model",
-                &model,
-                "--bootstrap",
-                &boot.addr,
-                "--listen",
-                "127.0.0.1:0",
-                "--discovery-timeout",
-                "30",
-            ],
-            "serving the API on http://",
-            ":",
-        );
+        let api = gateway(&boot, &[]);
         let swarm = Self {
             _boot: boot,
             nodes,
@@ -386,25 +389,7 @@ fn a_node_killed_during_an_api_request_costs_a_reroute_not_the_answer() {
         .map(|_| node_with("15..30", &boot, &["--http-listen", "127.0.0.1:0"]))
         .collect();
     let model = default_model();
-    let api = spawn_until(
-        &[
-            "serve-api",
-            "--model",
-            &model,
-            "--bootstrap",
-            &boot.addr,
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery-timeout",
-            "30",
-            "--step-timeout",
-            "5",
-            "--connect-timeout",
-            "3",
-        ],
-        "serving the API on http://",
-        ":",
-    );
+    let api = gateway(&boot, &["--step-timeout", "5", "--connect-timeout", "3"]);
     let prompt = "Once upon a time, in a small village by the sea,";
     let tokens = 160;
     let reference = json_of(&edge_node(&[
