@@ -16,6 +16,17 @@ pub struct RouteArgs {
     /// Run every block in this process instead of through the swarm.
     #[arg(long)]
     pub local: bool,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    /// Seconds the whole generation (in `chat`: each reply) may take (default: no limit beyond
+    /// the per-step ones).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+/// How a client finds the swarm and how long it waits on it.
+#[derive(Args, Debug, Clone)]
+pub struct SwarmArgs {
     /// A peer of the swarm (repeatable); `/p2p/<peer id>` may be left out.
     #[arg(long = "bootstrap", value_name = "MULTIADDR")]
     pub bootstrap: Vec<libp2p::Multiaddr>,
@@ -31,21 +42,11 @@ pub struct RouteArgs {
     /// Seconds to connect to a peer and open a session there.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,
-    /// Seconds the whole generation (in `chat`: each reply) may take (default: no limit beyond
-    /// the per-step ones).
-    #[arg(long)]
-    pub timeout: Option<u64>,
 }
 
-impl RouteArgs {
-    /// Fails unless the flags say where the blocks run.
-    pub fn check(&self) -> anyhow::Result<()> {
-        if !self.local && self.bootstrap.is_empty() && !self.mdns {
-            bail!(
-                "say where the blocks run: --local, or --bootstrap MULTIADDR (or --mdns) for a swarm"
-            );
-        }
-        Ok(())
+impl SwarmArgs {
+    pub fn is_set(&self) -> bool {
+        !self.bootstrap.is_empty() || self.mdns
     }
 
     pub fn client_config(&self) -> ClientConfig {
@@ -59,6 +60,22 @@ impl RouteArgs {
             },
             ..ClientConfig::default()
         }
+    }
+}
+
+impl RouteArgs {
+    /// Fails unless the flags say where the blocks run.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.local && !self.swarm.is_set() {
+            bail!(
+                "say where the blocks run: --local, or --bootstrap MULTIADDR (or --mdns) for a swarm"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        self.swarm.client_config()
     }
 
     /// Runs `run` within `--timeout` when one is set.

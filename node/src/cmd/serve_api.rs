@@ -11,12 +11,12 @@ use coordinator::status::ModelInfo;
 use coordinator::SwarmClient;
 use gateway::{Gateway, GatewayConfig};
 
-use super::client::{open_client_model, RouteArgs};
+use super::client::{open_client_model, SwarmArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeApiArgs {
     #[command(flatten)]
-    pub route: RouteArgs,
+    pub swarm: SwarmArgs,
     /// Path to the GGUF model file (the same file the swarm's nodes serve).
     #[arg(long)]
     pub model: PathBuf,
@@ -35,16 +35,18 @@ pub struct ServeApiArgs {
     /// Seconds a request may wait for a slot before it is refused with 429.
     #[arg(long, default_value_t = 60)]
     pub queue_timeout: u64,
+    /// Seconds one generation may take before it fails with 504.
+    #[arg(long, default_value_t = 600)]
+    pub generation_timeout: u64,
     /// `max_tokens` of chat requests that do not say (completions default to 16, as OpenAI).
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
 }
 
 pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
-    if args.route.local {
-        bail!("serve-api serves a swarm: give --bootstrap MULTIADDR (or --mdns), not --local");
+    if !args.swarm.is_set() {
+        bail!("say where the swarm is: --bootstrap MULTIADDR (or --mdns)");
     }
-    args.route.check()?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let shutdown = super::shutdown_on_signal();
@@ -52,13 +54,13 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let client = SwarmClient::connect(args.route.client_config()).await?;
+        let client = SwarmClient::connect(args.swarm.client_config()).await?;
         let config = GatewayConfig {
             default_max_tokens: args.default_max_tokens.max(1),
             max_concurrent: args.max_concurrent.max(1),
             max_waiting: args.max_waiting,
             queue_timeout: Duration::from_secs(args.queue_timeout),
-            generation_timeout: Duration::from_secs(args.route.timeout.unwrap_or(600).max(1)),
+            generation_timeout: Duration::from_secs(args.generation_timeout.max(1)),
             ..GatewayConfig::default()
         };
         let id = args
