@@ -15,6 +15,12 @@ use tokio::sync::mpsc;
 use crate::error::{ApiError, ErrorKind};
 use crate::Gateway;
 
+/// What to continue: plain text, or a conversation for the chat template.
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
 /// One generation as the front ends ask for it (already validated).
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -112,9 +118,26 @@ impl Drop for Running {
 }
 
 impl Gateway {
+    /// Token ids of a prompt, worked out on the blocking pool: a request of a few MiB takes
+    /// a while to render and tokenize, and the async workers must keep serving meanwhile.
+    pub async fn prompt_ids(self: &Arc<Self>, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+        let gw = self.clone();
+        tokio::task::spawn_blocking(move || match prompt {
+            Prompt::Text(text) => gw.text_prompt(&text),
+            Prompt::Chat(messages) => gw.chat_prompt(&messages),
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                format!("cannot read the prompt: {e}"),
+            )
+        })?
+    }
+
     /// Token ids of a conversation rendered with the model's chat template, the assistant's
     /// turn open.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
         let template = self.model.chat_template.as_ref().ok_or_else(|| {
             ApiError::bad(
                 "messages",
@@ -131,7 +154,7 @@ impl Gateway {
     }
 
     /// Token ids of plain text (special tokens parsed, BOS if the model wants it).
-    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+    fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
         let tok = &self.model.tokenizer;
         let mut ids = Vec::new();
         if tok.add_bos() {

@@ -11,7 +11,7 @@ use model::chat::ChatMessage;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Event, Job, Running};
+use crate::engine::{Event, Job, Prompt, Running};
 use crate::error::ApiError;
 use crate::Gateway;
 
@@ -133,7 +133,7 @@ impl Grpc {
     async fn start(&self, r: pb::GenerateRequest) -> Result<Running, ApiError> {
         let gw = &self.0;
         let prompt = match (r.prompt.is_empty(), r.messages.is_empty()) {
-            (false, true) => gw.text_prompt(&r.prompt)?,
+            (false, true) => gw.prompt_ids(Prompt::Text(r.prompt)).await?,
             (true, false) => {
                 let messages: Vec<ChatMessage> = r
                     .messages
@@ -152,7 +152,7 @@ impl Grpc {
                         format!("role `{}` is not supported", m.role),
                     ));
                 }
-                gw.chat_prompt(&messages)?
+                gw.prompt_ids(Prompt::Chat(messages)).await?
             }
             _ => {
                 return Err(ApiError::bad(

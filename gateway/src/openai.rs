@@ -23,7 +23,7 @@ use model::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{Event, Job, Outcome, Running};
+use crate::engine::{Event, Job, Outcome, Prompt, Running};
 use crate::error::{ApiError, ErrorKind};
 use crate::Gateway;
 
@@ -272,7 +272,7 @@ async fn chat(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
         if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(ApiError::bad("tools", "tool calls are not supported"));
         }
-        let prompt = gw.chat_prompt(&messages(req.messages)?)?;
+        let prompt = gw.prompt_ids(Prompt::Chat(messages(req.messages)?)).await?;
         let job = req.common.job(&gw, prompt, None)?;
         let running = gw.run(job).await?;
         Ok((req.common, running))
@@ -294,7 +294,7 @@ async fn completions(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
         if prompts.len() != 1 {
             return Err(ApiError::bad("prompt", "exactly one prompt per request"));
         }
-        let prompt = gw.text_prompt(&prompts.remove(0))?;
+        let prompt = gw.prompt_ids(Prompt::Text(prompts.remove(0))).await?;
         // OpenAI's default for this endpoint.
         let job = req.common.job(&gw, prompt, Some(16))?;
         let running = gw.run(job).await?;
