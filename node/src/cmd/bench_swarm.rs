@@ -109,6 +109,22 @@ fn spawn_node(
     spawn(&args, Some(blocks))
 }
 
+/// A bootstrap peer and `nodes` nodes splitting `blocks` evenly.
+fn spawn_swarm(
+    model: &str,
+    blocks: usize,
+    nodes: usize,
+    threads: usize,
+) -> anyhow::Result<(Peer, Vec<Peer>)> {
+    let boot = spawn_bootstrap()?;
+    let mut peers = Vec::new();
+    for i in 0..nodes {
+        let r = blocks * i / nodes..blocks * (i + 1) / nodes;
+        peers.push(spawn_node(model, r, &boot, threads)?);
+    }
+    Ok((boot, peers))
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -142,12 +158,7 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     let prompt = prompt_of(&local.tokenizer, args.prompt_tokens)?;
     let max_len = args.prompt_tokens + args.gen_tokens;
 
-    let boot = spawn_bootstrap()?;
-    let mut peers = Vec::new();
-    for i in 0..nodes {
-        let r = spec.block_count * i / nodes..spec.block_count * (i + 1) / nodes;
-        peers.push(spawn_node(&model_path, r, &boot, threads)?);
-    }
+    let (boot, peers) = spawn_swarm(&model_path, spec.block_count, nodes, threads)?;
 
     let rt = super::runtime()?;
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
@@ -324,12 +335,7 @@ pub fn api(
     let prompt_ids = prompt_of(&client_model.tokenizer, args.prompt_tokens)?;
     let prompt_text = client_model.tokenizer.decode(&prompt_ids);
     let model_id = coordinator::status::ModelInfo::id_of(&args.model);
-    let boot = spawn_bootstrap()?;
-    let mut peers = Vec::new();
-    for i in 0..nodes {
-        let r = spec.block_count * i / nodes..spec.block_count * (i + 1) / nodes;
-        peers.push(spawn_node(&model_path, r, &boot, threads)?);
-    }
+    let (boot, _peers) = spawn_swarm(&model_path, spec.block_count, nodes, threads)?;
     let concurrent = clients.max(1).to_string();
     let gateway = spawn_until(
         &[

@@ -154,31 +154,33 @@ impl Swarm {
     }
 }
 
-/// Greedy single-process reference for the clients to compare with.
-fn reference(tokens: usize) -> Value {
+/// `generate --local --json` of `prompt` (as a chat turn with `chat`): the reference.
+fn local(prompt: &str, tokens: usize, chat: bool) -> Value {
     let model = default_model();
     let n = tokens.to_string();
-    let run = |prompt: &str, chat: bool| {
-        let mut args = vec![
-            "generate",
-            "--local",
-            "--model",
-            &model,
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            &n,
-            "--json",
-        ];
-        if chat {
-            args.push("--chat");
-        }
-        json_of(&edge_node(&args))
-    };
+    let mut args = vec![
+        "generate",
+        "--local",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ];
+    if chat {
+        args.push("--chat");
+    }
+    json_of(&edge_node(&args))
+}
+
+/// Greedy single-process reference for the clients to compare with.
+fn reference(tokens: usize) -> Value {
     let chat_prompt = "What is the capital of France?";
     let completion_prompt = "The capital of France is";
-    let chat = run(chat_prompt, true);
-    let completion = run(completion_prompt, false);
+    let chat = local(chat_prompt, tokens, true);
+    let completion = local(completion_prompt, tokens, false);
     assert_eq!(chat["tokens"].as_array().unwrap().len(), tokens);
     json!({
         "chat_prompt": chat_prompt,
@@ -388,21 +390,10 @@ fn a_node_killed_during_an_api_request_costs_a_reroute_not_the_answer() {
     let mut twins: Vec<Proc> = (0..2)
         .map(|_| node_with("15..30", &boot, &["--http-listen", "127.0.0.1:0"]))
         .collect();
-    let model = default_model();
     let api = gateway(&boot, &["--step-timeout", "5", "--connect-timeout", "3"]);
     let prompt = "Once upon a time, in a small village by the sea,";
     let tokens = 160;
-    let reference = json_of(&edge_node(&[
-        "generate",
-        "--local",
-        "--model",
-        &model,
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        &tokens.to_string(),
-        "--json",
-    ]));
+    let reference = local(prompt, tokens, false);
     let deadline = Instant::now() + Duration::from_secs(90);
     while get_json(&api.addr, "/api/status")["swarm"]["peers"]
         .as_array()
