@@ -267,6 +267,19 @@ fn openai_and_grpc_clients_get_the_local_reference_through_the_gateway() {
 fn status_pages_show_the_swarm_in_a_browser_and_bad_requests_fail_alone() {
     let browser = chromium();
     let swarm = Swarm::start();
+    // A client that never finishes its headers is cut off (header timeout 10 s) while
+    // everything below is served.
+    let api_addr = swarm.http().to_string();
+    let stalled = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&api_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        t.elapsed()
+    });
     let gateway = format!("http://{}/", swarm.http());
     let node0 = format!("http://{}/", swarm.node_http(0));
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -359,6 +372,11 @@ fn status_pages_show_the_swarm_in_a_browser_and_bad_requests_fail_alone() {
     assert!(
         tokens < 2000.0,
         "the dropped generation ran to its end ({tokens} tokens)"
+    );
+    let waited = stalled.join().unwrap();
+    assert!(
+        waited < Duration::from_secs(30),
+        "a stalled client held its connection for {waited:?}"
     );
 }
 
