@@ -155,15 +155,8 @@ impl Gateway {
 
     /// Token ids of plain text (special tokens parsed, BOS if the model wants it).
     fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        let tok = &self.model.tokenizer;
-        let mut ids = Vec::new();
-        if tok.add_bos() {
-            ids.push(tok.bos_id());
-        }
-        ids.extend(
-            tok.encode(text, true)
-                .map_err(|e| ApiError::bad("prompt", format!("cannot tokenize: {e}")))?,
-        );
+        let ids = generate::tokenize::prompt_ids(&self.model.tokenizer, None, text, false)
+            .map_err(|e| ApiError::bad("prompt", format!("cannot tokenize: {e}")))?;
         if ids.is_empty() {
             return Err(ApiError::bad("prompt", "the prompt is empty"));
         }

@@ -59,7 +59,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 // ---- request types ----
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
@@ -204,11 +204,7 @@ impl Common {
             self.temperature,
             self.top_p,
             self.seed.map(|s| s as u64),
-            match &self.stop {
-                None => Vec::new(),
-                Some(OneOrMany::One(s)) => vec![s.clone()],
-                Some(OneOrMany::Many(v)) => v.clone(),
-            },
+            self.stop.clone().map_or_else(Vec::new, OneOrMany::into_vec),
         )
     }
 

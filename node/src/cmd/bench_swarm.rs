@@ -116,6 +116,9 @@ fn spawn_swarm(
     nodes: usize,
     threads: usize,
 ) -> anyhow::Result<(Peer, Vec<Peer>)> {
+    if nodes == 0 || nodes > blocks {
+        bail!("--nodes must be between 1 and {blocks}");
+    }
     let boot = spawn_bootstrap()?;
     let mut peers = Vec::new();
     for i in 0..nodes {
@@ -123,6 +126,16 @@ fn spawn_swarm(
         peers.push(spawn_node(model, r, &boot, threads)?);
     }
     Ok((boot, peers))
+}
+
+/// A swarm client entering through the bench's bootstrap peer.
+async fn connect(boot: &Peer) -> anyhow::Result<SwarmClient> {
+    Ok(SwarmClient::connect(ClientConfig {
+        bootstrap: vec![boot.addr.parse()?],
+        discovery_timeout: Duration::from_secs(60),
+        ..ClientConfig::default()
+    })
+    .await?)
 }
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
@@ -152,9 +165,6 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     let model_path = args.model.to_string_lossy().into_owned();
     let local = super::open_local(&args.model)?;
     let spec = local.spec().clone();
-    if nodes == 0 || nodes > spec.block_count {
-        bail!("--nodes must be between 1 and {}", spec.block_count);
-    }
     let prompt = prompt_of(&local.tokenizer, args.prompt_tokens)?;
     let max_len = args.prompt_tokens + args.gen_tokens;
 
@@ -162,11 +172,7 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
 
     let rt = super::runtime()?;
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
-    let client = rt.block_on(SwarmClient::connect(ClientConfig {
-        bootstrap: vec![boot.addr.parse()?],
-        discovery_timeout: Duration::from_secs(60),
-        ..ClientConfig::default()
-    }))?;
+    let client = rt.block_on(connect(&boot))?;
 
     let (mut local_prefill, mut local_step, mut swarm_prefill, mut swarm_step) =
         (vec![], vec![], vec![], vec![]);
@@ -250,11 +256,7 @@ pub fn recovery(
     let _first = join(0..half)?;
     let mut spares = vec![join(half..spec.block_count)?, join(half..spec.block_count)?];
     let rt = super::runtime()?;
-    let client = rt.block_on(SwarmClient::connect(ClientConfig {
-        bootstrap: vec![boot.addr.parse()?],
-        discovery_timeout: Duration::from_secs(60),
-        ..ClientConfig::default()
-    }))?;
+    let client = rt.block_on(connect(&boot))?;
     let prompt_len = history.saturating_sub(10).max(1);
     let tokenizer = &client_model.tokenizer;
     let prompt = super::bench::prompt_of(tokenizer, prompt_len)?;
@@ -329,9 +331,6 @@ pub fn api(
     let model_path = args.model.to_string_lossy().into_owned();
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
     let spec = client_model.spec.clone();
-    if nodes == 0 || nodes > spec.block_count {
-        bail!("--nodes must be between 1 and {}", spec.block_count);
-    }
     let prompt_ids = prompt_of(&client_model.tokenizer, args.prompt_tokens)?;
     let prompt_text = client_model.tokenizer.decode(&prompt_ids);
     let model_id = coordinator::status::ModelInfo::id_of(&args.model);
@@ -358,11 +357,7 @@ pub fn api(
     )?;
 
     let rt = super::runtime()?;
-    let client = rt.block_on(SwarmClient::connect(ClientConfig {
-        bootstrap: vec![boot.addr.parse()?],
-        discovery_timeout: Duration::from_secs(60),
-        ..ClientConfig::default()
-    }))?;
+    let client = rt.block_on(connect(&boot))?;
     let opts = GenerateOptions {
         max_new_tokens: args.gen_tokens,
         sampling: SamplingOptions::greedy(),
@@ -370,11 +365,7 @@ pub fn api(
         stop: Vec::new(),
     };
     // The gateway tokenizes the text itself; the library path gets the same ids.
-    let mut ids = Vec::new();
-    if client_model.tokenizer.add_bos() {
-        ids.push(client_model.tokenizer.bos_id());
-    }
-    ids.extend(client_model.tokenizer.encode(&prompt_text, true)?);
+    let ids = generate::tokenize::prompt_ids(&client_model.tokenizer, None, &prompt_text, false)?;
 
     let (mut lib_ttft, mut lib_step, mut api_ttft, mut api_step) = (vec![], vec![], vec![], vec![]);
     let mut tokens = 0;
