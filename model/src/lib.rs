@@ -9,6 +9,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod gguf;
 pub mod head;
+pub mod kernels;
 pub mod kv_cache;
 pub mod load;
 pub mod local;

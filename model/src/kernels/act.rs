@@ -1,0 +1,261 @@
+//! Activations in the form each weight format multiplies them in, computed once per input and
+//! shared by every matrix that reads it (Q, K and V; gate and up).
+//!
+//! The quantizations are ggml's, bit for bit (its x86 `quantize_row_q8_1` for 32-blocks, its
+//! `quantize_row_q8_K_ref` for 256-blocks), so products stay within float noise of llama.cpp.
+//! They are plain scalar code: they run once per token and width, not once per weight, and
+//! scalar IEEE arithmetic gives the same bits on every CPU.
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+
+use super::formats::WeightFormat;
+
+/// One block of 32 activations quantized to 8 bits (ggml's `block_q8_1`, with its f16 fields
+/// already widened to f32, plus the integer sum the offset formats correct with).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(16))]
+pub struct ActQ8 {
+    pub qs: [i8; 32],
+    /// The scale, rounded through f16 as ggml stores it.
+    pub d: f32,
+    /// `f16(d * sum(qs))`: what Q4_1/Q5_1 multiply their minimum by.
+    pub s: f32,
+    /// `sum(qs)`, exact: what formats stored with an offset (Q4_0's `q - 8`) subtract.
+    pub sum: i32,
+}
+
+impl ActQ8 {
+    /// Quants `4k..4k+4` as one little-endian word, the unit every dot-product instruction takes.
+    #[inline(always)]
+    pub fn word(&self, k: usize) -> i32 {
+        let q = &self.qs[4 * k..4 * k + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+    }
+}
+
+/// One block of 256 activations quantized to 8 bits (ggml's `block_q8_K`).
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(16))]
+pub struct ActQ8K {
+    pub qs: [i8; 256],
+    pub d: f32,
+    /// Sums of each 16 quants, for the minimums and offsets of K-quant formats.
+    pub bsums: [i32; 16],
+}
+
+impl Default for ActQ8K {
+    fn default() -> Self {
+        Self {
+            qs: [0; 256],
+            d: 0.0,
+            bsums: [0; 16],
+        }
+    }
+}
+
+impl ActQ8K {
+    #[inline(always)]
+    pub fn word(&self, k: usize) -> i32 {
+        let q = &self.qs[4 * k..4 * k + 4];
+        i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8])
+    }
+}
+
+/// Quantizes a row (length a multiple of 32) like ggml's x86 `quantize_row_q8_1`.
+pub fn quantize_q8(xs: &[f32], out: &mut [ActQ8]) {
+    for (chunk, block) in xs.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &x) in block.qs.iter_mut().zip(chunk) {
+            let v = (x * id).round_ties_even() as i32;
+            *q = v as i8;
+            sum += v;
+        }
+        block.d = f16::from_f32(d).to_f32();
+        block.s = f16::from_f32(d * sum as f32).to_f32();
+        block.sum = sum;
+    }
+}
+
+/// Quantizes a row (length a multiple of 256) like ggml's `quantize_row_q8_K_ref`.
+pub fn quantize_q8k(xs: &[f32], out: &mut [ActQ8K]) {
+    for (chunk, block) in xs.chunks_exact(256).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &x in chunk {
+            if x.abs() > amax {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        if amax == 0.0 {
+            *block = ActQ8K::default();
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &x) in block.qs.iter_mut().zip(chunk) {
+            // ggml's `nearest_int` is round-half-to-even for these magnitudes.
+            *q = ((iscale * x).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, q) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i32).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+/// The form a weight format multiplies activations in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    /// 8-bit per 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+    Q8,
+    /// 8-bit per 256 (the K-quants).
+    Q8K,
+    /// Floats as they are (F32 weights).
+    F32,
+    /// Floats rounded to f16 (F16 weights: ggml multiplies f16 by f16).
+    F16,
+    /// Floats rounded to bf16 (BF16 weights).
+    BF16,
+}
+
+impl ActKind {
+    pub fn of(format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::Q4_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_0
+            | WeightFormat::Q5_1
+            | WeightFormat::Q8_0 => Self::Q8,
+            WeightFormat::Q2K
+            | WeightFormat::Q3K
+            | WeightFormat::Q4K
+            | WeightFormat::Q5K
+            | WeightFormat::Q6K => Self::Q8K,
+            WeightFormat::F32 => Self::F32,
+            WeightFormat::F16 => Self::F16,
+            WeightFormat::BF16 => Self::BF16,
+        }
+    }
+}
+
+/// `tokens` rows of `cols` inputs, with each quantized form made on first use.
+pub struct Activations<'a> {
+    pub x: &'a [f32],
+    pub tokens: usize,
+    pub cols: usize,
+    q8: OnceLock<Vec<ActQ8>>,
+    q8k: OnceLock<Vec<ActQ8K>>,
+    f16: OnceLock<Vec<f32>>,
+    bf16: OnceLock<Vec<f32>>,
+}
+
+impl<'a> Activations<'a> {
+    pub fn new(x: &'a [f32], tokens: usize, cols: usize) -> Self {
+        debug_assert_eq!(x.len(), tokens * cols);
+        Self {
+            x,
+            tokens,
+            cols,
+            q8: OnceLock::new(),
+            q8k: OnceLock::new(),
+            f16: OnceLock::new(),
+            bf16: OnceLock::new(),
+        }
+    }
+
+    /// Builds the form `kind` now (callers do this before fanning out to threads, so the
+    /// quantization is not done under a lock by the first task that needs it).
+    pub fn prepare(&self, kind: ActKind) {
+        match kind {
+            ActKind::Q8 => drop(self.q8()),
+            ActKind::Q8K => drop(self.q8k()),
+            ActKind::F16 => drop(self.f16()),
+            ActKind::BF16 => drop(self.bf16()),
+            ActKind::F32 => {}
+        }
+    }
+
+    /// `[tokens][cols / 32]`; requires `cols % 32 == 0` (checked when matrices are built).
+    pub fn q8(&self) -> &[ActQ8] {
+        self.q8.get_or_init(|| {
+            let n = self.cols / 32;
+            let mut q = vec![ActQ8::default(); self.tokens * n];
+            if n > 0 {
+                for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
+                    quantize_q8(row, out);
+                }
+            }
+            q
+        })
+    }
+
+    /// `[tokens][cols / 256]`.
+    pub fn q8k(&self) -> &[ActQ8K] {
+        self.q8k.get_or_init(|| {
+            let n = self.cols / 256;
+            let mut q = vec![ActQ8K::default(); self.tokens * n];
+            if n > 0 {
+                for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
+                    quantize_q8k(row, out);
+                }
+            }
+            q
+        })
+    }
+
+    pub fn f16(&self) -> &[f32] {
+        self.f16
+            .get_or_init(|| self.x.iter().map(|&v| f16::from_f32(v).to_f32()).collect())
+    }
+
+    pub fn bf16(&self) -> &[f32] {
+        self.bf16
+            .get_or_init(|| self.x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect())
+    }
+
+    /// The floats as they are (what F32 weights read).
+    pub fn f32(&self) -> &[f32] {
+        self.x
+    }
+
+    pub fn row(&self, t: usize) -> &[f32] {
+        &self.x[t * self.cols..(t + 1) * self.cols]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_quantize_to_zero() {
+        let mut q = [ActQ8::default(); 1];
+        quantize_q8(&[0.0; 32], &mut q);
+        assert_eq!((q[0].d, q[0].sum), (0.0, 0));
+        let mut k = [ActQ8K::default(); 1];
+        quantize_q8k(&[0.0; 256], &mut k);
+        assert_eq!(k[0].d, 0.0);
+        assert!(k[0].qs.iter().all(|&v| v == 0) && k[0].bsums.iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn q8k_maps_the_largest_magnitude_to_minus_127() {
+        let mut xs = [0.5f32; 256];
+        xs[7] = -3.0;
+        let mut k = [ActQ8K::default(); 1];
+        quantize_q8k(&xs, &mut k);
+        assert_eq!(
+            k[0].qs[7], -127,
+            "iscale = -127 / max sends the extreme to -127"
+        );
+        assert!((k[0].d * k[0].qs[7] as f32 + 3.0).abs() < 1e-6);
+        assert_eq!(
+            k[0].bsums[0],
+            k[0].qs[..16].iter().map(|&v| v as i32).sum::<i32>()
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! AVX2 + FMA + F16C: a tile in two 256-bit halves (rows 0..8 and 8..16); byte products with
+//! `vpmaddubsw` + `vpmaddwd`, as ggml's AVX2 kernels do.
+
+use std::arch::x86_64::*;
+
+use super::simd::Simd;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2;
+
+type Pair<T> = [T; 2];
+
+#[inline(always)]
+unsafe fn count(n: u32) -> __m128i {
+    _mm_cvtsi32_si128(n as i32)
+}
+
+#[inline(always)]
+unsafe fn each<T: Copy, U>(x: Pair<T>, f: impl Fn(T) -> U) -> Pair<U> {
+    [f(x[0]), f(x[1])]
+}
+
+#[inline(always)]
+unsafe fn both<T: Copy, U>(x: Pair<T>, y: Pair<T>, f: impl Fn(T, T) -> U) -> Pair<U> {
+    [f(x[0], y[0]), f(x[1], y[1])]
+}
+
+/// `sum of 4 adjacent u8 * i8 products` per i32 lane, exact for the operand ranges used here
+/// (the pairwise i16 sums of `vpmaddubsw` stay below 2^15: unsigned weights are below 128, and
+/// signed ones reach it only through `dot_s8`, whose |w| <= 128 by |a| <= 127 pairs give 32512).
+#[inline(always)]
+unsafe fn madd4(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+// SAFETY: only instantiated inside functions compiled with the AVX2 features (see `kernels::entries`), which the
+// dispatcher calls only when the CPU reports them; loads/stores are unaligned and in bounds.
+unsafe impl Simd for Avx2 {
+    type U8 = Pair<__m256i>;
+    type I32 = Pair<__m256i>;
+    type F32 = Pair<__m256>;
+
+    const TOKENS: usize = 2;
+    const S8_BIAS: i32 = 0;
+
+    #[inline(always)]
+    unsafe fn load_u8(p: *const u8) -> Pair<__m256i> {
+        [
+            _mm256_loadu_si256(p.cast()),
+            _mm256_loadu_si256(p.add(32).cast()),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn and_u8(x: Pair<__m256i>, mask: u8) -> Pair<__m256i> {
+        let m = _mm256_set1_epi8(mask as i8);
+        each(x, |v| _mm256_and_si256(v, m))
+    }
+    #[inline(always)]
+    unsafe fn or_u8(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
+        both(x, y, |a, b| _mm256_or_si256(a, b))
+    }
+    #[inline(always)]
+    unsafe fn shr_u8(x: Pair<__m256i>, n: u32, mask: u8) -> Pair<__m256i> {
+        Self::and_u8(each(x, |v| _mm256_srl_epi16(v, count(n))), mask)
+    }
+    #[inline(always)]
+    unsafe fn shl_u8(x: Pair<__m256i>, n: u32, mask: u8) -> Pair<__m256i> {
+        Self::and_u8(each(x, |v| _mm256_sll_epi16(v, count(n))), mask)
+    }
+    #[inline(always)]
+    unsafe fn dot_u(acc: Pair<__m256i>, w: Pair<__m256i>, a: i32) -> Pair<__m256i> {
+        let a = _mm256_set1_epi32(a);
+        both(acc, w, |acc, w| _mm256_add_epi32(acc, madd4(w, a)))
+    }
+    #[inline(always)]
+    unsafe fn dot_s8(acc: Pair<__m256i>, w: Pair<__m256i>, a: i32) -> Pair<__m256i> {
+        // |w| * (a with w's sign): ggml's trick to feed signed bytes to an unsigned multiply.
+        let a = _mm256_set1_epi32(a);
+        both(acc, w, |acc, w| {
+            _mm256_add_epi32(acc, madd4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)))
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn zero_i32() -> Pair<__m256i> {
+        [_mm256_setzero_si256(); 2]
+    }
+    #[inline(always)]
+    unsafe fn splat_i32(v: i32) -> Pair<__m256i> {
+        [_mm256_set1_epi32(v); 2]
+    }
+    #[inline(always)]
+    unsafe fn add_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
+        both(x, y, |a, b| _mm256_add_epi32(a, b))
+    }
+    #[inline(always)]
+    unsafe fn sub_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
+        both(x, y, |a, b| _mm256_sub_epi32(a, b))
+    }
+    #[inline(always)]
+    unsafe fn mul_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
+        both(x, y, |a, b| _mm256_mullo_epi32(a, b))
+    }
+    #[inline(always)]
+    unsafe fn and_i32(x: Pair<__m256i>, mask: i32) -> Pair<__m256i> {
+        let m = _mm256_set1_epi32(mask);
+        each(x, |v| _mm256_and_si256(v, m))
+    }
+    #[inline(always)]
+    unsafe fn or_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
+        both(x, y, |a, b| _mm256_or_si256(a, b))
+    }
+    #[inline(always)]
+    unsafe fn shr_i32(x: Pair<__m256i>, n: u32) -> Pair<__m256i> {
+        each(x, |v| _mm256_srl_epi32(v, count(n)))
+    }
+    #[inline(always)]
+    unsafe fn shl_i32(x: Pair<__m256i>, n: u32) -> Pair<__m256i> {
+        each(x, |v| _mm256_sll_epi32(v, count(n)))
+    }
+    #[inline(always)]
+    unsafe fn widen_u8(p: *const u8) -> Pair<__m256i> {
+        [
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast())),
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8).cast())),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn widen_i8(p: *const u8) -> Pair<__m256i> {
+        [
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())),
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast())),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn zero_f32() -> Pair<__m256> {
+        [_mm256_setzero_ps(); 2]
+    }
+    #[inline(always)]
+    unsafe fn splat_f32(v: f32) -> Pair<__m256> {
+        [_mm256_set1_ps(v); 2]
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> Pair<__m256> {
+        [
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u8) -> Pair<__m256> {
+        let half = |q: *const u8| {
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(q.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+        };
+        [half(p), half(p.add(16))]
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const u8) -> Pair<__m256> {
+        [_mm256_loadu_ps(p.cast()), _mm256_loadu_ps(p.add(32).cast())]
+    }
+    #[inline(always)]
+    unsafe fn to_f32(x: Pair<__m256i>) -> Pair<__m256> {
+        each(x, |v| _mm256_cvtepi32_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn add_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
+        both(x, y, |a, b| _mm256_add_ps(a, b))
+    }
+    #[inline(always)]
+    unsafe fn sub_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
+        both(x, y, |a, b| _mm256_sub_ps(a, b))
+    }
+    #[inline(always)]
+    unsafe fn mul_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
+        both(x, y, |a, b| _mm256_mul_ps(a, b))
+    }
+    #[inline(always)]
+    unsafe fn fma_f32(x: Pair<__m256>, y: Pair<__m256>, z: Pair<__m256>) -> Pair<__m256> {
+        [
+            _mm256_fmadd_ps(x[0], y[0], z[0]),
+            _mm256_fmadd_ps(x[1], y[1], z[1]),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn store_f32(p: *mut f32, x: Pair<__m256>) {
+        _mm256_storeu_ps(p, x[0]);
+        _mm256_storeu_ps(p.add(8), x[1]);
+    }
+}
