@@ -1,87 +1,86 @@
-//! Hot paths of a decode step on the default model's shapes: one Q4_1 matrix-vector product of
-//! each size a block uses, and the Q8_0 LM head. Compare the SIMD kernel against the scalar
-//! definition in the same run to see what the hand-written code buys.
+//! The hot paths of a block, single-threaded, for every weight format and every kernel path this
+//! CPU can run, side by side in one run: a matrix-vector product (decode) and a 64-token
+//! product (prefill) on the default model's widest shape, plus activation quantization.
+//!
+//! `cargo bench -p model --bench kernels -- 'matvec/Q4_1'` narrows the run to one format.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use half::f16;
-use model::quant::{self, ActQ8, BlockQ4_1, BlockQ8_0, QK};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use model::kernels::{self, act, cpu, Activations, Packed, WeightFormat};
 
-fn q4_1(rows: usize, cols: usize) -> Vec<BlockQ4_1> {
-    (0..rows * cols / QK)
-        .map(|i| BlockQ4_1 {
-            d: f16::from_f32(0.01 + (i % 7) as f32 * 1e-3),
-            m: f16::from_f32(-0.05),
-            qs: std::array::from_fn(|j| ((i * 31 + j * 7) % 256) as u8),
-        })
+/// Deterministic bytes with sane f16 scales (random bits would include NaN and inf).
+fn matrix(f: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+    let n = rows * cols / f.block_elems() * f.block_bytes();
+    let mut bytes: Vec<u8> = (0..n).map(|i| ((i * 2654435761) >> 13) as u8).collect();
+    let sane = half::f16::from_f32(0.01).to_le_bytes();
+    match f {
+        WeightFormat::F32 => {
+            for c in bytes.chunks_exact_mut(4) {
+                c.copy_from_slice(&0.01f32.to_le_bytes());
+            }
+        }
+        WeightFormat::F16 | WeightFormat::BF16 => {
+            for c in bytes.chunks_exact_mut(2) {
+                c.copy_from_slice(&sane);
+            }
+        }
+        _ => {
+            // Every even byte pair that could be a scale gets a sane value; quants stay varied.
+            let bb = f.block_bytes();
+            for block in bytes.chunks_exact_mut(bb) {
+                for at in [0, 2, bb - 4, bb - 2] {
+                    block[at..at + 2].copy_from_slice(&sane);
+                }
+            }
+        }
+    }
+    bytes
+}
+
+fn inputs(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
         .collect()
 }
 
-fn acts(cols: usize) -> Vec<ActQ8> {
-    let xs: Vec<f32> = (0..cols)
-        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
-        .collect();
-    let mut a = vec![ActQ8::default(); cols / QK];
-    quant::quantize_row(&xs, &mut a);
-    a
-}
-
 fn bench(c: &mut Criterion) {
-    let mut g = c.benchmark_group("matvec");
-    for (name, rows, cols) in [
-        ("attn_q 576x576", 576, 576),
-        ("ffn_up 1536x576", 1536, 576),
-        ("ffn_down 576x1536", 576, 1536),
-    ] {
-        let w = q4_1(rows, cols);
-        let a = acts(cols);
-        let per_row = cols / QK;
-        g.throughput(Throughput::Bytes(
-            (w.len() * std::mem::size_of::<BlockQ4_1>()) as u64,
-        ));
-        g.bench_function(format!("q4_1 simd {name}"), |b| {
-            b.iter(|| {
-                let mut s = 0f32;
-                for r in w.chunks_exact(per_row) {
-                    s += quant::dot_q4_1(r, &a);
-                }
-                s
-            })
-        });
-        g.bench_function(format!("q4_1 scalar {name}"), |b| {
-            b.iter(|| {
-                let mut s = 0f32;
-                for r in w.chunks_exact(per_row) {
-                    s += quant::scalar::dot_q4_1(r, &a);
-                }
-                s
-            })
-        });
+    let (rows, cols) = (1536, 576);
+    let paths = cpu::available();
+    eprintln!(
+        "CPU: {} [{}]; kernel paths: {paths:?}",
+        cpu::cpu_model(),
+        cpu::cpu_flags().join(" ")
+    );
+    for (group, tokens) in [("matvec 1536x576", 1usize), ("gemm 1536x576x64", 64)] {
+        let mut g = c.benchmark_group(group);
+        let xs = inputs(tokens * cols);
+        for f in WeightFormat::ALL {
+            let packed = Packed::new(f, rows, cols, &matrix(f, rows, cols));
+            g.throughput(Throughput::Bytes(packed.len_bytes() as u64));
+            for &isa in &paths {
+                let mut out = Vec::new();
+                g.bench_with_input(BenchmarkId::new(f.name(), isa), &isa, |b, &isa| {
+                    b.iter(|| {
+                        let a = Activations::new(&xs, tokens, cols);
+                        kernels::gemm(isa, &packed, &a, &mut out).unwrap();
+                        std::hint::black_box(&out);
+                    })
+                });
+            }
+        }
+        g.finish();
     }
-    let (rows, cols) = (49152, 576);
-    let head: Vec<BlockQ8_0> = (0..rows * cols / QK)
-        .map(|i| BlockQ8_0 {
-            d: f16::from_f32(0.01),
-            qs: std::array::from_fn(|j| ((i * 13 + j) % 255) as i8),
-        })
-        .collect();
-    let a = acts(cols);
-    g.throughput(Throughput::Bytes(
-        (head.len() * std::mem::size_of::<BlockQ8_0>()) as u64,
-    ));
-    g.bench_function("q8_0 simd lm_head 49152x576", |b| {
-        b.iter(|| {
-            head.chunks_exact(cols / QK)
-                .map(|r| quant::dot_q8_0(r, &a))
-                .sum::<f32>()
-        })
+
+    let mut g = c.benchmark_group("quantize activations, 1536 wide");
+    let xs = inputs(1536);
+    g.bench_function("Q8 (32-blocks)", |b| {
+        let mut out = vec![act::ActQ8::default(); 1536 / 32];
+        b.iter(|| act::quantize_q8(&xs, &mut out))
+    });
+    g.bench_function("Q8_K (256-blocks)", |b| {
+        let mut out = vec![act::ActQ8K::default(); 1536 / 256];
+        b.iter(|| act::quantize_q8k(&xs, &mut out))
     });
     g.finish();
-
-    let xs: Vec<f32> = (0..576).map(|i| i as f32 / 576.0).collect();
-    c.bench_function("quantize_row 576", |b| {
-        let mut out = vec![ActQ8::default(); 576 / QK];
-        b.iter(|| quant::quantize_row(&xs, &mut out))
-    });
 }
 
 criterion_group!(benches, bench);

@@ -65,7 +65,7 @@ impl Rope {
     fn new(spec: &ModelSpec, freq_factors: Option<Vec<f32>>) -> Self {
         Self {
             dim: spec.rope_dim,
-            theta_scale: spec.rope_freq_base.powf(-2.0 / spec.rope_dim as f32),
+            theta_scale: libm::powf(spec.rope_freq_base, -2.0 / spec.rope_dim as f32),
             freq_factors,
         }
     }
@@ -80,7 +80,7 @@ impl Rope {
             for i in 0..pairs {
                 let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
                 let t = theta / ff;
-                out.push((t.cos(), t.sin()));
+                out.push((libm::cosf(t), libm::sinf(t)));
                 theta *= self.theta_scale;
             }
         }
@@ -186,7 +186,7 @@ impl DecoderBlock {
     pub fn weight_bytes(&self) -> usize {
         self.matrices()
             .iter()
-            .map(|m| m.view().len_bytes())
+            .map(|m| m.weight_bytes())
             .sum::<usize>()
             + (self.attn_norm.len() + self.ffn_norm.len()) * 4
     }

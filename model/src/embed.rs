@@ -12,9 +12,12 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn load(file: &GgufFile) -> Result<Self> {
-        Ok(Self {
-            table: QMatrix::new(file.tensor("token_embd.weight")?)?,
-        })
+        Ok(Self::new(QMatrix::new(file.tensor("token_embd.weight")?)?))
+    }
+
+    /// An embedding over an already packed table (shared with a tied LM head).
+    pub fn new(table: QMatrix) -> Self {
+        Self { table }
     }
 
     pub fn matrix(&self) -> &QMatrix {

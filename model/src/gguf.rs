@@ -195,20 +195,20 @@ impl TensorView {
         Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
     }
 
-    /// Asks the kernel to read the tensor ahead and then touches every page, so the first
-    /// inference step does not pay for page faults and load progress is real progress.
-    pub fn prefault(&self) {
-        let _ = self.map.advise_range(
-            memmap2::Advice::WillNeed,
-            self.range.start,
-            self.range.len(),
-        );
-        let bytes = self.bytes();
-        let mut sum = 0u8;
-        for chunk in bytes.chunks(4096) {
-            sum = sum.wrapping_add(chunk[0]);
+    /// Drops the tensor's pages from this process's resident memory once they have been copied
+    /// (the kernels keep weights in their own layout). Later reads fault them in again from the
+    /// file, so this only costs time if the bytes are read again.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and private, so discarding its pages loses nothing:
+        // the next access re-reads the same bytes from the file.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            );
         }
-        std::hint::black_box(sum);
     }
 }
 

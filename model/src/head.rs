@@ -14,14 +14,18 @@ pub struct Head {
 }
 
 impl Head {
-    /// Uses `output.weight`, or the token embedding when the file ties them (as SmolLM2 does).
-    pub fn load(file: &GgufFile, spec: &ModelSpec) -> Result<Self> {
+    /// Uses `output.weight`, or the token embedding when the file ties them (as SmolLM2 does);
+    /// `tied` is that embedding when the caller has already packed it.
+    pub fn load(file: &GgufFile, spec: &ModelSpec, tied: Option<&QMatrix>) -> Result<Self> {
         let name = if spec.tied_embeddings {
             "token_embd.weight"
         } else {
             "output.weight"
         };
-        let lm = QMatrix::new(file.tensor(name)?)?;
+        let lm = match tied {
+            Some(m) if spec.tied_embeddings => m.clone(),
+            _ => QMatrix::new(file.tensor(name)?)?,
+        };
         if lm.cols != spec.embedding_length {
             return Err(ModelError::BadTensor {
                 name: name.into(),
@@ -40,7 +44,7 @@ impl Head {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.lm.view().len_bytes() + self.norm.len() * 4
+        self.lm.weight_bytes() + self.norm.len() * 4
     }
 
     /// Logits `[tokens, vocab]` for every position of `x`.

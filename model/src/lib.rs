@@ -15,7 +15,6 @@ pub mod load;
 pub mod local;
 pub mod matrix;
 pub mod numerics;
-pub mod quant;
 pub mod spec;
 pub mod synthetic;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use crate::embed::Embedding;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::head::Head;
+use crate::matrix::QMatrix;
 use crate::spec::ModelSpec;
 
 #[derive(Clone, Debug)]
@@ -75,16 +76,16 @@ impl ModelSlice {
         })
     }
 
-    /// Bytes of weights this slice maps, counting a tied embedding/head matrix once.
+    /// Bytes of weights this slice holds, counting a tied embedding/head matrix once.
     pub fn weight_bytes(&self) -> usize {
         let blocks = self.stack.as_ref().map_or(0, BlockStack::weight_bytes);
         let embd = self
             .embedding
             .as_ref()
-            .map_or(0, |e| e.matrix().view().len_bytes());
+            .map_or(0, |e| e.matrix().weight_bytes());
         let head = match &self.head {
             Some(h) if self.spec.tied_embeddings && self.embedding.is_some() => {
-                h.weight_bytes() - h.matrix().view().len_bytes()
+                h.weight_bytes() - h.matrix().weight_bytes()
             }
             Some(h) => h.weight_bytes(),
             None => 0,
@@ -108,34 +109,53 @@ pub fn load(
             count: spec.block_count,
         });
     }
-    let mut blocks = Vec::with_capacity(range.len());
-    for i in range.clone() {
-        blocks.push(DecoderBlock::load(file, &spec, i)?);
-    }
-    let embedding = opts.embeddings.then(|| Embedding::load(file)).transpose()?;
-    let head = opts.head.then(|| Head::load(file, &spec)).transpose()?;
-
-    // Every view was validated above; now fault the pages in, reporting as we go.
-    let mut views: Vec<_> = blocks
-        .iter()
-        .flat_map(|b| b.matrices().map(|m| m.view().clone()))
-        .collect();
-    if let Some(e) = &embedding {
-        views.push(e.matrix().view().clone());
-    }
-    if let Some(h) = &head {
-        if !(spec.tied_embeddings && embedding.is_some()) {
-            views.push(h.matrix().view().clone());
-        }
-    }
-    let total: u64 = views.iter().map(|v| v.len_bytes() as u64).sum();
+    // Progress counts the bytes of every tensor that gets packed, as it is packed.
+    let bytes_with = |prefix: &str| -> Result<u64> {
+        Ok(file
+            .tensors()?
+            .iter()
+            .filter(|v| v.name.starts_with(prefix))
+            .map(|v| v.len_bytes() as u64)
+            .sum())
+    };
+    let block_bytes = range
+        .clone()
+        .map(|i| bytes_with(&format!("blk.{i}.")))
+        .collect::<Result<Vec<_>>>()?;
+    let tied = spec.tied_embeddings;
+    let needs_embd = opts.embeddings || (opts.head && tied);
+    let embd_bytes = if needs_embd {
+        bytes_with("token_embd.")?
+    } else {
+        0
+    };
+    let head_bytes = if opts.head { bytes_with("output")? } else { 0 };
+    let total = block_bytes.iter().sum::<u64>() + embd_bytes + head_bytes;
     let mut done = 0u64;
     progress(0, total);
-    for v in &views {
-        v.prefault();
-        done += v.len_bytes() as u64;
+
+    let mut blocks = Vec::with_capacity(range.len());
+    for (i, bytes) in range.clone().zip(&block_bytes) {
+        blocks.push(DecoderBlock::load(file, &spec, i)?);
+        done += bytes;
         progress(done, total);
     }
+    // A tied head multiplies by the embedding table: pack it once for both.
+    let table = needs_embd
+        .then(|| QMatrix::new(file.tensor("token_embd.weight")?))
+        .transpose()?;
+    done += embd_bytes;
+    progress(done, total);
+    let embedding = match (&table, opts.embeddings) {
+        (Some(t), true) => Some(Embedding::new(t.clone())),
+        _ => None,
+    };
+    let head = match opts.head {
+        true => Some(Head::load(file, &spec, table.as_ref().filter(|_| tied))?),
+        false => None,
+    };
+    done += head_bytes;
+    progress(done, total);
 
     let stack = if range.is_empty() {
         None

@@ -22,8 +22,11 @@ pub struct ActQ8 {
     pub d: f32,
     /// `f16(d * sum(qs))`: what Q4_1/Q5_1 multiply their minimum by.
     pub s: f32,
-    /// `sum(qs)`, exact: what formats stored with an offset (Q4_0's `q - 8`) subtract.
+    /// `sum(qs)`, exact.
     pub sum: i32,
+    /// Sums of each 4 consecutive quants: what formats stored with an offset (Q4_0's `q - 8`)
+    /// subtract per lane of ggml's 8-lane arithmetic.
+    pub g4: [i32; 8],
 }
 
 impl ActQ8 {
@@ -43,6 +46,8 @@ pub struct ActQ8K {
     pub d: f32,
     /// Sums of each 16 quants, for the minimums and offsets of K-quant formats.
     pub bsums: [i32; 16],
+    /// Sums of each 4 quants (Q3_K's offset, per lane).
+    pub g4: [i32; 64],
 }
 
 impl Default for ActQ8K {
@@ -51,6 +56,7 @@ impl Default for ActQ8K {
             qs: [0; 256],
             d: 0.0,
             bsums: [0; 16],
+            g4: [0; 64],
         }
     }
 }
@@ -78,6 +84,9 @@ pub fn quantize_q8(xs: &[f32], out: &mut [ActQ8]) {
         block.d = f16::from_f32(d).to_f32();
         block.s = f16::from_f32(d * sum as f32).to_f32();
         block.sum = sum;
+        for (g, q) in block.g4.iter_mut().zip(block.qs.chunks_exact(4)) {
+            *g = q.iter().map(|&v| v as i32).sum();
+        }
     }
 }
 
@@ -102,6 +111,9 @@ pub fn quantize_q8k(xs: &[f32], out: &mut [ActQ8K]) {
         }
         for (s, q) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i32).sum();
+        }
+        for (g, q) in block.g4.iter_mut().zip(block.qs.chunks_exact(4)) {
+            *g = q.iter().map(|&v| v as i32).sum();
         }
         block.d = 1.0 / iscale;
     }

@@ -104,9 +104,13 @@ macro_rules! neon_simd {
             #[inline(always)]
             unsafe fn dot_u(acc: Quad<int32x4_t>, w: Quad<uint8x16_t>, a: i32) -> Quad<int32x4_t> {
                 let a = vreinterpretq_s8_s32(vdupq_n_s32(a));
-                both(acc, each(w, |v| vreinterpretq_s8_u8(v)), |acc, w| {
-                    $dot(acc, w, a)
-                })
+                let w = each(w, |v| vreinterpretq_s8_u8(v));
+                [
+                    $dot(acc[0], w[0], a),
+                    $dot(acc[1], w[1], a),
+                    $dot(acc[2], w[2], a),
+                    $dot(acc[3], w[3], a),
+                ]
             }
             #[inline(always)]
             unsafe fn dot_s8(acc: Quad<int32x4_t>, w: Quad<uint8x16_t>, a: i32) -> Quad<int32x4_t> {
@@ -218,10 +222,6 @@ macro_rules! neon_simd {
             #[inline(always)]
             unsafe fn add_f32(x: Quad<float32x4_t>, y: Quad<float32x4_t>) -> Quad<float32x4_t> {
                 both(x, y, |a, b| vaddq_f32(a, b))
-            }
-            #[inline(always)]
-            unsafe fn sub_f32(x: Quad<float32x4_t>, y: Quad<float32x4_t>) -> Quad<float32x4_t> {
-                both(x, y, |a, b| vsubq_f32(a, b))
             }
             #[inline(always)]
             unsafe fn mul_f32(x: Quad<float32x4_t>, y: Quad<float32x4_t>) -> Quad<float32x4_t> {

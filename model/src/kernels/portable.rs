@@ -141,10 +141,6 @@ unsafe impl Simd for Portable {
         zip(x, y, |a, b| a + b)
     }
     #[inline(always)]
-    unsafe fn sub_f32(x: [f32; 16], y: [f32; 16]) -> [f32; 16] {
-        zip(x, y, |a, b| a - b)
-    }
-    #[inline(always)]
     unsafe fn mul_f32(x: [f32; 16], y: [f32; 16]) -> [f32; 16] {
         zip(x, y, |a, b| a * b)
     }

@@ -64,7 +64,6 @@ pub(crate) unsafe trait Simd: Copy {
     /// Round to nearest, ties to even.
     unsafe fn to_f32(x: Self::I32) -> Self::F32;
     unsafe fn add_f32(x: Self::F32, y: Self::F32) -> Self::F32;
-    unsafe fn sub_f32(x: Self::F32, y: Self::F32) -> Self::F32;
     unsafe fn mul_f32(x: Self::F32, y: Self::F32) -> Self::F32;
     /// `x * y + z`, rounded once.
     unsafe fn fma_f32(x: Self::F32, y: Self::F32, z: Self::F32) -> Self::F32;

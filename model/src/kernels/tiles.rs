@@ -16,11 +16,12 @@ pub(crate) trait TileKernel {
     type Act: 'static;
     /// # Safety
     /// `tile` points at `nb` tile blocks of this format; each activation slice holds `nb`
-    /// blocks; the CPU runs `S`.
+    /// blocks; the CPU runs `S`. `scratch` is reusable space for decoded block scales.
     unsafe fn tile<S: Simd, const TT: usize>(
         tile: *const u8,
         nb: usize,
         acts: [&[Self::Act]; TT],
+        scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT];
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
@@ -38,9 +39,30 @@ unsafe fn mv<S: Simd>(x: S::U8, from: u32, to: u32, mask: u8) -> S::U8 {
     }
 }
 
+/// ggml's `hsum_float_8` over the 8 lane accumulators, per token (`reference::hsum8`).
 #[inline(always)]
-unsafe fn scale<S: Simd>(blk: *const u8, d_at: usize, ad: f32) -> S::F32 {
-    S::mul_f32(S::load_f16(blk.add(d_at)), S::splat_f32(ad))
+unsafe fn hsum8<S: Simd, const TT: usize>(l: &[[S::F32; TT]; 8]) -> [S::F32; TT] {
+    std::array::from_fn(|t| {
+        let a = |i: usize| l[i][t];
+        S::add_f32(
+            S::add_f32(S::add_f32(a(4), a(0)), S::add_f32(a(6), a(2))),
+            S::add_f32(S::add_f32(a(5), a(1)), S::add_f32(a(7), a(3))),
+        )
+    })
+}
+
+/// `fma(w_scale * a_scale, float(lane), acc)` for every token: the per-block float step.
+#[inline(always)]
+unsafe fn step<S: Simd, const TT: usize>(
+    acc: &mut [S::F32; TT],
+    dw: S::F32,
+    ad: [f32; TT],
+    lane: &[S::I32; TT],
+) {
+    for t in 0..TT {
+        let dd = S::mul_f32(S::splat_f32(ad[t]), dw);
+        acc[t] = S::fma_f32(dd, S::to_f32(lane[t]), acc[t]);
+    }
 }
 
 macro_rules! q8_acts {
@@ -63,12 +85,13 @@ macro_rules! q8k_acts {
     };
 }
 
-/// Q4_0, Q4_1, Q5_0, Q5_1: the 32-blocks with nibbles (and fifth bits), one loop for all four.
+/// The 32-blocks, one lane (elements `4l..4l + 4` of every block) at a time: Q4_0, Q4_1, Q5_0,
+/// Q5_1 (nibbles, `QH` = offset of the regrouped fifth bits or 0) and Q8_0 (`BYTES`).
 ///
-/// `MIN` is the offset of the minimum field (0 = none), `QH` that of the regrouped fifth bits
-/// (0 = none), `QS` that of the quants, `OFFSET` the zero point subtracted from each quant.
+/// `MIN` is the offset of the minimum (0 = none), `QS` that of the quants, `OFFSET` the zero
+/// point subtracted from each quant (`-1` marks Q8_0: signed bytes, bias per instruction set).
 #[inline(always)]
-unsafe fn nibbles<
+unsafe fn blocks32<
     S: Simd,
     const TT: usize,
     const BLOCK: usize,
@@ -81,201 +104,82 @@ unsafe fn nibbles<
     nb: usize,
     acts: [&[ActQ8]; TT],
 ) -> [S::F32; TT] {
-    let mut acc = [S::zero_f32(); TT];
-    let mut accm = [S::zero_f32(); TT];
-    for b in 0..nb {
-        let blk = tile.add(b * BLOCK);
-        let mut isum = [S::zero_i32(); TT];
-        let qh = if QH != 0 {
-            S::load_u8(blk.add(QH))
-        } else {
-            S::load_u8(blk.add(QS))
-        };
-        for c in 0..4u32 {
-            let w = S::load_u8(blk.add(QS + 64 * c as usize));
-            let mut lo = S::and_u8(w, 0x0F);
-            let mut hi = S::shr_u8(w, 4, 0x0F);
-            if QH != 0 {
-                lo = S::or_u8(lo, mv::<S>(qh, c, 4, 0x10));
-                hi = S::or_u8(hi, mv::<S>(qh, 4 + c, 4, 0x10));
-            }
-            for t in 0..TT {
-                let a = acts[t].get_unchecked(b);
-                isum[t] = S::dot_u(isum[t], lo, a.word(c as usize));
-                isum[t] = S::dot_u(isum[t], hi, a.word(4 + c as usize));
-            }
-        }
-        for t in 0..TT {
-            let a = acts[t].get_unchecked(b);
-            let i = if OFFSET != 0 {
-                S::sub_i32(isum[t], S::splat_i32(OFFSET * a.sum))
+    let mut lanes = [[S::zero_f32(); TT]; 8];
+    for (l, lane_acc) in lanes.iter_mut().enumerate() {
+        let mut acc = [S::zero_f32(); TT];
+        for b in 0..nb {
+            let blk = tile.add(b * BLOCK);
+            let a: [&ActQ8; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
+            let mut ints = [S::zero_i32(); TT];
+            if OFFSET < 0 {
+                let w = S::load_u8(blk.add(QS + 64 * l));
+                for t in 0..TT {
+                    let i = S::dot_s8(S::zero_i32(), w, a[t].word(l));
+                    ints[t] = S::sub_i32(i, S::splat_i32(S::S8_BIAS * a[t].g4[l]));
+                }
             } else {
-                isum[t]
-            };
-            acc[t] = S::fma_f32(S::to_f32(i), scale::<S>(blk, 0, a.d), acc[t]);
-            if MIN != 0 {
-                let m = S::load_f16(blk.add(MIN));
-                accm[t] = S::fma_f32(m, S::splat_f32(a.s), accm[t]);
-            }
-        }
-    }
-    if MIN != 0 {
-        for t in 0..TT {
-            acc[t] = S::add_f32(acc[t], accm[t]);
-        }
-    }
-    acc
-}
-
-pub(crate) struct Q4_0;
-impl TileKernel for Q4_0 {
-    q8_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8]; TT],
-    ) -> [S::F32; TT] {
-        nibbles::<S, TT, 288, 0, 0, 32, 8>(tile, nb, acts)
-    }
-}
-
-pub(crate) struct Q4_1;
-impl TileKernel for Q4_1 {
-    q8_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8]; TT],
-    ) -> [S::F32; TT] {
-        nibbles::<S, TT, 320, 32, 0, 64, 0>(tile, nb, acts)
-    }
-}
-
-pub(crate) struct Q5_0;
-impl TileKernel for Q5_0 {
-    q8_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8]; TT],
-    ) -> [S::F32; TT] {
-        nibbles::<S, TT, 352, 0, 32, 96, 16>(tile, nb, acts)
-    }
-}
-
-pub(crate) struct Q5_1;
-impl TileKernel for Q5_1 {
-    q8_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8]; TT],
-    ) -> [S::F32; TT] {
-        nibbles::<S, TT, 384, 32, 64, 128, 0>(tile, nb, acts)
-    }
-}
-
-pub(crate) struct Q8_0;
-impl TileKernel for Q8_0 {
-    q8_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8]; TT],
-    ) -> [S::F32; TT] {
-        let mut acc = [S::zero_f32(); TT];
-        for b in 0..nb {
-            let blk = tile.add(b * 544);
-            let mut isum = [S::zero_i32(); TT];
-            for c in 0..8 {
-                let w = S::load_u8(blk.add(32 + 64 * c));
-                for t in 0..TT {
-                    isum[t] = S::dot_s8(isum[t], w, acts[t].get_unchecked(b).word(c));
-                }
-            }
-            for t in 0..TT {
-                let a = acts[t].get_unchecked(b);
-                let i = if S::S8_BIAS != 0 {
-                    S::sub_i32(isum[t], S::splat_i32(S::S8_BIAS * a.sum))
+                let w = S::load_u8(blk.add(QS + 64 * (l % 4)));
+                let mut q = if l < 4 {
+                    S::and_u8(w, 0x0F)
                 } else {
-                    isum[t]
+                    S::shr_u8(w, 4, 0x0F)
                 };
-                acc[t] = S::fma_f32(S::to_f32(i), scale::<S>(blk, 0, a.d), acc[t]);
-            }
-        }
-        acc
-    }
-}
-
-/// The float tail shared by the K-quants: `acc = fma(sumi, d * ad, acc)` and, for formats with
-/// minimums, `accm = fma(summ, dmin * ad, accm)`, subtracted at the end.
-#[inline(always)]
-unsafe fn k_floats<S: Simd, const TT: usize>(
-    blk: *const u8,
-    d_at: usize,
-    dmin_at: Option<usize>,
-    acts: &[&ActQ8K; TT],
-    sumi: &[S::I32; TT],
-    summ: &[S::I32; TT],
-    acc: &mut [S::F32; TT],
-    accm: &mut [S::F32; TT],
-) {
-    for t in 0..TT {
-        let ad = acts[t].d;
-        acc[t] = S::fma_f32(S::to_f32(sumi[t]), scale::<S>(blk, d_at, ad), acc[t]);
-        if let Some(m) = dmin_at {
-            accm[t] = S::fma_f32(S::to_f32(summ[t]), scale::<S>(blk, m, ad), accm[t]);
-        }
-    }
-}
-
-pub(crate) struct Q2K;
-impl TileKernel for Q2K {
-    q8k_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8K]; TT],
-    ) -> [S::F32; TT] {
-        let mut acc = [S::zero_f32(); TT];
-        let mut accm = [S::zero_f32(); TT];
-        for b in 0..nb {
-            let blk = tile.add(b * 1344);
-            let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
-            let mut sumi = [S::zero_i32(); TT];
-            let mut summ = [S::zero_i32(); TT];
-            for j in 0..16usize {
-                let (n, jj, half) = (j / 8, (j % 8) / 2, j % 2);
-                let mut dot = [S::zero_i32(); TT];
-                for cc in 0..4 {
-                    let w = S::load_u8(blk.add(256 + 64 * (8 * n + 4 * half + cc)));
-                    let q = S::shr_u8(w, 2 * jj as u32, 3);
-                    for t in 0..TT {
-                        dot[t] = S::dot_u(dot[t], q, a[t].word(4 * j + cc));
-                    }
+                if QH != 0 {
+                    q = S::or_u8(q, mv::<S>(S::load_u8(blk.add(QH)), l as u32, 4, 0x10));
                 }
-                let raw = S::widen_u8(blk.add(16 * j));
-                let sc = S::and_i32(raw, 0xF);
-                let m = S::shr_i32(raw, 4);
                 for t in 0..TT {
-                    sumi[t] = S::add_i32(sumi[t], S::mul_i32(dot[t], sc));
-                    summ[t] = S::add_i32(summ[t], S::mul_i32(m, S::splat_i32(a[t].bsums[j])));
+                    let i = S::dot_u(S::zero_i32(), q, a[t].word(l));
+                    ints[t] = if OFFSET != 0 {
+                        S::sub_i32(i, S::splat_i32(OFFSET * a[t].g4[l]))
+                    } else {
+                        i
+                    };
                 }
             }
-            k_floats::<S, TT>(blk, 1280, Some(1312), &a, &sumi, &summ, &mut acc, &mut accm);
+            step::<S, TT>(&mut acc, S::load_f16(blk), a.map(|a| a.d), &ints);
+        }
+        *lane_acc = acc;
+    }
+    let mut out = hsum8::<S, TT>(&lanes);
+    if MIN != 0 {
+        let mut summs = [S::zero_f32(); TT];
+        for b in 0..nb {
+            let m = S::load_f16(tile.add(b * BLOCK + MIN));
+            for t in 0..TT {
+                let s = acts[t].get_unchecked(b).s;
+                summs[t] = S::fma_f32(m, S::splat_f32(s), summs[t]);
+            }
         }
         for t in 0..TT {
-            acc[t] = S::sub_f32(acc[t], accm[t]);
+            out[t] = S::add_f32(out[t], summs[t]);
         }
-        acc
     }
+    out
 }
+
+macro_rules! blocks32_kernel {
+    ($name:ident, $block:expr, $min:expr, $qh:expr, $qs:expr, $offset:expr) => {
+        pub(crate) struct $name;
+        impl TileKernel for $name {
+            q8_acts!();
+            #[inline(always)]
+            unsafe fn tile<S: Simd, const TT: usize>(
+                tile: *const u8,
+                nb: usize,
+                acts: [&[ActQ8]; TT],
+                _: &mut Vec<S::I32>,
+            ) -> [S::F32; TT] {
+                blocks32::<S, TT, $block, $min, $qh, $qs, $offset>(tile, nb, acts)
+            }
+        }
+    };
+}
+
+blocks32_kernel!(Q4_0, 288, 0, 0, 32, 8);
+blocks32_kernel!(Q4_1, 320, 32, 0, 64, 0);
+blocks32_kernel!(Q5_0, 352, 0, 32, 96, 16);
+blocks32_kernel!(Q5_1, 384, 32, 64, 128, 0);
+blocks32_kernel!(Q8_0, 544, 0, 0, 32, -1);
 
 /// Sub-block `j` (0..16) scale of a Q3_K tile block, minus 32 (see `formats::scale_q3k`).
 #[inline(always)]
@@ -290,48 +194,6 @@ unsafe fn q3k_scale<S: Simd>(sc: *const u8, j: usize) -> S::I32 {
     let hs = S::widen_u8(sc.add(16 * (8 + k)));
     let high = S::shl_i32(S::and_i32(S::shr_i32(hs, 2 * g as u32), 3), 4);
     S::sub_i32(S::or_i32(low, high), S::splat_i32(32))
-}
-
-pub(crate) struct Q3K;
-impl TileKernel for Q3K {
-    q8k_acts!();
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const TT: usize>(
-        tile: *const u8,
-        nb: usize,
-        acts: [&[ActQ8K]; TT],
-    ) -> [S::F32; TT] {
-        let mut acc = [S::zero_f32(); TT];
-        let mut none = [S::zero_f32(); TT];
-        let zero = [S::zero_i32(); TT];
-        for b in 0..nb {
-            let blk = tile.add(b * 1760);
-            let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
-            let mut sumi = [S::zero_i32(); TT];
-            for j in 0..16usize {
-                let (n, jj, half) = (j / 8, (j % 8) / 2, j % 2);
-                let mut dot = [S::zero_i32(); TT];
-                for cc in 0..4 {
-                    let q = S::load_u8(blk.add(512 + 64 * (8 * n + 4 * half + cc)));
-                    let h = S::load_u8(blk.add(64 * (4 * half + cc)));
-                    let u = S::or_u8(
-                        S::shr_u8(q, 2 * jj as u32, 3),
-                        mv::<S>(h, (4 * n + jj) as u32, 2, 4),
-                    );
-                    for t in 0..TT {
-                        dot[t] = S::dot_u(dot[t], u, a[t].word(4 * j + cc));
-                    }
-                }
-                let sc = q3k_scale::<S>(blk.add(1536), j);
-                for t in 0..TT {
-                    let d = S::sub_i32(dot[t], S::splat_i32(4 * a[t].bsums[j]));
-                    sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, sc));
-                }
-            }
-            k_floats::<S, TT>(blk, 1728, None, &a, &sumi, &zero, &mut acc, &mut none);
-        }
-        acc
-    }
 }
 
 /// Sub-block `j` (0..8) scale and minimum of a Q4_K/Q5_K tile block (`formats::scale_min_k4`).
@@ -351,57 +213,225 @@ unsafe fn k4_scale_min<S: Simd>(sc: *const u8, j: usize) -> (S::I32, S::I32) {
     }
 }
 
-/// Q4_K and Q5_K (`QH` = offset of the fifth bits, 0 for Q4_K).
+/// Decodes every block's scales once per tile into `scratch` (`per` vectors per block), so the
+/// eight lane passes do not decode them eight times.
+#[inline(always)]
+unsafe fn decode_scales<S: Simd>(
+    scratch: &mut Vec<S::I32>,
+    nb: usize,
+    per: usize,
+    mut f: impl FnMut(usize, &mut [S::I32]),
+) {
+    scratch.clear();
+    scratch.resize(nb * per, S::zero_i32());
+    for (b, out) in scratch.chunks_exact_mut(per).enumerate() {
+        f(b, out);
+    }
+}
+
+pub(crate) struct Q2K;
+impl TileKernel for Q2K {
+    q8k_acts!();
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const TT: usize>(
+        tile: *const u8,
+        nb: usize,
+        acts: [&[ActQ8K]; TT],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; TT] {
+        const BLOCK: usize = 1344;
+        decode_scales::<S>(scratch, nb, 32, |b, out| {
+            for j in 0..16 {
+                let raw = S::widen_u8(tile.add(b * BLOCK + 16 * j));
+                out[j] = S::and_i32(raw, 0xF);
+                out[16 + j] = S::shr_i32(raw, 4);
+            }
+        });
+        let mut lanes = [[S::zero_f32(); TT]; 8];
+        for (l, lane_acc) in lanes.iter_mut().enumerate() {
+            let (half, cc) = (l / 4, l % 4);
+            let mut acc = [S::zero_f32(); TT];
+            for b in 0..nb {
+                let blk = tile.add(b * BLOCK);
+                let sc = &scratch[b * 32..b * 32 + 32];
+                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
+                let dmin = S::load_f16(blk.add(1312));
+                for t in 0..TT {
+                    let mins = S::add_i32(
+                        S::mul_i32(sc[16 + 2 * l], S::splat_i32(a[t].bsums[2 * l])),
+                        S::mul_i32(sc[17 + 2 * l], S::splat_i32(a[t].bsums[2 * l + 1])),
+                    );
+                    let dd = S::mul_f32(S::splat_f32(-a[t].d), dmin);
+                    acc[t] = S::fma_f32(dd, S::to_f32(mins), acc[t]);
+                }
+                let mut sumi = [S::zero_i32(); TT];
+                for n in 0..2 {
+                    let w = S::load_u8(blk.add(256 + 64 * (8 * n + 4 * half + cc)));
+                    for jj in 0..4 {
+                        let q = S::shr_u8(w, 2 * jj as u32, 3);
+                        let word = 32 * n + 8 * jj + 4 * half + cc;
+                        let s = sc[8 * n + 2 * jj + half];
+                        for t in 0..TT {
+                            let d = S::dot_u(S::zero_i32(), q, a[t].word(word));
+                            sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
+                        }
+                    }
+                }
+                step::<S, TT>(&mut acc, S::load_f16(blk.add(1280)), a.map(|a| a.d), &sumi);
+            }
+            *lane_acc = acc;
+        }
+        hsum8::<S, TT>(&lanes)
+    }
+}
+
+pub(crate) struct Q3K;
+impl TileKernel for Q3K {
+    q8k_acts!();
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const TT: usize>(
+        tile: *const u8,
+        nb: usize,
+        acts: [&[ActQ8K]; TT],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; TT] {
+        const BLOCK: usize = 1760;
+        decode_scales::<S>(scratch, nb, 16, |b, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = q3k_scale::<S>(tile.add(b * BLOCK + 1536), j);
+            }
+        });
+        let mut lanes = [[S::zero_f32(); TT]; 8];
+        for (l, lane_acc) in lanes.iter_mut().enumerate() {
+            let (half, cc) = (l / 4, l % 4);
+            let mut acc = [S::zero_f32(); TT];
+            for b in 0..nb {
+                let blk = tile.add(b * BLOCK);
+                let sc = &scratch[b * 16..b * 16 + 16];
+                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
+                let h = S::load_u8(blk.add(64 * (4 * half + cc)));
+                let mut sumi = [S::zero_i32(); TT];
+                for n in 0..2 {
+                    let q = S::load_u8(blk.add(512 + 64 * (8 * n + 4 * half + cc)));
+                    for jj in 0..4 {
+                        let u = S::or_u8(
+                            S::shr_u8(q, 2 * jj as u32, 3),
+                            mv::<S>(h, (4 * n + jj) as u32, 2, 4),
+                        );
+                        let word = 32 * n + 8 * jj + 4 * half + cc;
+                        let s = sc[8 * n + 2 * jj + half];
+                        for t in 0..TT {
+                            let d = S::sub_i32(
+                                S::dot_u(S::zero_i32(), u, a[t].word(word)),
+                                S::splat_i32(4 * a[t].g4[word]),
+                            );
+                            sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
+                        }
+                    }
+                }
+                step::<S, TT>(&mut acc, S::load_f16(blk.add(1728)), a.map(|a| a.d), &sumi);
+            }
+            *lane_acc = acc;
+        }
+        hsum8::<S, TT>(&lanes)
+    }
+}
+
+/// Q4_K (`QH` = 0, minimums in 4 lanes) and Q5_K (`QH` = offset of the fifth bits, minimums in
+/// one scalar), as ggml's two kernels differ there.
 #[inline(always)]
 unsafe fn k4<S: Simd, const TT: usize, const BLOCK: usize, const QH: usize, const QS: usize>(
     tile: *const u8,
     nb: usize,
     acts: [&[ActQ8K]; TT],
+    scratch: &mut Vec<S::I32>,
 ) -> [S::F32; TT] {
-    let mut acc = [S::zero_f32(); TT];
-    let mut accm = [S::zero_f32(); TT];
-    for b in 0..nb {
-        let blk = tile.add(b * BLOCK);
-        let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
-        let mut sumi = [S::zero_i32(); TT];
-        let mut summ = [S::zero_i32(); TT];
-        for g in 0..4usize {
-            let mut dl = [S::zero_i32(); TT];
-            let mut dh = [S::zero_i32(); TT];
-            for c in 0..8 {
-                let w = S::load_u8(blk.add(QS + 64 * (8 * g + c)));
+    decode_scales::<S>(scratch, nb, 16, |b, out| {
+        for j in 0..8 {
+            let (s, m) = k4_scale_min::<S>(tile.add(b * BLOCK + 64), j);
+            out[j] = s;
+            out[8 + j] = m;
+        }
+    });
+    let mut lanes = [[S::zero_f32(); TT]; 8];
+    for (l, lane_acc) in lanes.iter_mut().enumerate() {
+        let mut acc = [S::zero_f32(); TT];
+        for b in 0..nb {
+            let blk = tile.add(b * BLOCK);
+            let sc = &scratch[b * 16..b * 16 + 8];
+            let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
+            let h = if QH != 0 {
+                S::load_u8(blk.add(QH + 64 * l))
+            } else {
+                S::load_u8(blk)
+            };
+            let mut sumi = [S::zero_i32(); TT];
+            for g in 0..4 {
+                let w = S::load_u8(blk.add(QS + 64 * (8 * g + l)));
                 let mut lo = S::and_u8(w, 0x0F);
                 let mut hi = S::shr_u8(w, 4, 0x0F);
                 if QH != 0 {
-                    let h = S::load_u8(blk.add(QH + 64 * c));
                     lo = S::or_u8(lo, mv::<S>(h, 2 * g as u32, 4, 0x10));
                     hi = S::or_u8(hi, mv::<S>(h, 2 * g as u32 + 1, 4, 0x10));
                 }
                 for t in 0..TT {
-                    dl[t] = S::dot_u(dl[t], lo, a[t].word(16 * g + c));
-                    dh[t] = S::dot_u(dh[t], hi, a[t].word(16 * g + 8 + c));
+                    let dl = S::dot_u(S::zero_i32(), lo, a[t].word(16 * g + l));
+                    let dh = S::dot_u(S::zero_i32(), hi, a[t].word(16 * g + 8 + l));
+                    let s = S::add_i32(S::mul_i32(dl, sc[2 * g]), S::mul_i32(dh, sc[2 * g + 1]));
+                    sumi[t] = S::add_i32(sumi[t], s);
                 }
             }
-            let (s0, m0) = k4_scale_min::<S>(blk.add(64), 2 * g);
-            let (s1, m1) = k4_scale_min::<S>(blk.add(64), 2 * g + 1);
-            for t in 0..TT {
-                let s = S::add_i32(S::mul_i32(dl[t], s0), S::mul_i32(dh[t], s1));
-                sumi[t] = S::add_i32(sumi[t], s);
-                let b0 = a[t].bsums[4 * g] + a[t].bsums[4 * g + 1];
-                let b1 = a[t].bsums[4 * g + 2] + a[t].bsums[4 * g + 3];
-                let m = S::add_i32(
-                    S::mul_i32(m0, S::splat_i32(b0)),
-                    S::mul_i32(m1, S::splat_i32(b1)),
-                );
-                summ[t] = S::add_i32(summ[t], m);
+            step::<S, TT>(&mut acc, S::load_f16(blk), a.map(|a| a.d), &sumi);
+        }
+        *lane_acc = acc;
+    }
+    let mut out = hsum8::<S, TT>(&lanes);
+    // The minimum terms: sub-block j's minimum times the activations' sum over it.
+    let mins = |b: usize, a: &ActQ8K, j: usize| {
+        S::mul_i32(
+            scratch[b * 16 + 8 + j],
+            S::splat_i32(a.bsums[2 * j] + a.bsums[2 * j + 1]),
+        )
+    };
+    if QH == 0 {
+        let mut accm = [[S::zero_f32(); TT]; 4];
+        for (k, accm) in accm.iter_mut().enumerate() {
+            for b in 0..nb {
+                let dmin = S::load_f16(tile.add(b * BLOCK + 32));
+                for t in 0..TT {
+                    let a = acts[t].get_unchecked(b);
+                    let m = S::add_i32(mins(b, a, 2 * k), mins(b, a, 2 * k + 1));
+                    let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
+                    accm[t] = S::fma_f32(dd, S::to_f32(m), accm[t]);
+                }
             }
         }
-        k_floats::<S, TT>(blk, 0, Some(32), &a, &sumi, &summ, &mut acc, &mut accm);
+        for t in 0..TT {
+            let m = S::add_f32(
+                S::add_f32(accm[0][t], accm[2][t]),
+                S::add_f32(accm[1][t], accm[3][t]),
+            );
+            out[t] = S::add_f32(out[t], m);
+        }
+    } else {
+        let mut summs = [S::zero_f32(); TT];
+        for b in 0..nb {
+            let dmin = S::load_f16(tile.add(b * BLOCK + 32));
+            for t in 0..TT {
+                let a = acts[t].get_unchecked(b);
+                let mut m = mins(b, a, 0);
+                for j in 1..8 {
+                    m = S::add_i32(m, mins(b, a, j));
+                }
+                let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
+                summs[t] = S::fma_f32(dd, S::to_f32(m), summs[t]);
+            }
+        }
+        for t in 0..TT {
+            out[t] = S::add_f32(out[t], summs[t]);
+        }
     }
-    for t in 0..TT {
-        acc[t] = S::sub_f32(acc[t], accm[t]);
-    }
-    acc
+    out
 }
 
 pub(crate) struct Q4K;
@@ -412,8 +442,9 @@ impl TileKernel for Q4K {
         tile: *const u8,
         nb: usize,
         acts: [&[ActQ8K]; TT],
+        scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
-        k4::<S, TT, 2304, 0, 256>(tile, nb, acts)
+        k4::<S, TT, 2304, 0, 256>(tile, nb, acts, scratch)
     }
 }
 
@@ -425,8 +456,9 @@ impl TileKernel for Q5K {
         tile: *const u8,
         nb: usize,
         acts: [&[ActQ8K]; TT],
+        scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
-        k4::<S, TT, 2816, 256, 768>(tile, nb, acts)
+        k4::<S, TT, 2816, 256, 768>(tile, nb, acts, scratch)
     }
 }
 
@@ -438,47 +470,54 @@ impl TileKernel for Q6K {
         tile: *const u8,
         nb: usize,
         acts: [&[ActQ8K]; TT],
+        scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
-        let mut acc = [S::zero_f32(); TT];
-        let mut none = [S::zero_f32(); TT];
-        let zero = [S::zero_i32(); TT];
-        for b in 0..nb {
-            let blk = tile.add(b * 3360);
-            let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
-            let mut sumi = [S::zero_i32(); TT];
-            for n in 0..2usize {
-                for half in 0..2usize {
-                    let mut dots = [[S::zero_i32(); TT]; 4];
-                    for cc in 0..4 {
-                        let c = 4 * half + cc;
-                        let wa = S::load_u8(blk.add(64 * (16 * n + c)));
-                        let wb = S::load_u8(blk.add(64 * (16 * n + 8 + c)));
-                        let h = S::load_u8(blk.add(2048 + 64 * (8 * n + c)));
-                        let q = [
-                            S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30)),
-                            S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30)),
-                            S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30)),
-                            S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30)),
-                        ];
-                        for (p, q) in q.into_iter().enumerate() {
-                            for t in 0..TT {
-                                dots[p][t] = S::dot_u(dots[p][t], q, a[t].word(32 * n + 8 * p + c));
-                            }
-                        }
-                    }
-                    for (p, dot) in dots.iter().enumerate() {
-                        let j = 8 * n + 2 * p + half;
-                        let sc = S::widen_i8(blk.add(3072 + 16 * j));
+        const BLOCK: usize = 3360;
+        decode_scales::<S>(scratch, nb, 16, |b, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = S::widen_i8(tile.add(b * BLOCK + 3072 + 16 * j));
+            }
+        });
+        let mut lanes = [[S::zero_f32(); TT]; 8];
+        for (l, lane_acc) in lanes.iter_mut().enumerate() {
+            let half = l / 4;
+            let mut acc = [S::zero_f32(); TT];
+            for b in 0..nb {
+                let blk = tile.add(b * BLOCK);
+                let sc = &scratch[b * 16..b * 16 + 16];
+                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
+                let mut sumi = [S::zero_i32(); TT];
+                for n in 0..2 {
+                    let wa = S::load_u8(blk.add(64 * (16 * n + l)));
+                    let wb = S::load_u8(blk.add(64 * (16 * n + 8 + l)));
+                    let h = S::load_u8(blk.add(2048 + 64 * (8 * n + l)));
+                    let q = [
+                        S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30)),
+                        S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30)),
+                        S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30)),
+                        S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30)),
+                    ];
+                    for (p, q) in q.into_iter().enumerate() {
+                        let s = sc[8 * n + 2 * p + half];
                         for t in 0..TT {
-                            let d = S::sub_i32(dot[t], S::splat_i32(32 * a[t].bsums[j]));
-                            sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, sc));
+                            let d = S::dot_u(S::zero_i32(), q, a[t].word(32 * n + 8 * p + l));
+                            sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
                         }
                     }
                 }
+                // ggml subtracts the zero point per pair of sub-blocks (2l, 2l + 1).
+                for t in 0..TT {
+                    let z = S::add_i32(
+                        S::mul_i32(sc[2 * l], S::splat_i32(a[t].bsums[2 * l])),
+                        S::mul_i32(sc[2 * l + 1], S::splat_i32(a[t].bsums[2 * l + 1])),
+                    );
+                    sumi[t] = S::sub_i32(sumi[t], S::shl_i32(z, 5));
+                }
+                step::<S, TT>(&mut acc, S::load_f16(blk.add(3328)), a.map(|a| a.d), &sumi);
             }
-            k_floats::<S, TT>(blk, 3328, None, &a, &sumi, &zero, &mut acc, &mut none);
+            *lane_acc = acc;
         }
-        acc
+        hsum8::<S, TT>(&lanes)
     }
 }
 
@@ -516,6 +555,7 @@ macro_rules! float_kernel {
                 tile: *const u8,
                 nb: usize,
                 acts: [&[f32]; TT],
+                _: &mut Vec<S::I32>,
             ) -> [S::F32; TT] {
                 floats::<S, TT, $elem>(tile, nb, acts)
             }
@@ -567,19 +607,20 @@ unsafe fn drive_groups<S: Simd, K: TileKernel, const TT: usize>(
     nb: usize,
 ) {
     let tokens = acts.tokens;
+    let mut scratch = Vec::new();
     for tile in tiles {
         let w = p.tile(tile).as_ptr();
         let mut t = 0;
         while t + TT <= tokens && TT > 1 {
             let a: [&[K::Act]; TT] = std::array::from_fn(|i| K::acts(acts, t + i, nb));
-            let r = K::tile::<S, TT>(w, nb, a);
+            let r = K::tile::<S, TT>(w, nb, a, &mut scratch);
             for (i, v) in r.into_iter().enumerate() {
                 store::<S>(out, t + i, tile, v);
             }
             t += TT;
         }
         while t < tokens {
-            let r = K::tile::<S, 1>(w, nb, [K::acts(acts, t, nb)]);
+            let r = K::tile::<S, 1>(w, nb, [K::acts(acts, t, nb)], &mut scratch);
             store::<S>(out, t, tile, r[0]);
             t += 1;
         }

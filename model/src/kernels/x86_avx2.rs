@@ -169,10 +169,6 @@ unsafe impl Simd for Avx2 {
         both(x, y, |a, b| _mm256_add_ps(a, b))
     }
     #[inline(always)]
-    unsafe fn sub_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
-        both(x, y, |a, b| _mm256_sub_ps(a, b))
-    }
-    #[inline(always)]
     unsafe fn mul_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
         both(x, y, |a, b| _mm256_mul_ps(a, b))
     }

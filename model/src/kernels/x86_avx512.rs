@@ -128,10 +128,6 @@ unsafe impl Simd for Avx512 {
         _mm512_add_ps(x, y)
     }
     #[inline(always)]
-    unsafe fn sub_f32(x: __m512, y: __m512) -> __m512 {
-        _mm512_sub_ps(x, y)
-    }
-    #[inline(always)]
     unsafe fn mul_f32(x: __m512, y: __m512) -> __m512 {
         _mm512_mul_ps(x, y)
     }

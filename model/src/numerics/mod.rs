@@ -6,9 +6,18 @@
 //! copy ggml's choices exactly: flash attention over an f16 KV cache with the query rounded to
 //! f16 and the output accumulated in f16, its 4x8-lane f16 dot product, its vectorised `expf` in
 //! SiLU, and f64 accumulation in RMSNorm. Each SIMD routine has a scalar twin that computes the
-//! same bits, used on CPUs without AVX2 and to test the SIMD one.
+//! same bits, used on CPUs without SIMD and to test the others; which one runs is chosen at run
+//! time with the matrix kernels' instruction set (see `kernels::cpu`).
+//!
+//! Transcendental functions come from the `libm` crate, not the platform's C library: glibc
+//! picks different `expf`/`cosf` code on CPUs with and without FMA, and two honest peers must
+//! compute the very same bits.
 
 use half::f16;
+
+use crate::kernels::cpu::{self, Isa};
+
+mod f16_ops;
 
 /// ggml's `ggml_v_expf` (Arm optimized-routines polynomial, at most 1.5 ulp from `exp`),
 /// lane for lane, so SiLU matches llama.cpp to the bit.
@@ -41,13 +50,30 @@ pub fn expf_ggml(x: f32) -> f32 {
 /// `gate[i] = silu(gate[i]) * up[i]`, as ggml's `ggml_vec_swiglu_f32`: groups of 8 use the
 /// vectorised exp, a tail shorter than 8 uses the C library's.
 pub fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(cpu::selected(), Isa::Avx2 | Isa::Avx512) {
+        // SAFETY: the selected path implies AVX2 and FMA.
+        return unsafe { swiglu_fma(gate, up, width) };
+    }
+    swiglu_body(gate, up, width)
+}
+
+/// The same code with hardware FMA, so `mul_add` is one instruction instead of a libm call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32], width: usize) {
+    swiglu_body(gate, up, width)
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &mut [f32], up: &[f32], width: usize) {
     let vec_end = width - width % 8;
     for (g_row, u_row) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
         for (i, (g, u)) in g_row.iter_mut().zip(u_row).enumerate() {
             let e = if i < vec_end {
                 expf_ggml(0.0 - *g)
             } else {
-                (-*g).exp()
+                libm::expf(-*g)
             };
             *g = *g / (1.0 + e) * u;
         }
@@ -69,144 +95,6 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     }
 }
 
-/// Portable versions, bit-identical to the AVX2 ones.
-pub mod scalar {
-    use super::*;
-
-    /// ggml's `ggml_vec_dot_f16`: 4 accumulators of 8 lanes over steps of 32, reduced pairwise,
-    /// the tail (length not a multiple of 32) added in f64.
-    pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
-        let n = x.len().min(y.len());
-        let np = n - n % 32;
-        let mut sum = [[0f32; 8]; 4];
-        for i in (0..np).step_by(32) {
-            for (j, acc) in sum.iter_mut().enumerate() {
-                for (l, a) in acc.iter_mut().enumerate() {
-                    let e = i + j * 8 + l;
-                    *a = x[e].to_f32().mul_add(y[e].to_f32(), *a);
-                }
-            }
-        }
-        let mut s = [0f32; 8];
-        for l in 0..8 {
-            s[l] = (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]);
-        }
-        let t0 = [s[0] + s[4], s[1] + s[5], s[2] + s[6], s[3] + s[7]];
-        let mut total = ((t0[0] + t0[1]) + (t0[2] + t0[3])) as f64;
-        for e in np..n {
-            total += (x[e].to_f32() * y[e].to_f32()) as f64;
-        }
-        total as f32
-    }
-
-    /// `y = f16(y + x * v)` elementwise (ggml's `ggml_vec_mad_f16`).
-    pub fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y = f16::from_f32(x.to_f32().mul_add(v, y.to_f32()));
-        }
-    }
-
-    /// `y = f16(y * v)` elementwise (ggml's `ggml_vec_scale_f16`).
-    pub fn scale_f16(y: &mut [f16], v: f32) {
-        for y in y.iter_mut() {
-            *y = f16::from_f32(y.to_f32() * v);
-        }
-    }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-mod simd {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load(p: &[f16]) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().cast()))
-    }
-
-    #[inline(always)]
-    unsafe fn store(p: &mut [f16], v: __m256) {
-        _mm_storeu_si128(
-            p.as_mut_ptr().cast(),
-            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
-        );
-    }
-
-    pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
-        let n = x.len().min(y.len());
-        let np = n - n % 32;
-        // SAFETY: the target has AVX2/FMA/F16C; every load reads 8 in-bounds halves (i+j*8+8 <= np).
-        unsafe {
-            let mut sum = [_mm256_setzero_ps(); 4];
-            for i in (0..np).step_by(32) {
-                for (j, acc) in sum.iter_mut().enumerate() {
-                    let o = i + j * 8;
-                    *acc = _mm256_fmadd_ps(load(&x[o..o + 8]), load(&y[o..o + 8]), *acc);
-                }
-            }
-            let s02 = _mm256_add_ps(sum[0], sum[2]);
-            let s13 = _mm256_add_ps(sum[1], sum[3]);
-            let s = _mm256_add_ps(s02, s13);
-            let t0 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let t1 = _mm_hadd_ps(t0, t0);
-            let mut total = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) as f64;
-            for e in np..n {
-                total += (x[e].to_f32() * y[e].to_f32()) as f64;
-            }
-            total as f32
-        }
-    }
-
-    pub fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
-        let n = x.len().min(y.len());
-        let np = n - n % 8;
-        // SAFETY: as in `dot_f16`; loads and stores of 8 in-bounds halves.
-        unsafe {
-            let vv = _mm256_set1_ps(v);
-            for o in (0..np).step_by(8) {
-                let r = _mm256_fmadd_ps(load(&x[o..o + 8]), vv, load(&y[o..o + 8]));
-                store(&mut y[o..o + 8], r);
-            }
-        }
-        scalar::mad_f16(&mut y[np..n], &x[np..n], v);
-    }
-
-    pub fn scale_f16(y: &mut [f16], v: f32) {
-        let n = y.len();
-        let np = n - n % 8;
-        // SAFETY: as in `mad_f16`.
-        unsafe {
-            let vv = _mm256_set1_ps(v);
-            for o in (0..np).step_by(8) {
-                let r = _mm256_mul_ps(load(&y[o..o + 8]), vv);
-                store(&mut y[o..o + 8], r);
-            }
-        }
-        scalar::scale_f16(&mut y[np..n], v);
-    }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-pub use simd::{dot_f16, mad_f16, scale_f16};
-
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-)))]
-pub use scalar::{dot_f16, mad_f16, scale_f16};
-
 /// One query head attending over `len` cached positions, as ggml's CPU flash attention does it
 /// (`flash_attn_ext_f16_one_chunk`): scores one at a time, a running maximum, the weighted sum of
 /// values kept in f16 and divided by the softmax denominator at the end.
@@ -220,21 +108,59 @@ pub fn attend(
     acc: &mut [f16],
     out: &mut [f32],
 ) {
+    attend_on(cpu::selected(), q, keys, values, scale, acc, out)
+}
+
+/// [`attend`] on instruction set `isa` (which must be one this CPU runs).
+pub(crate) fn attend_on(
+    isa: Isa,
+    q: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
+    assert!(isa.supported(), "the {isa} path on a CPU without it");
+    match isa {
+        // SAFETY (both): the CPU runs `isa` (asserted), which implies the entry's features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => unsafe { f16_ops::attend_x86(q, keys, values, scale, acc, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::Dotprod => unsafe {
+            f16_ops::attend_arm(q, keys, values, scale, acc, out)
+        },
+        _ => attend_body::<f16_ops::Scalar>(q, keys, values, scale, acc, out),
+    }
+}
+
+#[inline(always)]
+fn attend_body<O: f16_ops::F16Ops>(
+    q: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    scale: f32,
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
     let hd = q.len();
     acc.fill(f16::ZERO);
     let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
     for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
-        let s = dot_f16(k, q) * scale;
+        // SAFETY: `attend_on` instantiates `O` only where its instructions exist.
+        let s = unsafe { O::dot_f16(k, q) } * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > m {
             let old = m;
             m = s;
-            ms = (old - m).exp();
-            scale_f16(acc, ms);
+            ms = libm::expf(old - m);
+            // SAFETY: as above.
+            unsafe { O::scale_f16(acc, ms) };
         } else {
-            vs = (s - m).exp();
+            vs = libm::expf(s - m);
         }
-        mad_f16(acc, v, vs);
+        // SAFETY: as above.
+        unsafe { O::mad_f16(acc, v, vs) };
         s_sum = s_sum.mul_add(ms, vs);
     }
     let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
@@ -258,22 +184,39 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_scalar_f16_routines_agree_to_the_bit() {
-        for n in [8usize, 32, 64, 80, 128] {
-            let (x, y) = (halves(n, 1), halves(n, 7));
-            assert_eq!(
-                dot_f16(&x, &y).to_bits(),
-                scalar::dot_f16(&x, &y).to_bits(),
-                "dot n={n}"
-            );
-            let (mut a, mut b) = (y.clone(), y.clone());
-            mad_f16(&mut a, &x, 0.37);
-            scalar::mad_f16(&mut b, &x, 0.37);
-            assert_eq!(a, b, "mad n={n}");
-            scale_f16(&mut a, 0.61);
-            scalar::scale_f16(&mut b, 0.61);
-            assert_eq!(a, b, "scale n={n}");
+    fn every_path_attends_to_the_same_bits() {
+        // Head sizes with and without a tail past the 32- and 8-wide steps; scores that raise
+        // the running maximum and scores that do not.
+        for hd in [8usize, 32, 64, 80, 128, 256] {
+            for len in [1usize, 7, 40] {
+                let q = halves(hd, 3);
+                let keys = halves(hd * len, 11 + hd as u32);
+                let values = halves(hd * len, 13);
+                let mut want = vec![0f32; hd];
+                let mut acc = vec![f16::ZERO; hd];
+                attend_on(Isa::Portable, &q, &keys, &values, 0.07, &mut acc, &mut want);
+                for isa in cpu::available() {
+                    let mut got = vec![0f32; hd];
+                    attend_on(isa, &q, &keys, &values, 0.07, &mut acc, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa} hd={hd} len={len}: {got:?} vs {want:?}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn swiglu_is_the_same_with_and_without_hardware_fma() {
+        let gate: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.173).collect();
+        let up: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
+        let mut a = gate.clone();
+        swiglu(&mut a, &up, 100);
+        let mut b = gate.clone();
+        swiglu_body(&mut b, &up, 100);
+        assert_eq!(a, b);
     }
 
     #[test]

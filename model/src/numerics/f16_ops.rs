@@ -1,0 +1,256 @@
+//! The f16 vector routines of flash attention, one implementation per instruction set, all
+//! computing ggml's AVX2 arithmetic: 4 accumulators of 8 lanes, reduced in its order. The NEON
+//! version keeps the 8-lane structure in register pairs, so every path gives the same bits.
+
+use half::f16;
+
+/// # Safety
+/// Implementations may use their instruction set; callers run them only where it exists.
+pub(super) unsafe trait F16Ops {
+    /// ggml's `ggml_vec_dot_f16`: 4 accumulators of 8 lanes over steps of 32, reduced pairwise,
+    /// the tail (length not a multiple of 32) added in f64.
+    unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32;
+    /// `y = f16(y + x * v)` elementwise (ggml's `ggml_vec_mad_f16`).
+    unsafe fn mad_f16(y: &mut [f16], x: &[f16], v: f32);
+    /// `y = f16(y * v)` elementwise (ggml's `ggml_vec_scale_f16`).
+    unsafe fn scale_f16(y: &mut [f16], v: f32);
+}
+
+/// Plain Rust: the definition the others are tested against.
+pub(super) struct Scalar;
+
+/// The 8 lane sums of the 4 accumulators, reduced as ggml's AVX2 code reduces them.
+#[inline(always)]
+fn reduce(sum: [[f32; 8]; 4]) -> f32 {
+    let s: [f32; 8] = std::array::from_fn(|l| (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]));
+    let t0 = [s[0] + s[4], s[1] + s[5], s[2] + s[6], s[3] + s[7]];
+    (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+#[inline(always)]
+fn tail_dot(x: &[f16], y: &[f16], from: usize, total: f32) -> f32 {
+    let mut total = total as f64;
+    for e in from..x.len().min(y.len()) {
+        total += (x[e].to_f32() * y[e].to_f32()) as f64;
+    }
+    total as f32
+}
+
+// SAFETY: plain Rust.
+unsafe impl F16Ops for Scalar {
+    #[inline(always)]
+    unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+        let n = x.len().min(y.len());
+        let np = n - n % 32;
+        let mut sum = [[0f32; 8]; 4];
+        for i in (0..np).step_by(32) {
+            for (j, acc) in sum.iter_mut().enumerate() {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let e = i + j * 8 + l;
+                    *a = x[e].to_f32().mul_add(y[e].to_f32(), *a);
+                }
+            }
+        }
+        tail_dot(x, y, np, reduce(sum))
+    }
+
+    #[inline(always)]
+    unsafe fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y = f16::from_f32(x.to_f32().mul_add(v, y.to_f32()));
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn scale_f16(y: &mut [f16], v: f32) {
+        for y in y.iter_mut() {
+            *y = f16::from_f32(y.to_f32() * v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::attend_x86;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA + F16C (also the path of AVX-512 CPUs: attention is not where time goes).
+    pub(in crate::numerics) struct Avx2;
+
+    #[inline(always)]
+    unsafe fn load(p: &[f16]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().cast()))
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: &mut [f16], v: __m256) {
+        _mm_storeu_si128(
+            p.as_mut_ptr().cast(),
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
+        );
+    }
+
+    // SAFETY: instantiated only in `attend_x86`, compiled with these features and called only
+    // when the CPU has them; every load/store covers 8 in-bounds halves.
+    unsafe impl F16Ops for Avx2 {
+        #[inline(always)]
+        unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+            let n = x.len().min(y.len());
+            let np = n - n % 32;
+            let mut sum = [_mm256_setzero_ps(); 4];
+            for i in (0..np).step_by(32) {
+                for (j, acc) in sum.iter_mut().enumerate() {
+                    let o = i + j * 8;
+                    *acc = _mm256_fmadd_ps(load(&x[o..o + 8]), load(&y[o..o + 8]), *acc);
+                }
+            }
+            let s02 = _mm256_add_ps(sum[0], sum[2]);
+            let s13 = _mm256_add_ps(sum[1], sum[3]);
+            let s = _mm256_add_ps(s02, s13);
+            let t0 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let t1 = _mm_hadd_ps(t0, t0);
+            tail_dot(x, y, np, _mm_cvtss_f32(_mm_hadd_ps(t1, t1)))
+        }
+
+        #[inline(always)]
+        unsafe fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+            let n = x.len().min(y.len());
+            let np = n - n % 8;
+            let vv = _mm256_set1_ps(v);
+            for o in (0..np).step_by(8) {
+                let r = _mm256_fmadd_ps(load(&x[o..o + 8]), vv, load(&y[o..o + 8]));
+                store(&mut y[o..o + 8], r);
+            }
+            Scalar::mad_f16(&mut y[np..n], &x[np..n], v);
+        }
+
+        #[inline(always)]
+        unsafe fn scale_f16(y: &mut [f16], v: f32) {
+            let n = y.len();
+            let np = n - n % 8;
+            let vv = _mm256_set1_ps(v);
+            for o in (0..np).step_by(8) {
+                let r = _mm256_mul_ps(load(&y[o..o + 8]), vv);
+                store(&mut y[o..o + 8], r);
+            }
+            Scalar::scale_f16(&mut y[np..n], v);
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::numerics) unsafe fn attend_x86(
+        q: &[f16],
+        keys: &[f16],
+        values: &[f16],
+        scale: f32,
+        acc: &mut [f16],
+        out: &mut [f32],
+    ) {
+        super::super::attend_body::<Avx2>(q, keys, values, scale, acc, out)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) use arm::attend_arm;
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::*;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// Advanced SIMD (every aarch64 CPU).
+    pub(in crate::numerics) struct Neon;
+
+    /// Eight halves as two f32x4 (`fcvtl`, exact; its intrinsic is not stable yet).
+    #[inline(always)]
+    unsafe fn load(p: &[f16]) -> (float32x4_t, float32x4_t) {
+        let h = vld1q_u16(p.as_ptr().cast());
+        let (lo, hi): (float32x4_t, float32x4_t);
+        asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) lo, in(vreg) vget_low_u16(h),
+             options(pure, nomem, nostack));
+        asm!("fcvtl2 {0:v}.4s, {1:v}.8h", out(vreg) hi, in(vreg) h,
+             options(pure, nomem, nostack));
+        (lo, hi)
+    }
+
+    /// Eight f32 to halves, rounding to nearest even (`fcvtn`, as F16C's conversion does).
+    #[inline(always)]
+    unsafe fn store(p: &mut [f16], (lo, hi): (float32x4_t, float32x4_t)) {
+        let (a, b): (uint16x4_t, uint16x4_t);
+        asm!("fcvtn {0:v}.4h, {1:v}.4s", out(vreg) a, in(vreg) lo, options(pure, nomem, nostack));
+        asm!("fcvtn {0:v}.4h, {1:v}.4s", out(vreg) b, in(vreg) hi, options(pure, nomem, nostack));
+        vst1q_u16(p.as_mut_ptr().cast(), vcombine_u16(a, b));
+    }
+
+    // SAFETY: NEON is part of every aarch64 CPU; loads/stores cover 8 in-bounds halves.
+    unsafe impl F16Ops for Neon {
+        #[inline(always)]
+        unsafe fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+            let n = x.len().min(y.len());
+            let np = n - n % 32;
+            let mut sum = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); 4];
+            for i in (0..np).step_by(32) {
+                for (j, acc) in sum.iter_mut().enumerate() {
+                    let o = i + j * 8;
+                    let (xl, xh) = load(&x[o..o + 8]);
+                    let (yl, yh) = load(&y[o..o + 8]);
+                    *acc = (vfmaq_f32(acc.0, xl, yl), vfmaq_f32(acc.1, xh, yh));
+                }
+            }
+            // Lanes l and l + 4 of ggml's 8-lane vector are `.0[l]` and `.1[l]` here.
+            let lo = vaddq_f32(vaddq_f32(sum[0].0, sum[2].0), vaddq_f32(sum[1].0, sum[3].0));
+            let hi = vaddq_f32(vaddq_f32(sum[0].1, sum[2].1), vaddq_f32(sum[1].1, sum[3].1));
+            let t0 = vaddq_f32(lo, hi);
+            let t1 = vpaddq_f32(t0, t0);
+            tail_dot(x, y, np, vgetq_lane_f32::<0>(vpaddq_f32(t1, t1)))
+        }
+
+        #[inline(always)]
+        unsafe fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+            let n = x.len().min(y.len());
+            let np = n - n % 8;
+            let vv = vdupq_n_f32(v);
+            for o in (0..np).step_by(8) {
+                let (xl, xh) = load(&x[o..o + 8]);
+                let (yl, yh) = load(&y[o..o + 8]);
+                store(
+                    &mut y[o..o + 8],
+                    (vfmaq_f32(yl, xl, vv), vfmaq_f32(yh, xh, vv)),
+                );
+            }
+            Scalar::mad_f16(&mut y[np..n], &x[np..n], v);
+        }
+
+        #[inline(always)]
+        unsafe fn scale_f16(y: &mut [f16], v: f32) {
+            let n = y.len();
+            let np = n - n % 8;
+            let vv = vdupq_n_f32(v);
+            for o in (0..np).step_by(8) {
+                let (l, h) = load(&y[o..o + 8]);
+                store(&mut y[o..o + 8], (vmulq_f32(l, vv), vmulq_f32(h, vv)));
+            }
+            Scalar::scale_f16(&mut y[np..n], v);
+        }
+    }
+
+    /// # Safety
+    /// An aarch64 CPU (NEON is mandatory there).
+    #[target_feature(enable = "neon")]
+    pub(in crate::numerics) unsafe fn attend_arm(
+        q: &[f16],
+        keys: &[f16],
+        values: &[f16],
+        scale: f32,
+        acc: &mut [f16],
+        out: &mut [f32],
+    ) {
+        super::super::attend_body::<Neon>(q, keys, values, scale, acc, out)
+    }
+}
