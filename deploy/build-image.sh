@@ -5,23 +5,19 @@
 # `FROM scratch` image. The model is not baked in: compose mounts ../models. It also builds
 # `edge-swarm/link-delay`, the relay the slow-link scenario uses where the kernel has no netem.
 #
-#   bash deploy/build-image.sh                              # binary for this machine's CPU
-#   EDGE_TARGET_CPU=x86-64-v3 bash deploy/build-image.sh    # portable to any AVX2 machine
-#   EDGE_PROFILE=debug bash deploy/build-image.sh           # reuse the test build (CI)
+#   bash deploy/build-image.sh                    # release binary
+#   EDGE_PROFILE=debug bash deploy/build-image.sh # reuse the test build (CI)
+#
+# The binary runs on any x86-64 CPU: its kernels pick AVX-512, AVX2 or portable code at start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${EDGE_IMAGE:-edge-swarm/edge-node:latest}
-CPU=${EDGE_TARGET_CPU:-}
 BINS=(-p node --bin edge-node -p simulations --bin link-delay)
 if [ "${EDGE_PROFILE:-release}" = debug ]; then
   # The test build: dependencies and the model crate are optimised in it as well.
   cargo build "${BINS[@]}"
   OUT=target/debug
-elif [ -n "$CPU" ]; then
-  # A different target CPU gets its own target dir, so local builds are not thrown away.
-  RUSTFLAGS="-C target-cpu=$CPU" cargo build --release "${BINS[@]}" --target-dir "target/cpu-$CPU"
-  OUT="target/cpu-$CPU/release"
 else
   cargo build --release "${BINS[@]}"
   OUT=target/release

@@ -4,13 +4,14 @@
 # reach; PyPI is not). Two CPU builds, both with GGML_NATIVE=OFF and explicit instruction sets so
 # a figure always says which kernels llama.cpp ran:
 #
-#   .bench/llama.cpp/avx512/bin   AVX-512 F/BW/VL/VNNI/BF16 + AVX2/FMA/F16C, AMX off
-#   .bench/llama.cpp/avx2/bin     AVX2/FMA/F16C only
+#   .bench/llama.cpp/avx512/build/bin   AVX-512 F/BW/VL/VNNI/BF16 + AVX2/FMA/F16C, AMX off
+#   .bench/llama.cpp/avx2/build/bin     AVX2/FMA/F16C only
 #
 # AMX stays off: on VMs whose hypervisor does not enable it, llama.cpp's AMX path faults on the
 # first prompt. Each build holds llama-bench, llama-quantize, llama-server, llama-tokenize and the
-# shared libraries; `scripts/llama-env.sh VARIANT` points the Python binding (llama_cpp, pure
-# ctypes, taken from the same sdist) at them, so no third build is needed.
+# shared libraries. The Python binding (llama_cpp, pure ctypes) comes from the same sdist:
+#   PYTHONPATH=.bench/llama.cpp/src LLAMA_CPP_LIB_PATH=.bench/llama.cpp/avx512/build/bin python3 ...
+# so no third build is needed.
 #
 # Usage: scripts/build-llama-cpp.sh [avx512|avx2|all]   (default: all the CPU can run)
 # Skips a variant whose binaries are already there. ~10 min per variant on 2 cores.
@@ -54,8 +55,8 @@ build() {
   local variant=$1
   shift
   local out=$ROOT/$variant
-  if [ -x "$out/bin/llama-bench" ] && [ -x "$out/bin/llama-quantize" ] && [ -f "$out/.complete" ]; then
-    echo "llama.cpp $variant present: $out/bin" >&2
+  if [ -f "$out/.complete" ]; then
+    echo "llama.cpp $variant present: $out/build/bin" >&2
     return
   fi
   echo "building llama.cpp ($variant) into $out ..." >&2
@@ -65,14 +66,12 @@ build() {
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=OFF \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-    -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$PWD/$out/bin" \
-    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/$out/bin" \
     "$@" >"$out.configure.log" 2>&1 \
     || { tail -30 "$out.configure.log" >&2; exit 1; }
   cmake --build "$out/build" --target "${TARGETS[@]}" -j "$(nproc)" >"$out.build.log" 2>&1 \
     || { tail -30 "$out.build.log" >&2; exit 1; }
   touch "$out/.complete"
-  echo "llama.cpp $variant ready: $out/bin" >&2
+  echo "llama.cpp $variant ready: $out/build/bin" >&2
 }
 
 X86_COMMON=(-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)

@@ -58,8 +58,14 @@ fn main() -> ExitCode {
             }),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .compact()
         .init();
+    // Before any work: a bad EDGE_CPU, or a binary built for a newer CPU, is one clear line.
+    if let Err(e) = model::kernels::cpu::init() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Chat(args) => cmd::chat::run(args),

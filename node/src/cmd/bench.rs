@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use coordinator::generate::sample::argmax;
 use edge_node::compute::measure_speed;
+use model::kernels::cpu;
 use model::{GgufFile, LoadOptions};
 
 use crate::rss;
@@ -160,6 +161,9 @@ fn bench_full(args: &BenchArgs, threads: usize) -> anyhow::Result<serde_json::Va
         "mode": "local",
         "model": spec.name,
         "threads": threads,
+        "kernels": cpu::selected().name(),
+        "cpu": cpu::cpu_model(),
+        "cpu_flags": cpu::cpu_flags().join(" "),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "repeats": args.repeats,
@@ -198,6 +202,7 @@ fn bench_slice(
         "mode": "slice",
         "blocks": format!("{}..{}", range.start, range.end),
         "threads": threads,
+        "kernels": cpu::selected().name(),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "prefill_ms_per_block": median(prefill),
