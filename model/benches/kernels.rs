@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
         for f in WeightFormat::ALL {
             let packed = Packed::new(f, rows, cols, &matrix(f, rows, cols));
             g.throughput(Throughput::Bytes(packed.len_bytes() as u64));
-            for &isa in &paths {
+            for &isa in paths {
                 let mut out = Vec::new();
                 g.bench_with_input(BenchmarkId::new(f.name(), isa), &isa, |b, &isa| {
                     b.iter(|| {

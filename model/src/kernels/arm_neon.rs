@@ -48,8 +48,10 @@ unsafe fn dot4_mull(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     vaddq_s32(acc, vpaddq_s32(lo, hi))
 }
 
-/// The same with `sdot`.
-#[inline(always)]
+/// The same with `sdot`. Compiled with the dot-product feature itself (not only inlined into
+/// functions that have it), so the assembler accepts `sdot` wherever the optimiser places it.
+#[target_feature(enable = "dotprod")]
+#[inline]
 unsafe fn dot4_sdot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     asm!(
         "sdot {0:v}.4s, {1:v}.16b, {2:v}.16b",

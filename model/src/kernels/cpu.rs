@@ -58,8 +58,13 @@ impl fmt::Display for Isa {
     }
 }
 
-/// Every path this CPU can run, fastest first.
-pub fn available() -> Vec<Isa> {
+/// Every path this CPU can run, fastest first (detected once).
+pub fn available() -> &'static [Isa] {
+    static PATHS: OnceLock<Vec<Isa>> = OnceLock::new();
+    PATHS.get_or_init(detect)
+}
+
+fn detect() -> Vec<Isa> {
     let mut out = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {

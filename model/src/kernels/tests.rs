@@ -145,7 +145,7 @@ fn every_path_equals_the_reference_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(11);
     for f in WeightFormat::ALL {
         let be = f.block_elems().max(32);
-        for (rows, blocks, tokens) in [(16, 1, 1), (35, 3, 5), (64, 2, 4), (7, 1, 2)] {
+        for (rows, blocks, tokens) in [(16, 1, 1), (35, 3, 5), (64, 2, 4), (7, 1, 2), (83, 2, 1)] {
             for fl in [Flavour::Random, Flavour::Extreme] {
                 let cols = be * blocks;
                 let bytes = random_matrix(&mut rng, f, rows, cols, fl);
@@ -153,7 +153,7 @@ fn every_path_equals_the_reference_bit_for_bit() {
                 let acts = Activations::new(&xs, tokens, cols);
                 let want = reference_product(f, &bytes, rows, &acts);
                 let packed = Packed::new(f, rows, cols, &bytes);
-                for &isa in &paths {
+                for &isa in paths {
                     let mut got = Vec::new();
                     gemm(isa, &packed, &acts, &mut got).unwrap();
                     if let Some(i) = same_bits(&got, &want) {
@@ -184,11 +184,11 @@ fn a_rows_result_does_not_depend_on_the_batch() {
         WeightFormat::F16,
     ] {
         let cols = f.block_elems().max(32) * 2;
-        let rows = 40;
+        let rows = 72;
         let bytes = random_matrix(&mut rng, f, rows, cols, Flavour::Random);
         let packed = Packed::new(f, rows, cols, &bytes);
         let xs = random_inputs(&mut rng, 9 * cols, Flavour::Random);
-        for &isa in &available() {
+        for &isa in available() {
             let mut batch = Vec::new();
             gemm(isa, &packed, &Activations::new(&xs, 9, cols), &mut batch).unwrap();
             for t in 0..9 {

@@ -25,6 +25,28 @@ pub(crate) trait TileKernel {
     ) -> [S::F32; TT];
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
+
+    /// Four tiles against one token (decode). The float kernels override this to interleave
+    /// the tiles: their one accumulator per row would otherwise wait on each multiply-add.
+    ///
+    /// # Safety
+    /// As for [`TileKernel::tile`], for each of the four tiles.
+    #[inline(always)]
+    unsafe fn tiles4<S: Simd>(
+        tiles: [*const u8; 4],
+        nb: usize,
+        acts: &[Self::Act],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; 4] {
+        // Written out, not `map`: a closure need not inline, and the kernel's instructions
+        // must stay inside the caller's target features.
+        [
+            Self::tile::<S, 1>(tiles[0], nb, [acts], scratch)[0],
+            Self::tile::<S, 1>(tiles[1], nb, [acts], scratch)[0],
+            Self::tile::<S, 1>(tiles[2], nb, [acts], scratch)[0],
+            Self::tile::<S, 1>(tiles[3], nb, [acts], scratch)[0],
+        ]
+    }
 }
 
 /// Moves bit `from` of each byte to bit `to`, keeping only `mask` (bits at `to`).
@@ -521,25 +543,29 @@ impl TileKernel for Q6K {
     }
 }
 
-/// Float weights: `[k][row]` per tile, one fused multiply-add per element, in column order.
+/// Float weights: `[k][row]` per tile, one fused multiply-add per element, in column order,
+/// for `G` tiles and `TT` tokens at once (independent accumulators hide the latency).
 /// `ELEM` is the weight size in bytes (4 = f32, 2 = f16, 3 = bf16 stored in 2 bytes).
 #[inline(always)]
-unsafe fn floats<S: Simd, const TT: usize, const ELEM: usize>(
-    tile: *const u8,
+unsafe fn floats<S: Simd, const G: usize, const TT: usize, const ELEM: usize>(
+    tiles: [*const u8; G],
     cols: usize,
     acts: [&[f32]; TT],
-) -> [S::F32; TT] {
-    let mut acc = [S::zero_f32(); TT];
+) -> [[S::F32; TT]; G] {
+    let mut acc = [[S::zero_f32(); TT]; G];
     let stride = if ELEM == 4 { 64 } else { 32 };
     for k in 0..cols {
-        let p = tile.add(k * stride);
-        let w = match ELEM {
-            4 => S::load_f32(p),
-            2 => S::load_f16(p),
-            _ => S::load_bf16(p),
-        };
-        for t in 0..TT {
-            acc[t] = S::fma_f32(w, S::splat_f32(*acts[t].get_unchecked(k)), acc[t]);
+        let x: [S::F32; TT] = std::array::from_fn(|t| S::splat_f32(*acts[t].get_unchecked(k)));
+        for (g, acc) in acc.iter_mut().enumerate() {
+            let p = tiles[g].add(k * stride);
+            let w = match ELEM {
+                4 => S::load_f32(p),
+                2 => S::load_f16(p),
+                _ => S::load_bf16(p),
+            };
+            for t in 0..TT {
+                acc[t] = S::fma_f32(w, x[t], acc[t]);
+            }
         }
     }
     acc
@@ -557,7 +583,17 @@ macro_rules! float_kernel {
                 acts: [&[f32]; TT],
                 _: &mut Vec<S::I32>,
             ) -> [S::F32; TT] {
-                floats::<S, TT, $elem>(tile, nb, acts)
+                floats::<S, 1, TT, $elem>([tile], nb, acts)[0]
+            }
+            #[inline(always)]
+            unsafe fn tiles4<S: Simd>(
+                tiles: [*const u8; 4],
+                nb: usize,
+                acts: &[f32],
+                _: &mut Vec<S::I32>,
+            ) -> [S::F32; 4] {
+                let r = floats::<S, 4, 1, $elem>(tiles, nb, [acts]);
+                [r[0][0], r[1][0], r[2][0], r[3][0]]
             }
             #[inline(always)]
             fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [f32] {
@@ -608,6 +644,21 @@ unsafe fn drive_groups<S: Simd, K: TileKernel, const TT: usize>(
 ) {
     let tokens = acts.tokens;
     let mut scratch = Vec::new();
+    let mut tiles = tiles;
+    if tokens == 1 {
+        let a = K::acts(acts, 0, nb);
+        while tiles.len() >= 4 {
+            let t0 = tiles.start;
+            let w = std::array::from_fn(|i| p.tile(t0 + i).as_ptr());
+            for (i, v) in K::tiles4::<S>(w, nb, a, &mut scratch)
+                .into_iter()
+                .enumerate()
+            {
+                store::<S>(out, 0, t0 + i, v);
+            }
+            tiles.start += 4;
+        }
+    }
     for tile in tiles {
         let w = p.tile(tile).as_ptr();
         let mut t = 0;

@@ -195,7 +195,7 @@ mod tests {
                 let mut want = vec![0f32; hd];
                 let mut acc = vec![f16::ZERO; hd];
                 attend_on(Isa::Portable, &q, &keys, &values, 0.07, &mut acc, &mut want);
-                for isa in cpu::available() {
+                for &isa in cpu::available() {
                     let mut got = vec![0f32; hd];
                     attend_on(isa, &q, &keys, &values, 0.07, &mut acc, &mut got);
                     let same = got
