@@ -21,14 +21,35 @@ pub(crate) struct Dotprod;
 
 type Quad<T> = [T; 4];
 
-#[inline(always)]
-fn each<T: Copy, U>(x: Quad<T>, f: impl Fn(T) -> U) -> Quad<U> {
-    [f(x[0]), f(x[1]), f(x[2]), f(x[3])]
+/// `[f(x[0], args..), ..., f(x[3], args..)]`, written out: closures need not inline.
+macro_rules! each {
+    ($f:ident, $x:expr $(, $arg:expr)*) => {{
+        let x = $x;
+        [$f(x[0] $(, $arg)*), $f(x[1] $(, $arg)*), $f(x[2] $(, $arg)*), $f(x[3] $(, $arg)*)]
+    }};
+}
+
+/// `[f(x[0], y[0]), ..., f(x[3], y[3])]`.
+macro_rules! both {
+    ($f:ident, $x:expr, $y:expr) => {{
+        let (x, y) = ($x, $y);
+        [
+            $f(x[0], y[0]),
+            $f(x[1], y[1]),
+            $f(x[2], y[2]),
+            $f(x[3], y[3]),
+        ]
+    }};
 }
 
 #[inline(always)]
-fn both<T: Copy, U>(x: Quad<T>, y: Quad<T>, f: impl Fn(T, T) -> U) -> Quad<U> {
-    [f(x[0], y[0]), f(x[1], y[1]), f(x[2], y[2]), f(x[3], y[3])]
+unsafe fn shr_u32(v: int32x4_t, s: int32x4_t) -> int32x4_t {
+    vreinterpretq_s32_u32(vshlq_u32(vreinterpretq_u32_s32(v), s))
+}
+
+#[inline(always)]
+unsafe fn bf16x4(q: *const u16) -> float32x4_t {
+    vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(q)))
 }
 
 /// Four f16 values to f32 (`fcvtl`, exact).
@@ -87,26 +108,26 @@ macro_rules! neon_simd {
             #[inline(always)]
             unsafe fn and_u8(x: Quad<uint8x16_t>, mask: u8) -> Quad<uint8x16_t> {
                 let m = vdupq_n_u8(mask);
-                each(x, |v| vandq_u8(v, m))
+                each!(vandq_u8, x, m)
             }
             #[inline(always)]
             unsafe fn or_u8(x: Quad<uint8x16_t>, y: Quad<uint8x16_t>) -> Quad<uint8x16_t> {
-                both(x, y, |a, b| vorrq_u8(a, b))
+                both!(vorrq_u8, x, y)
             }
             #[inline(always)]
             unsafe fn shr_u8(x: Quad<uint8x16_t>, n: u32, mask: u8) -> Quad<uint8x16_t> {
                 let s = vdupq_n_s8(-(n as i8));
-                Self::and_u8(each(x, |v| vshlq_u8(v, s)), mask)
+                Self::and_u8(each!(vshlq_u8, x, s), mask)
             }
             #[inline(always)]
             unsafe fn shl_u8(x: Quad<uint8x16_t>, n: u32, mask: u8) -> Quad<uint8x16_t> {
                 let s = vdupq_n_s8(n as i8);
-                Self::and_u8(each(x, |v| vshlq_u8(v, s)), mask)
+                Self::and_u8(each!(vshlq_u8, x, s), mask)
             }
             #[inline(always)]
             unsafe fn dot_u(acc: Quad<int32x4_t>, w: Quad<uint8x16_t>, a: i32) -> Quad<int32x4_t> {
                 let a = vreinterpretq_s8_s32(vdupq_n_s32(a));
-                let w = each(w, |v| vreinterpretq_s8_u8(v));
+                let w = each!(vreinterpretq_s8_u8, w);
                 [
                     $dot(acc[0], w[0], a),
                     $dot(acc[1], w[1], a),
@@ -129,36 +150,34 @@ macro_rules! neon_simd {
             }
             #[inline(always)]
             unsafe fn add_i32(x: Quad<int32x4_t>, y: Quad<int32x4_t>) -> Quad<int32x4_t> {
-                both(x, y, |a, b| vaddq_s32(a, b))
+                both!(vaddq_s32, x, y)
             }
             #[inline(always)]
             unsafe fn sub_i32(x: Quad<int32x4_t>, y: Quad<int32x4_t>) -> Quad<int32x4_t> {
-                both(x, y, |a, b| vsubq_s32(a, b))
+                both!(vsubq_s32, x, y)
             }
             #[inline(always)]
             unsafe fn mul_i32(x: Quad<int32x4_t>, y: Quad<int32x4_t>) -> Quad<int32x4_t> {
-                both(x, y, |a, b| vmulq_s32(a, b))
+                both!(vmulq_s32, x, y)
             }
             #[inline(always)]
             unsafe fn and_i32(x: Quad<int32x4_t>, mask: i32) -> Quad<int32x4_t> {
                 let m = vdupq_n_s32(mask);
-                each(x, |v| vandq_s32(v, m))
+                each!(vandq_s32, x, m)
             }
             #[inline(always)]
             unsafe fn or_i32(x: Quad<int32x4_t>, y: Quad<int32x4_t>) -> Quad<int32x4_t> {
-                both(x, y, |a, b| vorrq_s32(a, b))
+                both!(vorrq_s32, x, y)
             }
             #[inline(always)]
             unsafe fn shr_i32(x: Quad<int32x4_t>, n: u32) -> Quad<int32x4_t> {
                 let s = vdupq_n_s32(-(n as i32));
-                each(x, |v| {
-                    vreinterpretq_s32_u32(vshlq_u32(vreinterpretq_u32_s32(v), s))
-                })
+                each!(shr_u32, x, s)
             }
             #[inline(always)]
             unsafe fn shl_i32(x: Quad<int32x4_t>, n: u32) -> Quad<int32x4_t> {
                 let s = vdupq_n_s32(n as i32);
-                each(x, |v| vshlq_s32(v, s))
+                each!(vshlq_s32, x, s)
             }
             #[inline(always)]
             unsafe fn widen_u8(p: *const u8) -> Quad<int32x4_t> {
@@ -204,8 +223,12 @@ macro_rules! neon_simd {
             #[inline(always)]
             unsafe fn load_bf16(p: *const u8) -> Quad<float32x4_t> {
                 let q = p.cast::<u16>();
-                let four = |o: usize| vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(q.add(o))));
-                [four(0), four(4), four(8), four(12)]
+                [
+                    bf16x4(q),
+                    bf16x4(q.add(4)),
+                    bf16x4(q.add(8)),
+                    bf16x4(q.add(12)),
+                ]
             }
             #[inline(always)]
             unsafe fn load_f32(p: *const u8) -> Quad<float32x4_t> {
@@ -219,15 +242,15 @@ macro_rules! neon_simd {
             }
             #[inline(always)]
             unsafe fn to_f32(x: Quad<int32x4_t>) -> Quad<float32x4_t> {
-                each(x, |v| vcvtq_f32_s32(v))
+                each!(vcvtq_f32_s32, x)
             }
             #[inline(always)]
             unsafe fn add_f32(x: Quad<float32x4_t>, y: Quad<float32x4_t>) -> Quad<float32x4_t> {
-                both(x, y, |a, b| vaddq_f32(a, b))
+                both!(vaddq_f32, x, y)
             }
             #[inline(always)]
             unsafe fn mul_f32(x: Quad<float32x4_t>, y: Quad<float32x4_t>) -> Quad<float32x4_t> {
-                both(x, y, |a, b| vmulq_f32(a, b))
+                both!(vmulq_f32, x, y)
             }
             #[inline(always)]
             unsafe fn fma_f32(

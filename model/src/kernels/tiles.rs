@@ -5,6 +5,10 @@
 //! (any order), then per block, in block order, `acc = fma(float(sum), w_scale * a_scale, acc)`.
 //! Byte offsets follow the tile layout in [`super::pack`] (16 times each ggml field's length).
 
+// Per-token loops index several arrays of the same length in step (accumulators, integer lanes,
+// activations); iterator chains over them would only obscure the arithmetic.
+#![allow(clippy::needless_range_loop)]
+
 use std::ops::Range;
 
 use super::act::{ActQ8, ActQ8K, Activations};
@@ -49,6 +53,16 @@ pub(crate) trait TileKernel {
     }
 }
 
+// No closures in this file's kernels: a closure is a function of its own, compiled without the
+// caller's target features, so intrinsics inside it would not inline (and the optimiser need not
+// inline the closure). Loops and `#[inline(always)]` helpers only.
+
+/// Token `t`'s activation block `b`.
+#[inline(always)]
+unsafe fn at<'a, T, const TT: usize>(acts: &[&'a [T]; TT], t: usize, b: usize) -> &'a T {
+    acts.get_unchecked(t).get_unchecked(b)
+}
+
 /// Moves bit `from` of each byte to bit `to`, keeping only `mask` (bits at `to`).
 #[inline(always)]
 unsafe fn mv<S: Simd>(x: S::U8, from: u32, to: u32, mask: u8) -> S::U8 {
@@ -64,26 +78,45 @@ unsafe fn mv<S: Simd>(x: S::U8, from: u32, to: u32, mask: u8) -> S::U8 {
 /// ggml's `hsum_float_8` over the 8 lane accumulators, per token (`reference::hsum8`).
 #[inline(always)]
 unsafe fn hsum8<S: Simd, const TT: usize>(l: &[[S::F32; TT]; 8]) -> [S::F32; TT] {
-    std::array::from_fn(|t| {
-        let a = |i: usize| l[i][t];
-        S::add_f32(
-            S::add_f32(S::add_f32(a(4), a(0)), S::add_f32(a(6), a(2))),
-            S::add_f32(S::add_f32(a(5), a(1)), S::add_f32(a(7), a(3))),
-        )
-    })
+    let mut out = [S::zero_f32(); TT];
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = S::add_f32(
+            S::add_f32(S::add_f32(l[4][t], l[0][t]), S::add_f32(l[6][t], l[2][t])),
+            S::add_f32(S::add_f32(l[5][t], l[1][t]), S::add_f32(l[7][t], l[3][t])),
+        );
+    }
+    out
 }
 
 /// `fma(w_scale * a_scale, float(lane), acc)` for every token: the per-block float step.
 #[inline(always)]
-unsafe fn step<S: Simd, const TT: usize>(
+unsafe fn step<S: Simd, A: Scaled, const TT: usize>(
     acc: &mut [S::F32; TT],
     dw: S::F32,
-    ad: [f32; TT],
+    acts: &[&[A]; TT],
+    b: usize,
     lane: &[S::I32; TT],
 ) {
     for t in 0..TT {
-        let dd = S::mul_f32(S::splat_f32(ad[t]), dw);
+        let dd = S::mul_f32(S::splat_f32(at(acts, t, b).scale()), dw);
         acc[t] = S::fma_f32(dd, S::to_f32(lane[t]), acc[t]);
+    }
+}
+
+/// An activation block's scale.
+trait Scaled {
+    fn scale(&self) -> f32;
+}
+impl Scaled for ActQ8 {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+}
+impl Scaled for ActQ8K {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
     }
 }
 
@@ -131,13 +164,12 @@ unsafe fn blocks32<
         let mut acc = [S::zero_f32(); TT];
         for b in 0..nb {
             let blk = tile.add(b * BLOCK);
-            let a: [&ActQ8; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
             let mut ints = [S::zero_i32(); TT];
             if OFFSET < 0 {
                 let w = S::load_u8(blk.add(QS + 64 * l));
                 for t in 0..TT {
-                    let i = S::dot_s8(S::zero_i32(), w, a[t].word(l));
-                    ints[t] = S::sub_i32(i, S::splat_i32(S::S8_BIAS * a[t].g4[l]));
+                    let i = S::dot_s8(S::zero_i32(), w, at(&acts, t, b).word(l));
+                    ints[t] = S::sub_i32(i, S::splat_i32(S::S8_BIAS * at(&acts, t, b).g4[l]));
                 }
             } else {
                 let w = S::load_u8(blk.add(QS + 64 * (l % 4)));
@@ -150,15 +182,15 @@ unsafe fn blocks32<
                     q = S::or_u8(q, mv::<S>(S::load_u8(blk.add(QH)), l as u32, 4, 0x10));
                 }
                 for t in 0..TT {
-                    let i = S::dot_u(S::zero_i32(), q, a[t].word(l));
+                    let i = S::dot_u(S::zero_i32(), q, at(&acts, t, b).word(l));
                     ints[t] = if OFFSET != 0 {
-                        S::sub_i32(i, S::splat_i32(OFFSET * a[t].g4[l]))
+                        S::sub_i32(i, S::splat_i32(OFFSET * at(&acts, t, b).g4[l]))
                     } else {
                         i
                     };
                 }
             }
-            step::<S, TT>(&mut acc, S::load_f16(blk), a.map(|a| a.d), &ints);
+            step::<S, _, TT>(&mut acc, S::load_f16(blk), &acts, b, &ints);
         }
         *lane_acc = acc;
     }
@@ -235,20 +267,13 @@ unsafe fn k4_scale_min<S: Simd>(sc: *const u8, j: usize) -> (S::I32, S::I32) {
     }
 }
 
-/// Decodes every block's scales once per tile into `scratch` (`per` vectors per block), so the
-/// eight lane passes do not decode them eight times.
+/// `scratch` as `n` vectors, for a tile's decoded block scales: the eight lane passes read them
+/// instead of decoding them eight times.
 #[inline(always)]
-unsafe fn decode_scales<S: Simd>(
-    scratch: &mut Vec<S::I32>,
-    nb: usize,
-    per: usize,
-    mut f: impl FnMut(usize, &mut [S::I32]),
-) {
+unsafe fn sized<S: Simd>(scratch: &mut Vec<S::I32>, n: usize) -> &mut [S::I32] {
     scratch.clear();
-    scratch.resize(nb * per, S::zero_i32());
-    for (b, out) in scratch.chunks_exact_mut(per).enumerate() {
-        f(b, out);
-    }
+    scratch.resize(n, S::zero_i32());
+    scratch.as_mut_slice()
 }
 
 pub(crate) struct Q2K;
@@ -262,13 +287,14 @@ impl TileKernel for Q2K {
         scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
         const BLOCK: usize = 1344;
-        decode_scales::<S>(scratch, nb, 32, |b, out| {
+        let out = sized::<S>(scratch, nb * 32);
+        for b in 0..nb {
             for j in 0..16 {
                 let raw = S::widen_u8(tile.add(b * BLOCK + 16 * j));
-                out[j] = S::and_i32(raw, 0xF);
-                out[16 + j] = S::shr_i32(raw, 4);
+                out[b * 32 + j] = S::and_i32(raw, 0xF);
+                out[b * 32 + 16 + j] = S::shr_i32(raw, 4);
             }
-        });
+        }
         let mut lanes = [[S::zero_f32(); TT]; 8];
         for (l, lane_acc) in lanes.iter_mut().enumerate() {
             let (half, cc) = (l / 4, l % 4);
@@ -276,14 +302,16 @@ impl TileKernel for Q2K {
             for b in 0..nb {
                 let blk = tile.add(b * BLOCK);
                 let sc = &scratch[b * 32..b * 32 + 32];
-                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
                 let dmin = S::load_f16(blk.add(1312));
                 for t in 0..TT {
                     let mins = S::add_i32(
-                        S::mul_i32(sc[16 + 2 * l], S::splat_i32(a[t].bsums[2 * l])),
-                        S::mul_i32(sc[17 + 2 * l], S::splat_i32(a[t].bsums[2 * l + 1])),
+                        S::mul_i32(sc[16 + 2 * l], S::splat_i32(at(&acts, t, b).bsums[2 * l])),
+                        S::mul_i32(
+                            sc[17 + 2 * l],
+                            S::splat_i32(at(&acts, t, b).bsums[2 * l + 1]),
+                        ),
                     );
-                    let dd = S::mul_f32(S::splat_f32(-a[t].d), dmin);
+                    let dd = S::mul_f32(S::splat_f32(-at(&acts, t, b).d), dmin);
                     acc[t] = S::fma_f32(dd, S::to_f32(mins), acc[t]);
                 }
                 let mut sumi = [S::zero_i32(); TT];
@@ -294,12 +322,12 @@ impl TileKernel for Q2K {
                         let word = 32 * n + 8 * jj + 4 * half + cc;
                         let s = sc[8 * n + 2 * jj + half];
                         for t in 0..TT {
-                            let d = S::dot_u(S::zero_i32(), q, a[t].word(word));
+                            let d = S::dot_u(S::zero_i32(), q, at(&acts, t, b).word(word));
                             sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
                         }
                     }
                 }
-                step::<S, TT>(&mut acc, S::load_f16(blk.add(1280)), a.map(|a| a.d), &sumi);
+                step::<S, _, TT>(&mut acc, S::load_f16(blk.add(1280)), &acts, b, &sumi);
             }
             *lane_acc = acc;
         }
@@ -318,11 +346,12 @@ impl TileKernel for Q3K {
         scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
         const BLOCK: usize = 1760;
-        decode_scales::<S>(scratch, nb, 16, |b, out| {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = q3k_scale::<S>(tile.add(b * BLOCK + 1536), j);
+        let out = sized::<S>(scratch, nb * 16);
+        for b in 0..nb {
+            for j in 0..16 {
+                out[b * 16 + j] = q3k_scale::<S>(tile.add(b * BLOCK + 1536), j);
             }
-        });
+        }
         let mut lanes = [[S::zero_f32(); TT]; 8];
         for (l, lane_acc) in lanes.iter_mut().enumerate() {
             let (half, cc) = (l / 4, l % 4);
@@ -330,7 +359,6 @@ impl TileKernel for Q3K {
             for b in 0..nb {
                 let blk = tile.add(b * BLOCK);
                 let sc = &scratch[b * 16..b * 16 + 16];
-                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
                 let h = S::load_u8(blk.add(64 * (4 * half + cc)));
                 let mut sumi = [S::zero_i32(); TT];
                 for n in 0..2 {
@@ -344,14 +372,14 @@ impl TileKernel for Q3K {
                         let s = sc[8 * n + 2 * jj + half];
                         for t in 0..TT {
                             let d = S::sub_i32(
-                                S::dot_u(S::zero_i32(), u, a[t].word(word)),
-                                S::splat_i32(4 * a[t].g4[word]),
+                                S::dot_u(S::zero_i32(), u, at(&acts, t, b).word(word)),
+                                S::splat_i32(4 * at(&acts, t, b).g4[word]),
                             );
                             sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
                         }
                     }
                 }
-                step::<S, TT>(&mut acc, S::load_f16(blk.add(1728)), a.map(|a| a.d), &sumi);
+                step::<S, _, TT>(&mut acc, S::load_f16(blk.add(1728)), &acts, b, &sumi);
             }
             *lane_acc = acc;
         }
@@ -368,20 +396,20 @@ unsafe fn k4<S: Simd, const TT: usize, const BLOCK: usize, const QH: usize, cons
     acts: [&[ActQ8K]; TT],
     scratch: &mut Vec<S::I32>,
 ) -> [S::F32; TT] {
-    decode_scales::<S>(scratch, nb, 16, |b, out| {
+    let out = sized::<S>(scratch, nb * 16);
+    for b in 0..nb {
         for j in 0..8 {
             let (s, m) = k4_scale_min::<S>(tile.add(b * BLOCK + 64), j);
-            out[j] = s;
-            out[8 + j] = m;
+            out[b * 16 + j] = s;
+            out[b * 16 + 8 + j] = m;
         }
-    });
+    }
     let mut lanes = [[S::zero_f32(); TT]; 8];
     for (l, lane_acc) in lanes.iter_mut().enumerate() {
         let mut acc = [S::zero_f32(); TT];
         for b in 0..nb {
             let blk = tile.add(b * BLOCK);
             let sc = &scratch[b * 16..b * 16 + 8];
-            let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
             let h = if QH != 0 {
                 S::load_u8(blk.add(QH + 64 * l))
             } else {
@@ -397,24 +425,25 @@ unsafe fn k4<S: Simd, const TT: usize, const BLOCK: usize, const QH: usize, cons
                     hi = S::or_u8(hi, mv::<S>(h, 2 * g as u32 + 1, 4, 0x10));
                 }
                 for t in 0..TT {
-                    let dl = S::dot_u(S::zero_i32(), lo, a[t].word(16 * g + l));
-                    let dh = S::dot_u(S::zero_i32(), hi, a[t].word(16 * g + 8 + l));
+                    let dl = S::dot_u(S::zero_i32(), lo, at(&acts, t, b).word(16 * g + l));
+                    let dh = S::dot_u(S::zero_i32(), hi, at(&acts, t, b).word(16 * g + 8 + l));
                     let s = S::add_i32(S::mul_i32(dl, sc[2 * g]), S::mul_i32(dh, sc[2 * g + 1]));
                     sumi[t] = S::add_i32(sumi[t], s);
                 }
             }
-            step::<S, TT>(&mut acc, S::load_f16(blk), a.map(|a| a.d), &sumi);
+            step::<S, _, TT>(&mut acc, S::load_f16(blk), &acts, b, &sumi);
         }
         *lane_acc = acc;
     }
     let mut out = hsum8::<S, TT>(&lanes);
     // The minimum terms: sub-block j's minimum times the activations' sum over it.
-    let mins = |b: usize, a: &ActQ8K, j: usize| {
+    #[inline(always)]
+    unsafe fn mins<S: Simd>(scratch: &[S::I32], b: usize, a: &ActQ8K, j: usize) -> S::I32 {
         S::mul_i32(
-            scratch[b * 16 + 8 + j],
+            *scratch.get_unchecked(b * 16 + 8 + j),
             S::splat_i32(a.bsums[2 * j] + a.bsums[2 * j + 1]),
         )
-    };
+    }
     if QH == 0 {
         let mut accm = [[S::zero_f32(); TT]; 4];
         for (k, accm) in accm.iter_mut().enumerate() {
@@ -422,7 +451,10 @@ unsafe fn k4<S: Simd, const TT: usize, const BLOCK: usize, const QH: usize, cons
                 let dmin = S::load_f16(tile.add(b * BLOCK + 32));
                 for t in 0..TT {
                     let a = acts[t].get_unchecked(b);
-                    let m = S::add_i32(mins(b, a, 2 * k), mins(b, a, 2 * k + 1));
+                    let m = S::add_i32(
+                        mins::<S>(scratch, b, a, 2 * k),
+                        mins::<S>(scratch, b, a, 2 * k + 1),
+                    );
                     let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
                     accm[t] = S::fma_f32(dd, S::to_f32(m), accm[t]);
                 }
@@ -441,9 +473,9 @@ unsafe fn k4<S: Simd, const TT: usize, const BLOCK: usize, const QH: usize, cons
             let dmin = S::load_f16(tile.add(b * BLOCK + 32));
             for t in 0..TT {
                 let a = acts[t].get_unchecked(b);
-                let mut m = mins(b, a, 0);
+                let mut m = mins::<S>(scratch, b, a, 0);
                 for j in 1..8 {
-                    m = S::add_i32(m, mins(b, a, j));
+                    m = S::add_i32(m, mins::<S>(scratch, b, a, j));
                 }
                 let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
                 summs[t] = S::fma_f32(dd, S::to_f32(m), summs[t]);
@@ -495,11 +527,12 @@ impl TileKernel for Q6K {
         scratch: &mut Vec<S::I32>,
     ) -> [S::F32; TT] {
         const BLOCK: usize = 3360;
-        decode_scales::<S>(scratch, nb, 16, |b, out| {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = S::widen_i8(tile.add(b * BLOCK + 3072 + 16 * j));
+        let out = sized::<S>(scratch, nb * 16);
+        for b in 0..nb {
+            for j in 0..16 {
+                out[b * 16 + j] = S::widen_i8(tile.add(b * BLOCK + 3072 + 16 * j));
             }
-        });
+        }
         let mut lanes = [[S::zero_f32(); TT]; 8];
         for (l, lane_acc) in lanes.iter_mut().enumerate() {
             let half = l / 4;
@@ -507,7 +540,6 @@ impl TileKernel for Q6K {
             for b in 0..nb {
                 let blk = tile.add(b * BLOCK);
                 let sc = &scratch[b * 16..b * 16 + 16];
-                let a: [&ActQ8K; TT] = std::array::from_fn(|t| acts[t].get_unchecked(b));
                 let mut sumi = [S::zero_i32(); TT];
                 for n in 0..2 {
                     let wa = S::load_u8(blk.add(64 * (16 * n + l)));
@@ -522,7 +554,11 @@ impl TileKernel for Q6K {
                     for (p, q) in q.into_iter().enumerate() {
                         let s = sc[8 * n + 2 * p + half];
                         for t in 0..TT {
-                            let d = S::dot_u(S::zero_i32(), q, a[t].word(32 * n + 8 * p + l));
+                            let d = S::dot_u(
+                                S::zero_i32(),
+                                q,
+                                at(&acts, t, b).word(32 * n + 8 * p + l),
+                            );
                             sumi[t] = S::add_i32(sumi[t], S::mul_i32(d, s));
                         }
                     }
@@ -530,12 +566,15 @@ impl TileKernel for Q6K {
                 // ggml subtracts the zero point per pair of sub-blocks (2l, 2l + 1).
                 for t in 0..TT {
                     let z = S::add_i32(
-                        S::mul_i32(sc[2 * l], S::splat_i32(a[t].bsums[2 * l])),
-                        S::mul_i32(sc[2 * l + 1], S::splat_i32(a[t].bsums[2 * l + 1])),
+                        S::mul_i32(sc[2 * l], S::splat_i32(at(&acts, t, b).bsums[2 * l])),
+                        S::mul_i32(
+                            sc[2 * l + 1],
+                            S::splat_i32(at(&acts, t, b).bsums[2 * l + 1]),
+                        ),
                     );
                     sumi[t] = S::sub_i32(sumi[t], S::shl_i32(z, 5));
                 }
-                step::<S, TT>(&mut acc, S::load_f16(blk.add(3328)), a.map(|a| a.d), &sumi);
+                step::<S, _, TT>(&mut acc, S::load_f16(blk.add(3328)), &acts, b, &sumi);
             }
             *lane_acc = acc;
         }
@@ -555,7 +594,10 @@ unsafe fn floats<S: Simd, const G: usize, const TT: usize, const ELEM: usize>(
     let mut acc = [[S::zero_f32(); TT]; G];
     let stride = if ELEM == 4 { 64 } else { 32 };
     for k in 0..cols {
-        let x: [S::F32; TT] = std::array::from_fn(|t| S::splat_f32(*acts[t].get_unchecked(k)));
+        let mut x = [S::zero_f32(); TT];
+        for (t, x) in x.iter_mut().enumerate() {
+            *x = S::splat_f32(*at(&acts, t, k));
+        }
         for (g, acc) in acc.iter_mut().enumerate() {
             let p = tiles[g].add(k * stride);
             let w = match ELEM {
@@ -649,7 +691,12 @@ unsafe fn drive_groups<S: Simd, K: TileKernel, const TT: usize>(
         let a = K::acts(acts, 0, nb);
         while tiles.len() >= 4 {
             let t0 = tiles.start;
-            let w = std::array::from_fn(|i| p.tile(t0 + i).as_ptr());
+            let w = [
+                p.tile(t0).as_ptr(),
+                p.tile(t0 + 1).as_ptr(),
+                p.tile(t0 + 2).as_ptr(),
+                p.tile(t0 + 3).as_ptr(),
+            ];
             for (i, v) in K::tiles4::<S>(w, nb, a, &mut scratch)
                 .into_iter()
                 .enumerate()
@@ -663,7 +710,10 @@ unsafe fn drive_groups<S: Simd, K: TileKernel, const TT: usize>(
         let w = p.tile(tile).as_ptr();
         let mut t = 0;
         while t + TT <= tokens && TT > 1 {
-            let a: [&[K::Act]; TT] = std::array::from_fn(|i| K::acts(acts, t + i, nb));
+            let mut a: [&[K::Act]; TT] = [&[]; TT];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = K::acts(acts, t + i, nb);
+            }
             let r = K::tile::<S, TT>(w, nb, a, &mut scratch);
             for (i, v) in r.into_iter().enumerate() {
                 store::<S>(out, t + i, tile, v);

@@ -15,14 +15,34 @@ unsafe fn count(n: u32) -> __m128i {
     _mm_cvtsi32_si128(n as i32)
 }
 
-#[inline(always)]
-unsafe fn each<T: Copy, U>(x: Pair<T>, f: impl Fn(T) -> U) -> Pair<U> {
-    [f(x[0]), f(x[1])]
+/// `[f(x[0], args..), f(x[1], args..)]`, written out: closures would not inline the intrinsics.
+macro_rules! each {
+    ($f:ident, $x:expr $(, $arg:expr)*) => {{
+        let x = $x;
+        [$f(x[0] $(, $arg)*), $f(x[1] $(, $arg)*)]
+    }};
 }
 
+/// `[f(x[0], y[0]), f(x[1], y[1])]`.
+macro_rules! both {
+    ($f:ident, $x:expr, $y:expr) => {{
+        let (x, y) = ($x, $y);
+        [$f(x[0], y[0]), $f(x[1], y[1])]
+    }};
+}
+
+/// Eight bf16 values as f32 (a bf16 is the upper half of an f32).
 #[inline(always)]
-unsafe fn both<T: Copy, U>(x: Pair<T>, y: Pair<T>, f: impl Fn(T, T) -> U) -> Pair<U> {
-    [f(x[0], y[0]), f(x[1], y[1])]
+unsafe fn bf16x8(p: *const u8) -> __m256 {
+    let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+}
+
+/// Signed bytes `w` times signed bytes `a`, summed by four: `|w|` times `a` with `w`'s sign,
+/// ggml's trick to feed signed bytes to an unsigned multiply.
+#[inline(always)]
+unsafe fn madd4_signed(w: __m256i, a: __m256i) -> __m256i {
+    madd4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
 }
 
 /// `sum of 4 adjacent u8 * i8 products` per i32 lane, exact for the operand ranges used here
@@ -53,32 +73,35 @@ unsafe impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn and_u8(x: Pair<__m256i>, mask: u8) -> Pair<__m256i> {
         let m = _mm256_set1_epi8(mask as i8);
-        each(x, |v| _mm256_and_si256(v, m))
+        each!(_mm256_and_si256, x, m)
     }
     #[inline(always)]
     unsafe fn or_u8(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both(x, y, |a, b| _mm256_or_si256(a, b))
+        both!(_mm256_or_si256, x, y)
     }
     #[inline(always)]
     unsafe fn shr_u8(x: Pair<__m256i>, n: u32, mask: u8) -> Pair<__m256i> {
-        Self::and_u8(each(x, |v| _mm256_srl_epi16(v, count(n))), mask)
+        Self::and_u8(each!(_mm256_srl_epi16, x, count(n)), mask)
     }
     #[inline(always)]
     unsafe fn shl_u8(x: Pair<__m256i>, n: u32, mask: u8) -> Pair<__m256i> {
-        Self::and_u8(each(x, |v| _mm256_sll_epi16(v, count(n))), mask)
+        Self::and_u8(each!(_mm256_sll_epi16, x, count(n)), mask)
     }
     #[inline(always)]
     unsafe fn dot_u(acc: Pair<__m256i>, w: Pair<__m256i>, a: i32) -> Pair<__m256i> {
         let a = _mm256_set1_epi32(a);
-        both(acc, w, |acc, w| _mm256_add_epi32(acc, madd4(w, a)))
+        [
+            _mm256_add_epi32(acc[0], madd4(w[0], a)),
+            _mm256_add_epi32(acc[1], madd4(w[1], a)),
+        ]
     }
     #[inline(always)]
     unsafe fn dot_s8(acc: Pair<__m256i>, w: Pair<__m256i>, a: i32) -> Pair<__m256i> {
-        // |w| * (a with w's sign): ggml's trick to feed signed bytes to an unsigned multiply.
         let a = _mm256_set1_epi32(a);
-        both(acc, w, |acc, w| {
-            _mm256_add_epi32(acc, madd4(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)))
-        })
+        [
+            _mm256_add_epi32(acc[0], madd4_signed(w[0], a)),
+            _mm256_add_epi32(acc[1], madd4_signed(w[1], a)),
+        ]
     }
 
     #[inline(always)]
@@ -91,32 +114,32 @@ unsafe impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn add_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both(x, y, |a, b| _mm256_add_epi32(a, b))
+        both!(_mm256_add_epi32, x, y)
     }
     #[inline(always)]
     unsafe fn sub_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both(x, y, |a, b| _mm256_sub_epi32(a, b))
+        both!(_mm256_sub_epi32, x, y)
     }
     #[inline(always)]
     unsafe fn mul_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both(x, y, |a, b| _mm256_mullo_epi32(a, b))
+        both!(_mm256_mullo_epi32, x, y)
     }
     #[inline(always)]
     unsafe fn and_i32(x: Pair<__m256i>, mask: i32) -> Pair<__m256i> {
         let m = _mm256_set1_epi32(mask);
-        each(x, |v| _mm256_and_si256(v, m))
+        each!(_mm256_and_si256, x, m)
     }
     #[inline(always)]
     unsafe fn or_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both(x, y, |a, b| _mm256_or_si256(a, b))
+        both!(_mm256_or_si256, x, y)
     }
     #[inline(always)]
     unsafe fn shr_i32(x: Pair<__m256i>, n: u32) -> Pair<__m256i> {
-        each(x, |v| _mm256_srl_epi32(v, count(n)))
+        each!(_mm256_srl_epi32, x, count(n))
     }
     #[inline(always)]
     unsafe fn shl_i32(x: Pair<__m256i>, n: u32) -> Pair<__m256i> {
-        each(x, |v| _mm256_sll_epi32(v, count(n)))
+        each!(_mm256_sll_epi32, x, count(n))
     }
     #[inline(always)]
     unsafe fn widen_u8(p: *const u8) -> Pair<__m256i> {
@@ -150,11 +173,7 @@ unsafe impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u8) -> Pair<__m256> {
-        let half = |q: *const u8| {
-            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(q.cast()));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
-        };
-        [half(p), half(p.add(16))]
+        [bf16x8(p), bf16x8(p.add(16))]
     }
     #[inline(always)]
     unsafe fn load_f32(p: *const u8) -> Pair<__m256> {
@@ -162,15 +181,15 @@ unsafe impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn to_f32(x: Pair<__m256i>) -> Pair<__m256> {
-        each(x, |v| _mm256_cvtepi32_ps(v))
+        each!(_mm256_cvtepi32_ps, x)
     }
     #[inline(always)]
     unsafe fn add_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
-        both(x, y, |a, b| _mm256_add_ps(a, b))
+        both!(_mm256_add_ps, x, y)
     }
     #[inline(always)]
     unsafe fn mul_f32(x: Pair<__m256>, y: Pair<__m256>) -> Pair<__m256> {
-        both(x, y, |a, b| _mm256_mul_ps(a, b))
+        both!(_mm256_mul_ps, x, y)
     }
     #[inline(always)]
     unsafe fn fma_f32(x: Pair<__m256>, y: Pair<__m256>, z: Pair<__m256>) -> Pair<__m256> {
