@@ -8,6 +8,7 @@ pub mod embed;
 pub mod error;
 pub mod fingerprint;
 pub mod gguf;
+pub mod gguf_header;
 pub mod head;
 pub mod kernels;
 pub mod kv_cache;
