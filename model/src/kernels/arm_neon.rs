@@ -93,7 +93,7 @@ macro_rules! neon_simd {
             type I32 = Quad<int32x4_t>;
             type F32 = Quad<float32x4_t>;
 
-            const TOKENS: usize = 2;
+            const ACCUMULATORS: usize = 4;
             const S8_BIAS: i32 = 0;
 
             #[inline(always)]

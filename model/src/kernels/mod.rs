@@ -40,31 +40,31 @@ use tiles::Out;
 macro_rules! entries {
     ($module:ident, $simd:ty, $features:literal) => {
         mod $module {
-            use super::tiles::{self, drive, Out};
+            use super::tiles::{self, drive, Out, Q};
             use super::{Activations, Packed, WeightFormat};
             use std::ops::Range;
 
             macro_rules! entry {
-                ($name:ident, $kernel:ident) => {
+                ($name:ident, $kernel:ty) => {
                     #[target_feature(enable = $features)]
                     unsafe fn $name(p: &Packed, a: &Activations, t: Range<usize>, out: Out) {
-                        drive::<$simd, tiles::$kernel>(p, a, t, out)
+                        drive::<$simd, $kernel>(p, a, t, out)
                     }
                 };
             }
-            entry!(f32, F32);
-            entry!(f16, F16);
-            entry!(bf16, BF16);
-            entry!(q4_0, Q4_0);
-            entry!(q4_1, Q4_1);
-            entry!(q5_0, Q5_0);
-            entry!(q5_1, Q5_1);
-            entry!(q8_0, Q8_0);
-            entry!(q2k, Q2K);
-            entry!(q3k, Q3K);
-            entry!(q4k, Q4K);
-            entry!(q5k, Q5K);
-            entry!(q6k, Q6K);
+            entry!(f32, tiles::F32);
+            entry!(f16, tiles::F16);
+            entry!(bf16, tiles::BF16);
+            entry!(q4_0, Q<tiles::Q4_0>);
+            entry!(q4_1, Q<tiles::Q4_1>);
+            entry!(q5_0, Q<tiles::Q5_0>);
+            entry!(q5_1, Q<tiles::Q5_1>);
+            entry!(q8_0, Q<tiles::Q8_0>);
+            entry!(q2k, Q<tiles::Q2K>);
+            entry!(q3k, Q<tiles::Q3K>);
+            entry!(q4k, Q<tiles::Q4K>);
+            entry!(q5k, Q<tiles::Q5K>);
+            entry!(q6k, Q<tiles::Q6K>);
 
             /// # Safety
             /// The CPU has this module's features; see [`tiles::drive`].
@@ -103,16 +103,16 @@ mod portable_entries {
             WeightFormat::F32 => drive::<Portable, tiles::F32>(p, a, t, out),
             WeightFormat::F16 => drive::<Portable, tiles::F16>(p, a, t, out),
             WeightFormat::BF16 => drive::<Portable, tiles::BF16>(p, a, t, out),
-            WeightFormat::Q4_0 => drive::<Portable, tiles::Q4_0>(p, a, t, out),
-            WeightFormat::Q4_1 => drive::<Portable, tiles::Q4_1>(p, a, t, out),
-            WeightFormat::Q5_0 => drive::<Portable, tiles::Q5_0>(p, a, t, out),
-            WeightFormat::Q5_1 => drive::<Portable, tiles::Q5_1>(p, a, t, out),
-            WeightFormat::Q8_0 => drive::<Portable, tiles::Q8_0>(p, a, t, out),
-            WeightFormat::Q2K => drive::<Portable, tiles::Q2K>(p, a, t, out),
-            WeightFormat::Q3K => drive::<Portable, tiles::Q3K>(p, a, t, out),
-            WeightFormat::Q4K => drive::<Portable, tiles::Q4K>(p, a, t, out),
-            WeightFormat::Q5K => drive::<Portable, tiles::Q5K>(p, a, t, out),
-            WeightFormat::Q6K => drive::<Portable, tiles::Q6K>(p, a, t, out),
+            WeightFormat::Q4_0 => drive::<Portable, tiles::Q<tiles::Q4_0>>(p, a, t, out),
+            WeightFormat::Q4_1 => drive::<Portable, tiles::Q<tiles::Q4_1>>(p, a, t, out),
+            WeightFormat::Q5_0 => drive::<Portable, tiles::Q<tiles::Q5_0>>(p, a, t, out),
+            WeightFormat::Q5_1 => drive::<Portable, tiles::Q<tiles::Q5_1>>(p, a, t, out),
+            WeightFormat::Q8_0 => drive::<Portable, tiles::Q<tiles::Q8_0>>(p, a, t, out),
+            WeightFormat::Q2K => drive::<Portable, tiles::Q<tiles::Q2K>>(p, a, t, out),
+            WeightFormat::Q3K => drive::<Portable, tiles::Q<tiles::Q3K>>(p, a, t, out),
+            WeightFormat::Q4K => drive::<Portable, tiles::Q<tiles::Q4K>>(p, a, t, out),
+            WeightFormat::Q5K => drive::<Portable, tiles::Q<tiles::Q5K>>(p, a, t, out),
+            WeightFormat::Q6K => drive::<Portable, tiles::Q<tiles::Q6K>>(p, a, t, out),
         }
     }
 }

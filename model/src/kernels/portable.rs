@@ -22,7 +22,7 @@ unsafe impl Simd for Portable {
     type I32 = [i32; 16];
     type F32 = [f32; 16];
 
-    const TOKENS: usize = 1;
+    const ACCUMULATORS: usize = 4;
     const S8_BIAS: i32 = 0;
 
     #[inline(always)]

@@ -18,8 +18,9 @@ pub(crate) unsafe trait Simd: Copy {
     /// One f32 per row.
     type F32: Copy;
 
-    /// Tokens a GEMM inner loop handles at once (what fits in registers).
-    const TOKENS: usize;
+    /// Accumulator vectors the kernels may keep in registers (16-lane vectors: 8 with 32 AVX-512
+    /// registers; 4 where a vector takes two or four registers).
+    const ACCUMULATORS: usize;
     /// What `dot_s8` adds to each signed weight byte before multiplying; the kernel subtracts
     /// `S8_BIAS * sum(a)` afterwards (AVX-512 VNNI multiplies unsigned by signed bytes only).
     const S8_BIAS: i32;

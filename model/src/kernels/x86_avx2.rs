@@ -60,7 +60,7 @@ unsafe impl Simd for Avx2 {
     type I32 = Pair<__m256i>;
     type F32 = Pair<__m256>;
 
-    const TOKENS: usize = 2;
+    const ACCUMULATORS: usize = 4;
     const S8_BIAS: i32 = 0;
 
     #[inline(always)]

@@ -19,7 +19,7 @@ unsafe impl Simd for Avx512 {
     type I32 = __m512i;
     type F32 = __m512;
 
-    const TOKENS: usize = 4;
+    const ACCUMULATORS: usize = 8;
     const S8_BIAS: i32 = 128;
 
     #[inline(always)]

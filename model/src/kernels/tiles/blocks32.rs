@@ -1,0 +1,122 @@
+//! The 32-element block formats: Q4_0, Q4_1, Q5_0, Q5_1 (nibbles, optional fifth bits and
+//! minimum) and Q8_0 (signed bytes). Lane `l` of a block is elements `4l..4l + 4`: the low
+//! nibbles of quant chunk `l` for `l < 4`, the high nibbles of chunk `l - 4` after (ggml unpacks
+//! nibbles into the same order).
+
+use super::{at, mv, Quant};
+use crate::kernels::act::{ActQ8, Activations};
+use crate::kernels::simd::Simd;
+
+#[inline(always)]
+fn q8<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8] {
+    &a.q8()[t * nb..(t + 1) * nb]
+}
+
+/// Nibble formats. `BLOCK` tile block bytes, `MIN` offset of the minimum (0: none), `QH` offset
+/// of the regrouped fifth bits (0: none), `QS` offset of the quants, `OFFSET` the zero point
+/// (ggml subtracts it from each quant, so per lane: `offset * sum of the lane's activations`).
+pub(crate) struct Nibbles<
+    const BLOCK: usize,
+    const MIN: usize,
+    const QH: usize,
+    const QS: usize,
+    const OFFSET: i32,
+>;
+
+pub(crate) type Q4_0 = Nibbles<288, 0, 0, 32, 8>;
+pub(crate) type Q4_1 = Nibbles<320, 32, 0, 64, 0>;
+pub(crate) type Q5_0 = Nibbles<352, 0, 32, 96, 16>;
+pub(crate) type Q5_1 = Nibbles<384, 32, 64, 128, 0>;
+
+impl<const BLOCK: usize, const MIN: usize, const QH: usize, const QS: usize, const OFFSET: i32>
+    Quant for Nibbles<BLOCK, MIN, QH, QS, OFFSET>
+{
+    type Act = ActQ8;
+    const BLOCK: usize = BLOCK;
+    const D: usize = 0;
+    type W<S: Simd> = S::U8;
+
+    #[inline(always)]
+    fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8] {
+        q8(a, t, nb)
+    }
+
+    #[inline(always)]
+    unsafe fn weights<S: Simd>(blk: *const u8, _: usize, l: usize, _: &[S::I32]) -> S::U8 {
+        let w = S::load_u8(blk.add(QS + 64 * (l % 4)));
+        let q = if l < 4 {
+            S::and_u8(w, 0x0F)
+        } else {
+            S::shr_u8(w, 4, 0x0F)
+        };
+        if QH != 0 {
+            S::or_u8(q, mv::<S>(S::load_u8(blk.add(QH)), l as u32, 4, 0x10))
+        } else {
+            q
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
+        let i = S::dot_u(S::zero_i32(), *w, a.word(l));
+        if OFFSET != 0 {
+            S::sub_i32(i, S::splat_i32(OFFSET * a.g4[l]))
+        } else {
+            i
+        }
+    }
+
+    /// ggml's `summs`: one scalar accumulator of `fma(m, s, summs)` per block, added last.
+    #[inline(always)]
+    unsafe fn tail<S: Simd, const TT: usize>(
+        tile: *const u8,
+        nb: usize,
+        acts: &[&[ActQ8]; TT],
+        _: &[S::I32],
+        out: &mut [S::F32; TT],
+    ) {
+        if MIN == 0 {
+            return;
+        }
+        let mut summs = [S::zero_f32(); TT];
+        for b in 0..nb {
+            let m = S::load_f16(tile.add(b * BLOCK + MIN));
+            for t in 0..TT {
+                summs[t] = S::fma_f32(m, S::splat_f32(at(acts, t, b).s), summs[t]);
+            }
+        }
+        for t in 0..TT {
+            out[t] = S::add_f32(out[t], summs[t]);
+        }
+    }
+}
+
+/// Q8_0: signed bytes, lane `l` = chunk `l`.
+pub(crate) struct Q8_0;
+
+impl Quant for Q8_0 {
+    type Act = ActQ8;
+    const BLOCK: usize = 544;
+    const D: usize = 0;
+    type W<S: Simd> = S::U8;
+
+    #[inline(always)]
+    fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8] {
+        q8(a, t, nb)
+    }
+
+    #[inline(always)]
+    unsafe fn weights<S: Simd>(blk: *const u8, _: usize, l: usize, _: &[S::I32]) -> S::U8 {
+        S::load_u8(blk.add(32 + 64 * l))
+    }
+
+    #[inline(always)]
+    unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
+        let i = S::dot_s8(S::zero_i32(), *w, a.word(l));
+        if S::S8_BIAS != 0 {
+            S::sub_i32(i, S::splat_i32(S::S8_BIAS * a.g4[l]))
+        } else {
+            i
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The tile kernels, written once over [`Simd`] and instantiated per instruction set.
+//!
+//! A tile is 16 rows; one vector lane holds one row. A kernel computes a tile against `TT`
+//! tokens. For the quantized formats each row keeps ggml's 8 lane accumulators (see
+//! [`super::reference`]): a format only says how to get lane `l`'s exact integer for a block
+//! ([`Quant`]), and [`quant_tile`] runs the float arithmetic. It visits lanes in groups of `LG`
+//! (all 8 at once when registers allow, for decode: one pass over the weights streams them from
+//! memory in order; a few at a time for prefill, where `TT` tokens share each loaded weight).
+//! Every lane still accumulates its blocks in order, so the grouping never changes a bit.
+//!
+//! No closures in these kernels: a closure is a function of its own, compiled without the
+//! caller's target features, so intrinsics inside it would not inline. Loops and
+//! `#[inline(always)]` helpers only.
+
+// Per-token loops index several arrays of the same length in step (accumulators, integer lanes,
+// activations); iterator chains over them would only obscure the arithmetic.
+#![allow(clippy::needless_range_loop)]
+
+mod blocks32;
+mod floats;
+mod kquants;
+
+use std::ops::Range;
+
+pub(crate) use blocks32::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+pub(crate) use floats::{BF16, F16, F32};
+pub(crate) use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K};
+
+use super::act::{ActQ8, ActQ8K, Activations};
+use super::pack::{Packed, TILE};
+use super::simd::Simd;
+
+/// A format's tile kernel, as the driver sees it.
+pub(crate) trait TileKernel {
+    type Act: 'static;
+    /// `TT` tokens of one tile, lanes in groups of `LG`.
+    ///
+    /// # Safety
+    /// `tile` points at `nb` tile blocks of this format; each activation slice holds `nb`
+    /// blocks; the CPU runs `S`. `scratch` is reusable space for decoded block scales.
+    unsafe fn tile<S: Simd, const TT: usize, const LG: usize>(
+        tile: *const u8,
+        nb: usize,
+        acts: [&[Self::Act]; TT],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; TT];
+    /// The activations of token `t`.
+    fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
+
+    /// Four tiles against one token (decode). The float kernels override this to interleave
+    /// the tiles: their one accumulator per row would otherwise wait on each multiply-add.
+    ///
+    /// # Safety
+    /// As for [`TileKernel::tile`], for each of the four tiles.
+    #[inline(always)]
+    unsafe fn tiles4<S: Simd, const LG: usize>(
+        tiles: [*const u8; 4],
+        nb: usize,
+        acts: &[Self::Act],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; 4] {
+        [
+            Self::tile::<S, 1, LG>(tiles[0], nb, [acts], scratch)[0],
+            Self::tile::<S, 1, LG>(tiles[1], nb, [acts], scratch)[0],
+            Self::tile::<S, 1, LG>(tiles[2], nb, [acts], scratch)[0],
+            Self::tile::<S, 1, LG>(tiles[3], nb, [acts], scratch)[0],
+        ]
+    }
+}
+
+/// An activation block's scale.
+pub(crate) trait Scaled {
+    fn scale(&self) -> f32;
+}
+
+impl Scaled for ActQ8 {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+}
+
+impl Scaled for ActQ8K {
+    #[inline(always)]
+    fn scale(&self) -> f32 {
+        self.d
+    }
+}
+
+/// A quantized format: how to get one lane's exact integer for one block.
+pub(crate) trait Quant {
+    type Act: Scaled + 'static;
+    /// Bytes of a tile block (16 ggml blocks).
+    const BLOCK: usize;
+    /// Offset of the 16 weight scales (f16) in a tile block.
+    const D: usize;
+    /// What lane `l` needs of a block's weights, unpacked once for every token.
+    type W<S: Simd>: Copy;
+
+    /// The activations of token `t`.
+    fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
+
+    /// Decodes what every lane pass reuses (block scales) into `scratch`, once per tile.
+    ///
+    /// # Safety
+    /// `tile` holds `nb` tile blocks; the CPU runs `S`.
+    #[inline(always)]
+    unsafe fn prepare<S: Simd>(_tile: *const u8, _nb: usize, _scratch: &mut Vec<S::I32>) {}
+
+    /// # Safety
+    /// `blk` is block `b` of the tile `prepare` saw; `l < 8`.
+    unsafe fn weights<S: Simd>(
+        blk: *const u8,
+        b: usize,
+        l: usize,
+        scratch: &[S::I32],
+    ) -> Self::W<S>;
+
+    /// Lane `l`'s integer: its products with `a`, scaled and offset as ggml does.
+    ///
+    /// # Safety
+    /// The CPU runs `S`.
+    unsafe fn int<S: Simd>(w: &Self::W<S>, l: usize, a: &Self::Act) -> S::I32;
+
+    /// A float step ggml applies to lane `l` before the scale step of a block (Q2_K's minimums).
+    ///
+    /// # Safety
+    /// As for [`Quant::weights`].
+    #[inline(always)]
+    unsafe fn before<S: Simd>(
+        _blk: *const u8,
+        _b: usize,
+        _l: usize,
+        _a: &Self::Act,
+        _scratch: &[S::I32],
+        acc: S::F32,
+    ) -> S::F32 {
+        acc
+    }
+
+    /// Terms ggml adds to the lanes' sum (minimum terms), per token.
+    ///
+    /// # Safety
+    /// As for [`Quant::prepare`]; `acts` hold `nb` blocks each.
+    #[inline(always)]
+    unsafe fn tail<S: Simd, const TT: usize>(
+        _tile: *const u8,
+        _nb: usize,
+        _acts: &[&[Self::Act]; TT],
+        _scratch: &[S::I32],
+        _out: &mut [S::F32; TT],
+    ) {
+    }
+}
+
+/// Token `t`'s activation block `b`.
+#[inline(always)]
+pub(crate) unsafe fn at<'a, T, const TT: usize>(acts: &[&'a [T]; TT], t: usize, b: usize) -> &'a T {
+    acts.get_unchecked(t).get_unchecked(b)
+}
+
+/// Moves bit `from` of each byte to bit `to`, keeping only `mask` (bits at `to`).
+#[inline(always)]
+pub(crate) unsafe fn mv<S: Simd>(x: S::U8, from: u32, to: u32, mask: u8) -> S::U8 {
+    if from > to {
+        S::shr_u8(x, from - to, mask)
+    } else if from < to {
+        S::shl_u8(x, to - from, mask)
+    } else {
+        S::and_u8(x, mask)
+    }
+}
+
+/// ggml's `hsum_float_8` over the 8 lane accumulators, per token (`reference::hsum8`).
+#[inline(always)]
+unsafe fn hsum8<S: Simd, const TT: usize>(l: &[[S::F32; TT]; 8]) -> [S::F32; TT] {
+    let mut out = [S::zero_f32(); TT];
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = S::add_f32(
+            S::add_f32(S::add_f32(l[4][t], l[0][t]), S::add_f32(l[6][t], l[2][t])),
+            S::add_f32(S::add_f32(l[5][t], l[1][t]), S::add_f32(l[7][t], l[3][t])),
+        );
+    }
+    out
+}
+
+/// One tile of a quantized format against `TT` tokens, lanes in groups of `LG`: per block and
+/// lane, `acc = fma(a_scale * w_scale, float(lane integer), acc)`, then ggml's lane sum.
+#[inline(always)]
+pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: usize>(
+    tile: *const u8,
+    nb: usize,
+    acts: [&[K::Act]; TT],
+    scratch: &mut Vec<S::I32>,
+) -> [S::F32; TT] {
+    K::prepare::<S>(tile, nb, scratch);
+    let scratch: &[S::I32] = scratch;
+    let mut lanes = [[S::zero_f32(); TT]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let mut acc = [[S::zero_f32(); TT]; LG];
+        for b in 0..nb {
+            let blk = tile.add(b * K::BLOCK);
+            let dw = S::load_f16(blk.add(K::D));
+            for li in 0..LG {
+                let l = g + li;
+                let w = K::weights::<S>(blk, b, l, scratch);
+                for t in 0..TT {
+                    let a = at(&acts, t, b);
+                    let x = K::before::<S>(blk, b, l, a, scratch, acc[li][t]);
+                    let dd = S::mul_f32(S::splat_f32(a.scale()), dw);
+                    acc[li][t] = S::fma_f32(dd, S::to_f32(K::int::<S>(&w, l, a)), x);
+                }
+            }
+        }
+        lanes[g..g + LG].copy_from_slice(&acc);
+        g += LG;
+    }
+    let mut out = hsum8::<S, TT>(&lanes);
+    K::tail::<S, TT>(tile, nb, &acts, scratch, &mut out);
+    out
+}
+
+/// A quantized format as a tile kernel.
+pub(crate) struct Q<K>(std::marker::PhantomData<K>);
+
+impl<K: Quant> TileKernel for Q<K> {
+    type Act = K::Act;
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const TT: usize, const LG: usize>(
+        tile: *const u8,
+        nb: usize,
+        acts: [&[K::Act]; TT],
+        scratch: &mut Vec<S::I32>,
+    ) -> [S::F32; TT] {
+        quant_tile::<S, K, TT, LG>(tile, nb, acts, scratch)
+    }
+    #[inline(always)]
+    fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [K::Act] {
+        K::acts(a, t, nb)
+    }
+}
+
+/// `scratch` as `n` vectors, for a tile's decoded block scales.
+#[inline(always)]
+pub(crate) unsafe fn sized<S: Simd>(scratch: &mut Vec<S::I32>, n: usize) -> &mut [S::I32] {
+    scratch.clear();
+    scratch.resize(n, S::zero_i32());
+    scratch.as_mut_slice()
+}
+
+/// Where a product's results go: `[tokens, rows]`, row-major.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub rows: usize,
+}
+
+/// Runs tiles `tiles` of `p` against every token of `acts`, writing into `out`.
+///
+/// # Safety
+/// The CPU runs `S`; `acts` matches `p`'s columns and has the form `K` reads (prepared); `out`
+/// holds `acts.tokens * p.rows` floats and no other thread writes the rows of these tiles.
+#[inline(always)]
+pub(crate) unsafe fn drive<S: Simd, K: TileKernel>(
+    p: &Packed,
+    acts: &Activations,
+    tiles: Range<usize>,
+    out: Out,
+) {
+    // Lane groups sized so that the accumulators of a group stay in registers.
+    match S::ACCUMULATORS {
+        8 => drive_tokens::<S, K, 4, 2, 8>(p, acts, tiles, out),
+        _ => drive_tokens::<S, K, 2, 2, 4>(p, acts, tiles, out),
+    }
+}
+
+/// `TT` tokens at a time with lane groups of `LG` (prefill); single tokens with groups of `LG1`
+/// (decode), four tiles at a time.
+#[inline(always)]
+unsafe fn drive_tokens<
+    S: Simd,
+    K: TileKernel,
+    const TT: usize,
+    const LG: usize,
+    const LG1: usize,
+>(
+    p: &Packed,
+    acts: &Activations,
+    tiles: Range<usize>,
+    out: Out,
+) {
+    let nb = p.blocks();
+    let tokens = acts.tokens;
+    let mut scratch = Vec::new();
+    let mut tiles = tiles;
+    if tokens == 1 {
+        let a = K::acts(acts, 0, nb);
+        while tiles.len() >= 4 {
+            let t0 = tiles.start;
+            let w = [
+                p.tile(t0).as_ptr(),
+                p.tile(t0 + 1).as_ptr(),
+                p.tile(t0 + 2).as_ptr(),
+                p.tile(t0 + 3).as_ptr(),
+            ];
+            let r = K::tiles4::<S, LG1>(w, nb, a, &mut scratch);
+            for (i, v) in r.into_iter().enumerate() {
+                store::<S>(out, 0, t0 + i, v);
+            }
+            tiles.start += 4;
+        }
+    }
+    for tile in tiles {
+        let w = p.tile(tile).as_ptr();
+        let mut t = 0;
+        while t + TT <= tokens {
+            let mut a: [&[K::Act]; TT] = [&[]; TT];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = K::acts(acts, t + i, nb);
+            }
+            let r = K::tile::<S, TT, LG>(w, nb, a, &mut scratch);
+            for (i, v) in r.into_iter().enumerate() {
+                store::<S>(out, t + i, tile, v);
+            }
+            t += TT;
+        }
+        while t < tokens {
+            let r = K::tile::<S, 1, LG1>(w, nb, [K::acts(acts, t, nb)], &mut scratch);
+            store::<S>(out, t, tile, r[0]);
+            t += 1;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn store<S: Simd>(out: Out, token: usize, tile: usize, v: S::F32) {
+    let row = tile * TILE;
+    let dst = out.ptr.add(token * out.rows + row);
+    if row + TILE <= out.rows {
+        S::store_f32(dst, v);
+    } else {
+        let mut tmp = [0f32; TILE];
+        S::store_f32(tmp.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, out.rows - row);
+    }
+}
