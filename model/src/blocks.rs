@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{LayerKv, SessionKv};
-use crate::matrix::{matmul, matmul_many, Activations, QMatrix};
+use crate::matrix::{matmul, matmul_many, on_pool, Activations, QMatrix};
 use crate::numerics::{attend, rms_norm, swiglu};
 use crate::spec::ModelSpec;
 use half::f16;
@@ -380,12 +380,12 @@ impl BlockStack {
         }
         let table = self.rope.table(pos, x.tokens);
         let first = span.start - self.range.start;
-        for (block, layer) in self.blocks[first..first + span.len()]
-            .iter()
-            .zip(kv.layers.iter_mut())
-        {
-            block.forward(x, layer, pos, &self.rope, &table)?;
-        }
-        Ok(())
+        let blocks = &self.blocks[first..first + span.len()];
+        on_pool(|| {
+            for (block, layer) in blocks.iter().zip(kv.layers.iter_mut()) {
+                block.forward(x, layer, pos, &self.rope, &table)?;
+            }
+            Ok(())
+        })
     }
 }

@@ -3,7 +3,7 @@
 use crate::blocks::{load_vector, Hidden};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::matrix::{matmul, Activations, QMatrix};
+use crate::matrix::{matmul, on_pool, Activations, QMatrix};
 use crate::numerics::rms_norm;
 use crate::spec::ModelSpec;
 
@@ -52,11 +52,13 @@ impl Head {
         let mut normed = Vec::new();
         rms_norm(&x.data, &self.norm, self.eps, &mut normed);
         let mut out = Vec::new();
-        matmul(
-            &Activations::new(&normed, x.tokens, x.dim),
-            &self.lm,
-            &mut out,
-        )?;
+        on_pool(|| {
+            matmul(
+                &Activations::new(&normed, x.tokens, x.dim),
+                &self.lm,
+                &mut out,
+            )
+        })?;
         Ok(out)
     }
 

@@ -102,6 +102,21 @@ impl QMatrix {
     }
 }
 
+/// Runs `f` on a thread of rayon's pool. A forward pass has a parallel region per product and
+/// per attention; started from a thread outside the pool, each would be handed to the pool and
+/// waited for (two context switches per region, 150 a token). Inside the pool they start
+/// directly, and the calling worker takes its share of the work.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        let mut out = None;
+        rayon::scope(|_| out = Some(f()));
+        // `scope` runs its body to completion before returning.
+        out.expect("rayon::scope ran its body")
+    }
+}
+
 /// Output buffer shared by the tasks of one parallel product.
 ///
 /// Each task owns a disjoint set of rows (whole tiles), so no two tasks ever write the same

@@ -69,6 +69,20 @@ impl ActQ8K {
     }
 }
 
+/// Rounds to the nearest integer, ties to even, for `|v| < 2^22` (larger or non-finite values
+/// map to values the callers' saturating casts handle the same way). ggml's `nearest_int` trick:
+/// adding 1.5 * 2^23 leaves no fraction bits. `f32::round_ties_even` is a libm call on x86-64
+/// builds without SSE4.1, which dominated activation quantization.
+#[inline(always)]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() < 4_194_304.0 {
+        (v + MAGIC) - MAGIC
+    } else {
+        v
+    }
+}
+
 /// Quantizes a row (length a multiple of 32) like ggml's x86 `quantize_row_q8_1`.
 pub fn quantize_q8(xs: &[f32], out: &mut [ActQ8]) {
     for (chunk, block) in xs.chunks_exact(32).zip(out.iter_mut()) {
@@ -77,7 +91,7 @@ pub fn quantize_q8(xs: &[f32], out: &mut [ActQ8]) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &x) in block.qs.iter_mut().zip(chunk) {
-            let v = (x * id).round_ties_even() as i32;
+            let v = round_half_even(x * id) as i32;
             *q = v as i8;
             sum += v;
         }
@@ -107,7 +121,7 @@ pub fn quantize_q8k(xs: &[f32], out: &mut [ActQ8K]) {
         let iscale = -127.0 / max;
         for (q, &x) in block.qs.iter_mut().zip(chunk) {
             // ggml's `nearest_int` is round-half-to-even for these magnitudes.
-            *q = ((iscale * x).round_ties_even() as i32).min(127) as i8;
+            *q = (round_half_even(iscale * x) as i32).min(127) as i8;
         }
         for (s, q) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i32).sum();
@@ -242,6 +256,20 @@ impl<'a> Activations<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_is_ties_to_even() {
+        for v in [
+            -127.5f32, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 126.5, 127.0,
+        ] {
+            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+        }
+        let mut x = -130.0f32;
+        while x < 130.0 {
+            assert_eq!(round_half_even(x), x.round_ties_even(), "{x}");
+            x += 0.013;
+        }
+    }
 
     #[test]
     fn zero_blocks_quantize_to_zero() {
