@@ -1,6 +1,7 @@
 //! One integration-test binary for the model crate (one link instead of one per file).
 
 mod common;
+mod families;
 mod reference;
 mod synthetic;
 mod tokenizer;

@@ -1,0 +1,241 @@
+//! The real Qwen2.5 and Gemma 3 files against llama.cpp's own outputs
+//! (`model/tests/data/*.reference.json`, made by `scripts/llama_cpp_reference.py` from the
+//! `*.cases.json` beside them): tokenizer ids, chat prompts, greedy tokens and log-probs.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use model::chat::{ChatMessage, ChatTemplate};
+use model::LocalModel;
+use serde_json::Value;
+
+pub const QWEN: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
+pub const GEMMA: &str = "gemma-3-270m.Q4_K_M.gguf";
+
+/// A file fetched by `scripts/fetch-model.sh NAME`; these tests must not pass by skipping.
+pub fn require(file: &str) -> PathBuf {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/")).join(file);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-model.sh all",
+        p.display()
+    );
+    p
+}
+
+fn open(file: &str, cell: &'static OnceLock<LocalModel>) -> &'static LocalModel {
+    cell.get_or_init(|| LocalModel::open(require(file), &mut |_, _| {}).expect("load model"))
+}
+
+pub fn qwen() -> &'static LocalModel {
+    static M: OnceLock<LocalModel> = OnceLock::new();
+    open(QWEN, &M)
+}
+
+pub fn gemma() -> &'static LocalModel {
+    static M: OnceLock<LocalModel> = OnceLock::new();
+    open(GEMMA, &M)
+}
+
+pub fn reference(name: &str) -> Value {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/")).join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_softmax_at(v: &[f32], id: u32) -> f64 {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    v[id as usize] as f64 - lse
+}
+
+/// How far our log-probabilities may be from llama.cpp's on the real Q4_K_M files, and the
+/// top-1/top-2 margin below which a greedy choice may legitimately differ.
+///
+/// The goal is 0.05 and 0.2. What stands in the way is not the block math: on F32 copies of both
+/// files (`llama-quantize --allow-requantize ... F32`) the first three log-probs of every prompt
+/// here agree with llama.cpp within 0.003. It is the kernels: Q5_0 and the K-quants still run on
+/// candle's (whose activation quantization rounds differently from ggml's), and llama.cpp's AVX-512
+/// build sends Q8_0/Q5_0 products through llamafile's sgemm. These trained models amplify such
+/// noise: llama.cpp itself moves by 0.145 nats between its own flash and non-flash attention on
+/// "中国的首都是" (Qwen). Measured drift today: at most 0.21 (Qwen), 0.34 (Gemma 3); the kernels
+/// issue (ggml-exact K-quant kernels) should bring this to the 0.05 bar.
+const KQUANT_LOGPROB_TOLERANCE: f64 = 0.4;
+const KQUANT_NEAR_TIE: f64 = 2.0 * KQUANT_LOGPROB_TOLERANCE;
+
+/// Greedy generation teacher-forced on llama.cpp's tokens: our argmax must equal llama.cpp's up
+/// to its first near tie (a top-1/top-2 margin below `near_tie`), and the log-probability of
+/// llama.cpp's token must agree within `tolerance` at the first three positions (ties or not).
+pub fn check_generations(model: &LocalModel, reference: &Value, tolerance: f64, near_tie: f64) {
+    let mut failures = Vec::new();
+    let cases = reference["generations"].as_array().expect("generations");
+    assert!(!cases.is_empty());
+    for case in cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let expected_prompt = ids(&case["prompt_token_ids"]);
+        let expected = ids(&case["generated_token_ids"]);
+        let lps: Vec<f64> = case["chosen_logprob_per_position"]
+            .as_array()
+            .expect("logprobs")
+            .iter()
+            .map(|x| x.as_f64().expect("logprob"))
+            .collect();
+        let tie = case["top2_margin_per_position"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .position(|m| m.as_f64().expect("margin") < near_tie)
+            .unwrap_or(expected.len());
+
+        let mut ours = Vec::new();
+        if model.tokenizer.add_bos() {
+            ours.push(model.tokenizer.bos_id());
+        }
+        ours.extend(model.tokenizer.encode(prompt, true).expect("encode"));
+        if ours != expected_prompt {
+            failures.push(format!(
+                "{prompt:?}: prompt ids {ours:?} vs llama.cpp {expected_prompt:?}"
+            ));
+        }
+        let mut kv = model
+            .new_cache(expected_prompt.len() + expected.len())
+            .expect("cache");
+        let mut logits = model.forward(&expected_prompt, &mut kv, 0).expect("prefill");
+        for (i, &want) in expected.iter().enumerate() {
+            let got = argmax(&logits);
+            if i < 3 {
+                let lp = log_softmax_at(&logits, want);
+                eprintln!("{prompt:?} position {i}: logprob {lp:.4}, llama.cpp {:.4}", lps[i]);
+                if (lp - lps[i]).abs() > tolerance {
+                    failures.push(format!(
+                        "{prompt:?} position {i}: logprob {lp:.4} vs llama.cpp {:.4}",
+                        lps[i]
+                    ));
+                }
+            }
+            if i < tie && got != want {
+                failures.push(format!(
+                    "{prompt:?} position {i}: token {got} vs llama.cpp {want} (near tie at {tie})"
+                ));
+                break;
+            }
+            if i + 1 == expected.len() {
+                break;
+            }
+            logits = model
+                .forward(&[want], &mut kv, expected_prompt.len() + i)
+                .expect("decode");
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn check_tokenizer(model: &LocalModel, reference: &Value) {
+    let cases = reference["tokenize"].as_array().expect("tokenize cases");
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let got = model.tokenizer.encode(text, true).expect("encode");
+        assert_eq!(got, ids(&case["ids"]), "tokenization of {text:?}");
+        // What a token prints as must give the text back (no normalisation in these vocabularies).
+        assert_eq!(model.tokenizer.decode(&got), text, "decoding of {text:?}");
+    }
+}
+
+#[test]
+fn qwen2_generation_matches_llama_cpp() {
+    check_generations(
+        qwen(),
+        &reference("qwen2.5-coder-0.5b.reference.json"),
+        KQUANT_LOGPROB_TOLERANCE,
+        KQUANT_NEAR_TIE,
+    );
+}
+
+#[test]
+fn gemma3_generation_matches_llama_cpp() {
+    check_generations(
+        gemma(),
+        &reference("gemma-3-270m.reference.json"),
+        KQUANT_LOGPROB_TOLERANCE,
+        KQUANT_NEAR_TIE,
+    );
+}
+
+#[test]
+fn qwen2_tokenizer_matches_llama_cpp() {
+    check_tokenizer(qwen(), &reference("qwen2.5-coder-0.5b.reference.json"));
+}
+
+#[test]
+fn gemma3_tokenizer_matches_llama_cpp() {
+    let model = gemma();
+    check_tokenizer(model, &reference("gemma-3-270m.reference.json"));
+    let tok = &model.tokenizer;
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.add_bos()), (2, 1, true));
+    let end_of_turn = tok.encode("<end_of_turn>", true).expect("encode");
+    assert_eq!(end_of_turn.len(), 1);
+    assert!(tok.is_end_of_generation(end_of_turn[0]));
+}
+
+fn messages(v: &Value) -> Vec<ChatMessage> {
+    v.as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().expect("role").into(),
+            content: m["content"].as_str().expect("content").into(),
+        })
+        .collect()
+}
+
+/// Renders with the file's template (or the family's built-in one) and tokenizes as a prompt.
+fn chat_ids(model: &LocalModel, template: &ChatTemplate, msgs: &[ChatMessage]) -> Vec<u32> {
+    let text = template.render(msgs, true).expect("render");
+    let mut out = Vec::new();
+    if model.tokenizer.add_bos() {
+        out.push(model.tokenizer.bos_id());
+    }
+    out.extend(model.tokenizer.encode(&text, true).expect("encode"));
+    out
+}
+
+#[test]
+fn chat_prompts_match_llama_cpp() {
+    for (model, file) in [
+        (gemma(), "gemma-3-270m.reference.json"),
+        (qwen(), "qwen2.5-coder-0.5b.chat.json"),
+    ] {
+        let reference = reference(file);
+        let template = model.chat_template.as_ref().expect("a chat template");
+        let cases = reference["chat"].as_array().expect("chat cases");
+        assert!(!cases.is_empty(), "{file}");
+        for case in cases {
+            let msgs = messages(&case["messages"]);
+            assert_eq!(
+                template.render(&msgs, true).expect("render"),
+                case["rendered"].as_str().expect("rendered"),
+                "{file}"
+            );
+            assert_eq!(chat_ids(model, template, &msgs), ids(&case["ids"]), "{file}");
+        }
+    }
+}
