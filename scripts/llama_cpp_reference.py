@@ -24,6 +24,7 @@ Cases (JSON): {"generations": [{"prompt": str, "tokens": int}],
 """
 import argparse
 import ctypes
+import hashlib
 import json
 import math
 import sys
@@ -94,6 +95,7 @@ def main():
 
     out = {
         "model": args.model.rsplit("/", 1)[-1],
+        "model_sha256": hashlib.sha256(open(args.model, "rb").read()).hexdigest(),
         "llama_cpp_python": llama_cpp.__version__,
         "n_ctx": args.n_ctx,
         "flash_attn": not args.no_flash_attn,

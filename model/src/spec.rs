@@ -134,7 +134,9 @@ pub struct ModelSpec {
 impl ModelSpec {
     pub fn from_file(file: &GgufFile) -> Result<Self> {
         let mut spec = Self::try_from(file.metadata())?;
-        spec.tied_embeddings = !file.has_tensor("output.weight");
+        // llama.cpp's Gemma 2 always reads the head from the token embedding.
+        spec.tied_embeddings =
+            spec.family == Family::Gemma2 || !file.has_tensor("output.weight");
         let embd = file.tensor("token_embd.weight")?;
         match embd.dims.as_slice() {
             [vocab, dim] if *dim == spec.embedding_length => spec.vocab_size = *vocab,

@@ -85,6 +85,17 @@ const KQUANT_NEAR_TIE: f64 = 2.0 * KQUANT_LOGPROB_TOLERANCE;
 /// to its first near tie (a top-1/top-2 margin below `near_tie`), and the log-probability of
 /// llama.cpp's token must agree within `tolerance` at the first three positions (ties or not).
 pub fn check_generations(model: &LocalModel, reference: &Value, tolerance: f64, near_tie: f64) {
+    check_generations_at(model, reference, tolerance, near_tie, 3)
+}
+
+/// As [`check_generations`], comparing log-probabilities at the first `positions` positions.
+pub fn check_generations_at(
+    model: &LocalModel,
+    reference: &Value,
+    tolerance: f64,
+    near_tie: f64,
+    positions: usize,
+) {
     let mut failures = Vec::new();
     let cases = reference["generations"].as_array().expect("generations");
     assert!(!cases.is_empty());
@@ -115,15 +126,19 @@ pub fn check_generations(model: &LocalModel, reference: &Value, tolerance: f64, 
                 "{prompt:?}: prompt ids {ours:?} vs llama.cpp {expected_prompt:?}"
             ));
         }
+        // A session as long as llama.cpp's context: LongRoPE picks its factors by it.
+        let n_ctx = reference["n_ctx"].as_u64().expect("n_ctx") as usize;
         let mut kv = model
-            .new_cache(expected_prompt.len() + expected.len())
+            .new_cache(n_ctx.max(expected_prompt.len() + expected.len()))
             .expect("cache");
         let mut logits = model.forward(&expected_prompt, &mut kv, 0).expect("prefill");
         for (i, &want) in expected.iter().enumerate() {
             let got = argmax(&logits);
-            if i < 3 {
+            if i < positions {
                 let lp = log_softmax_at(&logits, want);
-                eprintln!("{prompt:?} position {i}: logprob {lp:.4}, llama.cpp {:.4}", lps[i]);
+                if i < 3 {
+                    eprintln!("{prompt:?} position {i}: logprob {lp:.4}, llama.cpp {:.4}", lps[i]);
+                }
                 if (lp - lps[i]).abs() > tolerance {
                     failures.push(format!(
                         "{prompt:?} position {i}: logprob {lp:.4} vs llama.cpp {:.4}",

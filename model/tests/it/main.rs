@@ -4,4 +4,5 @@ mod common;
 mod families;
 mod reference;
 mod synthetic;
+mod synthetic_families;
 mod tokenizer;
