@@ -209,7 +209,10 @@ fn user_mistakes_are_one_line_errors() {
     }
     .write(&mamba)
     .unwrap();
-    assert_clean_error(&run(&mamba, &[]), "unsupported model architecture `mamba`");
+    assert_clean_error(
+        &run(&mamba, &[]),
+        "unsupported model architecture `mamba` (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)",
+    );
 
     let tiny = dir.file("tiny.gguf");
     SyntheticModel {
