@@ -6,7 +6,9 @@
 use model::synthetic::SYNTHETIC_FAMILIES;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).ok_or("usage: synthetic_gguf OUT_DIR")?;
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or("usage: synthetic_gguf OUT_DIR")?;
     std::fs::create_dir_all(&dir)?;
     for (name, model) in SYNTHETIC_FAMILIES() {
         let path = std::path::Path::new(&dir).join(format!("{name}.gguf"));

@@ -80,10 +80,18 @@ mod tests {
         for (&x, &y) in xs.iter().zip(&g) {
             let exact = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / 2f64.sqrt()));
             let tol = 2e-3 * (1.0 + exact.abs());
-            assert!((y as f64 / 2.0 - exact).abs() < tol, "gelu({x}) = {}, want {exact}", y / 2.0);
+            assert!(
+                (y as f64 / 2.0 - exact).abs() < tol,
+                "gelu({x}) = {}, want {exact}",
+                y / 2.0
+            );
         }
         assert_eq!(g[0], 0.0, "saturates below -10");
-        assert_eq!(*g.last().unwrap(), xs.last().unwrap() * 2.0, "identity above 10");
+        assert_eq!(
+            *g.last().unwrap(),
+            xs.last().unwrap() * 2.0,
+            "identity above 10"
+        );
     }
 
     /// erf by its series, enough for the test's tolerance.
@@ -97,7 +105,8 @@ mod tests {
                             + t * (-0.18628806
                                 + t * (0.27886807
                                     + t * (-1.13520398
-                                        + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+                                        + t * (1.48851587
+                                            + t * (-0.82215223 + t * 0.17087277)))))))))
                 .exp();
         if x >= 0.0 {
             y

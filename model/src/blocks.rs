@@ -331,7 +331,12 @@ impl DecoderBlock {
             + self.ffn_norm.len()
             + self.qkv_bias.iter().flatten().map(Vec::len).sum::<usize>()
             + self.qk_norm.iter().flatten().map(Vec::len).sum::<usize>()
-            + self.post_norms.iter().flatten().map(Vec::len).sum::<usize>();
+            + self
+                .post_norms
+                .iter()
+                .flatten()
+                .map(Vec::len)
+                .sum::<usize>();
         self.matrices()
             .iter()
             .map(|m| m.weight_bytes())
@@ -561,7 +566,12 @@ impl FreqFactors {
         };
         // llama.cpp prefers `rope_freqs` when a file has both kinds.
         let one = match opt("rope_freqs.weight")? {
-            Some(f) => return Ok(Self { one: Some(f), long: None }),
+            Some(f) => {
+                return Ok(Self {
+                    one: Some(f),
+                    long: None,
+                })
+            }
             None => opt("rope_factors_short.weight")?,
         };
         Ok(Self {
@@ -616,9 +626,7 @@ impl BlockStack {
                     self.spec.head_count_kv,
                     self.spec.head_dim,
                     capacity,
-                    self.spec
-                        .is_sliding(i)
-                        .then_some(self.spec.sliding_window),
+                    self.spec.is_sliding(i).then_some(self.spec.sliding_window),
                 )
             })
             .collect();

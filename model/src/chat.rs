@@ -338,10 +338,7 @@ mod tests {
 
     #[test]
     fn gemma_files_without_a_template_get_the_gemma_format() {
-        let mut md = HashMap::from([(
-            KEY_ARCH.to_string(),
-            GgufValue::String("gemma3".into()),
-        )]);
+        let mut md = HashMap::from([(KEY_ARCH.to_string(), GgufValue::String("gemma3".into()))]);
         let template = ChatTemplate::from_gguf(&md).unwrap().expect("built-in");
         let out = template
             .render(

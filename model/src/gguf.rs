@@ -189,7 +189,8 @@ impl TensorView {
             dtype: self.dtype,
             dims: vec![rows.len(), cols],
             map: self.map.clone(),
-            range: self.range.start + rows.start * row_bytes..self.range.start + rows.end * row_bytes,
+            range: self.range.start + rows.start * row_bytes
+                ..self.range.start + rows.end * row_bytes,
         })
     }
 

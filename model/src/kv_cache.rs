@@ -287,7 +287,9 @@ mod tests {
         let mut kv = LayerKv::with_window(1, 2, 200, Some(2));
         assert_eq!(kv.bytes(), 2 * 2 * 66 * 2 * 2);
         let rows = |from: usize, n: usize| -> Vec<f32> {
-            (from..from + n).flat_map(|p| [p as f32, -(p as f32)]).collect()
+            (from..from + n)
+                .flat_map(|p| [p as f32, -(p as f32)])
+                .collect()
         };
         kv.append(&rows(0, 70), &rows(0, 70), 70).unwrap();
         assert_eq!((kv.len(), kv.first_held()), (70, 4));

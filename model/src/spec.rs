@@ -135,8 +135,7 @@ impl ModelSpec {
     pub fn from_file(file: &GgufFile) -> Result<Self> {
         let mut spec = Self::try_from(file.metadata())?;
         // llama.cpp's Gemma 2 always reads the head from the token embedding.
-        spec.tied_embeddings =
-            spec.family == Family::Gemma2 || !file.has_tensor("output.weight");
+        spec.tied_embeddings = spec.family == Family::Gemma2 || !file.has_tensor("output.weight");
         let embd = file.tensor("token_embd.weight")?;
         match embd.dims.as_slice() {
             [vocab, dim] if *dim == spec.embedding_length => spec.vocab_size = *vocab,
@@ -202,7 +201,10 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
         let head_count = get_usize(md, &key("attention.head_count"))?;
         let head_count_kv = opt_usize("attention.head_count_kv")?.unwrap_or(head_count);
         if head_count == 0 {
-            return Err(bad("attention.head_count", "a model needs attention heads".into()));
+            return Err(bad(
+                "attention.head_count",
+                "a model needs attention heads".into(),
+            ));
         }
         if head_count_kv == 0 || head_count % head_count_kv != 0 {
             return Err(bad(
@@ -221,7 +223,10 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad("attention.key_length", format!("{head_dim} must be even and positive")));
+            return Err(bad(
+                "attention.key_length",
+                format!("{head_dim} must be even and positive"),
+            ));
         }
         if let Some(v) = opt_usize("attention.value_length")? {
             if v != head_dim {
@@ -245,7 +250,10 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
                 Err(bad(k, format!("{v} is not a positive number")))
             }
         };
-        let rope_freq_base = positive("rope.freq_base", opt_f32("rope.freq_base")?.unwrap_or(10_000.0))?;
+        let rope_freq_base = positive(
+            "rope.freq_base",
+            opt_f32("rope.freq_base")?.unwrap_or(10_000.0),
+        )?;
         match md.get(&key("rope.scaling.type")) {
             None => {}
             Some(Value::String(t)) if matches!(t.as_str(), "none" | "linear") => {}
@@ -256,7 +264,8 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
                 ))
             }
         }
-        let scaling_none = matches!(md.get(&key("rope.scaling.type")), Some(Value::String(t)) if t == "none");
+        let scaling_none =
+            matches!(md.get(&key("rope.scaling.type")), Some(Value::String(t)) if t == "none");
         let freq_scale = match opt_f32("rope.scaling.factor")? {
             Some(f) if f != 0.0 && !scaling_none => 1.0 / positive("rope.scaling.factor", f)?,
             _ => 1.0,
@@ -271,7 +280,10 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
         )?;
         let rms_eps = get_f32(md, &key("attention.layer_norm_rms_epsilon"))?;
         if !(rms_eps.is_finite() && rms_eps >= 0.0) {
-            return Err(bad("attention.layer_norm_rms_epsilon", format!("{rms_eps} is not a valid epsilon")));
+            return Err(bad(
+                "attention.layer_norm_rms_epsilon",
+                format!("{rms_eps} is not a valid epsilon"),
+            ));
         }
         let block_count = get_usize(md, &key("block_count"))?;
         if block_count == 0 {
@@ -326,9 +338,13 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
                 }
                 Some(_) => {
                     let n = get_usize(md, &key("attention.sliding_window_pattern"))?;
-                    (0..block_count).map(|il| n == 0 || il % n < n - 1).collect()
+                    (0..block_count)
+                        .map(|il| n == 0 || il % n < n - 1)
+                        .collect()
                 }
-                None => (0..block_count).map(|il| il % pattern < pattern - 1).collect(),
+                None => (0..block_count)
+                    .map(|il| il % pattern < pattern - 1)
+                    .collect(),
             }
         };
         let rope_local = match family {
@@ -349,7 +365,7 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
         let softcap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
             match opt_f32(k)?.or(default) {
                 None => Ok(None),
-                Some(c) if c == 0.0 => Ok(None),
+                Some(0.0) => Ok(None),
                 Some(c) => positive(k, c).map(Some),
             }
         };
@@ -405,9 +421,7 @@ impl TryFrom<&HashMap<String, Value>> for ModelSpec {
             scale_query_first,
             attn_softcap,
             final_softcap,
-            embedding_scale: family
-                .is_gemma()
-                .then(|| (embedding_length as f32).sqrt()),
+            embedding_scale: family.is_gemma().then(|| (embedding_length as f32).sqrt()),
             activation: if family.is_gemma() {
                 Activation::Gelu
             } else {

@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::QTensor;
 /// Re-exported so that crates writing synthetic files need no candle dependency of their own.
 pub use candle_core::quantized::GgmlDType;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 #[derive(Clone, Debug)]
@@ -218,8 +218,22 @@ impl SyntheticModel {
         if arch == "phi3" {
             // LongRoPE: factors >= 1 that stretch the low frequencies, short ones milder.
             let n = head_dim / 2;
-            vector("rope_factors_short.weight".into(), n, 1.2, 0.2, &mut vrng, &mut tensors)?;
-            vector("rope_factors_long.weight".into(), n, 4.0, 3.0, &mut vrng, &mut tensors)?;
+            vector(
+                "rope_factors_short.weight".into(),
+                n,
+                1.2,
+                0.2,
+                &mut vrng,
+                &mut tensors,
+            )?;
+            vector(
+                "rope_factors_long.weight".into(),
+                n,
+                4.0,
+                3.0,
+                &mut vrng,
+                &mut tensors,
+            )?;
         }
         for b in 0..self.blocks {
             let n = |t: &str| format!("blk.{b}.{t}.weight");
@@ -239,12 +253,40 @@ impl SyntheticModel {
                 }
             }
             if matches!(arch, "qwen3" | "gemma3") {
-                vector(n("attn_q_norm"), head_dim, 1.0, 0.3, &mut vrng, &mut tensors)?;
-                vector(n("attn_k_norm"), head_dim, 1.0, 0.3, &mut vrng, &mut tensors)?;
+                vector(
+                    n("attn_q_norm"),
+                    head_dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+                vector(
+                    n("attn_k_norm"),
+                    head_dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
             }
             if matches!(arch, "gemma2" | "gemma3") {
-                vector(n("post_attention_norm"), self.dim, 1.0, 0.3, &mut vrng, &mut tensors)?;
-                vector(n("post_ffw_norm"), self.dim, 1.0, 0.3, &mut vrng, &mut tensors)?;
+                vector(
+                    n("post_attention_norm"),
+                    self.dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+                vector(
+                    n("post_ffw_norm"),
+                    self.dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
             }
             matrix(n("attn_output"), self.dim, qd, w, s, &mut tensors)?;
             if arch == "phi3" {

@@ -131,13 +131,18 @@ pub fn check_generations_at(
         let mut kv = model
             .new_cache(n_ctx.max(expected_prompt.len() + expected.len()))
             .expect("cache");
-        let mut logits = model.forward(&expected_prompt, &mut kv, 0).expect("prefill");
+        let mut logits = model
+            .forward(&expected_prompt, &mut kv, 0)
+            .expect("prefill");
         for (i, &want) in expected.iter().enumerate() {
             let got = argmax(&logits);
             if i < positions {
                 let lp = log_softmax_at(&logits, want);
                 if i < 3 {
-                    eprintln!("{prompt:?} position {i}: logprob {lp:.4}, llama.cpp {:.4}", lps[i]);
+                    eprintln!(
+                        "{prompt:?} position {i}: logprob {lp:.4}, llama.cpp {:.4}",
+                        lps[i]
+                    );
                 }
                 if (lp - lps[i]).abs() > tolerance {
                     failures.push(format!(
@@ -250,7 +255,11 @@ fn chat_prompts_match_llama_cpp() {
                 case["rendered"].as_str().expect("rendered"),
                 "{file}"
             );
-            assert_eq!(chat_ids(model, template, &msgs), ids(&case["ids"]), "{file}");
+            assert_eq!(
+                chat_ids(model, template, &msgs),
+                ids(&case["ids"]),
+                "{file}"
+            );
         }
     }
 }

@@ -258,7 +258,9 @@ fn without(src: &std::path::Path, dst: &std::path::Path, drop: &str) {
         .keys()
         .filter(|n| n.as_str() != drop)
         .map(|n| {
-            let t = content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap();
+            let t = content
+                .tensor(&mut f, n, &candle_core::Device::Cpu)
+                .unwrap();
             (n.clone(), t)
         })
         .collect();

@@ -33,7 +33,10 @@ fn every_family_matches_llama_cpp_on_random_weights() {
             "{name}: the writer no longer makes the file llama.cpp ran on; regenerate the data"
         );
         let model = LocalModel::open(&path, &mut |_, _| {}).expect("open");
-        assert_eq!(model.spec().architecture, name.split('-').next().unwrap_or(""));
+        assert_eq!(
+            model.spec().architecture,
+            name.split('-').next().unwrap_or("")
+        );
         eprintln!("{name}");
         // Random weights spread probability thinly, so ties are everywhere; log-probs are
         // compared at every position. F32 weights show the block math alone (largest

@@ -15,7 +15,11 @@ use super::{edge_node, json_of, TempDir};
 /// A file fetched by `scripts/fetch-model.sh all`; the test fails (does not skip) without it.
 fn model(file: &str) -> String {
     let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/")).join(file);
-    assert!(p.exists(), "{} missing: run scripts/fetch-model.sh all", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-model.sh all",
+        p.display()
+    );
     p.to_string_lossy().into_owned()
 }
 
@@ -23,8 +27,18 @@ fn model(file: &str) -> String {
 fn local_chat(model: &str, question: &str, tokens: usize) -> serde_json::Value {
     let n = tokens.to_string();
     json_of(&edge_node(&[
-        "generate", "--local", "--model", model, "--prompt", question, "--max-new-tokens", &n,
-        "--json", "--chat", "--threads", "1",
+        "generate",
+        "--local",
+        "--model",
+        model,
+        "--prompt",
+        question,
+        "--max-new-tokens",
+        &n,
+        "--json",
+        "--chat",
+        "--threads",
+        "1",
     ]))
 }
 
@@ -37,7 +51,11 @@ fn three_nodes_and_the_gateway(file: &str, blocks: [&str; 3], prompt: &str, ques
         .iter()
         .map(|b| node_of(&model, b, &boot, &[]))
         .collect();
-    let v = json_of(&swarm_command_of(&model, &boot, prompt, "12").output().unwrap());
+    let v = json_of(
+        &swarm_command_of(&model, &boot, prompt, "12")
+            .output()
+            .unwrap(),
+    );
     assert_eq!(
         v["tokens"],
         local_of(&model, prompt, "12")["tokens"],
@@ -108,7 +126,11 @@ fn sliding_window_rings_on_nodes_give_the_local_tokens() {
     let _a = node_of(&model, "0..2", &boot, &[]);
     let _b = node_of(&model, "2..4", &boot, &[]);
     let prompt = "Sliding windows keep only the last few positions of every layer.";
-    let v = json_of(&swarm_command_of(&model, &boot, prompt, "40").output().unwrap());
+    let v = json_of(
+        &swarm_command_of(&model, &boot, prompt, "40")
+            .output()
+            .unwrap(),
+    );
     let local = local_of(&model, prompt, "40");
     assert_eq!(local["tokens"].as_array().map(Vec::len), Some(40));
     assert_eq!(v["tokens"], local["tokens"]);

@@ -10,8 +10,8 @@ mod api;
 mod balance;
 mod chat;
 mod config;
-mod faults;
 mod families;
+mod faults;
 mod swarm;
 
 fn edge_node(args: &[&str]) -> Output {
