@@ -44,7 +44,11 @@ pub fn attend_softcapped(
 ) {
     let hd = q.len();
     acc.fill(f16::ZERO);
-    let scale = if softcap != 0.0 { scale / softcap } else { scale };
+    let scale = if softcap != 0.0 {
+        scale / softcap
+    } else {
+        scale
+    };
     let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
     for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
         let mut s = dot_f16(k, q) * scale;

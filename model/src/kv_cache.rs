@@ -161,7 +161,10 @@ impl LayerKv {
             let slot = (self.len + t) % self.slots;
             for h in 0..self.heads {
                 let src = t * width + h * hd;
-                for copy in [slot, slot + self.slots].into_iter().take(1 + mirrored as usize) {
+                for copy in [slot, slot + self.slots]
+                    .into_iter()
+                    .take(1 + mirrored as usize)
+                {
                     let dst = (h * self.stride + copy) * hd;
                     for (d, s) in self.k[dst..dst + hd].iter_mut().zip(&k[src..src + hd]) {
                         *d = f16::from_f32(*s);

@@ -40,11 +40,11 @@ fn every_family_matches_llama_cpp_on_random_weights() {
         eprintln!("{name}");
         // Random weights spread probability thinly, so ties are everywhere; log-probs are
         // compared at every position. F32 weights show the block math alone (largest
-        // difference measured: 0.021, Qwen3); Q8_0 adds the difference between our Q8_0 kernel
-        // and llama.cpp's (llamafile sgemm on its AVX-512 build), which Phi-3's LongRoPE file
-        // amplifies to 0.057.
+        // difference measured: 0.021, Qwen3), at the 0.05 bar. Q8_0 adds the difference
+        // between our Q8_0 products (ggml's AVX2 arithmetic) and llama.cpp's AVX-512 build
+        // (llamafile sgemm), which Phi-3's LongRoPE file amplifies to 0.064 late in a sequence.
         let tolerance = if name.ends_with("f32") { 0.05 } else { 0.1 };
-        check_generations_at(&model, &reference, tolerance, 0.2, usize::MAX);
+        check_generations_at(&model, &reference, None, tolerance, 0.2, usize::MAX);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
