@@ -15,7 +15,8 @@ EDGE=./target/release/edge-node
 [ -x "$EDGE" ] || { echo "error: build first: cargo build --release -p node" >&2; exit 1; }
 [ -x "$BIN/llama-bench" ] || { echo "error: no llama-bench in $BIN (scripts/build-llama-cpp.sh)" >&2; exit 1; }
 
-lscpu | grep -E '^(Model name|Flags)' | sed 's/^/# /' | cut -c1-400 >&2
+lscpu | grep -E '^Model name' | sed 's/^/# /' >&2
+grep -o 'avx512[a-z_0-9]*\|avx2\|fma\|f16c' /proc/cpuinfo | sort -u | tr '\n' ' ' | sed 's/^/# CPU flags: /' >&2; echo >&2
 for spec in "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf 0..8" "gemma-3-270m.Q4_K_M.gguf 0..6"; do
   set -- $spec
   M=models/$1
