@@ -2,7 +2,7 @@
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/fetch-model.sh
+./scripts/fetch-model.sh all
 ./scripts/setup-test-tools.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -1,4 +1,6 @@
-//! The decoder block (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP) and a stack of them.
+//! The decoder block (RMSNorm, RoPE, grouped-query attention, gated MLP) and a stack of them.
+//! One block serves every family: the spec says which optional parts a family has (biases,
+//! QK-norm, post-norms, sliding window, soft-capping, GELU), fused tensors are split at load.
 //!
 //! Weights are immutable and shared by every session; the session's KV cache is passed in. The
 //! arithmetic follows llama.cpp's CPU backend (f64 accumulation in RMSNorm, its RoPE angle
@@ -10,12 +12,14 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::activation::{add_bias, geglu, scale};
+use crate::attention::attend_softcapped;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{LayerKv, SessionKv};
 use crate::matrix::{matmul, matmul_many, on_pool, Activations, QMatrix};
 use crate::numerics::{attend, rms_norm, swiglu};
-use crate::spec::ModelSpec;
+use crate::spec::{Activation, ModelSpec, RopeParams, RopeStyle};
 use half::f16;
 
 /// Hidden states of `tokens` consecutive positions, `[tokens, dim]` row-major.
@@ -53,19 +57,25 @@ impl Hidden {
     }
 }
 
-/// Rotary position embedding of the "normal" (adjacent pairs) kind that llama uses in GGUF.
+/// Rotary position embedding, as ggml's `rope_f32` computes it for one kind of layer.
 #[derive(Clone)]
 pub struct Rope {
     dim: usize,
+    style: RopeStyle,
     theta_scale: f32,
+    freq_scale: f32,
+    mscale: f32,
     freq_factors: Option<Vec<f32>>,
 }
 
 impl Rope {
-    fn new(spec: &ModelSpec, freq_factors: Option<Vec<f32>>) -> Self {
+    fn new(spec: &ModelSpec, params: RopeParams, freq_factors: Option<Vec<f32>>) -> Self {
         Self {
             dim: spec.rope_dim,
-            theta_scale: libm::powf(spec.rope_freq_base, -2.0 / spec.rope_dim as f32),
+            style: spec.rope_style,
+            theta_scale: libm::powf(params.freq_base, -2.0 / spec.rope_dim as f32),
+            freq_scale: params.freq_scale,
+            mscale: spec.rope_attn_factor,
             freq_factors,
         }
     }
@@ -79,8 +89,8 @@ impl Rope {
             let mut theta = p as f32;
             for i in 0..pairs {
                 let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
-                let t = theta / ff;
-                out.push((libm::cosf(t), libm::sinf(t)));
+                let t = self.freq_scale * (theta / ff);
+                out.push((libm::cosf(t) * self.mscale, libm::sinf(t) * self.mscale));
                 theta *= self.theta_scale;
             }
         }
@@ -89,37 +99,71 @@ impl Rope {
 
     fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, table: &[(f32, f32)]) {
         let pairs = self.dim / 2;
+        // Normal RoPE rotates adjacent elements, NeoX the two halves of the rotated part.
+        let (stride, offset) = match self.style {
+            RopeStyle::Normal => (2, 1),
+            RopeStyle::Neox => (1, pairs),
+        };
         for (row, cs) in x
             .chunks_exact_mut(heads * head_dim)
             .zip(table.chunks_exact(pairs))
         {
             for head in row.chunks_exact_mut(head_dim) {
                 for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = x0 * c - x1 * s;
-                    head[2 * i + 1] = x0 * s + x1 * c;
+                    let (a, b) = (stride * i, stride * i + offset);
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
                 }
             }
         }
     }
 }
 
-/// One transformer block's weights.
+/// The RoPE variants of a model: global layers, sliding-window layers, and LongRoPE's long
+/// factors for sessions longer than the original context.
+#[derive(Clone)]
+struct Ropes {
+    global: Rope,
+    local: Rope,
+    global_long: Option<Rope>,
+}
+
+/// The per-family numbers every block of a model shares.
+#[derive(Clone, Copy)]
+struct BlockMath {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    activation: Activation,
+    attention_scale: f32,
+    scale_query_first: bool,
+    softcap: f32,
+}
+
+/// One transformer block's weights. Every family's block is this one; what a family lacks is
+/// `None` (biases, QK-norm, post-norms) and fused tensors are split into row views at load.
 pub struct DecoderBlock {
     pub index: usize,
     attn_norm: Vec<f32>,
     wq: QMatrix,
     wk: QMatrix,
     wv: QMatrix,
+    /// Q, K and V biases (Qwen2).
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Per-head RMSNorm weights of Q and K (Qwen3, Gemma 3).
+    qk_norm: Option<[Vec<f32>; 2]>,
     wo: QMatrix,
+    /// RMSNorm of the attention output and of the FFN output (Gemma).
+    post_norms: Option<[Vec<f32>; 2]>,
     ffn_norm: Vec<f32>,
     w_gate: QMatrix,
     w_up: QMatrix,
     w_down: QMatrix,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f32,
+    /// The sliding window of this layer, if it is a sliding-window layer.
+    window: Option<usize>,
+    math: BlockMath,
 }
 
 pub(crate) fn load_vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -140,33 +184,127 @@ impl DecoderBlock {
     /// The tensors of block `index`, with every shape checked against the spec.
     pub fn load(file: &GgufFile, spec: &ModelSpec, index: usize) -> Result<Self> {
         let name = |t: &str| format!("blk.{index}.{t}.weight");
+        let bias = |t: &str| format!("blk.{index}.{t}.bias");
         let d = spec.embedding_length;
-        let matrix = |t: &str, rows: usize, cols: usize| -> Result<QMatrix> {
-            let m = QMatrix::new(file.tensor(&name(t))?)?;
+        let check = |m: QMatrix, rows: usize, cols: usize| -> Result<QMatrix> {
             if m.rows != rows || m.cols != cols {
                 return Err(ModelError::BadTensor {
-                    name: name(t),
+                    name: m.name().to_string(),
                     reason: format!("shape {}x{}, expected {rows}x{cols}", m.rows, m.cols),
                 });
             }
             Ok(m)
         };
-        let ff = spec.feed_forward_length;
+        let matrix = |t: &str, rows: usize, cols: usize| -> Result<QMatrix> {
+            check(QMatrix::new(file.tensor(&name(t))?)?, rows, cols)
+        };
+        let (qd, kvd, ff) = (spec.q_dim(), spec.kv_dim(), spec.feed_forward_length);
+
+        // Q, K, V: separate tensors, or Phi-3's fused `attn_qkv` split by rows.
+        let (wq, wk, wv, qkv_bias) = if file.has_tensor(&name("attn_qkv")) {
+            let fused = file.tensor(&name("attn_qkv"))?;
+            if fused.dims != [qd + 2 * kvd, d] {
+                return Err(ModelError::BadTensor {
+                    name: name("attn_qkv"),
+                    reason: format!("shape {:?}, expected {:?}", fused.dims, [qd + 2 * kvd, d]),
+                });
+            }
+            let part = |r: std::ops::Range<usize>| QMatrix::new(fused.rows(r)?);
+            let b = if file.has_tensor(&bias("attn_qkv")) {
+                let all = load_vector(file, &bias("attn_qkv"), qd + 2 * kvd)?;
+                Some([
+                    all[..qd].to_vec(),
+                    all[qd..qd + kvd].to_vec(),
+                    all[qd + kvd..].to_vec(),
+                ])
+            } else {
+                None
+            };
+            (
+                part(0..qd)?,
+                part(qd..qd + kvd)?,
+                part(qd + kvd..qd + 2 * kvd)?,
+                b,
+            )
+        } else {
+            let has_bias = ["attn_q", "attn_k", "attn_v"].map(|t| file.has_tensor(&bias(t)));
+            let b = if has_bias.iter().any(|&b| b) {
+                Some([
+                    load_vector(file, &bias("attn_q"), qd)?,
+                    load_vector(file, &bias("attn_k"), kvd)?,
+                    load_vector(file, &bias("attn_v"), kvd)?,
+                ])
+            } else {
+                None
+            };
+            (
+                matrix("attn_q", qd, d)?,
+                matrix("attn_k", kvd, d)?,
+                matrix("attn_v", kvd, d)?,
+                b,
+            )
+        };
+        let qk_norm = if spec.qk_norm {
+            Some([
+                load_vector(file, &name("attn_q_norm"), spec.head_dim)?,
+                load_vector(file, &name("attn_k_norm"), spec.head_dim)?,
+            ])
+        } else {
+            None
+        };
+        let post_norms = if spec.post_norms {
+            Some([
+                load_vector(file, &name("post_attention_norm"), d)?,
+                load_vector(file, &name("post_ffw_norm"), d)?,
+            ])
+        } else {
+            None
+        };
+        // Gate and up: separate tensors, or Phi-3's `ffn_up` of 2*ff rows (gate first).
+        let (w_gate, w_up) = if file.has_tensor(&name("ffn_gate")) {
+            (matrix("ffn_gate", ff, d)?, matrix("ffn_up", ff, d)?)
+        } else {
+            let fused = file.tensor(&name("ffn_up"))?;
+            if fused.dims != [2 * ff, d] {
+                return Err(ModelError::BadTensor {
+                    name: name("ffn_up"),
+                    reason: format!(
+                        "shape {:?}, expected {:?} (there is no ffn_gate, so up must hold gate and up)",
+                        fused.dims,
+                        [2 * ff, d]
+                    ),
+                });
+            }
+            (
+                QMatrix::new(fused.rows(0..ff)?)?,
+                QMatrix::new(fused.rows(ff..2 * ff)?)?,
+            )
+        };
         Ok(Self {
             index,
             attn_norm: load_vector(file, &name("attn_norm"), d)?,
-            wq: matrix("attn_q", spec.q_dim(), d)?,
-            wk: matrix("attn_k", spec.kv_dim(), d)?,
-            wv: matrix("attn_v", spec.kv_dim(), d)?,
-            wo: matrix("attn_output", d, spec.q_dim())?,
+            wq,
+            wk,
+            wv,
+            qkv_bias,
+            qk_norm,
+            wo: matrix("attn_output", d, qd)?,
+            post_norms,
             ffn_norm: load_vector(file, &name("ffn_norm"), d)?,
-            w_gate: matrix("ffn_gate", ff, d)?,
-            w_up: matrix("ffn_up", ff, d)?,
+            w_gate,
+            w_up,
             w_down: matrix("ffn_down", d, ff)?,
-            heads: spec.head_count,
-            kv_heads: spec.head_count_kv,
-            head_dim: spec.head_dim,
-            eps: spec.rms_eps,
+            window: spec.is_sliding(index).then_some(spec.sliding_window),
+            math: BlockMath {
+                heads: spec.head_count,
+                kv_heads: spec.head_count_kv,
+                head_dim: spec.head_dim,
+                eps: spec.rms_eps,
+                activation: spec.activation,
+                attention_scale: spec.attention_scale,
+                scale_query_first: spec.scale_query_first,
+                softcap: spec.attn_softcap.unwrap_or(0.0),
+            },
         })
     }
 
@@ -182,13 +320,28 @@ impl DecoderBlock {
         ]
     }
 
+    /// The sliding window of this block, if it attends through one.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+
     /// Bytes of weights this block maps (what a node pays in memory per block).
     pub fn weight_bytes(&self) -> usize {
+        let vectors = self.attn_norm.len()
+            + self.ffn_norm.len()
+            + self.qkv_bias.iter().flatten().map(Vec::len).sum::<usize>()
+            + self.qk_norm.iter().flatten().map(Vec::len).sum::<usize>()
+            + self
+                .post_norms
+                .iter()
+                .flatten()
+                .map(Vec::len)
+                .sum::<usize>();
         self.matrices()
             .iter()
             .map(|m| m.weight_bytes())
             .sum::<usize>()
-            + (self.attn_norm.len() + self.ffn_norm.len()) * 4
+            + vectors * 4
     }
 
     /// Runs the block on `x` in place, for positions `pos..pos + x.tokens`, extending `kv`.
@@ -200,11 +353,13 @@ impl DecoderBlock {
         rope: &Rope,
         table: &[(f32, f32)],
     ) -> Result<()> {
+        let m = &self.math;
         let t = x.tokens;
         let dim = x.dim;
-        let hd = self.head_dim;
+        let hd = m.head_dim;
+        kv.check_continues(pos)?;
         let mut normed = Vec::new();
-        rms_norm(&x.data, &self.attn_norm, self.eps, &mut normed);
+        rms_norm(&x.data, &self.attn_norm, m.eps, &mut normed);
         let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
         {
             let acts = Activations::new(&normed, t, dim);
@@ -214,21 +369,41 @@ impl DecoderBlock {
                 &mut [&mut q, &mut k, &mut v],
             )?;
         }
-        rope.apply(&mut q, self.heads, hd, table);
-        rope.apply(&mut k, self.kv_heads, hd, table);
-        kv.append(&k, &v, t)?;
-        let attn = self.attention(&q, kv, pos, t);
+        if let Some([bq, bk, bv]) = &self.qkv_bias {
+            add_bias(&mut q, bq);
+            add_bias(&mut k, bk);
+            add_bias(&mut v, bv);
+        }
+        if let Some([qn, kn]) = &self.qk_norm {
+            // RMSNorm over each head's vector: the weights are one head long.
+            rms_norm(&q.clone(), qn, m.eps, &mut q);
+            rms_norm(&k.clone(), kn, m.eps, &mut k);
+        }
+        rope.apply(&mut q, m.heads, hd, table);
+        rope.apply(&mut k, m.kv_heads, hd, table);
+        let dot_scale = if m.scale_query_first {
+            scale(&mut q, m.attention_scale);
+            1.0
+        } else {
+            m.attention_scale
+        };
+        let attn = match self.window {
+            None => {
+                kv.append(&k, &v, t)?;
+                self.attention_full(&q, kv, pos, t, dot_scale)
+            }
+            Some(window) => self.attention_window(&q, &k, &v, kv, pos, window, dot_scale)?,
+        };
         let mut o = Vec::new();
-        matmul(
-            &Activations::new(&attn, t, self.heads * hd),
-            &self.wo,
-            &mut o,
-        )?;
+        matmul(&Activations::new(&attn, t, m.heads * hd), &self.wo, &mut o)?;
+        if let Some([post_attn, _]) = &self.post_norms {
+            rms_norm(&o.clone(), post_attn, m.eps, &mut o);
+        }
         for (x, o) in x.data.iter_mut().zip(&o) {
             *x += o;
         }
 
-        rms_norm(&x.data, &self.ffn_norm, self.eps, &mut normed);
+        rms_norm(&x.data, &self.ffn_norm, m.eps, &mut normed);
         let (mut gate, mut up) = (Vec::new(), Vec::new());
         {
             let acts = Activations::new(&normed, t, dim);
@@ -239,39 +414,49 @@ impl DecoderBlock {
             )?;
         }
         let ff = self.w_gate.rows;
-        swiglu(&mut gate, &up, ff);
+        match m.activation {
+            Activation::Silu => swiglu(&mut gate, &up, ff),
+            Activation::Gelu => geglu(&mut gate, &up),
+        }
         let mut down = Vec::new();
         matmul(&Activations::new(&gate, t, ff), &self.w_down, &mut down)?;
+        if let Some([_, post_ffn]) = &self.post_norms {
+            rms_norm(&down.clone(), post_ffn, m.eps, &mut down);
+        }
         for (x, d) in x.data.iter_mut().zip(&down) {
             *x += d;
         }
         Ok(())
     }
 
-    /// Causal attention of the `t` new queries over the whole cache, `[t, heads * head_dim]`.
-    fn attention(&self, q: &[f32], kv: &LayerKv, pos: usize, t: usize) -> Vec<f32> {
-        let hd = self.head_dim;
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // llama.cpp rounds the query to the cache's f16 before the dot products.
-        let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
-        let mut out = vec![0f32; t * self.heads * hd];
+    /// Attention of the queries of tokens `tokens` (rows of `q16`, `[t, heads * head_dim]`)
+    /// into `out` (their rows only), each query head over the keys and values `kv_of(token,
+    /// kv_head)` returns; in parallel when there is enough work to pay for the hand-off.
+    fn attend_rows<'k>(
+        &self,
+        q16: &[f16],
+        tokens: Range<usize>,
+        out: &mut [f32],
+        kv_of: impl Fn(usize, usize) -> (&'k [f16], &'k [f16]) + Sync,
+        dot_scale: f32,
+    ) {
+        let m = self.math;
+        let hd = m.head_dim;
+        let group = m.heads / m.kv_heads;
+        let first = tokens.start;
+        let work: usize = tokens.len() * m.heads * kv_of(tokens.end - 1, 0).0.len();
         let one = |acc: &mut Vec<f16>, (i, o): (usize, &mut [f32])| {
-            let (tok, h) = (i / self.heads, i % self.heads);
-            let len = pos + tok + 1;
+            let (tok, h) = (first + i / m.heads, i % m.heads);
             acc.resize(hd, f16::ZERO);
-            let qh = &q16[i * hd..(i + 1) * hd];
-            attend(
-                qh,
-                kv.keys(h / group, len),
-                kv.values(h / group, len),
-                scale,
-                acc,
-                o,
-            );
+            let qh = &q16[(tok * m.heads + h) * hd..(tok * m.heads + h + 1) * hd];
+            let (keys, values) = kv_of(tok, h / group);
+            if m.softcap == 0.0 {
+                attend(qh, keys, values, dot_scale, acc, o);
+            } else {
+                attend_softcapped(qh, keys, values, dot_scale, m.softcap, acc, o);
+            }
         };
-        // Fan out only when there is enough work to pay for the hand-off.
-        if t * self.heads * (pos + t) * hd > 1 << 16 {
+        if work > 1 << 16 {
             out.par_chunks_mut(hd)
                 .enumerate()
                 .for_each_init(Vec::new, one);
@@ -281,7 +466,76 @@ impl DecoderBlock {
                 .enumerate()
                 .for_each(|x| one(&mut acc, x));
         }
+    }
+
+    /// Causal attention of the `t` new queries over the whole cache, `[t, heads * head_dim]`.
+    fn attention_full(
+        &self,
+        q: &[f32],
+        kv: &LayerKv,
+        pos: usize,
+        t: usize,
+        dot_scale: f32,
+    ) -> Vec<f32> {
+        let m = self.math;
+        // llama.cpp rounds the query to the cache's f16 before the dot products.
+        let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
+        let mut out = vec![0f32; t * m.heads * m.head_dim];
+        self.attend_rows(
+            &q16,
+            0..t,
+            &mut out,
+            |tok, kh| (kv.keys(kh, pos + tok + 1), kv.values(kh, pos + tok + 1)),
+            dot_scale,
+        );
         out
+    }
+
+    /// Causal attention through a sliding window: each query sees itself and the `window - 1`
+    /// positions before it. The step's keys go into the ring in chunks short enough that none
+    /// overwrites a key a query of its chunk still needs; each chunk's queries then read their
+    /// window in place.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_window(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kv: &mut LayerKv,
+        pos: usize,
+        window: usize,
+        dot_scale: f32,
+    ) -> Result<Vec<f32>> {
+        let m = self.math;
+        let (hd, width, kv_width) = (m.head_dim, m.heads * m.head_dim, m.kv_heads * m.head_dim);
+        let t = q.len() / width;
+        let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
+        let mut out = vec![0f32; t * width];
+        let chunk = kv.max_append().max(1);
+        let mut start = 0;
+        while start < t {
+            let end = (start + chunk).min(t);
+            let n = end - start;
+            kv.append(
+                &k[start * kv_width..end * kv_width],
+                &v[start * kv_width..end * kv_width],
+                n,
+            )?;
+            let ring = &*kv;
+            self.attend_rows(
+                &q16,
+                start..end,
+                &mut out[start * width..end * width],
+                |tok, kh| {
+                    let p = pos + tok;
+                    ring.run(kh, (p + 1).saturating_sub(window)..p + 1)
+                },
+                dot_scale,
+            );
+            start = end;
+        }
+        debug_assert_eq!(out.len() % hd, 0);
+        Ok(out)
     }
 }
 
@@ -289,8 +543,42 @@ impl DecoderBlock {
 pub struct BlockStack {
     range: Range<usize>,
     blocks: Vec<DecoderBlock>,
-    rope: Rope,
+    ropes: Ropes,
     spec: ModelSpec,
+}
+
+/// RoPE frequency factors from the file: `rope_freqs` (Llama 3), or LongRoPE's short and long
+/// factors (Phi-3).
+pub(crate) struct FreqFactors {
+    pub one: Option<Vec<f32>>,
+    pub long: Option<Vec<f32>>,
+}
+
+impl FreqFactors {
+    pub(crate) fn load(file: &GgufFile, spec: &ModelSpec) -> Result<Self> {
+        let n = spec.rope_dim / 2;
+        let opt = |name: &str| -> Result<Option<Vec<f32>>> {
+            if file.has_tensor(name) {
+                load_vector(file, name, n).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        // llama.cpp prefers `rope_freqs` when a file has both kinds.
+        let one = match opt("rope_freqs.weight")? {
+            Some(f) => {
+                return Ok(Self {
+                    one: Some(f),
+                    long: None,
+                })
+            }
+            None => opt("rope_factors_short.weight")?,
+        };
+        Ok(Self {
+            one,
+            long: opt("rope_factors_long.weight")?,
+        })
+    }
 }
 
 impl BlockStack {
@@ -298,10 +586,19 @@ impl BlockStack {
         spec: &ModelSpec,
         range: Range<usize>,
         blocks: Vec<DecoderBlock>,
-        freq_factors: Option<Vec<f32>>,
+        factors: FreqFactors,
     ) -> Self {
+        let ropes = Ropes {
+            global: Rope::new(spec, spec.rope_global, factors.one.clone()),
+            // Phi-3 (the only family with factors and local layers both possible) disables
+            // its window, so local layers never need LongRoPE factors.
+            local: Rope::new(spec, spec.rope_local, factors.one.clone()),
+            global_long: factors
+                .long
+                .map(|f| Rope::new(spec, spec.rope_global, Some(f))),
+        };
         Self {
-            rope: Rope::new(spec, freq_factors),
+            ropes,
             spec: spec.clone(),
             range,
             blocks,
@@ -320,14 +617,20 @@ impl BlockStack {
         self.blocks.iter().map(DecoderBlock::weight_bytes).sum()
     }
 
-    /// A fresh cache for `span` (a sub-range of this stack) holding up to `capacity` tokens.
+    /// A fresh cache for `span` (a sub-range of this stack) holding up to `capacity` tokens;
+    /// sliding-window blocks keep only their window.
     pub fn new_cache(&self, span: Range<usize>, capacity: usize) -> SessionKv {
-        SessionKv::new(
-            span.len(),
-            self.spec.head_count_kv,
-            self.spec.head_dim,
-            capacity,
-        )
+        let layers = span
+            .map(|i| {
+                LayerKv::with_window(
+                    self.spec.head_count_kv,
+                    self.spec.head_dim,
+                    capacity,
+                    self.spec.is_sliding(i).then_some(self.spec.sliding_window),
+                )
+            })
+            .collect();
+        SessionKv::from_layers(layers, capacity)
     }
 
     /// Runs every block of the stack.
@@ -378,12 +681,25 @@ impl BlockStack {
                 capacity: kv.capacity(),
             });
         }
-        let table = self.rope.table(pos, x.tokens);
+        // LongRoPE picks its factors by the session's length, as llama.cpp does by its
+        // context size: every peer of a session sees the same capacity, so they agree.
+        let global = match &self.ropes.global_long {
+            Some(long) if kv.capacity() > self.spec.rope_original_context => long,
+            _ => &self.ropes.global,
+        };
+        let local = &self.ropes.local;
         let first = span.start - self.range.start;
         let blocks = &self.blocks[first..first + span.len()];
+        let table_of = |rope: &Rope, needed: bool| needed.then(|| rope.table(pos, x.tokens));
+        let global_table = table_of(global, blocks.iter().any(|b| b.window.is_none()));
+        let local_table = table_of(local, blocks.iter().any(|b| b.window.is_some()));
         on_pool(|| {
             for (block, layer) in blocks.iter().zip(kv.layers.iter_mut()) {
-                block.forward(x, layer, pos, &self.rope, &table)?;
+                let (rope, table) = match block.window {
+                    None => (global, &global_table),
+                    Some(_) => (local, &local_table),
+                };
+                block.forward(x, layer, pos, rope, table.as_deref().unwrap_or_default())?;
             }
             Ok(())
         })

@@ -16,6 +16,25 @@ const KEY_TEMPLATE: &str = "tokenizer.chat_template";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
 const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_ARCH: &str = "general.architecture";
+
+/// llama.cpp's built-in `gemma` chat format (`LLM_CHAT_TEMPLATE_GEMMA` in `src/llama-chat.cpp`)
+/// as Jinja: system text merged into the next user turn, `assistant` called `model`, contents
+/// trimmed. Used for Gemma files that carry no template of their own (the Gemma 3 270M GGUF).
+const GEMMA_TEMPLATE: &str = "{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}\
+{%- set ns.system = ns.system + (message['content'] | trim) -%}\
+{%- else -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{- '<start_of_turn>' + role + '\n' -}}\
+{%- if ns.system and role != 'model' -%}\
+{{- ns.system + '\n\n' -}}{%- set ns.system = '' -%}\
+{%- endif -%}\
+{{- (message['content'] | trim) + '<end_of_turn>\n' -}}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
@@ -47,12 +66,18 @@ impl ChatTemplate {
         }
     }
 
-    /// Reads the template from GGUF metadata; `None` when the file has none. `bos_token` and
-    /// `eos_token` are looked up in the vocabulary; if that is impossible they are left empty
-    /// (the tokenizer reports broken vocabularies, templates often do not use them).
+    /// Reads the template from GGUF metadata; `None` when the file has none (Gemma files without
+    /// one get llama.cpp's built-in Gemma format). `bos_token` and `eos_token` are looked up in
+    /// the vocabulary; if that is impossible they are left empty (the tokenizer reports broken
+    /// vocabularies, templates often do not use them).
     pub fn from_gguf(md: &HashMap<String, GgufValue>) -> Result<Option<Self>, ChatTemplateError> {
         let source = match md.get(KEY_TEMPLATE) {
-            None => return Ok(None),
+            None => match md.get(KEY_ARCH) {
+                Some(GgufValue::String(arch)) if arch.starts_with("gemma") => {
+                    GEMMA_TEMPLATE.to_string()
+                }
+                _ => return Ok(None),
+            },
             Some(GgufValue::String(source)) => source.clone(),
             Some(_) => return Err(ChatTemplateError::WrongType(KEY_TEMPLATE)),
         };
@@ -290,5 +315,49 @@ mod tests {
         let template = ChatTemplate::from_gguf(&md).unwrap().unwrap();
         // The out-of-range EOS id renders as empty rather than failing.
         assert_eq!(template.render(&[], false).unwrap(), "<s>|");
+    }
+
+    #[test]
+    fn loop_controls_work() {
+        let source = "{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}\
+                      {% if m.role == 'stop' %}{% break %}{% endif %}{{ m.content }}{% endfor %}";
+        let out = template(source)
+            .render(
+                &[
+                    message("user", "a"),
+                    message("skip", "b"),
+                    message("user", "c"),
+                    message("stop", "d"),
+                    message("user", "e"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(out, "ac");
+    }
+
+    #[test]
+    fn gemma_files_without_a_template_get_the_gemma_format() {
+        let mut md = HashMap::from([(KEY_ARCH.to_string(), GgufValue::String("gemma3".into()))]);
+        let template = ChatTemplate::from_gguf(&md).unwrap().expect("built-in");
+        let out = template
+            .render(
+                &[
+                    message("system", " Be brief. "),
+                    message("user", "Hi\n"),
+                    message("assistant", "Hello"),
+                    message("user", "Bye"),
+                ],
+                true,
+            )
+            .unwrap();
+        // As llama.cpp's built-in `gemma` format renders it.
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        md.insert(KEY_ARCH.to_string(), GgufValue::String("llama".into()));
+        assert!(ChatTemplate::from_gguf(&md).unwrap().is_none());
     }
 }

@@ -8,6 +8,8 @@ use crate::matrix::QMatrix;
 #[derive(Clone)]
 pub struct Embedding {
     table: QMatrix,
+    /// Gemma multiplies embeddings by `sqrt(d)` before the first block.
+    scale: Option<f32>,
 }
 
 impl Embedding {
@@ -17,7 +19,13 @@ impl Embedding {
 
     /// An embedding over an already packed table (shared with a tied LM head).
     pub fn new(table: QMatrix) -> Self {
-        Self { table }
+        Self { table, scale: None }
+    }
+
+    /// The same table with the family's embedding scale (`ModelSpec::embedding_scale`).
+    pub fn with_scale(mut self, scale: Option<f32>) -> Self {
+        self.scale = scale;
+        self
     }
 
     pub fn matrix(&self) -> &QMatrix {
@@ -40,6 +48,9 @@ impl Embedding {
                 });
             }
             self.table.dequantize_row(id as usize, row)?;
+        }
+        if let Some(s) = self.scale {
+            crate::activation::scale(&mut data, s);
         }
         Hidden::new(ids.len(), dim, data)
     }

@@ -17,7 +17,7 @@ pub enum ModelError {
     NotGguf { path: PathBuf },
     #[error("{path} is not a readable GGUF file: {reason}")]
     BadGguf { path: PathBuf, reason: String },
-    #[error("unsupported model architecture `{0}` (supported: llama)")]
+    #[error("unsupported model architecture `{0}` (supported: {list})", list = crate::spec::SUPPORTED_ARCHITECTURES.join(", "))]
     UnsupportedArchitecture(String),
     #[error("GGUF metadata key `{0}` is missing")]
     MissingKey(String),
@@ -39,6 +39,8 @@ pub enum ModelError {
     Shape(String),
     #[error("position {got} does not continue the cache, which holds {expected} tokens")]
     Position { got: usize, expected: usize },
+    #[error("position {pos} is further back than this sliding-window cache keeps (it holds positions from {floor} on); run the sequence again from position 0")]
+    Rewind { pos: usize, floor: usize },
     #[error("the sequence would reach {needed} tokens but the cache holds at most {capacity}")]
     CacheFull { needed: usize, capacity: usize },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]

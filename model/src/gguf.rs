@@ -159,6 +159,41 @@ impl TensorView {
         Ok(self)
     }
 
+    /// Rows `rows` of a matrix, as a view of their own: how fused tensors (Phi-3's `attn_qkv`
+    /// and gate/up) are split into the matrices the block multiplies. The product of a row
+    /// range is the same bits as those rows of the whole product, so nothing is copied.
+    pub fn rows(&self, rows: Range<usize>) -> Result<Self> {
+        let bad = |reason: String| ModelError::BadTensor {
+            name: self.name.clone(),
+            reason,
+        };
+        let [n, cols] = self.dims[..] else {
+            return Err(bad(format!(
+                "expected a matrix to split by rows, found shape {:?}",
+                self.dims
+            )));
+        };
+        if rows.start > rows.end || rows.end > n {
+            return Err(bad(format!("rows {rows:?} of a {n}-row matrix")));
+        }
+        let block = self.dtype.block_size();
+        if !cols.is_multiple_of(block) {
+            return Err(bad(format!(
+                "row length {cols} is not a multiple of the {:?} block size {block}",
+                self.dtype
+            )));
+        }
+        let row_bytes = cols / block * self.dtype.type_size();
+        Ok(Self {
+            name: format!("{}[{}..{}]", self.name, rows.start, rows.end),
+            dtype: self.dtype,
+            dims: vec![rows.len(), cols],
+            map: self.map.clone(),
+            range: self.range.start + rows.start * row_bytes
+                ..self.range.start + rows.end * row_bytes,
+        })
+    }
+
     pub fn len_bytes(&self) -> usize {
         self.range.len()
     }

@@ -11,6 +11,8 @@ pub struct Head {
     norm: Vec<f32>,
     eps: f32,
     lm: QMatrix,
+    /// Gemma's `c * tanh(logit / c)` on the output.
+    softcap: Option<f32>,
 }
 
 impl Head {
@@ -36,6 +38,7 @@ impl Head {
             norm: load_vector(file, "output_norm.weight", spec.embedding_length)?,
             eps: spec.rms_eps,
             lm,
+            softcap: spec.final_softcap,
         })
     }
 
@@ -59,6 +62,9 @@ impl Head {
                 &mut out,
             )
         })?;
+        if let Some(c) = self.softcap {
+            crate::activation::softcap(&mut out, c);
+        }
         Ok(out)
     }
 

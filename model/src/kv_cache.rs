@@ -1,34 +1,76 @@
 //! Per-session key/value cache. Weights are shared by every session; this is the only state a
-//! session owns, so it is sized once, up front, from the session's declared maximum length.
+//! session owns, so it is sized once, up front, from the session's declared maximum length
+//! (sliding-window layers: from their window).
 //! Stored as f16, like llama.cpp's default cache: half the memory of f32, and the attention
 //! arithmetic (see `numerics`) is defined on f16 keys and values anyway.
+
+use std::ops::Range;
 
 use half::f16;
 
 use crate::error::{ModelError, Result};
 
-/// Keys and values of one block, laid out `[kv_head][position][head_dim]` so attention scans one
+/// How many positions a sliding-window layer keeps beyond its window, so that a session can
+/// roll back a little (a chat turn re-run from where the template diverges, a one-token touch)
+/// without running the whole prefix again.
+pub const WINDOW_REWIND_SLACK: usize = 64;
+
+/// Keys and values of one block, laid out `[kv_head][slot][head_dim]` so attention scans one
 /// head's history contiguously.
+///
+/// A full-attention layer has one slot per position of the session. A sliding-window layer
+/// keeps only its window (plus [`WINDOW_REWIND_SLACK`]) in a ring: position `p` lives in slot
+/// `p % slots`, so its memory follows the window, not the session's length. The ring is
+/// written twice (slots `s` and `s + slots`), so any run of up to `slots` consecutive positions
+/// is one contiguous slice and attention reads it in place, oldest first.
 #[derive(Clone)]
 pub struct LayerKv {
     k: Vec<f16>,
     v: Vec<f16>,
     heads: usize,
     head_dim: usize,
+    slots: usize,
+    window: Option<usize>,
+    /// Most positions the session may reach.
     capacity: usize,
+    /// Positions seen so far.
     len: usize,
+    /// Positions still stored: `len - held..len`.
+    held: usize,
+    /// Storage per head in slots: `slots`, or twice that for the mirrored ring.
+    stride: usize,
 }
 
 impl LayerKv {
     pub fn new(heads: usize, head_dim: usize, capacity: usize) -> Self {
-        let n = heads * head_dim * capacity;
+        Self::with_window(heads, head_dim, capacity, None)
+    }
+
+    /// A layer cache that keeps only the last `window` positions (plus the rewind slack) when
+    /// `window` is given.
+    pub fn with_window(
+        heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        window: Option<usize>,
+    ) -> Self {
+        let window = window.filter(|&w| w > 0);
+        let (slots, copies) = match window {
+            Some(w) => (capacity.min(w.saturating_add(WINDOW_REWIND_SLACK)), 2),
+            None => (capacity, 1),
+        };
+        let n = heads * head_dim * slots * copies;
         Self {
             k: vec![f16::ZERO; n],
             v: vec![f16::ZERO; n],
             heads,
             head_dim,
+            slots,
+            window,
             capacity,
             len: 0,
+            held: 0,
+            stride: slots * copies,
         }
     }
 
@@ -44,9 +86,55 @@ impl LayerKv {
         self.capacity
     }
 
-    /// Forgets everything from `pos` on; used to roll back or to replay after a failure.
+    /// The sliding window, if this is a sliding-window layer.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+
+    /// The first position whose keys are still stored.
+    pub fn first_held(&self) -> usize {
+        self.len - self.held
+    }
+
+    /// Forgets everything from `pos` on; used to roll back or to replay after a failure. A
+    /// sliding-window layer may no longer hold the window that a query at `pos` needs; the
+    /// next forward then fails with [`ModelError::Rewind`] rather than compute wrong numbers.
     pub fn truncate(&mut self, pos: usize) {
-        self.len = self.len.min(pos);
+        if pos < self.len {
+            self.held = self.held.saturating_sub(self.len - pos);
+            self.len = pos;
+        }
+    }
+
+    /// How many tokens one append may carry so that no key a query of the same step needs is
+    /// overwritten before that query reads it: a window layer runs long steps in such chunks.
+    pub fn max_append(&self) -> usize {
+        match self.window {
+            // A ring as long as the session never overwrites anything.
+            Some(w) if self.slots < self.capacity => self.slots + 1 - w.min(self.slots),
+            _ => usize::MAX,
+        }
+    }
+
+    /// Checks that a step at `pos` finds every key it must attend to.
+    pub fn check_continues(&self, pos: usize) -> Result<()> {
+        if pos != self.len {
+            return Err(ModelError::Position {
+                got: pos,
+                expected: self.len,
+            });
+        }
+        let needed = match self.window {
+            Some(w) => pos.saturating_sub(w - 1),
+            None => 0,
+        };
+        if self.first_held() > needed {
+            return Err(ModelError::Rewind {
+                pos,
+                floor: self.first_held(),
+            });
+        }
+        Ok(())
     }
 
     /// Appends `tokens` rows of keys and values (`[tokens, heads * head_dim]` each).
@@ -66,32 +154,53 @@ impl LayerKv {
             )));
         }
         let hd = self.head_dim;
-        for t in 0..tokens {
-            let pos = self.len + t;
+        // Only the last `slots` positions survive; older ones would be overwritten anyway.
+        let skip = tokens.saturating_sub(self.slots);
+        let mirrored = self.stride > self.slots;
+        for t in skip..tokens {
+            let slot = (self.len + t) % self.slots;
             for h in 0..self.heads {
                 let src = t * width + h * hd;
-                let dst = (h * self.capacity + pos) * hd;
-                for (d, s) in self.k[dst..dst + hd].iter_mut().zip(&k[src..src + hd]) {
-                    *d = f16::from_f32(*s);
-                }
-                for (d, s) in self.v[dst..dst + hd].iter_mut().zip(&v[src..src + hd]) {
-                    *d = f16::from_f32(*s);
+                for copy in [slot, slot + self.slots]
+                    .into_iter()
+                    .take(1 + mirrored as usize)
+                {
+                    let dst = (h * self.stride + copy) * hd;
+                    for (d, s) in self.k[dst..dst + hd].iter_mut().zip(&k[src..src + hd]) {
+                        *d = f16::from_f32(*s);
+                    }
+                    for (d, s) in self.v[dst..dst + hd].iter_mut().zip(&v[src..src + hd]) {
+                        *d = f16::from_f32(*s);
+                    }
                 }
             }
         }
         self.len = needed;
+        self.held = (self.held + tokens).min(self.slots);
         Ok(())
     }
 
-    /// Keys of `head` for positions `0..len`, `[len, head_dim]`.
+    /// Keys of `head` for positions `0..len`, `[len, head_dim]`, of a full-attention layer (a
+    /// sliding-window layer answers with [`LayerKv::run`]).
     pub fn keys(&self, head: usize, len: usize) -> &[f16] {
-        let start = head * self.capacity * self.head_dim;
-        &self.k[start..start + len * self.head_dim]
+        let start = head * self.stride * self.head_dim;
+        &self.k[start..start + len.min(self.slots) * self.head_dim]
     }
 
     pub fn values(&self, head: usize, len: usize) -> &[f16] {
-        let start = head * self.capacity * self.head_dim;
-        &self.v[start..start + len * self.head_dim]
+        let start = head * self.stride * self.head_dim;
+        &self.v[start..start + len.min(self.slots) * self.head_dim]
+    }
+
+    /// Keys and values of `head` for the stored positions `positions`, oldest first, as one
+    /// contiguous run (positions not held are left out).
+    pub fn run(&self, head: usize, positions: Range<usize>) -> (&[f16], &[f16]) {
+        let from = positions.start.max(self.first_held());
+        let to = positions.end.min(self.len).max(from);
+        let hd = self.head_dim;
+        let a = head * self.stride + from % self.slots;
+        let run = a * hd..(a + to - from) * hd;
+        (&self.k[run.clone()], &self.v[run])
     }
 
     pub fn bytes(&self) -> usize {
@@ -103,15 +212,23 @@ impl LayerKv {
 #[derive(Clone)]
 pub struct SessionKv {
     pub layers: Vec<LayerKv>,
+    capacity: usize,
 }
 
 impl SessionKv {
+    /// Full-attention caches for `blocks` blocks.
     pub fn new(blocks: usize, heads: usize, head_dim: usize, capacity: usize) -> Self {
         Self {
             layers: (0..blocks)
                 .map(|_| LayerKv::new(heads, head_dim, capacity))
                 .collect(),
+            capacity,
         }
+    }
+
+    /// Caches of layers built by the caller (some may be sliding-window layers).
+    pub fn from_layers(layers: Vec<LayerKv>, capacity: usize) -> Self {
+        Self { layers, capacity }
     }
 
     /// Number of positions cached (equal in every layer by construction).
@@ -123,8 +240,9 @@ impl SessionKv {
         self.len() == 0
     }
 
+    /// Most positions the session may reach (what it was opened with).
     pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(0, LayerKv::capacity)
+        self.capacity
     }
 
     pub fn truncate(&mut self, pos: usize) {
@@ -164,5 +282,40 @@ mod tests {
             kv.keys(0, 3),
             f(&[0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0, 11.0])
         );
+    }
+
+    #[test]
+    fn a_window_layer_keeps_only_its_window_in_a_ring() {
+        // Window 2 (+ slack) over a session of 200 positions: the ring has 66 slots, mirrored.
+        let mut kv = LayerKv::with_window(1, 2, 200, Some(2));
+        assert_eq!(kv.bytes(), 2 * 2 * 66 * 2 * 2);
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from..from + n)
+                .flat_map(|p| [p as f32, -(p as f32)])
+                .collect()
+        };
+        kv.append(&rows(0, 70), &rows(0, 70), 70).unwrap();
+        assert_eq!((kv.len(), kv.first_held()), (70, 4));
+        // Positions 63..70 wrap around the ring, yet read as one run, oldest first.
+        let (k, v) = kv.run(0, 63..70);
+        let got: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(got, rows(63, 7));
+        assert_eq!(v, k);
+        assert_eq!(kv.max_append(), 65);
+        kv.check_continues(70).unwrap();
+        // Rolling back within the slack is fine; further back the window is gone.
+        kv.truncate(10);
+        kv.check_continues(10).unwrap();
+        kv.truncate(4);
+        assert!(matches!(
+            kv.check_continues(4),
+            Err(ModelError::Rewind { pos: 4, floor: 4 })
+        ));
+        // A long append keeps only what fits.
+        let mut kv = LayerKv::with_window(1, 2, 1000, Some(2));
+        kv.append(&rows(0, 500), &rows(0, 500), 500).unwrap();
+        let (k, _) = kv.run(0, 434..500);
+        let got: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(got, rows(434, 66));
     }
 }

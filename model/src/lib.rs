@@ -2,6 +2,8 @@
 //! Llama-family decoder block with a per-session KV cache, embeddings and head, the tokenizer and
 //! chat template, and [`LocalModel`], the single-process golden reference.
 
+pub mod activation;
+pub mod attention;
 pub mod blocks;
 pub mod chat;
 pub mod embed;
@@ -26,4 +28,4 @@ pub use gguf::GgufFile;
 pub use kv_cache::{LayerKv, SessionKv};
 pub use load::{load, LoadOptions, ModelSlice};
 pub use local::LocalModel;
-pub use spec::ModelSpec;
+pub use spec::{Family, ModelSpec, SUPPORTED_ARCHITECTURES};

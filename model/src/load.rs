@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::blocks::{load_vector, BlockStack, DecoderBlock};
+use crate::blocks::{BlockStack, DecoderBlock, FreqFactors};
 use crate::embed::Embedding;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -147,7 +147,7 @@ pub fn load(
     done += embd_bytes;
     progress(done, total);
     let embedding = match (&table, opts.embeddings) {
-        (Some(t), true) => Some(Embedding::new(t.clone())),
+        (Some(t), true) => Some(Embedding::new(t.clone()).with_scale(spec.embedding_scale)),
         _ => None,
     };
     let head = match opts.head {
@@ -160,12 +160,8 @@ pub fn load(
     let stack = if range.is_empty() {
         None
     } else {
-        let freq_factors = if file.has_tensor("rope_freqs.weight") {
-            Some(load_vector(file, "rope_freqs.weight", spec.rope_dim / 2)?)
-        } else {
-            None
-        };
-        Some(BlockStack::new(&spec, range, blocks, freq_factors))
+        let factors = FreqFactors::load(file, &spec)?;
+        Some(BlockStack::new(&spec, range, blocks, factors))
     };
     Ok(ModelSlice {
         spec,

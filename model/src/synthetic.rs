@@ -1,12 +1,16 @@
-//! Small random-weight Llama models written as real GGUF files.
+//! Small random-weight models of every supported family written as real GGUF files.
 //!
-//! Tests of the loader, the blocks and (later) the swarm use these instead of the 98 MB default
-//! model: they go through exactly the same parsing and kernels, in milliseconds.
+//! Tests of the loader, the blocks and the swarm use these instead of the 98 MB default model:
+//! they go through exactly the same parsing and kernels, in milliseconds. For families with no
+//! real file at hand (Qwen3, Gemma 2, Phi-3) they also carry every tensor and key the
+//! architecture has, so that llama.cpp, run on the same file, gives the reference outputs.
 
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+/// Re-exported so that crates writing synthetic files need no candle dependency of their own.
+pub use candle_core::quantized::GgmlDType;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 #[derive(Clone, Debug)]
@@ -22,6 +26,12 @@ pub struct SyntheticModel {
     /// Write a separate `output.weight` instead of tying the head to the embedding.
     pub separate_head: bool,
     pub seed: u64,
+    /// Head size when it is not `dim / heads` (written as `attention.key_length`).
+    pub head_dim: Option<usize>,
+    /// Sliding window of the sliding-window layers (Gemma); 0 writes no window key.
+    pub sliding_window: usize,
+    /// Phi-3's `rope.scaling.original_context_length`: LongRoPE uses its long factors above it.
+    pub original_context: Option<usize>,
 }
 
 impl Default for SyntheticModel {
@@ -37,8 +47,66 @@ impl Default for SyntheticModel {
             weight_dtype: GgmlDType::Q4_1,
             separate_head: false,
             seed: 1,
+            head_dim: None,
+            sliding_window: 0,
+            original_context: None,
         }
     }
+}
+
+impl SyntheticModel {
+    /// A small model of `architecture` with the shape choices that exercise its differences
+    /// (a head size other than d/heads for Qwen3, a window shorter than the tests' sequences
+    /// for Gemma, LongRoPE long factors in use for Phi-3).
+    pub fn family(architecture: &str, weight_dtype: GgmlDType) -> Self {
+        let base = Self {
+            architecture: architecture.into(),
+            weight_dtype,
+            ..Default::default()
+        };
+        match architecture {
+            "qwen3" => Self {
+                head_dim: Some(32),
+                ..base
+            },
+            "gemma2" => Self {
+                sliding_window: 8,
+                ..base
+            },
+            "gemma3" => Self {
+                blocks: 7,
+                sliding_window: 8,
+                ..base
+            },
+            "phi3" => Self {
+                original_context: Some(64),
+                kv_heads: 4,
+                ..base
+            },
+            _ => base,
+        }
+    }
+}
+
+/// The synthetic files compared against llama.cpp, by name: every family, in F32 (so the
+/// comparison sees the block math, not quantization kernels) and Q8_0.
+#[allow(non_snake_case)]
+pub fn SYNTHETIC_FAMILIES() -> Vec<(String, SyntheticModel)> {
+    let mut out = Vec::new();
+    for arch in ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"] {
+        for (tag, dtype) in [("f32", GgmlDType::F32), ("q8_0", GgmlDType::Q8_0)] {
+            out.push((format!("{arch}-{tag}"), SyntheticModel::family(arch, dtype)));
+        }
+    }
+    // LongRoPE's short factors: the session stays below the original context.
+    out.push((
+        "phi3-short-f32".into(),
+        SyntheticModel {
+            original_context: Some(512),
+            ..SyntheticModel::family("phi3", GgmlDType::F32)
+        },
+    ));
+    out
 }
 
 /// The special tokens after the 256 byte tokens.
@@ -81,7 +149,7 @@ impl SyntheticModel {
     pub fn write(&self, path: &Path) -> candle_core::Result<()> {
         let mut rng = Rng(self.seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
         let dev = Device::Cpu;
-        let head_dim = self.dim / self.heads;
+        let head_dim = self.head_dim.unwrap_or(self.dim / self.heads);
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         let mut matrix = |name: String,
                           rows: usize,
@@ -130,44 +198,103 @@ impl SyntheticModel {
         norm("output_norm.weight".into(), self.dim, &mut tensors)?;
         let w = self.weight_dtype;
         let s = 1.0 / (self.dim as f32).sqrt() * 2.0;
+        let arch = self.architecture.as_str();
+        let (qd, kvd) = (self.heads * head_dim, self.kv_heads * head_dim);
+        let vector = |name: String,
+                      len: usize,
+                      center: f32,
+                      spread: f32,
+                      rng: &mut Rng,
+                      tensors: &mut Vec<(String, QTensor)>|
+         -> candle_core::Result<()> {
+            let data: Vec<f32> = (0..len).map(|_| center + spread * rng.next()).collect();
+            tensors.push((
+                name,
+                QTensor::quantize(&Tensor::from_vec(data, len, &dev)?, GgmlDType::F32)?,
+            ));
+            Ok(())
+        };
+        let mut vrng = Rng(self.seed.wrapping_mul(0x2545F4914F6CDD1D) | 1);
+        if arch == "phi3" {
+            // LongRoPE: factors >= 1 that stretch the low frequencies, short ones milder.
+            let n = head_dim / 2;
+            vector(
+                "rope_factors_short.weight".into(),
+                n,
+                1.2,
+                0.2,
+                &mut vrng,
+                &mut tensors,
+            )?;
+            vector(
+                "rope_factors_long.weight".into(),
+                n,
+                4.0,
+                3.0,
+                &mut vrng,
+                &mut tensors,
+            )?;
+        }
         for b in 0..self.blocks {
             let n = |t: &str| format!("blk.{b}.{t}.weight");
             norm(n("attn_norm"), self.dim, &mut tensors)?;
             norm(n("ffn_norm"), self.dim, &mut tensors)?;
-            matrix(
-                n("attn_q"),
-                self.heads * head_dim,
-                self.dim,
-                w,
-                s,
-                &mut tensors,
-            )?;
-            matrix(
-                n("attn_k"),
-                self.kv_heads * head_dim,
-                self.dim,
-                w,
-                s,
-                &mut tensors,
-            )?;
-            matrix(
-                n("attn_v"),
-                self.kv_heads * head_dim,
-                self.dim,
-                w,
-                s,
-                &mut tensors,
-            )?;
-            matrix(
-                n("attn_output"),
-                self.dim,
-                self.heads * head_dim,
-                w,
-                s,
-                &mut tensors,
-            )?;
-            matrix(n("ffn_gate"), self.ff, self.dim, w, s, &mut tensors)?;
-            matrix(n("ffn_up"), self.ff, self.dim, w, s, &mut tensors)?;
+            if arch == "phi3" {
+                matrix(n("attn_qkv"), qd + 2 * kvd, self.dim, w, s, &mut tensors)?;
+            } else {
+                matrix(n("attn_q"), qd, self.dim, w, s, &mut tensors)?;
+                matrix(n("attn_k"), kvd, self.dim, w, s, &mut tensors)?;
+                matrix(n("attn_v"), kvd, self.dim, w, s, &mut tensors)?;
+            }
+            if arch == "qwen2" {
+                for (t, len) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {
+                    let name = format!("blk.{b}.{t}.bias");
+                    vector(name, len, 0.0, 0.5, &mut vrng, &mut tensors)?;
+                }
+            }
+            if matches!(arch, "qwen3" | "gemma3") {
+                vector(
+                    n("attn_q_norm"),
+                    head_dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+                vector(
+                    n("attn_k_norm"),
+                    head_dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+            }
+            if matches!(arch, "gemma2" | "gemma3") {
+                vector(
+                    n("post_attention_norm"),
+                    self.dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+                vector(
+                    n("post_ffw_norm"),
+                    self.dim,
+                    1.0,
+                    0.3,
+                    &mut vrng,
+                    &mut tensors,
+                )?;
+            }
+            matrix(n("attn_output"), self.dim, qd, w, s, &mut tensors)?;
+            if arch == "phi3" {
+                matrix(n("ffn_up"), 2 * self.ff, self.dim, w, s, &mut tensors)?;
+            } else {
+                matrix(n("ffn_gate"), self.ff, self.dim, w, s, &mut tensors)?;
+                matrix(n("ffn_up"), self.ff, self.dim, w, s, &mut tensors)?;
+            }
             matrix(
                 n("ffn_down"),
                 self.dim,
@@ -178,7 +305,6 @@ impl SyntheticModel {
             )?;
         }
 
-        let arch = self.architecture.as_str();
         let mut tokens: Vec<Value> = (0..=255u8)
             .map(|b| Value::String(byte_char(b).to_string()))
             .collect();
@@ -188,7 +314,7 @@ impl SyntheticModel {
             types.push(Value::I32(3));
         }
         let u32v = |v: usize| Value::U32(v as u32);
-        let meta: Vec<(String, Value)> = vec![
+        let mut meta: Vec<(String, Value)> = vec![
             ("general.architecture".into(), Value::String(arch.into())),
             ("general.name".into(), Value::String("synthetic".into())),
             (format!("{arch}.block_count"), u32v(self.blocks)),
@@ -202,10 +328,15 @@ impl SyntheticModel {
             (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
             (format!("{arch}.vocab_size"), u32v(vocab)),
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
             ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
             ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-            ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+            // One merge (of two control bytes no text here contains): an empty array has no
+            // element type, which llama.cpp refuses.
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(vec![Value::String(format!("{} {}", byte_char(0), byte_char(1)))]),
+            ),
             ("tokenizer.ggml.bos_token_id".into(), u32v(256)),
             ("tokenizer.ggml.eos_token_id".into(), u32v(258)),
             ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
@@ -216,6 +347,29 @@ impl SyntheticModel {
                 ),
             ),
         ];
+        let key = |k: &str| format!("{arch}.{k}");
+        if self.head_dim.is_some() {
+            meta.push((key("attention.key_length"), u32v(head_dim)));
+            meta.push((key("attention.value_length"), u32v(head_dim)));
+        }
+        if self.sliding_window > 0 {
+            meta.push((key("attention.sliding_window"), u32v(self.sliding_window)));
+        }
+        match arch {
+            "gemma2" => {
+                meta.push((key("attn_logit_softcapping"), Value::F32(3.0)));
+                meta.push((key("final_logit_softcapping"), Value::F32(5.0)));
+            }
+            "gemma3" => {
+                meta.push((key("final_logit_softcapping"), Value::F32(8.0)));
+                meta.push((key("rope.freq_base_swa"), Value::F32(100.0)));
+            }
+            "phi3" => meta.push((key("rope.scaling.attn_factor"), Value::F32(1.19))),
+            _ => {}
+        }
+        if let Some(n) = self.original_context {
+            meta.push((key("rope.scaling.original_context_length"), u32v(n)));
+        }
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -1,8 +1,10 @@
-//! Byte-level BPE tokenizer rebuilt from GGUF metadata.
+//! The tokenizer rebuilt from GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`:
+//! SmolLM2, Qwen, Llama 3) or SentencePiece-style (`llama`: Gemma, Phi-3, Llama 2; see
+//! [`spm`]).
 //!
 //! Every node and the coordinator must agree with llama.cpp on token ids (the reference
-//! generations were produced with it), so this mirrors `llm_tokenizer_bpe` in llama.cpp's
-//! `src/llama-vocab.cpp` and `unicode_regex_split` in `src/unicode.cpp` step by step:
+//! generations were produced with it), so the BPE path mirrors `llm_tokenizer_bpe` in
+//! llama.cpp's `src/llama-vocab.cpp` and `unicode_regex_split` in `src/unicode.cpp` step by step:
 //!
 //! 1. special tokens are cut out of the raw text, longest first (`tokenizer_st_partition`);
 //! 2. each remaining fragment is split by the pre-tokenizer regexes, applied in sequence;
@@ -18,6 +20,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use candle_core::quantized::gguf_file::Value;
 use fancy_regex::Regex;
 
+mod spm;
+
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
@@ -28,15 +32,17 @@ const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
 const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
 const KEY_EOM: &str = "tokenizer.ggml.eom_token_id";
 const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+pub(crate) const KEY_SCORES: &str = "tokenizer.ggml.scores";
+const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
 // Token attributes as bit flags, like llama.cpp's `llama_token_attr`: a token can be e.g.
 // NORMAL and CONTROL at once after the end-of-generation override below.
-const ATTR_UNKNOWN: u8 = 1 << 0;
-const ATTR_UNUSED: u8 = 1 << 1;
-const ATTR_NORMAL: u8 = 1 << 2;
-const ATTR_CONTROL: u8 = 1 << 3;
-const ATTR_USER_DEFINED: u8 = 1 << 4;
-const ATTR_BYTE: u8 = 1 << 5;
+pub(crate) const ATTR_UNKNOWN: u8 = 1 << 0;
+pub(crate) const ATTR_UNUSED: u8 = 1 << 1;
+pub(crate) const ATTR_NORMAL: u8 = 1 << 2;
+pub(crate) const ATTR_CONTROL: u8 = 1 << 3;
+pub(crate) const ATTR_USER_DEFINED: u8 = 1 << 4;
+pub(crate) const ATTR_BYTE: u8 = 1 << 5;
 
 /// Token texts llama.cpp treats as end of generation whatever the metadata says (its
 /// `special_eog_ids` heuristics, including the FIM pad/repo/file-separator tokens). Chat
@@ -93,7 +99,7 @@ pub enum TokenizerError {
     },
     #[error("GGUF metadata key `{key}` is invalid: {reason}")]
     Invalid { key: &'static str, reason: String },
-    #[error("unsupported tokenizer model `{0}`: only byte-level BPE (`gpt2`) is supported")]
+    #[error("unsupported tokenizer model `{0}` (supported: gpt2, llama)")]
     Unsupported(String),
     #[error("pre-tokenizer regex failed: {0}")]
     Regex(#[from] Box<fancy_regex::Error>),
@@ -243,24 +249,40 @@ pub struct Tokenizer {
     /// What each token prints as, precomputed like llama.cpp's `cache_token_to_piece`.
     pieces: Vec<Vec<u8>>,
     token_to_id: HashMap<String, u32>,
-    /// Merge rank keyed by the merge line itself ("left right"). Symbols never contain a
-    /// space (the byte table maps it to 'Ġ'), so "left right" identifies the pair exactly.
-    merge_ranks: HashMap<String, u32>,
     /// Tokens cut out of raw text before BPE, longest first.
     special_ids: Vec<u32>,
     end_of_generation: HashSet<u32>,
-    pre: PreTokenizer,
-    byte_to_char: [char; 256],
+    kind: Kind,
     bos: u32,
     eos: u32,
     add_bos: bool,
+}
+
+/// What differs between the two vocabulary types once special tokens are cut out.
+// One per tokenizer, never moved in a loop: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Bpe {
+        /// Merge rank keyed by the merge line itself ("left right"). Symbols never contain a
+        /// space (the byte table maps it to 'Ġ'), so "left right" identifies the pair exactly.
+        merge_ranks: HashMap<String, u32>,
+        pre: PreTokenizer,
+        byte_to_char: [char; 256],
+    },
+    Spm(spm::Spm),
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.tokens.len())
-            .field("merges", &self.merge_ranks.len())
+            .field(
+                "kind",
+                &match &self.kind {
+                    Kind::Bpe { .. } => "bpe",
+                    Kind::Spm(_) => "spm",
+                },
+            )
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("add_bos", &self.add_bos)
@@ -271,10 +293,18 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, TokenizerError> {
         let model = get_str(md, KEY_MODEL)?.ok_or(TokenizerError::MissingKey(KEY_MODEL))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(model.to_string()));
-        }
-        let (pre, default_add_bos) = PreTokenizer::for_name(get_str(md, KEY_PRE)?)?;
+        let is_spm = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => return Err(TokenizerError::Unsupported(other.to_string())),
+        };
+        // SentencePiece vocabularies have no pre-tokenizer and add BOS unless told otherwise.
+        let (pre, default_add_bos) = if is_spm {
+            (None, true)
+        } else {
+            let (pre, add_bos) = PreTokenizer::for_name(get_str(md, KEY_PRE)?)?;
+            (Some(pre), add_bos)
+        };
 
         let raw_tokens = get_array(md, KEY_TOKENS)?;
         let n_tokens = u32::try_from(raw_tokens.len()).map_err(|_| TokenizerError::Invalid {
@@ -324,19 +354,27 @@ impl Tokenizer {
         }
 
         let mut merge_ranks = HashMap::new();
-        for (rank, value) in (0u32..).zip(get_array(md, KEY_MERGES)?) {
-            let Value::String(line) = value else {
-                return Err(wrong_type(KEY_MERGES, "array of strings"));
-            };
-            // llama.cpp splits at the first space after the first byte; a line without one
-            // becomes an empty pair that no symbol can ever match, so it is simply skipped.
-            if line.bytes().skip(1).any(|b| b == b' ') {
-                merge_ranks.entry(line.clone()).or_insert(rank);
+        if !is_spm {
+            for (rank, value) in (0u32..).zip(get_array(md, KEY_MERGES)?) {
+                let Value::String(line) = value else {
+                    return Err(wrong_type(KEY_MERGES, "array of strings"));
+                };
+                // llama.cpp splits at the first space after the first byte; a line without
+                // one becomes an empty pair that no symbol can ever match, so it is skipped.
+                if line.bytes().skip(1).any(|b| b == b' ') {
+                    merge_ranks.entry(line.clone()).or_insert(rank);
+                }
             }
         }
 
-        let bos = get_id(md, KEY_BOS, n_tokens)?.ok_or(TokenizerError::MissingKey(KEY_BOS))?;
-        let eos = get_id(md, KEY_EOS, n_tokens)?.ok_or(TokenizerError::MissingKey(KEY_EOS))?;
+        // llama.cpp's defaults for SentencePiece vocabularies that do not name BOS/EOS.
+        let default_id = |id: u32| (is_spm && id < n_tokens).then_some(id);
+        let bos = get_id(md, KEY_BOS, n_tokens)?
+            .or(default_id(1))
+            .ok_or(TokenizerError::MissingKey(KEY_BOS))?;
+        let eos = get_id(md, KEY_EOS, n_tokens)?
+            .or(default_id(2))
+            .ok_or(TokenizerError::MissingKey(KEY_EOS))?;
         let add_bos = match md.get(KEY_ADD_BOS) {
             None => default_add_bos,
             Some(Value::Bool(b)) => *b,
@@ -374,19 +412,44 @@ impl Tokenizer {
         let pieces = tokens
             .iter()
             .zip(&attrs)
-            .map(|(text, &attr)| token_piece(text, attr, &char_to_byte))
+            .map(|(text, &attr)| {
+                if is_spm {
+                    spm::token_piece(text, attr)
+                } else {
+                    token_piece(text, attr, &char_to_byte)
+                }
+            })
             .collect();
+
+        let kind = match pre {
+            Some(pre) => Kind::Bpe {
+                merge_ranks,
+                pre,
+                byte_to_char,
+            },
+            None => {
+                let add_space_prefix = match md.get(KEY_ADD_SPACE_PREFIX) {
+                    None => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(wrong_type(KEY_ADD_SPACE_PREFIX, "bool")),
+                };
+                Kind::Spm(spm::Spm::new(
+                    get_array(md, KEY_SCORES)?,
+                    tokens.len(),
+                    &token_to_id,
+                    add_space_prefix,
+                )?)
+            }
+        };
 
         Ok(Tokenizer {
             tokens,
             attrs,
             pieces,
             token_to_id,
-            merge_ranks,
             special_ids,
             end_of_generation,
-            pre,
-            byte_to_char,
+            kind,
             bos,
             eos,
             add_bos,
@@ -400,19 +463,33 @@ impl Tokenizer {
         let mut out = Vec::with_capacity(text.len() / 3);
         let mut word = String::new();
         let mut key = String::new();
+        // SentencePiece prefixes a space to text that starts the input or follows a special
+        // token (llama.cpp's `is_prev_special`, true at the start).
+        let mut prev_special = true;
         for fragment in self.partition_special(text, parse_special) {
             let text = match fragment {
                 Fragment::Token(id) => {
                     out.push(id);
+                    prev_special = true;
                     continue;
                 }
                 Fragment::Text(text) => text,
             };
-            for piece in self.pre.split(text)? {
-                word.clear();
-                word.extend(piece.bytes().map(|b| self.byte_to_char[usize::from(b)]));
-                self.bpe(&word, &mut key, &mut out);
+            match &self.kind {
+                Kind::Bpe {
+                    merge_ranks,
+                    pre,
+                    byte_to_char,
+                } => {
+                    for piece in pre.split(text)? {
+                        word.clear();
+                        word.extend(piece.bytes().map(|b| byte_to_char[usize::from(b)]));
+                        self.bpe(merge_ranks, pre.ignore_merges, &word, &mut key, &mut out);
+                    }
+                }
+                Kind::Spm(spm) => spm.encode(&self.token_to_id, text, prev_special, &mut out),
             }
+            prev_special = false;
         }
         Ok(out)
     }
@@ -462,11 +539,18 @@ impl Tokenizer {
 
     /// Merges one byte-mapped word, appending its token ids. `key` is scratch space so rank
     /// look-ups do not allocate.
-    fn bpe(&self, word: &str, key: &mut String, out: &mut Vec<u32>) {
+    fn bpe(
+        &self,
+        merge_ranks: &HashMap<String, u32>,
+        ignore_merges: bool,
+        word: &str,
+        key: &mut String,
+        out: &mut Vec<u32>,
+    ) {
         if word.is_empty() {
             return;
         }
-        if self.pre.ignore_merges {
+        if ignore_merges {
             if let Some(&id) = self.token_to_id.get(word) {
                 out.push(id);
                 return;
@@ -488,7 +572,15 @@ impl Tokenizer {
 
         let mut queue = BinaryHeap::new();
         for right in 1..symbols.len() {
-            self.push_bigram(word, &symbols, right - 1, right, key, &mut queue);
+            push_bigram(
+                merge_ranks,
+                word,
+                &symbols,
+                right - 1,
+                right,
+                key,
+                &mut queue,
+            );
         }
         while let Some(Reverse(bigram)) = queue.pop() {
             let (left, right) = (bigram.left, bigram.right);
@@ -503,10 +595,10 @@ impl Tokenizer {
                 symbols[after].prev = Some(left);
             }
             if let Some(before) = symbols[left].prev {
-                self.push_bigram(word, &symbols, before, left, key, &mut queue);
+                push_bigram(merge_ranks, word, &symbols, before, left, key, &mut queue);
             }
             if let Some(after) = after {
-                self.push_bigram(word, &symbols, left, after, key, &mut queue);
+                push_bigram(merge_ranks, word, &symbols, left, after, key, &mut queue);
             }
         }
 
@@ -526,31 +618,6 @@ impl Tokenizer {
                     }
                 }
             }
-        }
-    }
-
-    fn push_bigram(
-        &self,
-        word: &str,
-        symbols: &[Symbol],
-        left: usize,
-        right: usize,
-        key: &mut String,
-        queue: &mut BinaryHeap<Reverse<Bigram>>,
-    ) {
-        let (l, r) = (&symbols[left], &symbols[right]);
-        key.clear();
-        key.push_str(&word[l.start..l.start + l.len]);
-        key.push(' ');
-        key.push_str(&word[r.start..r.start + r.len]);
-        if let Some(&rank) = self.merge_ranks.get(key.as_str()) {
-            queue.push(Reverse(Bigram {
-                rank,
-                left,
-                right,
-                left_len: l.len,
-                right_len: r.len,
-            }));
         }
     }
 
@@ -596,6 +663,32 @@ impl Tokenizer {
     }
 }
 
+/// Queues the merge of `left` and `right` if the vocabulary has one.
+fn push_bigram(
+    merge_ranks: &HashMap<String, u32>,
+    word: &str,
+    symbols: &[Symbol],
+    left: usize,
+    right: usize,
+    key: &mut String,
+    queue: &mut BinaryHeap<Reverse<Bigram>>,
+) {
+    let (l, r) = (&symbols[left], &symbols[right]);
+    key.clear();
+    key.push_str(&word[l.start..l.start + l.len]);
+    key.push(' ');
+    key.push_str(&word[r.start..r.start + r.len]);
+    if let Some(&rank) = merge_ranks.get(key.as_str()) {
+        queue.push(Reverse(Bigram {
+            rank,
+            left,
+            right,
+            left_len: l.len,
+            right_len: r.len,
+        }));
+    }
+}
+
 /// llama.cpp's `token_to_piece` for a BPE vocabulary.
 fn token_piece(text: &str, attr: u8, char_to_byte: &HashMap<char, u8>) -> Vec<u8> {
     if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
@@ -631,7 +724,7 @@ fn token_piece(text: &str, attr: u8, char_to_byte: &HashMap<char, u8>) -> Vec<u8
     Vec::new()
 }
 
-fn wrong_type(key: &'static str, expected: &'static str) -> TokenizerError {
+pub(crate) fn wrong_type(key: &'static str, expected: &'static str) -> TokenizerError {
     TokenizerError::WrongType { key, expected }
 }
 
@@ -891,9 +984,9 @@ mod tests {
         assert!(err.contains(KEY_TOKEN_TYPE), "{err}");
 
         let mut md = metadata(&[]);
-        md.insert(KEY_MODEL.to_string(), Value::String("llama".into()));
+        md.insert(KEY_MODEL.to_string(), Value::String("t5".into()));
         let err = Tokenizer::from_gguf(&md).unwrap_err();
-        assert!(matches!(err, TokenizerError::Unsupported(ref m) if m == "llama"));
+        assert!(matches!(err, TokenizerError::Unsupported(ref m) if m == "t5"));
     }
 
     #[test]

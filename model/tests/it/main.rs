@@ -1,6 +1,8 @@
 //! One integration-test binary for the model crate (one link instead of one per file).
 
 mod common;
+mod families;
 mod reference;
 mod synthetic;
+mod synthetic_families;
 mod tokenizer;

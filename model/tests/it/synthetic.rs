@@ -240,3 +240,65 @@ fn out_of_vocabulary_ids_and_overfull_caches_are_errors() {
     ));
     assert!(model.new_cache(100_000).is_err());
 }
+
+/// Rewrites `src` into `dst` without the tensor or metadata key `drop` (everything else as is).
+fn without(src: &std::path::Path, dst: &std::path::Path, drop: &str) {
+    use candle_core::quantized::gguf_file::{self, Content, Value};
+    use candle_core::quantized::QTensor;
+    let mut f = std::fs::File::open(src).unwrap();
+    let content = Content::read(&mut f).unwrap();
+    let md: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != drop)
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .filter(|n| n.as_str() != drop)
+        .map(|n| {
+            let t = content
+                .tensor(&mut f, n, &candle_core::Device::Cpu)
+                .unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &md, &refs).unwrap();
+}
+
+/// A file missing something its architecture needs names it, for every family; nothing panics.
+#[test]
+fn a_missing_key_or_tensor_of_a_family_is_named() {
+    let dir = tempdir::Dir::new();
+    let cases = [
+        ("qwen2", "blk.1.attn_k.bias"),
+        ("qwen3", "blk.0.attn_q_norm.weight"),
+        ("qwen3", "qwen3.attention.layer_norm_rms_epsilon"),
+        ("gemma2", "blk.2.post_ffw_norm.weight"),
+        ("gemma3", "blk.3.post_attention_norm.weight"),
+        ("gemma3", "gemma3.feed_forward_length"),
+        ("phi3", "blk.0.attn_qkv.weight"),
+        ("phi3", "phi3.block_count"),
+    ];
+    for (arch, drop) in cases {
+        let full = dir.path().join(format!("{arch}.gguf"));
+        SyntheticModel::family(arch, GgmlDType::F32)
+            .write(&full)
+            .unwrap();
+        let broken = dir.path().join(format!("{arch}-broken.gguf"));
+        without(&full, &broken, drop);
+        let err = match LocalModel::open(&broken, &mut |_, _| {}) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{arch} without {drop} loaded"),
+        };
+        // A Qwen2 file with only some QKV biases names the first one missing; a Phi-3 file
+        // without its fused QKV falls back to separate tensors and names those.
+        let named = match drop {
+            "blk.0.attn_qkv.weight" => "blk.0.attn_q.weight",
+            d => d,
+        };
+        assert!(err.contains(named), "{arch} without {drop}: {err}");
+    }
+}

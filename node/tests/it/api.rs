@@ -28,7 +28,7 @@ fn python() -> String {
     "python3".into()
 }
 
-fn require_python_clients() -> String {
+pub fn require_python_clients() -> String {
     let py = python();
     let ok = Command::new(&py)
         .args([
@@ -92,11 +92,15 @@ fn get_json(addr: &str, path: &str) -> Value {
 
 /// `serve-api` on a free port of 127.0.0.1; its `addr` is host:port.
 fn gateway(boot: &Proc, extra: &[&str]) -> Proc {
-    let model = default_model();
+    gateway_of(&default_model(), boot, extra)
+}
+
+/// `serve-api` for the model file `model`.
+pub fn gateway_of(model: &str, boot: &Proc, extra: &[&str]) -> Proc {
     let mut args = vec![
         "serve-api",
         "--model",
-        &model,
+        model,
         "--bootstrap",
         &boot.addr,
         "--listen",
@@ -193,7 +197,7 @@ fn reference(tokens: usize) -> Value {
     })
 }
 
-fn run_python(py: &str, script: &str, env: &[(&str, String)]) {
+pub fn run_python(py: &str, script: &str, env: &[(&str, String)]) {
     let path = PathBuf::from(REPO).join("node/tests/python").join(script);
     let out = Command::new(py)
         .arg(&path)

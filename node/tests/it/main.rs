@@ -10,6 +10,7 @@ mod api;
 mod balance;
 mod chat;
 mod config;
+mod families;
 mod faults;
 mod swarm;
 
@@ -208,7 +209,10 @@ fn user_mistakes_are_one_line_errors() {
     }
     .write(&mamba)
     .unwrap();
-    assert_clean_error(&run(&mamba, &[]), "unsupported model architecture `mamba`");
+    assert_clean_error(
+        &run(&mamba, &[]),
+        "unsupported model architecture `mamba` (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)",
+    );
 
     let tiny = dir.file("tiny.gguf");
     SyntheticModel {

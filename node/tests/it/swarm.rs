@@ -83,11 +83,15 @@ pub fn node(blocks: &str, bootstrap: &Proc) -> Proc {
 }
 
 pub fn node_with(blocks: &str, bootstrap: &Proc, extra: &[&str]) -> Proc {
-    let model = default_model();
+    node_of(&default_model(), blocks, bootstrap, extra)
+}
+
+/// A node serving `blocks` of the model file `model`.
+pub fn node_of(model: &str, blocks: &str, bootstrap: &Proc, extra: &[&str]) -> Proc {
     let mut args = vec![
         "join",
         "--model",
-        &model,
+        model,
         "--blocks",
         blocks,
         "--listen",
@@ -155,16 +159,24 @@ pub fn generate_args<'a>(model: &'a str, prompt: &'a str, tokens: &'a str) -> Ve
 }
 
 pub fn local(prompt: &str, tokens: &str) -> Value {
-    let model = default_model();
-    let mut args = generate_args(&model, prompt, tokens);
+    local_of(&default_model(), prompt, tokens)
+}
+
+/// `generate --local --json` with the model file `model`.
+pub fn local_of(model: &str, prompt: &str, tokens: &str) -> Value {
+    let mut args = generate_args(model, prompt, tokens);
     args.push("--local");
     super::json_of(&edge_node(&args))
 }
 
 pub fn swarm_command(bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
-    let model = default_model();
+    swarm_command_of(&default_model(), bootstrap, prompt, tokens)
+}
+
+/// `generate --json` through the swarm of `bootstrap`, with the model file `model`.
+pub fn swarm_command_of(model: &str, bootstrap: &Proc, prompt: &str, tokens: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-node"));
-    cmd.args(generate_args(&model, prompt, tokens))
+    cmd.args(generate_args(model, prompt, tokens))
         .args(["--bootstrap", &bootstrap.addr, "--discovery-timeout", "30"])
         .env("RUST_LOG", "warn");
     cmd
