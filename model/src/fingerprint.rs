@@ -40,7 +40,7 @@ pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
     for view in file.tensors()? {
         h.update((view.name.len() as u64).to_le_bytes());
         h.update(view.name.as_bytes());
-        h.update(format!("{:?}", view.dtype).as_bytes());
+        h.update(view.dtype.0.to_le_bytes());
         h.update((view.dims.len() as u64).to_le_bytes());
         for d in &view.dims {
             h.update((*d as u64).to_le_bytes());

@@ -4,31 +4,30 @@
 //! touches the pages of those tensors, so its resident memory is its slice, not the file.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
 use memmap2::Mmap;
 
 use crate::error::{ModelError, Result};
-
-const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+use crate::gguf_header::{self, HeaderError, TensorInfo, TensorType};
 
 /// An opened model file. Cheap to clone views from; the mapping lives as long as any view.
 pub struct GgufFile {
     path: PathBuf,
     map: Arc<Mmap>,
-    content: Content,
+    metadata: HashMap<String, Value>,
+    /// Tensor directory by name (every entry's byte range already checked against the file).
+    tensors: HashMap<String, TensorInfo>,
 }
 
 /// A typed, bounds-checked window onto one tensor's bytes inside the mapping.
 #[derive(Clone)]
 pub struct TensorView {
     pub name: String,
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
     /// Dimensions outermost first, e.g. `[rows, cols]` for a matrix (GGUF stores them reversed).
     pub dims: Vec<usize>,
     map: Arc<Mmap>,
@@ -48,18 +47,23 @@ impl GgufFile {
             path: path.clone(),
             reason,
         })?;
-        if map.len() < 4 || &map[..4] != GGUF_MAGIC {
-            return Err(ModelError::NotGguf { path });
-        }
-        let content =
-            Content::read(&mut Cursor::new(&map[..])).map_err(|e| ModelError::BadGguf {
+        let header = gguf_header::parse(&map).map_err(|e| match e {
+            HeaderError::NotGguf => ModelError::NotGguf { path: path.clone() },
+            e => ModelError::BadGguf {
                 path: path.clone(),
                 reason: e.to_string(),
-            })?;
+            },
+        })?;
+        let tensors = header
+            .tensors
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
         Ok(Self {
             path,
             map: Arc::new(map),
-            content,
+            metadata: header.metadata,
+            tensors,
         })
     }
 
@@ -68,74 +72,31 @@ impl GgufFile {
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
-        &self.content.metadata
-    }
-
-    pub fn content(&self) -> &Content {
-        &self.content
+        &self.metadata
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.tensors.contains_key(name)
     }
 
-    /// The named tensor, with its byte range checked against the file before anything reads it.
+    /// The named tensor (its byte range was checked against the file when it was opened).
     pub fn tensor(&self, name: &str) -> Result<TensorView> {
         let info = self
-            .content
-            .tensor_infos
+            .tensors
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        self.view(name, info)
-    }
-
-    fn view(&self, name: &str, info: &TensorInfo) -> Result<TensorView> {
-        let bad = |reason: String| ModelError::BadTensor {
-            name: name.to_string(),
-            reason,
-        };
-        let dims = info.shape.dims().to_vec();
-        let elems = dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad(format!("shape {dims:?} overflows")))?;
-        let block = info.ggml_dtype.block_size();
-        if elems % block != 0 {
-            return Err(bad(format!(
-                "{elems} elements is not a multiple of the {:?} block size {block}",
-                info.ggml_dtype
-            )));
-        }
-        let bytes = (elems / block)
-            .checked_mul(info.ggml_dtype.type_size())
-            .ok_or_else(|| bad("size overflows".into()))?;
-        let start = self
-            .content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| usize::try_from(s).ok())
-            .ok_or_else(|| bad("offset overflows".into()))?;
-        let end = start
-            .checked_add(bytes)
-            .ok_or_else(|| bad("offset overflows".into()))?;
-        if end > self.map.len() {
-            return Err(bad(format!(
-                "needs bytes {start}..{end} but the file has only {} bytes (truncated download?)",
-                self.map.len()
-            )));
-        }
         Ok(TensorView {
-            name: name.to_string(),
-            dtype: info.ggml_dtype,
-            dims,
+            name: info.name.clone(),
+            dtype: info.ty,
+            dims: info.dims.clone(),
             map: self.map.clone(),
-            range: start..end,
+            range: info.start..info.start + info.len,
         })
     }
 
     /// Names and views of every tensor, in name order (deterministic for fingerprints).
     pub fn tensors(&self) -> Result<Vec<TensorView>> {
-        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         names.into_iter().map(|n| self.tensor(n)).collect()
     }
@@ -176,14 +137,11 @@ impl TensorView {
         if rows.start > rows.end || rows.end > n {
             return Err(bad(format!("rows {rows:?} of a {n}-row matrix")));
         }
-        let block = self.dtype.block_size();
-        if !cols.is_multiple_of(block) {
-            return Err(bad(format!(
-                "row length {cols} is not a multiple of the {:?} block size {block}",
-                self.dtype
-            )));
-        }
-        let row_bytes = cols / block * self.dtype.type_size();
+        // The header checked that rows are whole blocks of a known type.
+        let (Some(block), Some(size)) = (self.dtype.block_elems(), self.dtype.block_bytes()) else {
+            return Err(bad(format!("tensor type {} is unknown", self.dtype)));
+        };
+        let row_bytes = cols / block * size;
         Ok(Self {
             name: format!("{}[{}..{}]", self.name, rows.start, rows.end),
             dtype: self.dtype,
@@ -207,29 +165,6 @@ impl TensorView {
         self.dims.iter().product()
     }
 
-    /// Reinterprets the bytes as a slice of `T` (a GGML block or a float type).
-    ///
-    /// Checked, not assumed: GGUF promises aligned tensor data, but a hostile file need not keep
-    /// that promise, and a misaligned cast would be undefined behaviour.
-    pub fn cast<T: Pod>(&self) -> Result<&[T]> {
-        let bytes = self.bytes();
-        let size = std::mem::size_of::<T>();
-        if !bytes.len().is_multiple_of(size)
-            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-        {
-            return Err(ModelError::BadTensor {
-                name: self.name.clone(),
-                reason: format!(
-                    "data is not aligned for {} (offset {})",
-                    std::any::type_name::<T>(),
-                    self.range.start
-                ),
-            });
-        }
-        // SAFETY: length and alignment checked above; `Pod` types accept every bit pattern.
-        Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
-    }
-
     /// Drops the tensor's pages from this process's resident memory once they have been copied
     /// (the kernels keep weights in their own layout). Later reads fault them in again from the
     /// file, so this only costs time if the bytes are read again.
@@ -246,13 +181,3 @@ impl TensorView {
         }
     }
 }
-
-/// Marker for plain-old-data types that may be viewed directly from file bytes.
-///
-/// # Safety
-/// Implementors must be `repr(C)` (or primitive), contain no padding-sensitive invariants and
-/// accept every bit pattern.
-pub unsafe trait Pod: Sized + 'static {}
-unsafe impl Pod for f32 {}
-unsafe impl Pod for half::f16 {}
-unsafe impl Pod for half::bf16 {}

@@ -41,9 +41,9 @@ impl QMatrix {
         };
         // Fail at load, not at the first token: the type must be one we can multiply and the
         // row length a whole number of its blocks.
-        let format = WeightFormat::from_ggml(view.dtype).ok_or_else(|| {
+        let format = WeightFormat::from_type(view.dtype).ok_or_else(|| {
             bad(format!(
-                "weight type {:?} has no kernel (supported: {})",
+                "weight type {} has no kernel (supported: {})",
                 view.dtype,
                 WeightFormat::ALL.map(WeightFormat::name).join(", ")
             ))

@@ -44,6 +44,26 @@ impl WeightFormat {
     ];
 
     /// `None` for types with no kernel (the IQ family, ternary and 1-bit types, integers).
+    pub fn from_type(ty: crate::gguf_header::TensorType) -> Option<Self> {
+        Some(match ty.0 {
+            0 => Self::F32,
+            1 => Self::F16,
+            30 => Self::BF16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The same, from candle's type (the synthetic-model writer's).
     pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
             GgmlDType::F32 => Self::F32,

@@ -199,8 +199,33 @@ fn bad_files_give_clear_errors() {
         let err = GgufFile::open(&truncated)
             .and_then(|f| LocalModel::open(f.path(), &mut |_, _| {}).map(drop));
         let msg = err.expect_err("truncated file must fail").to_string();
-        assert!(!msg.is_empty(), "cut at {cut}");
+        assert!(
+            !msg.is_empty() && !msg.contains('\n'),
+            "cut at {cut}: {msg}"
+        );
     }
+
+    // A tensor of a type with no kernel (IQ4_NL) is named with its type, not rejected as an
+    // unreadable file: patch blk.0.attn_q.weight's type id in the header.
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor name in the header");
+    // name, then u32 dimension count (2), two u64 dimensions, then the u32 type.
+    let ty = at + name.len() + 4 + 16;
+    let mut iq = bytes.clone();
+    iq[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
+    let path = dir.path().join("iq4_nl.gguf");
+    std::fs::write(&path, &iq).unwrap();
+    let msg = LocalModel::open(&path, &mut |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("IQ4_NL") && !msg.contains('\n'),
+        "{msg}"
+    );
 
     let (_d2, other) = write(&SyntheticModel {
         architecture: "mamba".into(),
