@@ -70,6 +70,34 @@ fn bench(c: &mut Criterion) {
         g.finish();
     }
 
+    // Larger than the last-level cache: what a decode step streams from memory.
+    let (rows, cols) = (32768, 2048);
+    let mut g = c.benchmark_group("matvec from memory 32768x2048");
+    g.sample_size(10);
+    let xs = inputs(cols);
+    for f in [
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q6K,
+    ] {
+        let packed = Packed::new(f, rows, cols, &matrix(f, rows, cols));
+        g.throughput(Throughput::Bytes(packed.len_bytes() as u64));
+        for &isa in paths.iter().filter(|i| **i != cpu::Isa::Portable) {
+            let mut out = Vec::new();
+            g.bench_with_input(BenchmarkId::new(f.name(), isa), &isa, |b, &isa| {
+                b.iter(|| {
+                    let a = Activations::new(&xs, 1, cols);
+                    kernels::gemm(isa, &packed, &a, &mut out).unwrap();
+                    std::hint::black_box(&out);
+                })
+            });
+        }
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("quantize activations, 1536 wide");
     let xs = inputs(1536);
     g.bench_function("Q8 (32-blocks)", |b| {

@@ -97,6 +97,11 @@ macro_rules! neon_simd {
             const S8_BIAS: i32 = 0;
 
             #[inline(always)]
+            unsafe fn prefetch(p: *const u8) {
+                // A hint: `prfm` never faults, whatever the address.
+                asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags));
+            }
+            #[inline(always)]
             unsafe fn load_u8(p: *const u8) -> Quad<uint8x16_t> {
                 [
                     vld1q_u8(p),

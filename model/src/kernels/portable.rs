@@ -26,6 +26,8 @@ unsafe impl Simd for Portable {
     const S8_BIAS: i32 = 0;
 
     #[inline(always)]
+    unsafe fn prefetch(_: *const u8) {}
+    #[inline(always)]
     unsafe fn load_u8(p: *const u8) -> [u8; 64] {
         std::ptr::read_unaligned(p.cast())
     }

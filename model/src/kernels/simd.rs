@@ -25,6 +25,8 @@ pub(crate) unsafe trait Simd: Copy {
     /// `S8_BIAS * sum(a)` afterwards (AVX-512 VNNI multiplies unsigned by signed bytes only).
     const S8_BIAS: i32;
 
+    /// Asks for the cache line at `p` ahead of its use (a hint: never faults, any address).
+    unsafe fn prefetch(p: *const u8);
     /// Loads 64 bytes.
     unsafe fn load_u8(p: *const u8) -> Self::U8;
     unsafe fn and_u8(x: Self::U8, mask: u8) -> Self::U8;

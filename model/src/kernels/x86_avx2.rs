@@ -64,6 +64,10 @@ unsafe impl Simd for Avx2 {
     const S8_BIAS: i32 = 0;
 
     #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[inline(always)]
     unsafe fn load_u8(p: *const u8) -> Pair<__m256i> {
         [
             _mm256_loadu_si256(p.cast()),

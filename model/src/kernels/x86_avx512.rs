@@ -23,6 +23,10 @@ unsafe impl Simd for Avx512 {
     const S8_BIAS: i32 = 128;
 
     #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[inline(always)]
     unsafe fn load_u8(p: *const u8) -> __m512i {
         _mm512_loadu_si512(p.cast())
     }

@@ -184,6 +184,10 @@ unsafe fn hsum8<S: Simd, const TT: usize>(l: &[[S::F32; TT]; 8]) -> [S::F32; TT]
     out
 }
 
+/// How far ahead of the block being computed the kernels prefetch, in bytes (about what memory
+/// must have in flight to stream at full speed: bandwidth times latency).
+const PREFETCH: usize = 3072;
+
 /// One tile of a quantized format against `TT` tokens, lanes in groups of `LG`: per block and
 /// lane, `acc = fma(a_scale * w_scale, float(lane integer), acc)`, then ggml's lane sum.
 #[inline(always)]
@@ -201,6 +205,16 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
         let mut acc = [[S::zero_f32(); TT]; LG];
         for b in 0..nb {
             let blk = tile.add(b * K::BLOCK);
+            // The hardware prefetcher alone leaves decode waiting on memory: ask for the bytes
+            // a few blocks ahead (past the tile's end is the next tile; past the matrix's end
+            // a harmless hint).
+            if g == 0 {
+                let mut line = 0;
+                while line < K::BLOCK {
+                    S::prefetch(blk.wrapping_add(PREFETCH.max(2 * K::BLOCK) + line));
+                    line += 64;
+                }
+            }
             let dw = S::load_f16(blk.add(K::D));
             for li in 0..LG {
                 let l = g + li;
