@@ -30,7 +30,11 @@ fn gelu_table() -> &'static [f16] {
 
 /// `gate[i] = gelu(gate[i]) * up[i]`, as ggml's `ggml_vec_geglu_f32` with `GGML_GELU_FP16`:
 /// saturated outside [-10, 10], the half table inside.
-pub fn geglu(gate: &mut [f32], up: &[f32]) {
+pub fn geglu(gate: &mut [f32], up: &[f32], width: usize) {
+    crate::numerics::par_rows(gate, up, width, geglu_rows);
+}
+
+fn geglu_rows(gate: &mut [f32], up: &[f32]) {
     let table = gelu_table();
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
@@ -76,7 +80,7 @@ mod tests {
     fn geglu_matches_exact_gelu_to_half_precision() {
         let xs: Vec<f32> = (-1300..1300).map(|i| i as f32 * 0.01).collect();
         let mut g = xs.clone();
-        geglu(&mut g, &vec![2.0; xs.len()]);
+        geglu(&mut g, &vec![2.0; xs.len()], xs.len());
         for (&x, &y) in xs.iter().zip(&g) {
             let exact = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / 2f64.sqrt()));
             let tol = 2e-3 * (1.0 + exact.abs());

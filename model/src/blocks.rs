@@ -142,6 +142,20 @@ struct BlockMath {
     softcap: f32,
 }
 
+/// The intermediate buffers of a block, reused by every block of a forward pass: a prompt's
+/// are megabytes, and fresh allocations that size are fresh pages to fault in, each time.
+#[derive(Default)]
+struct Scratch {
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
 /// One transformer block's weights. Every family's block is this one; what a family lacks is
 /// `None` (biases, QK-norm, post-norms) and fused tensors are split into row views at load.
 pub struct DecoderBlock {
@@ -352,78 +366,76 @@ impl DecoderBlock {
         pos: usize,
         rope: &Rope,
         table: &[(f32, f32)],
+        scratch: &mut Scratch,
     ) -> Result<()> {
         let m = &self.math;
         let t = x.tokens;
         let dim = x.dim;
         let hd = m.head_dim;
         kv.check_continues(pos)?;
-        let mut normed = Vec::new();
-        rms_norm(&x.data, &self.attn_norm, m.eps, &mut normed);
-        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        let Scratch {
+            normed,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        } = scratch;
+        rms_norm(&x.data, &self.attn_norm, m.eps, normed);
         {
-            let acts = Activations::new(&normed, t, dim);
-            matmul_many(
-                &acts,
-                &[&self.wq, &self.wk, &self.wv],
-                &mut [&mut q, &mut k, &mut v],
-            )?;
+            let acts = Activations::new(normed, t, dim);
+            matmul_many(&acts, &[&self.wq, &self.wk, &self.wv], &mut [q, k, v])?;
         }
         if let Some([bq, bk, bv]) = &self.qkv_bias {
-            add_bias(&mut q, bq);
-            add_bias(&mut k, bk);
-            add_bias(&mut v, bv);
+            add_bias(q, bq);
+            add_bias(k, bk);
+            add_bias(v, bv);
         }
         if let Some([qn, kn]) = &self.qk_norm {
             // RMSNorm over each head's vector: the weights are one head long.
-            rms_norm(&q.clone(), qn, m.eps, &mut q);
-            rms_norm(&k.clone(), kn, m.eps, &mut k);
+            rms_norm(&q.clone(), qn, m.eps, q);
+            rms_norm(&k.clone(), kn, m.eps, k);
         }
-        rope.apply(&mut q, m.heads, hd, table);
-        rope.apply(&mut k, m.kv_heads, hd, table);
+        rope.apply(q, m.heads, hd, table);
+        rope.apply(k, m.kv_heads, hd, table);
         let dot_scale = if m.scale_query_first {
-            scale(&mut q, m.attention_scale);
+            scale(q, m.attention_scale);
             1.0
         } else {
             m.attention_scale
         };
         let attn = match self.window {
             None => {
-                kv.append(&k, &v, t)?;
-                self.attention_full(&q, kv, pos, t, dot_scale)
+                kv.append(k, v, t)?;
+                self.attention_full(q, kv, pos, t, dot_scale)
             }
-            Some(window) => self.attention_window(&q, &k, &v, kv, pos, window, dot_scale)?,
+            Some(window) => self.attention_window(q, k, v, kv, pos, window, dot_scale)?,
         };
-        let mut o = Vec::new();
-        matmul(&Activations::new(&attn, t, m.heads * hd), &self.wo, &mut o)?;
+        matmul(&Activations::new(&attn, t, m.heads * hd), &self.wo, o)?;
         if let Some([post_attn, _]) = &self.post_norms {
-            rms_norm(&o.clone(), post_attn, m.eps, &mut o);
+            rms_norm(&o.clone(), post_attn, m.eps, o);
         }
-        for (x, o) in x.data.iter_mut().zip(&o) {
+        for (x, o) in x.data.iter_mut().zip(o.iter()) {
             *x += o;
         }
 
-        rms_norm(&x.data, &self.ffn_norm, m.eps, &mut normed);
-        let (mut gate, mut up) = (Vec::new(), Vec::new());
+        rms_norm(&x.data, &self.ffn_norm, m.eps, normed);
         {
-            let acts = Activations::new(&normed, t, dim);
-            matmul_many(
-                &acts,
-                &[&self.w_gate, &self.w_up],
-                &mut [&mut gate, &mut up],
-            )?;
+            let acts = Activations::new(normed, t, dim);
+            matmul_many(&acts, &[&self.w_gate, &self.w_up], &mut [gate, up])?;
         }
         let ff = self.w_gate.rows;
         match m.activation {
-            Activation::Silu => swiglu(&mut gate, &up, ff),
-            Activation::Gelu => geglu(&mut gate, &up),
+            Activation::Silu => swiglu(gate, up, ff),
+            Activation::Gelu => geglu(gate, up, ff),
         }
-        let mut down = Vec::new();
-        matmul(&Activations::new(&gate, t, ff), &self.w_down, &mut down)?;
+        matmul(&Activations::new(gate, t, ff), &self.w_down, down)?;
         if let Some([_, post_ffn]) = &self.post_norms {
-            rms_norm(&down.clone(), post_ffn, m.eps, &mut down);
+            rms_norm(&down.clone(), post_ffn, m.eps, down);
         }
-        for (x, d) in x.data.iter_mut().zip(&down) {
+        for (x, d) in x.data.iter_mut().zip(down.iter()) {
             *x += d;
         }
         Ok(())
@@ -694,12 +706,14 @@ impl BlockStack {
         let global_table = table_of(global, blocks.iter().any(|b| b.window.is_none()));
         let local_table = table_of(local, blocks.iter().any(|b| b.window.is_some()));
         on_pool(|| {
+            let mut scratch = Scratch::default();
             for (block, layer) in blocks.iter().zip(kv.layers.iter_mut()) {
                 let (rope, table) = match block.window {
                     None => (global, &global_table),
                     Some(_) => (local, &local_table),
                 };
-                block.forward(x, layer, pos, rope, table.as_deref().unwrap_or_default())?;
+                let table = table.as_deref().unwrap_or_default();
+                block.forward(x, layer, pos, rope, table, &mut scratch)?;
             }
             Ok(())
         })

@@ -207,30 +207,35 @@ impl<'a> Activations<'a> {
 
     /// `[tokens][cols / 32]`; requires `cols % 32 == 0` (checked when matrices are built).
     pub fn q8(&self) -> &[ActQ8] {
-        self.q8.get_or_init(|| {
-            let n = self.cols / 32;
-            let mut q = vec![ActQ8::default(); self.tokens * n];
-            if n > 0 {
-                for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
-                    quantize_q8(row, out);
-                }
-            }
-            q
-        })
+        self.q8
+            .get_or_init(|| self.quantize(32, quantize_q8 as fn(&[f32], &mut [ActQ8])))
     }
 
     /// `[tokens][cols / 256]`.
     pub fn q8k(&self) -> &[ActQ8K] {
-        self.q8k.get_or_init(|| {
-            let n = self.cols / 256;
-            let mut q = vec![ActQ8K::default(); self.tokens * n];
-            if n > 0 {
-                for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
-                    quantize_q8k(row, out);
-                }
+        self.q8k
+            .get_or_init(|| self.quantize(256, quantize_q8k as fn(&[f32], &mut [ActQ8K])))
+    }
+
+    /// Every row quantized in blocks of `block`, rows in parallel when a prompt has many.
+    fn quantize<T: Copy + Default + Send>(&self, block: usize, f: fn(&[f32], &mut [T])) -> Vec<T> {
+        use rayon::prelude::*;
+        let n = self.cols / block;
+        let mut q = vec![T::default(); self.tokens * n];
+        if n == 0 {
+            return q;
+        }
+        if self.tokens >= 16 && rayon::current_num_threads() > 1 {
+            self.x
+                .par_chunks_exact(self.cols)
+                .zip(q.par_chunks_exact_mut(n))
+                .for_each(|(row, out)| f(row, out));
+        } else {
+            for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
+                f(row, out);
             }
-            q
-        })
+        }
+        q
     }
 
     pub fn f16(&self) -> &[f32] {

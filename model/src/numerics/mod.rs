@@ -48,14 +48,39 @@ pub fn expf_ggml(x: f32) -> f32 {
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`, as ggml's `ggml_vec_swiglu_f32`: groups of 8 use the
-/// vectorised exp, a tail shorter than 8 uses the C library's.
+/// vectorised exp, a tail shorter than 8 uses the C library's. Rows in parallel when there are
+/// many (a prompt); each row's arithmetic is the same either way.
 pub fn swiglu(gate: &mut [f32], up: &[f32], width: usize) {
+    par_rows(gate, up, width, |g, u| swiglu_rows(g, u, width));
+}
+
+fn swiglu_rows(gate: &mut [f32], up: &[f32], width: usize) {
     #[cfg(target_arch = "x86_64")]
     if matches!(cpu::selected(), Isa::Avx2 | Isa::Avx512) {
         // SAFETY: the selected path implies AVX2 and FMA.
         return unsafe { swiglu_fma(gate, up, width) };
     }
     swiglu_body(gate, up, width)
+}
+
+/// Runs `f` on matching row blocks of `a` (written) and `b` (read), rows of `width`, on the
+/// rayon pool when there are enough rows to pay for it.
+pub fn par_rows(
+    a: &mut [f32],
+    b: &[f32],
+    width: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 8;
+    let rows = a.len() / width.max(1);
+    if rows < 2 * ROWS_PER_TASK || rayon::current_num_threads() == 1 {
+        return f(a, b);
+    }
+    let chunk = width * ROWS_PER_TASK;
+    a.par_chunks_mut(chunk)
+        .zip(b.par_chunks(chunk))
+        .for_each(|(a, b)| f(a, b));
 }
 
 /// The same code with hardware FMA, so `mul_add` is one instruction instead of a libm call.
@@ -80,19 +105,22 @@ fn swiglu_body(gate: &mut [f32], up: &[f32], width: usize) {
     }
 }
 
-/// RMSNorm of every row of `x` into `out`, accumulating in f64 like ggml.
+/// RMSNorm of every row of `x` into `out`, accumulating in f64 like ggml (rows in parallel
+/// when there are many).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     let dim = weight.len();
     out.clear();
     out.resize(x.len(), 0.0);
-    for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / dim as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * scale * w;
+    par_rows(out, x, dim, |out, x| {
+        for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / dim as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                *o = v * scale * w;
+            }
         }
-    }
+    });
 }
 
 /// One query head attending over `len` cached positions, as ggml's CPU flash attention does it
