@@ -58,12 +58,13 @@ impl<const BLOCK: usize, const MIN: usize, const QH: usize, const QS: usize, con
 
     #[inline(always)]
     unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
-        let i = S::dot_u(S::zero_i32(), *w, a.word(l));
-        if OFFSET != 0 {
-            S::sub_i32(i, S::splat_i32(OFFSET * a.g4[l]))
+        // The zero point starts the sum instead of being subtracted after it.
+        let init = if OFFSET != 0 {
+            S::splat_i32(-OFFSET * a.g4[l])
         } else {
-            i
-        }
+            S::zero_i32()
+        };
+        S::dot_u(init, *w, a.word(l))
     }
 
     /// ggml's `summs`: one scalar accumulator of `fma(m, s, summs)` per block, added last.
@@ -112,11 +113,11 @@ impl Quant for Q8_0 {
 
     #[inline(always)]
     unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
-        let i = S::dot_s8(S::zero_i32(), *w, a.word(l));
-        if S::S8_BIAS != 0 {
-            S::sub_i32(i, S::splat_i32(S::S8_BIAS * a.g4[l]))
+        let init = if S::S8_BIAS != 0 {
+            S::splat_i32(-S::S8_BIAS * a.g4[l])
         } else {
-            i
-        }
+            S::zero_i32()
+        };
+        S::dot_s8(init, *w, a.word(l))
     }
 }

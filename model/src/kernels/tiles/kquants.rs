@@ -39,6 +39,7 @@ impl Quant for Q2K {
     const BLOCK: usize = 1344;
     const D: usize = 1280;
     type W<S: Simd> = Parts<S>;
+    const WEIGHT_VECTORS: usize = 16;
 
     #[inline(always)]
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8K] {
@@ -141,6 +142,7 @@ impl Quant for Q3K {
     const BLOCK: usize = 1760;
     const D: usize = 1728;
     type W<S: Simd> = Parts<S>;
+    const WEIGHT_VECTORS: usize = 16;
 
     #[inline(always)]
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8K] {
@@ -229,6 +231,7 @@ impl<const BLOCK: usize, const QH: usize, const QS: usize> Quant for K4<BLOCK, Q
     const BLOCK: usize = BLOCK;
     const D: usize = 0;
     type W<S: Simd> = Parts<S>;
+    const WEIGHT_VECTORS: usize = 16;
 
     #[inline(always)]
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8K] {
@@ -357,6 +360,7 @@ impl Quant for Q6K {
     const BLOCK: usize = 3360;
     const D: usize = 3328;
     type W<S: Simd> = Q6Parts<S>;
+    const WEIGHT_VECTORS: usize = 18;
 
     #[inline(always)]
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8K] {

@@ -33,6 +33,9 @@ use super::simd::Simd;
 /// A format's tile kernel, as the driver sees it.
 pub(crate) trait TileKernel {
     type Act: 'static;
+    /// Vectors a lane's unpacked weights occupy while every token uses them: with few, more
+    /// lanes fit in registers at once.
+    const WEIGHT_VECTORS: usize = 1;
     /// `TT` tokens of one tile, lanes in groups of `LG`.
     ///
     /// # Safety
@@ -96,6 +99,8 @@ pub(crate) trait Quant {
     const D: usize;
     /// What lane `l` needs of a block's weights, unpacked once for every token.
     type W<S: Simd>: Copy;
+    /// How many vectors `W` holds.
+    const WEIGHT_VECTORS: usize = 1;
 
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
@@ -216,14 +221,17 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
                 }
             }
             let dw = S::load_f16(blk.add(K::D));
+            let mut dd = [dw; TT];
+            for t in 0..TT {
+                dd[t] = S::mul_f32(S::splat_f32(at(&acts, t, b).scale()), dw);
+            }
             for li in 0..LG {
                 let l = g + li;
                 let w = K::weights::<S>(blk, b, l, scratch);
                 for t in 0..TT {
                     let a = at(&acts, t, b);
                     let x = K::before::<S>(blk, b, l, a, scratch, acc[li][t]);
-                    let dd = S::mul_f32(S::splat_f32(a.scale()), dw);
-                    acc[li][t] = S::fma_f32(dd, S::to_f32(K::int::<S>(&w, l, a)), x);
+                    acc[li][t] = S::fma_f32(dd[t], S::to_f32(K::int::<S>(&w, l, a)), x);
                 }
             }
         }
@@ -240,6 +248,7 @@ pub(crate) struct Q<K>(std::marker::PhantomData<K>);
 
 impl<K: Quant> TileKernel for Q<K> {
     type Act = K::Act;
+    const WEIGHT_VECTORS: usize = K::WEIGHT_VECTORS;
     #[inline(always)]
     unsafe fn tile<S: Simd, const TT: usize, const LG: usize>(
         tile: *const u8,
@@ -282,9 +291,10 @@ pub(crate) unsafe fn drive<S: Simd, K: TileKernel>(
     tiles: Range<usize>,
     out: Out,
 ) {
-    // Lane groups sized so that the accumulators of a group stay in registers.
-    match S::ACCUMULATORS {
-        8 => drive_tokens::<S, K, 4, 2, 8>(p, acts, tiles, out),
+    // Lane groups sized so that a group's accumulators and unpacked weights stay in registers.
+    match (S::ACCUMULATORS, K::WEIGHT_VECTORS) {
+        (8, 0..=2) => drive_tokens::<S, K, 4, 4, 8>(p, acts, tiles, out),
+        (8, _) => drive_tokens::<S, K, 4, 2, 8>(p, acts, tiles, out),
         _ => drive_tokens::<S, K, 2, 2, 4>(p, acts, tiles, out),
     }
 }
