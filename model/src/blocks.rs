@@ -13,12 +13,11 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::activation::{add_bias, geglu, scale};
-use crate::attention::attend_softcapped;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{LayerKv, SessionKv};
 use crate::matrix::{matmul, matmul_many, on_pool, Activations, QMatrix};
-use crate::numerics::{attend, rms_norm, swiglu};
+use crate::numerics::{attend, rms_norm, swiglu, AttendScratch};
 use crate::spec::{Activation, ModelSpec, RopeParams, RopeStyle};
 use half::f16;
 
@@ -457,26 +456,21 @@ impl DecoderBlock {
         let group = m.heads / m.kv_heads;
         let first = tokens.start;
         let work: usize = tokens.len() * m.heads * kv_of(tokens.end - 1, 0).0.len();
-        let one = |acc: &mut Vec<f16>, (i, o): (usize, &mut [f32])| {
+        let one = |scratch: &mut AttendScratch, (i, o): (usize, &mut [f32])| {
             let (tok, h) = (first + i / m.heads, i % m.heads);
-            acc.resize(hd, f16::ZERO);
             let qh = &q16[(tok * m.heads + h) * hd..(tok * m.heads + h + 1) * hd];
             let (keys, values) = kv_of(tok, h / group);
-            if m.softcap == 0.0 {
-                attend(qh, keys, values, dot_scale, acc, o);
-            } else {
-                attend_softcapped(qh, keys, values, dot_scale, m.softcap, acc, o);
-            }
+            attend(qh, keys, values, dot_scale, m.softcap, scratch, o);
         };
         if work > 1 << 16 {
             out.par_chunks_mut(hd)
                 .enumerate()
-                .for_each_init(Vec::new, one);
+                .for_each_init(AttendScratch::default, one);
         } else {
-            let mut acc = Vec::new();
+            let mut scratch = AttendScratch::default();
             out.chunks_mut(hd)
                 .enumerate()
-                .for_each(|x| one(&mut acc, x));
+                .for_each(|x| one(&mut scratch, x));
         }
     }
 

@@ -3,7 +3,6 @@
 //! chat template, and [`LocalModel`], the single-process golden reference.
 
 pub mod activation;
-pub mod attention;
 pub mod blocks;
 pub mod chat;
 pub mod embed;

@@ -144,14 +144,11 @@ mod x86 {
     /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(in crate::numerics) unsafe fn attend_x86(
-        q: &[f16],
-        keys: &[f16],
-        values: &[f16],
-        scale: f32,
-        acc: &mut [f16],
+        args: &super::super::Attend,
+        scratch: &mut super::super::AttendScratch,
         out: &mut [f32],
     ) {
-        super::super::attend_body::<Avx2>(q, keys, values, scale, acc, out)
+        super::super::attend_body::<Avx2>(args, scratch, out)
     }
 }
 
@@ -244,13 +241,10 @@ mod arm {
     /// An aarch64 CPU (NEON is mandatory there).
     #[target_feature(enable = "neon")]
     pub(in crate::numerics) unsafe fn attend_arm(
-        q: &[f16],
-        keys: &[f16],
-        values: &[f16],
-        scale: f32,
-        acc: &mut [f16],
+        args: &super::super::Attend,
+        scratch: &mut super::super::AttendScratch,
         out: &mut [f32],
     ) {
-        super::super::attend_body::<Neon>(q, keys, values, scale, acc, out)
+        super::super::attend_body::<Neon>(args, scratch, out)
     }
 }

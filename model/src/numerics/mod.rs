@@ -17,7 +17,10 @@ use half::f16;
 
 use crate::kernels::cpu::{self, Isa};
 
+mod exp;
 mod f16_ops;
+
+pub use exp::expf;
 
 /// ggml's `ggml_v_expf` (Arm optimized-routines polynomial, at most 1.5 ulp from `exp`),
 /// lane for lane, so SiLU matches llama.cpp to the bit.
@@ -65,12 +68,7 @@ fn swiglu_rows(gate: &mut [f32], up: &[f32], width: usize) {
 
 /// Runs `f` on matching row blocks of `a` (written) and `b` (read), rows of `width`, on the
 /// rayon pool when there are enough rows to pay for it.
-pub fn par_rows(
-    a: &mut [f32],
-    b: &[f32],
-    width: usize,
-    f: impl Fn(&mut [f32], &[f32]) + Sync,
-) {
+pub fn par_rows(a: &mut [f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
     use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 8;
     let rows = a.len() / width.max(1);
@@ -98,7 +96,7 @@ fn swiglu_body(gate: &mut [f32], up: &[f32], width: usize) {
             let e = if i < vec_end {
                 expf_ggml(0.0 - *g)
             } else {
-                libm::expf(-*g)
+                exp::expf(-*g)
             };
             *g = *g / (1.0 + e) * u;
         }
@@ -123,72 +121,135 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     });
 }
 
+/// Scratch of one attending thread: the f16 accumulator and the row of scores.
+#[derive(Default)]
+pub struct AttendScratch {
+    acc: Vec<f16>,
+    scores: Vec<f32>,
+    raised: Vec<bool>,
+}
+
 /// One query head attending over `len` cached positions, as ggml's CPU flash attention does it
-/// (`flash_attn_ext_f16_one_chunk`): scores one at a time, a running maximum, the weighted sum of
-/// values kept in f16 and divided by the softmax denominator at the end.
+/// (`flash_attn_ext_f16_one_chunk`): scores in order, a running maximum, the weighted sum of
+/// values kept in f16 and divided by the softmax denominator at the end. A `softcap` other
+/// than 0 maps each score `s` to `softcap * tanh(s / softcap)` first (Gemma 2).
 ///
-/// `acc` is caller-provided scratch of `head_dim` halves, so the hot loop never allocates.
+/// The exponentials are computed in one vectorised pass between finding the running maxima and
+/// accumulating: they depend only on the scores, so the arithmetic is unchanged.
 pub fn attend(
     q: &[f16],
     keys: &[f16],
     values: &[f16],
     scale: f32,
-    acc: &mut [f16],
+    softcap: f32,
+    scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
-    attend_on(cpu::selected(), q, keys, values, scale, acc, out)
+    attend_on(
+        cpu::selected(),
+        q,
+        keys,
+        values,
+        scale,
+        softcap,
+        scratch,
+        out,
+    )
 }
 
 /// [`attend`] on instruction set `isa` (which must be one this CPU runs).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_on(
     isa: Isa,
     q: &[f16],
     keys: &[f16],
     values: &[f16],
     scale: f32,
-    acc: &mut [f16],
+    softcap: f32,
+    scratch: &mut AttendScratch,
     out: &mut [f32],
 ) {
     assert!(isa.supported(), "the {isa} path on a CPU without it");
+    let args = Attend {
+        q,
+        keys,
+        values,
+        scale,
+        softcap,
+    };
     match isa {
         // SAFETY (both): the CPU runs `isa` (asserted), which implies the entry's features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => unsafe { f16_ops::attend_x86(q, keys, values, scale, acc, out) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { f16_ops::attend_x86(&args, scratch, out) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::Dotprod => unsafe {
-            f16_ops::attend_arm(q, keys, values, scale, acc, out)
-        },
-        _ => attend_body::<f16_ops::Scalar>(q, keys, values, scale, acc, out),
+        Isa::Neon | Isa::Dotprod => unsafe { f16_ops::attend_arm(&args, scratch, out) },
+        _ => attend_body::<f16_ops::Scalar>(&args, scratch, out),
     }
 }
 
-#[inline(always)]
-fn attend_body<O: f16_ops::F16Ops>(
-    q: &[f16],
-    keys: &[f16],
-    values: &[f16],
+/// The inputs of one head's attention.
+pub(crate) struct Attend<'a> {
+    q: &'a [f16],
+    keys: &'a [f16],
+    values: &'a [f16],
     scale: f32,
-    acc: &mut [f16],
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    acc.fill(f16::ZERO);
-    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
-    for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
+    softcap: f32,
+}
+
+#[inline(always)]
+fn attend_body<O: f16_ops::F16Ops>(a: &Attend, scratch: &mut AttendScratch, out: &mut [f32]) {
+    let hd = a.q.len();
+    let AttendScratch {
+        acc,
+        scores,
+        raised,
+    } = scratch;
+    acc.clear();
+    acc.resize(hd, f16::ZERO);
+    scores.clear();
+    let scale = if a.softcap != 0.0 {
+        a.scale / a.softcap
+    } else {
+        a.scale
+    };
+    for k in a.keys.chunks_exact(hd) {
         // SAFETY: `attend_on` instantiates `O` only where its instructions exist.
-        let s = unsafe { O::dot_f16(k, q) } * scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if s > m {
-            let old = m;
-            m = s;
-            ms = libm::expf(old - m);
-            // SAFETY: as above.
-            unsafe { O::scale_f16(acc, ms) };
-        } else {
-            vs = libm::expf(s - m);
+        let mut s = unsafe { O::dot_f16(k, a.q) } * scale;
+        if a.softcap != 0.0 {
+            s = a.softcap * libm::tanhf(s);
         }
+        scores.push(s);
+    }
+    // The running maximum: a score above it rescales what came before by e^(old - new),
+    // any other enters with weight e^(s - max). Keep the exponent, and which case it was.
+    raised.clear();
+    let mut m = f32::NEG_INFINITY;
+    for s in scores.iter_mut() {
+        if *s > m {
+            let old = m;
+            m = *s;
+            *s = old - m;
+            raised.push(true);
+        } else {
+            *s -= m;
+            raised.push(false);
+        }
+    }
+    exp::expf_in_place(scores);
+    let mut s_sum = 0f32;
+    for ((e, up), v) in scores
+        .iter()
+        .zip(raised.iter())
+        .zip(a.values.chunks_exact(hd))
+    {
+        let (ms, vs) = if *up { (*e, 1.0) } else { (1.0, *e) };
         // SAFETY: as above.
-        unsafe { O::mad_f16(acc, v, vs) };
+        unsafe {
+            if *up {
+                O::scale_f16(acc, ms);
+            }
+            O::mad_f16(acc, v, vs);
+        }
         s_sum = s_sum.mul_add(ms, vs);
     }
     let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
@@ -221,11 +282,20 @@ mod tests {
                 let keys = halves(hd * len, 11 + hd as u32);
                 let values = halves(hd * len, 13);
                 let mut want = vec![0f32; hd];
-                let mut acc = vec![f16::ZERO; hd];
-                attend_on(Isa::Portable, &q, &keys, &values, 0.07, &mut acc, &mut want);
+                let mut scratch = AttendScratch::default();
+                attend_on(
+                    Isa::Portable,
+                    &q,
+                    &keys,
+                    &values,
+                    0.07,
+                    0.0,
+                    &mut scratch,
+                    &mut want,
+                );
                 for &isa in cpu::available() {
                     let mut got = vec![0f32; hd];
-                    attend_on(isa, &q, &keys, &values, 0.07, &mut acc, &mut got);
+                    attend_on(isa, &q, &keys, &values, 0.07, 0.0, &mut scratch, &mut got);
                     let same = got
                         .iter()
                         .zip(&want)
@@ -265,9 +335,16 @@ mod tests {
         let q = halves(hd, 3);
         let keys = halves(hd * 5, 11);
         let values = halves(hd * 5, 13);
-        let mut acc = vec![f16::ZERO; hd];
         let mut out = vec![0f32; hd];
-        attend(&q, &keys, &values, 0.125, &mut acc, &mut out);
+        attend(
+            &q,
+            &keys,
+            &values,
+            0.125,
+            0.0,
+            &mut AttendScratch::default(),
+            &mut out,
+        );
         let scores: Vec<f64> = keys
             .chunks(hd)
             .map(|k| {
@@ -294,5 +371,42 @@ mod tests {
                 out[d]
             );
         }
+    }
+
+    #[test]
+    fn softcapped_scores_give_the_softcapped_softmax() {
+        let hd = 32;
+        let q = halves(hd, 5);
+        let keys = halves(hd * 6, 17);
+        let values = halves(hd * 6, 19);
+        let mut scratch = AttendScratch::default();
+        let (mut plain, mut capped) = (vec![0f32; hd], vec![0f32; hd]);
+        let (scale, cap) = (0.01f64, 2.0f64);
+        attend(&q, &keys, &values, 0.01, 0.0, &mut scratch, &mut plain);
+        attend(&q, &keys, &values, 0.01, 2.0, &mut scratch, &mut capped);
+        let scores: Vec<f64> = keys
+            .chunks(hd)
+            .map(|k| {
+                let dot: f64 = k.iter().zip(&q).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                cap * (dot * scale / cap).tanh()
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for d in 0..hd {
+            let exact: f64 = w
+                .iter()
+                .zip(values.chunks(hd))
+                .map(|(w, v)| w * v[d].to_f64())
+                .sum::<f64>()
+                / z;
+            let got = capped[d] as f64;
+            assert!(
+                (exact - got).abs() < 0.02 * (1.0 + exact.abs()),
+                "dim {d}: {exact} vs {got}"
+            );
+        }
+        assert_ne!(plain, capped);
     }
 }
