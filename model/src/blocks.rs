@@ -357,21 +357,24 @@ impl DecoderBlock {
             + vectors * 4
     }
 
-    /// Runs the block on `x` in place, for positions `pos..pos + x.tokens`, extending `kv`.
+    /// Runs the block on `x` in place: the rows of each segment are one session's positions
+    /// `pos..`, extending layer `layer` of that session's cache. Every product runs over all
+    /// rows at once; RoPE, the cache and attention are per segment.
     fn forward(
         &self,
         x: &mut Hidden,
-        kv: &mut LayerKv,
-        pos: usize,
-        rope: &Rope,
-        table: &[(f32, f32)],
+        sessions: &mut [BatchEntry],
+        segments: &[Segment],
+        layer: usize,
         scratch: &mut Scratch,
     ) -> Result<()> {
         let m = &self.math;
         let t = x.tokens;
         let dim = x.dim;
         let hd = m.head_dim;
-        kv.check_continues(pos)?;
+        for (s, seg) in sessions.iter().zip(segments) {
+            s.kv.layers[layer].check_continues(seg.pos)?;
+        }
         let Scratch {
             normed,
             q,
@@ -397,21 +400,51 @@ impl DecoderBlock {
             rms_norm(&q.clone(), qn, m.eps, q);
             rms_norm(&k.clone(), kn, m.eps, k);
         }
-        rope.apply(q, m.heads, hd, table);
-        rope.apply(k, m.kv_heads, hd, table);
+        let (width, kv_width) = (m.heads * hd, m.kv_heads * hd);
+        for seg in segments {
+            let (rope, table) = seg.rope(self.window.is_some());
+            let rows = seg.rows.clone();
+            rope.apply(
+                &mut q[rows.start * width..rows.end * width],
+                m.heads,
+                hd,
+                table,
+            );
+            rope.apply(
+                &mut k[rows.start * kv_width..rows.end * kv_width],
+                m.kv_heads,
+                hd,
+                table,
+            );
+        }
         let dot_scale = if m.scale_query_first {
             scale(q, m.attention_scale);
             1.0
         } else {
             m.attention_scale
         };
-        let attn = match self.window {
-            None => {
-                kv.append(k, v, t)?;
-                self.attention_full(q, kv, pos, t, dot_scale)
+        let mut attn = vec![0f32; t * width];
+        for (s, seg) in sessions.iter_mut().zip(segments) {
+            let kv = &mut s.kv.layers[layer];
+            let (r, n) = (seg.rows.clone(), seg.rows.len());
+            let (q, out) = (
+                &q[r.start * width..r.end * width],
+                &mut attn[r.start * width..r.end * width],
+            );
+            let (k, v) = (
+                &k[r.start * kv_width..r.end * kv_width],
+                &v[r.start * kv_width..r.end * kv_width],
+            );
+            match self.window {
+                None => {
+                    kv.append(k, v, n)?;
+                    self.attention_full(q, kv, seg.pos, n, dot_scale, out);
+                }
+                Some(window) => {
+                    self.attention_window(q, k, v, kv, seg.pos, window, dot_scale, out)?
+                }
             }
-            Some(window) => self.attention_window(q, k, v, kv, pos, window, dot_scale)?,
-        };
+        }
         matmul(&Activations::new(&attn, t, m.heads * hd), &self.wo, o)?;
         if let Some([post_attn, _]) = &self.post_norms {
             rms_norm(&o.clone(), post_attn, m.eps, o);
@@ -474,7 +507,8 @@ impl DecoderBlock {
         }
     }
 
-    /// Causal attention of the `t` new queries over the whole cache, `[t, heads * head_dim]`.
+    /// Causal attention of the `t` new queries over the whole cache into `out`,
+    /// `[t, heads * head_dim]`.
     fn attention_full(
         &self,
         q: &[f32],
@@ -482,23 +516,21 @@ impl DecoderBlock {
         pos: usize,
         t: usize,
         dot_scale: f32,
-    ) -> Vec<f32> {
-        let m = self.math;
+        out: &mut [f32],
+    ) {
         // llama.cpp rounds the query to the cache's f16 before the dot products.
         let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
-        let mut out = vec![0f32; t * m.heads * m.head_dim];
         self.attend_rows(
             &q16,
             0..t,
-            &mut out,
+            out,
             |tok, kh| (kv.keys(kh, pos + tok + 1), kv.values(kh, pos + tok + 1)),
             dot_scale,
         );
-        out
     }
 
-    /// Causal attention through a sliding window: each query sees itself and the `window - 1`
-    /// positions before it. The step's keys go into the ring in chunks short enough that none
+    /// Causal attention through a sliding window into `out`: each query sees itself and the
+    /// `window - 1` positions before it. The step's keys go into the ring in chunks short enough that none
     /// overwrites a key a query of its chunk still needs; each chunk's queries then read their
     /// window in place.
     #[allow(clippy::too_many_arguments)]
@@ -511,12 +543,12 @@ impl DecoderBlock {
         pos: usize,
         window: usize,
         dot_scale: f32,
-    ) -> Result<Vec<f32>> {
+        out: &mut [f32],
+    ) -> Result<()> {
         let m = self.math;
         let (hd, width, kv_width) = (m.head_dim, m.heads * m.head_dim, m.kv_heads * m.head_dim);
         let t = q.len() / width;
         let q16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
-        let mut out = vec![0f32; t * width];
         let chunk = kv.max_append().max(1);
         let mut start = 0;
         while start < t {
@@ -541,7 +573,7 @@ impl DecoderBlock {
             start = end;
         }
         debug_assert_eq!(out.len() % hd, 0);
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -653,6 +685,21 @@ impl BlockStack {
         kv: &mut SessionKv,
         pos: usize,
     ) -> Result<()> {
+        let tokens = x.tokens;
+        self.forward_batch(span, x, &mut [BatchEntry { tokens, pos, kv }])
+    }
+
+    /// Whether one session's step can run on blocks `span`: the span is inside this stack, the
+    /// cache is of that span and holds exactly `pos` positions, and `tokens` more fit. A
+    /// scheduler checks each session with this before batching it with others, so a bad step
+    /// fails alone.
+    pub fn check_step(
+        &self,
+        span: &Range<usize>,
+        tokens: usize,
+        kv: &SessionKv,
+        pos: usize,
+    ) -> Result<()> {
         if span.start < self.range.start || span.end > self.range.end || span.is_empty() {
             return Err(ModelError::BadBlockRange {
                 start: span.start,
@@ -668,11 +715,8 @@ impl BlockStack {
                 span.end
             )));
         }
-        if x.dim != self.spec.embedding_length || x.tokens == 0 {
-            return Err(ModelError::Shape(format!(
-                "hidden state {}x{} for a model of width {}",
-                x.tokens, x.dim, self.spec.embedding_length
-            )));
+        if tokens == 0 {
+            return Err(ModelError::Shape("a step of zero tokens".into()));
         }
         if kv.len() != pos {
             return Err(ModelError::Position {
@@ -680,36 +724,107 @@ impl BlockStack {
                 expected: kv.len(),
             });
         }
-        let needed = pos + x.tokens;
+        let needed = pos + tokens;
         if needed > kv.capacity() {
             return Err(ModelError::CacheFull {
                 needed,
                 capacity: kv.capacity(),
             });
         }
-        // LongRoPE picks its factors by the session's length, as llama.cpp does by its
-        // context size: every peer of a session sees the same capacity, so they agree.
-        let global = match &self.ropes.global_long {
-            Some(long) if kv.capacity() > self.spec.rope_original_context => long,
-            _ => &self.ropes.global,
-        };
-        let local = &self.ropes.local;
+        Ok(())
+    }
+
+    /// Runs blocks `span` for several sessions at once: `x` holds their rows one session after
+    /// the other (`entries[i].tokens` rows each, positions `entries[i].pos..`), and every weight
+    /// product runs over all rows together, so each weight row is read once for the whole
+    /// batch. Each session's rows come out bit-identical to running it alone: the kernels
+    /// compute every row independently of the others (tested), and RoPE, the cache and
+    /// attention are per session. On an error no session's cache is to be trusted for this
+    /// step ([`Self::check_step`] each entry first to keep one bad step from failing others).
+    pub fn forward_batch(
+        &self,
+        span: Range<usize>,
+        x: &mut Hidden,
+        entries: &mut [BatchEntry],
+    ) -> Result<()> {
+        let rows: usize = entries.iter().map(|e| e.tokens).sum();
+        if x.dim != self.spec.embedding_length || x.tokens == 0 || x.tokens != rows {
+            return Err(ModelError::Shape(format!(
+                "hidden state {}x{} for a model of width {} and a batch of {rows} rows",
+                x.tokens, x.dim, self.spec.embedding_length
+            )));
+        }
+        for e in entries.iter() {
+            self.check_step(&span, e.tokens, e.kv, e.pos)?;
+        }
         let first = span.start - self.range.start;
         let blocks = &self.blocks[first..first + span.len()];
-        let table_of = |rope: &Rope, needed: bool| needed.then(|| rope.table(pos, x.tokens));
-        let global_table = table_of(global, blocks.iter().any(|b| b.window.is_none()));
-        let local_table = table_of(local, blocks.iter().any(|b| b.window.is_some()));
+        let any_global = blocks.iter().any(|b| b.window.is_none());
+        let any_local = blocks.iter().any(|b| b.window.is_some());
+        let mut start = 0;
+        let segments: Vec<Segment> = entries
+            .iter()
+            .map(|e| {
+                // LongRoPE picks its factors by the session's length, as llama.cpp does by its
+                // context size: every peer of a session sees the same capacity, so they agree.
+                let global = match &self.ropes.global_long {
+                    Some(long) if e.kv.capacity() > self.spec.rope_original_context => long,
+                    _ => &self.ropes.global,
+                };
+                let local = &self.ropes.local;
+                let table = |rope: &Rope, needed: bool| {
+                    if needed {
+                        rope.table(e.pos, e.tokens)
+                    } else {
+                        Vec::new()
+                    }
+                };
+                let seg = Segment {
+                    rows: start..start + e.tokens,
+                    pos: e.pos,
+                    global,
+                    global_table: table(global, any_global),
+                    local,
+                    local_table: table(local, any_local),
+                };
+                start += e.tokens;
+                seg
+            })
+            .collect();
         on_pool(|| {
             let mut scratch = Scratch::default();
-            for (block, layer) in blocks.iter().zip(kv.layers.iter_mut()) {
-                let (rope, table) = match block.window {
-                    None => (global, &global_table),
-                    Some(_) => (local, &local_table),
-                };
-                let table = table.as_deref().unwrap_or_default();
-                block.forward(x, layer, pos, rope, table, &mut scratch)?;
+            for (layer, block) in blocks.iter().enumerate() {
+                block.forward(x, entries, &segments, layer, &mut scratch)?;
             }
             Ok(())
         })
+    }
+}
+
+/// One session's step in a batched forward pass: `tokens` rows of the batch at positions
+/// `pos..pos + tokens`, over the cache `kv`.
+pub struct BatchEntry<'a> {
+    pub tokens: usize,
+    pub pos: usize,
+    pub kv: &'a mut SessionKv,
+}
+
+/// A session's rows of the batch and its RoPE tables for global and sliding-window layers.
+struct Segment<'r> {
+    rows: Range<usize>,
+    pos: usize,
+    global: &'r Rope,
+    global_table: Vec<(f32, f32)>,
+    local: &'r Rope,
+    local_table: Vec<(f32, f32)>,
+}
+
+impl Segment<'_> {
+    fn rope(&self, sliding: bool) -> (&Rope, &[(f32, f32)]) {
+        if sliding {
+            (self.local, &self.local_table)
+        } else {
+            (self.global, &self.global_table)
+        }
     }
 }

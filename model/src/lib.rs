@@ -21,7 +21,7 @@ pub mod spec;
 pub mod synthetic;
 pub mod tokenizer;
 
-pub use blocks::{BlockStack, Hidden};
+pub use blocks::{BatchEntry, BlockStack, Hidden};
 pub use error::{ModelError, Result};
 pub use gguf::GgufFile;
 pub use kv_cache::{LayerKv, SessionKv};

@@ -327,3 +327,113 @@ fn a_missing_key_or_tensor_of_a_family_is_named() {
         assert!(err.contains(named), "{arch} without {drop}: {err}");
     }
 }
+
+/// Sessions run together in one batched pass (different positions, prompt chunks and decode
+/// steps side by side) give each session the bits it gets alone, on global and sliding-window
+/// layers, and leave caches that continue identically.
+#[test]
+fn a_batch_of_sessions_is_bit_identical_to_each_alone() {
+    for m in [
+        SyntheticModel::default(),
+        SyntheticModel::family("gemma3", GgmlDType::Q8_0),
+        SyntheticModel::family("phi3", GgmlDType::Q4_0),
+        SyntheticModel {
+            weight_dtype: GgmlDType::Q4K,
+            dim: 256,
+            ff: 512,
+            ..Default::default()
+        },
+    ] {
+        let (_d, path) = write(&m);
+        let file = GgufFile::open(&path).unwrap();
+        let blocks = ModelSpec::from_file(&file).unwrap().block_count;
+        let slice = load(&file, &LoadOptions::blocks(0..blocks), &mut |_, _| {}).unwrap();
+        let stack = slice.stack().unwrap();
+        let ids = |n: usize, seed: u32| -> Vec<u32> {
+            (0..n as u32).map(|i| (i * 31 + seed * 17) % 250).collect()
+        };
+        // (history already in the cache, tokens of this step): a long prompt chunk on top of
+        // a history past the window, a fresh prompt, two decode steps.
+        let plan = [(11usize, 6usize), (0, 4), (3, 1), (13, 1)];
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (s, &(history, step)) in plan.iter().enumerate() {
+            let mut kv = stack.new_cache(0..blocks, 32);
+            if history > 0 {
+                let mut h = embed(&file, &ids(history, s as u32));
+                stack.forward(&mut h, &mut kv, 0).unwrap();
+            }
+            let mut kv_alone = stack.new_cache(0..blocks, 32);
+            if history > 0 {
+                let mut h = embed(&file, &ids(history, s as u32));
+                stack.forward(&mut h, &mut kv_alone, 0).unwrap();
+            }
+            let mut x = embed(&file, &ids(step, 100 + s as u32));
+            stack.forward(&mut x, &mut kv_alone, history).unwrap();
+            alone.push((x, kv_alone));
+            caches.push(kv);
+        }
+        let mut data = Vec::new();
+        for (s, &(_, step)) in plan.iter().enumerate() {
+            data.extend(embed(&file, &ids(step, 100 + s as u32)).data);
+        }
+        let rows: usize = plan.iter().map(|p| p.1).sum();
+        let mut x = model::Hidden::new(rows, alone[0].0.dim, data).unwrap();
+        let mut entries: Vec<model::BatchEntry> = caches
+            .iter_mut()
+            .zip(&plan)
+            .map(|(kv, &(history, step))| model::BatchEntry {
+                tokens: step,
+                pos: history,
+                kv,
+            })
+            .collect();
+        stack
+            .forward_batch(0..blocks, &mut x, &mut entries)
+            .unwrap();
+        drop(entries);
+        let mut row = 0;
+        for (s, &(history, step)) in plan.iter().enumerate() {
+            let got = &x.data[row * x.dim..(row + step) * x.dim];
+            assert_eq!(
+                got,
+                &alone[s].0.data[..],
+                "{m:?}: session {s} differs in the batch"
+            );
+            row += step;
+            // The caches the batch left continue like the ones of the lone runs.
+            let mut a = embed(&file, &[5]);
+            let mut b = a.clone();
+            stack
+                .forward(&mut a, &mut caches[s], history + step)
+                .unwrap();
+            stack
+                .forward(&mut b, &mut alone[s].1, history + step)
+                .unwrap();
+            assert_eq!(a, b, "{m:?}: session {s}'s cache differs after the batch");
+        }
+
+        // A bad entry (wrong position) is refused by check_step before anything runs.
+        let mut kv = stack.new_cache(0..blocks, 32);
+        assert!(matches!(
+            stack.check_step(&(0..blocks), 1, &kv, 3),
+            Err(ModelError::Position {
+                got: 3,
+                expected: 0
+            })
+        ));
+        let mut x = embed(&file, &[1, 2]);
+        let err = stack
+            .forward_batch(
+                0..blocks,
+                &mut x,
+                &mut [model::BatchEntry {
+                    tokens: 1,
+                    pos: 0,
+                    kv: &mut kv,
+                }],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("batch of 1 rows"), "{err}");
+    }
+}
