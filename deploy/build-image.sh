@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${EDGE_IMAGE:-edge-swarm/edge-node:latest}
-BINS=(-p node --bin edge-node -p simulations --bin link-delay)
+BINS=(-p cli --bin edge-node -p simulations --bin link-delay)
 if [ "${EDGE_PROFILE:-release}" = debug ]; then
   # The test build: dependencies and the model crate are optimised in it as well.
   cargo build "${BINS[@]}"

@@ -5,14 +5,14 @@
 #
 #   scripts/bench-families.sh [THREADS]
 #
-# Needs a release build (cargo build --release -p node) and llama-bench from
+# Needs a release build (cargo build --release -p cli) and llama-bench from
 # scripts/build-llama-cpp.sh (LLAMA_BENCH_DIR, default .bench/llama.cpp/avx512/build/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-2}
 BIN=${LLAMA_BENCH_DIR:-.bench/llama.cpp/avx512/build/bin}
 EDGE=./target/release/edge-node
-[ -x "$EDGE" ] || { echo "error: build first: cargo build --release -p node" >&2; exit 1; }
+[ -x "$EDGE" ] || { echo "error: build first: cargo build --release -p cli" >&2; exit 1; }
 [ -x "$BIN/llama-bench" ] || { echo "error: no llama-bench in $BIN (scripts/build-llama-cpp.sh)" >&2; exit 1; }
 
 lscpu | grep -E '^Model name' | sed 's/^/# /' >&2

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh
-cargo build --release -p node --bin edge-node
+cargo build --release -p cli --bin edge-node
 
 BIN=./target/release/edge-node
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf

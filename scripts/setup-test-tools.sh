@@ -17,7 +17,7 @@ if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium
     || { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium-headless-shell >/dev/null; }
 fi
 
-req=node/tests/python/requirements.txt
+req=cli/tests/python/requirements.txt
 stamp=.venv-test/.requirements
 if [ -x .venv-test/bin/python ] && cmp -s "$req" "$stamp"; then
   exit 0

@@ -17,9 +17,10 @@ use model::{load, GgufFile, LoadOptions, ModelError, ModelSpec};
 use proto::v1::Dtype;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{self, Server};
+use swarm::discovery::{self, Server};
+use swarm::{host, NetConfig, NetError, NetHandle};
+
 use crate::generate::{Forward, GenerateError};
-use crate::net::{self, NetConfig, NetError, NetHandle};
 use crate::session::{Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +115,7 @@ impl SwarmClient {
     /// Joins the swarm as a client and waits (bounded) until some peer is connected.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let shutdown = CancellationToken::new();
-        let network = net::start(
+        let host = host::start(
             NetConfig {
                 keypair: libp2p::identity::Keypair::generate_ed25519(),
                 listen: Vec::new(),
@@ -126,7 +127,7 @@ impl SwarmClient {
             shutdown.clone(),
         )?;
         let client = Self {
-            net: network.handle,
+            net: host.handle,
             config,
             shutdown,
             bans: Arc::default(),

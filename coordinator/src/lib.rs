@@ -1,14 +1,11 @@
 //! The edge-swarm client library: connect to a swarm ([`client::SwarmClient`]), find the servers
-//! of a model ([`discovery`]), plan a route over them ([`route`]), open an
+//! of a model (through `swarm::discovery`), plan a route over them ([`route`]), open an
 //! [`session::InferenceSession`] and [`generate`] text through it. The same generation loop
 //! runs a local model, which is how swarm output is checked against one process.
 
 pub mod client;
-pub mod discovery;
 pub mod generate;
-pub mod net;
 pub mod route;
 pub mod session;
-pub mod status;
 
 pub use client::{ClientConfig, ClientModel, SwarmClient, SwarmForward};

@@ -17,8 +17,7 @@ use crate::Gateway;
 
 pub mod pb {
     tonic::include_proto!("edge_swarm.gateway.v1");
-    pub const DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
+    pub const DESCRIPTOR_SET: &[u8] = proto::GATEWAY_DESCRIPTOR_SET;
 }
 
 use pb::gateway_server::{Gateway as GatewayService, GatewayServer};

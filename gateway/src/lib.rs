@@ -9,21 +9,20 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod openai;
-pub mod page;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use coordinator::status::ModelInfo;
 use coordinator::{ClientModel, SwarmClient};
+use swarm::page::{self, RateMeter, StatusSource, SwarmSnapshot};
+use swarm::status::ModelInfo;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ErrorKind};
 use metrics::GatewayMetrics;
-use page::{RateMeter, StatusSource, SwarmSnapshot};
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -93,7 +92,7 @@ impl Gateway {
             swarm,
             waiting: AtomicUsize::new(0),
             rate: RateMeter::new(Duration::from_secs(10)),
-            created: coordinator::discovery::now_ms() / 1000,
+            created: swarm::discovery::now_ms() / 1000,
         })
     }
 

@@ -368,7 +368,7 @@ impl Envelope {
                 rand::random::<u64>(),
                 rand::random::<u32>()
             ),
-            created: coordinator::discovery::now_ms() / 1000,
+            created: swarm::discovery::now_ms() / 1000,
             model: gw.info.id.clone(),
             system_fingerprint: format!("edge-swarm-{}", &gw.info.fingerprint[..12]),
         }

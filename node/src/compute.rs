@@ -4,12 +4,19 @@
 //! session's cache is touched by one thread only. Requests arrive over a channel and are
 //! answered through one-shot replies; the session budget (count and KV tokens) is enforced here,
 //! where the memory is actually allocated.
+//!
+//! The request queue is bounded: a node flooded with requests answers the ones it has no room
+//! for at once with [`ComputeError::Busy`] (BUSY on the wire, which clients retry elsewhere)
+//! instead of queueing work, and memory, without limit. Closes do not go through that queue:
+//! freeing a session's cache must never be refused, so they have a channel of their own.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
 
 use model::{BlockStack, Hidden, ModelError, SessionKv};
 use tokio::sync::oneshot;
@@ -26,6 +33,8 @@ pub enum ComputeError {
     },
     #[error("already serving {0} sessions, the most this node takes")]
     TooManySessions(usize),
+    #[error("the compute queue is full ({queued} requests waiting); try again")]
+    Busy { queued: usize },
     #[error("unknown session")]
     UnknownSession,
     #[error("position {got} does not continue the session, which holds {len} tokens")]
@@ -46,6 +55,15 @@ pub struct ComputeLimits {
     pub cache_tokens: usize,
 }
 
+impl ComputeLimits {
+    /// Requests that may wait for the compute thread. A session has at most one step in
+    /// flight (its stream is request-answer), so twice the session count leaves room for as
+    /// many opens racing in; beyond that, the node is overloaded and says so.
+    pub fn queue_depth(&self) -> usize {
+        self.max_sessions.max(1).saturating_mul(2)
+    }
+}
+
 enum Job {
     Open {
         span: Range<usize>,
@@ -58,9 +76,8 @@ enum Job {
         hidden: Hidden,
         reply: oneshot::Sender<Result<(Hidden, Duration), ComputeError>>,
     },
-    Close {
-        id: SessionId,
-    },
+    /// Wakes the thread to free the sessions waiting on the close channel.
+    Closed,
 }
 
 /// Counters other tasks read without asking the thread (announcements, status).
@@ -73,7 +90,8 @@ pub struct ComputeStats {
 
 #[derive(Clone)]
 pub struct ComputeHandle {
-    tx: std::sync::mpsc::Sender<Job>,
+    tx: SyncSender<Job>,
+    closes: Sender<SessionId>,
     pub stats: Arc<ComputeStats>,
     pub limits: ComputeLimits,
 }
@@ -91,16 +109,38 @@ impl ComputeHandle {
         limits: ComputeLimits,
         metrics: Arc<NodeMetrics>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let stats = Arc::new(ComputeStats::default());
-        let st = stats.clone();
+        let (handle, queue) = Self::queue(limits);
+        let st = handle.stats.clone();
         metrics
             .kv_cache_capacity_tokens
             .set(limits.cache_tokens as i64);
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || serve(stack, limits, rx, st, metrics))?;
-        Ok(Self { tx, stats, limits })
+            .spawn(move || serve(stack, limits, queue, st, metrics))?;
+        Ok(handle)
+    }
+
+    /// A handle and the queue it feeds, for the thread to serve.
+    fn queue(limits: ComputeLimits) -> (Self, Queue) {
+        let (tx, jobs) = std::sync::mpsc::sync_channel(limits.queue_depth());
+        let (closes, closed) = std::sync::mpsc::channel();
+        let handle = Self {
+            tx,
+            closes,
+            stats: Arc::new(ComputeStats::default()),
+            limits,
+        };
+        (handle, Queue { jobs, closed })
+    }
+
+    /// Queues `job` if there is room; never waits for the thread.
+    fn submit(&self, job: Job) -> Result<(), ComputeError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => ComputeError::Busy {
+                queued: self.limits.queue_depth(),
+            },
+            TrySendError::Disconnected(_) => ComputeError::Stopped,
+        })
     }
 
     pub async fn open(
@@ -109,13 +149,11 @@ impl ComputeHandle {
         max_length: usize,
     ) -> Result<SessionId, ComputeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Open {
-                span,
-                max_length,
-                reply,
-            })
-            .map_err(|_| ComputeError::Stopped)?;
+        self.submit(Job::Open {
+            span,
+            max_length,
+            reply,
+        })?;
         rx.await.map_err(|_| ComputeError::Stopped)?
     }
 
@@ -127,19 +165,21 @@ impl ComputeHandle {
         hidden: Hidden,
     ) -> Result<(Hidden, Duration), ComputeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Step {
-                id,
-                pos,
-                hidden,
-                reply,
-            })
-            .map_err(|_| ComputeError::Stopped)?;
+        self.submit(Job::Step {
+            id,
+            pos,
+            hidden,
+            reply,
+        })?;
         rx.await.map_err(|_| ComputeError::Stopped)?
     }
 
+    /// Frees the session. Never refused: when the queue is full the thread is busy and takes
+    /// the close before its next job anyway, so the wake-up may be dropped.
     pub fn close(&self, id: SessionId) {
-        let _ = self.tx.send(Job::Close { id });
+        if self.closes.send(id).is_ok() {
+            let _ = self.tx.try_send(Job::Closed);
+        }
     }
 
     pub fn free_cache_tokens(&self) -> u64 {
@@ -148,10 +188,16 @@ impl ComputeHandle {
     }
 }
 
+/// The compute thread's side of a [`ComputeHandle`].
+struct Queue {
+    jobs: Receiver<Job>,
+    closed: Receiver<SessionId>,
+}
+
 fn serve(
     stack: BlockStack,
     limits: ComputeLimits,
-    rx: std::sync::mpsc::Receiver<Job>,
+    queue: Queue,
     stats: Arc<ComputeStats>,
     metrics: Arc<NodeMetrics>,
 ) {
@@ -159,7 +205,14 @@ fn serve(
     let mut next_id: SessionId = 1;
     let mut used = 0usize;
     let mut kv_bytes = 0usize;
-    while let Ok(job) = rx.recv() {
+    while let Ok(job) = queue.jobs.recv() {
+        // Closes first: a cache freed now may be what the next open needs.
+        while let Ok(id) = queue.closed.try_recv() {
+            if let Some(s) = sessions.remove(&id) {
+                used -= s.max_length;
+                kv_bytes -= s.kv.bytes();
+            }
+        }
         match job {
             Job::Open {
                 span,
@@ -240,12 +293,7 @@ fn serve(
                 }
                 let _ = reply.send(res);
             }
-            Job::Close { id } => {
-                if let Some(s) = sessions.remove(&id) {
-                    used -= s.max_length;
-                    kv_bytes -= s.kv.bytes();
-                }
-            }
+            Job::Closed => {}
         }
         stats
             .used_cache_tokens
@@ -309,4 +357,48 @@ pub fn block_weight_bytes(file: &model::GgufFile, index: usize) -> Result<u64, M
         .filter(|v| v.name.starts_with(&prefix))
         .map(|v| v.len_bytes() as u64)
         .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn limits(max_sessions: usize) -> ComputeLimits {
+        ComputeLimits {
+            max_sessions,
+            cache_tokens: 1024,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_answers_busy_at_once() {
+        // No thread serves this queue, so every request stays queued.
+        let (handle, queue) = ComputeHandle::queue(limits(2));
+        let depth = handle.limits.queue_depth();
+        assert_eq!(depth, 4);
+        for _ in 0..depth {
+            // Polled once: the request is queued, and then waits for an answer that never comes.
+            assert!(handle.open(0..1, 8).now_or_never().is_none());
+        }
+        let refused = handle.open(0..1, 8).now_or_never();
+        assert!(
+            matches!(refused, Some(Err(ComputeError::Busy { queued: 4 }))),
+            "{refused:?}"
+        );
+        let step = handle.step(1, 0, Hidden::new(1, 1, vec![0.0]).unwrap());
+        assert!(matches!(
+            step.now_or_never(),
+            Some(Err(ComputeError::Busy { .. }))
+        ));
+        // Closes still get through, to be taken before the next job.
+        handle.close(7);
+        assert_eq!(queue.closed.try_recv().ok(), Some(7));
+        drop(queue);
+        assert!(matches!(
+            handle.open(0..1, 8).now_or_never(),
+            Some(Err(ComputeError::Stopped))
+        ));
+    }
 }

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use gateway::page::RateMeter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use swarm::page::RateMeter;
 
 pub struct NodeMetrics {
     registry: Registry,

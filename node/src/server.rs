@@ -9,18 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator::net::INFERENCE_PROTOCOL;
 use futures::StreamExt;
 use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use model::Hidden;
-use proto::v1::{
-    client_frame, server_frame, ClientFrame, Dtype, ErrorCode, ServerFrame, SessionOpened,
-    StepResult,
-};
-use proto::{decode_tensor, encode_tensor, TensorLimits};
-use proto::{read_frame, write_frame};
+use proto::v1::{client_frame, ClientFrame, Dtype, ErrorCode, ServerFrame};
+use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, TensorLimits};
+use proto::{read_frame, write_frame, MAX_OPEN_FRAME};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::compute::{ComputeError, ComputeHandle};
 
@@ -37,15 +34,17 @@ pub struct ServeContext {
 }
 
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_OPEN_FRAME: usize = 4096;
 
-/// Accepts inference streams until `shutdown`.
+/// Accepts inference streams until `shutdown`, each served by a task of `sessions`. The same
+/// token ends the sessions still open, so whoever cancels it can wait for `sessions` to empty
+/// and know that nothing uses the compute thread any more.
 pub async fn accept_loop(
     mut control: libp2p_stream::Control,
     ctx: Arc<ServeContext>,
+    sessions: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let mut incoming = match control.accept(INFERENCE_PROTOCOL) {
+    let mut incoming = match control.accept(swarm::INFERENCE_STREAM) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot accept inference streams: {e}");
@@ -58,7 +57,13 @@ pub async fn accept_loop(
             next = incoming.next() => match next {
                 Some((peer, stream)) => {
                     let ctx = ctx.clone();
-                    tokio::spawn(async move { serve_stream(peer, stream, ctx).await });
+                    let stop = shutdown.clone();
+                    sessions.spawn(async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = serve_stream(peer, stream, ctx) => {}
+                        }
+                    });
                 }
                 None => break,
             }
@@ -66,17 +71,9 @@ pub async fn accept_loop(
     }
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    ServerFrame {
-        kind: Some(server_frame::Kind::Error(proto::v1::Error {
-            code: code as i32,
-            message: message.into(),
-        })),
-    }
-}
-
 fn compute_error(e: ComputeError) -> ServerFrame {
     let code = match &e {
+        ComputeError::Busy { .. } => ErrorCode::Busy,
         ComputeError::CacheFull { .. } => ErrorCode::CacheFull,
         ComputeError::TooManySessions(_) => ErrorCode::TooManySessions,
         ComputeError::BadPosition { .. } => ErrorCode::BadPosition,
@@ -84,7 +81,7 @@ fn compute_error(e: ComputeError) -> ServerFrame {
             ErrorCode::Internal
         }
     };
-    error(code, e.to_string())
+    ServerFrame::error(code, e.to_string())
 }
 
 /// Frees the session's cache however the task ends.
@@ -110,11 +107,8 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         return;
     }
     tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");
-    let max_frame = max_length * ctx.dim * 4 + 64 * 1024;
-    let limits = TensorLimits {
-        max_elements: max_length * ctx.dim,
-        max_rank: 2,
-    };
+    let max_frame = max_step_frame(max_length, ctx.dim);
+    let limits = hidden_limits(max_length, ctx.dim);
     loop {
         let frame = match tokio::time::timeout(
             ctx.idle_timeout,
@@ -127,8 +121,11 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 return;
             }
             Ok(Err(e)) => {
-                let _ =
-                    write_frame(&mut stream, &error(ErrorCode::BadRequest, e.to_string())).await;
+                let _ = write_frame(
+                    &mut stream,
+                    &ServerFrame::error(ErrorCode::BadRequest, e.to_string()),
+                )
+                .await;
                 return;
             }
             Ok(Ok(None)) => return,
@@ -140,7 +137,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             _ => {
                 let _ = write_frame(
                     &mut stream,
-                    &error(ErrorCode::BadRequest, "expected a step or close frame"),
+                    &ServerFrame::error(ErrorCode::BadRequest, "expected a step or close frame"),
                 )
                 .await;
                 return;
@@ -150,7 +147,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             // The client reroutes this step elsewhere; nothing is lost.
             let _ = write_frame(
                 &mut stream,
-                &error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
+                &ServerFrame::error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
             )
             .await;
             return;
@@ -158,12 +155,10 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         let answer = match check_step(&step, &limits, ctx.dim, max_length) {
             Err(frame) => Err(frame),
             Ok(hidden) => match ctx.compute.step(id, step.position as usize, hidden).await {
-                Ok((out, took)) => Ok(ServerFrame {
-                    kind: Some(server_frame::Kind::Result(StepResult {
-                        hidden: Some(encode_tensor(&out.data, &[out.tokens, out.dim], dtype)),
-                        compute_ms: took.as_secs_f32() * 1e3,
-                    })),
-                }),
+                Ok((out, took)) => Ok(ServerFrame::result(
+                    encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
+                    took.as_secs_f32() * 1e3,
+                )),
                 Err(e) => Err(compute_error(e)),
             },
         };
@@ -196,30 +191,35 @@ async fn open(
     .await
     {
         Ok(Ok(Some(f))) => f,
-        Ok(Err(e)) => return Err(Some(error(ErrorCode::BadRequest, e.to_string()))),
+        Ok(Err(e)) => {
+            return Err(Some(ServerFrame::error(
+                ErrorCode::BadRequest,
+                e.to_string(),
+            )))
+        }
         _ => return Err(None),
     };
     let Some(client_frame::Kind::Open(open)) = frame.kind else {
-        return Err(Some(error(
+        return Err(Some(ServerFrame::error(
             ErrorCode::BadRequest,
             "the first frame must open a session",
         )));
     };
     if ctx.leaving.load(Ordering::Relaxed) {
-        return Err(Some(error(
+        return Err(Some(ServerFrame::error(
             ErrorCode::ShuttingDown,
             "this node is leaving the swarm",
         )));
     }
     if open.fingerprint.as_slice() != ctx.fingerprint.as_slice() {
-        return Err(Some(error(
+        return Err(Some(ServerFrame::error(
             ErrorCode::WrongModel,
             "this node serves a different model file",
         )));
     }
     let blocks = open.start_block as usize..open.end_block as usize;
     if blocks.is_empty() || blocks.start < ctx.blocks.start || blocks.end > ctx.blocks.end {
-        return Err(Some(error(
+        return Err(Some(ServerFrame::error(
             ErrorCode::BlocksNotServed,
             format!(
                 "blocks {}..{} requested, this node serves {}..{}",
@@ -229,22 +229,23 @@ async fn open(
     }
     let max_length = open.max_length as usize;
     if max_length == 0 || max_length > ctx.context_length {
-        return Err(Some(error(
+        return Err(Some(ServerFrame::error(
             ErrorCode::BadRequest,
             format!("max_length {max_length} outside 1..={}", ctx.context_length),
         )));
     }
     let dtype = match Dtype::try_from(open.wire_dtype) {
         Ok(d @ (Dtype::F32 | Dtype::F16 | Dtype::Bf16)) => d,
-        _ => return Err(Some(error(ErrorCode::BadRequest, "unknown wire dtype"))),
+        _ => {
+            return Err(Some(ServerFrame::error(
+                ErrorCode::BadRequest,
+                "unknown wire dtype",
+            )))
+        }
     };
     match ctx.compute.open(blocks.clone(), max_length).await {
         Ok(id) => Ok((
-            ServerFrame {
-                kind: Some(server_frame::Kind::Opened(SessionOpened {
-                    max_length: max_length as u32,
-                })),
-            },
+            ServerFrame::opened(max_length as u32),
             (id, max_length, dtype, blocks),
         )),
         Err(e) => Err(Some(compute_error(e))),
@@ -257,7 +258,7 @@ fn check_step(
     dim: usize,
     max_length: usize,
 ) -> Result<Hidden, ServerFrame> {
-    let bad = |m: String| error(ErrorCode::BadRequest, m);
+    let bad = |m: String| ServerFrame::error(ErrorCode::BadRequest, m);
     let t = step
         .hidden
         .as_ref()
@@ -276,7 +277,7 @@ fn check_step(
         )));
     }
     if step.position as usize + tokens > max_length {
-        return Err(error(
+        return Err(ServerFrame::error(
             ErrorCode::BadPosition,
             format!(
                 "positions {}..{} exceed the session's max_length {max_length}",
@@ -286,4 +287,23 @@ fn check_step(
         ));
     }
     Hidden::new(tokens, dim, d.values).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::v1::server_frame;
+    use proto::ErrorAction;
+
+    use super::*;
+
+    #[test]
+    fn a_full_compute_queue_is_answered_busy_and_the_client_retries() {
+        let frame = compute_error(ComputeError::Busy { queued: 8 });
+        let Some(server_frame::Kind::Error(e)) = frame.kind else {
+            panic!("not an error frame: {frame:?}");
+        };
+        let code = ErrorCode::from_wire(e.code);
+        assert_eq!(code, ErrorCode::Busy);
+        assert_eq!(code.action(), ErrorAction::Retry);
+    }
 }

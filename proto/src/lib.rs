@@ -1,22 +1,31 @@
 //! Wire formats shared by peers, clients and tools: the protobuf messages of
-//! `proto/edge_swarm.proto`, tensor encoding and the frame codec. No candle dependency, so
-//! anything that only talks to the swarm stays light.
+//! `proto/edge_swarm.proto`, tensor encoding, the frame codec, protocol names and size bounds,
+//! and what a client does on each error code. No candle dependency, so anything that only talks
+//! to the swarm stays light.
 
 mod error;
 mod frame;
+mod protocol;
 mod tensor;
 
 pub use error::WireError;
 pub use frame::{read_frame, write_frame};
+pub use protocol::{
+    hidden_limits, max_step_frame, DHT_PROTOCOL, IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL,
+    MAX_OPEN_FRAME,
+};
 pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
-
-/// libp2p stream protocol of inference sessions (one stream per session).
-pub const INFERENCE_PROTOCOL: &str = "/edge-swarm/inference/1";
 
 /// Messages generated from `proto/edge_swarm.proto`, package `edge_swarm.v1`.
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/edge_swarm.v1.rs"));
 }
+
+/// The encoded descriptor set of `proto/gateway.proto`, the public gRPC API. The gateway
+/// generates its service from it and serves it for gRPC reflection, so the schema is compiled
+/// here, next to the file, and nowhere else.
+pub const GATEWAY_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
 
 use v1::{client_frame, server_frame, ErrorCode};
 
@@ -32,6 +41,11 @@ pub enum ErrorAction {
 }
 
 impl ErrorCode {
+    /// The code of a received error; a number we do not know is UNSPECIFIED (and so gives up).
+    pub fn from_wire(code: i32) -> Self {
+        ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified)
+    }
+
     /// The recovery the `.proto` prescribes for this code. UNSPECIFIED (a peer that sent no
     /// code, or a code newer than us) gives up, since we cannot know that retrying is safe.
     pub fn action(self) -> ErrorAction {
@@ -116,7 +130,9 @@ mod tests {
         ];
         for (code, action) in expected {
             assert_eq!(code.action(), action, "{code:?}");
+            assert_eq!(ErrorCode::from_wire(code as i32), code);
         }
+        assert_eq!(ErrorCode::from_wire(1000), ErrorCode::Unspecified);
     }
 
     #[test]

@@ -9,12 +9,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use coordinator::discovery::Server;
-use coordinator::net::NetError;
-use coordinator::route::{
-    block_throughput, choose_blocks, plan_route, should_move, span_throughput, PlanError,
-    PlanRequest, Served, ServerInfo, Span,
-};
+use coordinator::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
 use coordinator::session::{Network, SessionError};
 use libp2p::PeerId;
 use model::Hidden;
@@ -22,6 +17,8 @@ use proto::v1::{ErrorCode, ServerState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use swarm::discovery::Server;
+use swarm::placement::{block_throughput, choose_blocks, should_move, span_throughput, Served};
 use tokio::time::Instant;
 
 use crate::profiles::LinkProfile;
@@ -459,7 +456,7 @@ impl Network for SimNetwork {
         EPOCH_MS + self.world().now_ms() as u64
     }
 
-    async fn lookup(&self) -> Result<Vec<Server>, NetError> {
+    async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
         // A Kademlia lookup: a few round trips to DHT peers somewhere on the internet.
         let ms = 3.0 * 2.0 * (self.link.delay_ms + 20.0);
         tokio::time::sleep(Duration::from_micros((ms * 1e3) as u64)).await;

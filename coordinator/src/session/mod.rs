@@ -28,8 +28,8 @@ pub use bans::Bans;
 pub use network::{Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
 
-use crate::discovery::Server;
-use crate::net::NetError;
+use swarm::discovery::Server;
+
 use crate::route::{PlanError, PlanRequest, ServerInfo, Span};
 
 /// One hop of a route as reported to users: which peer ran which blocks.
@@ -41,8 +41,6 @@ pub struct RouteHop {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error(transparent)]
-    Net(#[from] NetError),
     #[error("cannot build a route for model {model}: {source}")]
     Plan { model: String, source: PlanError },
     #[error(transparent)]
@@ -386,7 +384,7 @@ mod tests {
             1_000
         }
 
-        async fn lookup(&self) -> Result<Vec<Server>, NetError> {
+        async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
             Ok(self.servers.clone())
         }
 

@@ -3,7 +3,8 @@
 //! Rerouting, bans and replay are the subtle part of the client, and they must behave the same
 //! on a real swarm and in a simulated one of thousands of peers. So everything they need from
 //! outside (the clock, discovery, round-trip measurements, the route choice, and opening and
-//! stepping span sessions) goes through [`Network`]. The client uses [`Libp2pNetwork`]; the
+//! stepping span sessions) goes through [`Network`], and every failure comes back as a
+//! [`SessionError`], so an implementation needs nothing of the libp2p host. The client uses [`Libp2pNetwork`]; the
 //! simulator supplies virtual time and modelled links, and runs the very same
 //! [`Router`](super::Router) and [`InferenceSession`](super::InferenceSession) code.
 
@@ -16,9 +17,10 @@ use model::fingerprint::Fingerprint;
 use model::Hidden;
 use proto::v1::{Dtype, ServerState};
 
+use swarm::discovery::{self, Server};
+use swarm::NetHandle;
+
 use super::span::{SessionError, SpanSession, Timeouts};
-use crate::discovery::{self, Server};
-use crate::net::{NetError, NetHandle};
 use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
 
 /// Everything a session needs from the swarm. Futures are `Send` so that sessions can run on
@@ -31,7 +33,7 @@ pub trait Network: Send + Sync {
     fn now_ms(&self) -> u64;
 
     /// Every server discovery knows for the model, one entry per peer.
-    fn lookup(&self) -> impl Future<Output = Result<Vec<Server>, NetError>> + Send;
+    fn lookup(&self) -> impl Future<Output = Result<Vec<Server>, SessionError>> + Send;
 
     /// The measured round trip to `peer`, if there is one.
     fn rtt(&self, peer: PeerId) -> impl Future<Output = Option<Duration>> + Send;
@@ -122,7 +124,7 @@ impl Network for Libp2pNetwork {
         discovery::now_ms()
     }
 
-    async fn lookup(&self) -> Result<Vec<Server>, NetError> {
+    async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
         let servers = discovery::lookup(&self.net, &self.fingerprint, self.block_count).await?;
         self.measure_unknown(&servers).await;
         Ok(servers)

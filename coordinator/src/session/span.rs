@@ -6,16 +6,12 @@ use std::time::Duration;
 use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use model::Hidden;
-use proto::v1::{
-    client_frame, server_frame, ClientFrame, CloseSession, Dtype, ErrorCode, OpenSession,
-    ServerFrame, Step,
-};
-use proto::{decode_tensor, encode_tensor, TensorLimits};
+use proto::v1::{server_frame, ClientFrame, Dtype, ErrorCode, OpenSession, ServerFrame};
+use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame};
 use proto::{read_frame, write_frame};
 use proto::{ErrorAction, WireError};
-
-use crate::discovery::Server;
-use crate::net::{NetError, NetHandle, INFERENCE_PROTOCOL};
+use swarm::discovery::Server;
+use swarm::{NetError, NetHandle, INFERENCE_STREAM};
 
 /// Bounds every wait of a session, so a dead or frozen peer is noticed instead of waited on.
 #[derive(Clone, Copy, Debug)]
@@ -35,8 +31,9 @@ impl Default for Timeouts {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// Discovery could not ask the DHT (the client's own network task is gone, or timed out).
     #[error(transparent)]
-    Net(#[from] NetError),
+    Lookup(#[from] NetError),
     #[error("opening a stream to {peer}: {reason}")]
     Stream { peer: PeerId, reason: String },
     #[error("talking to {peer}: {source}")]
@@ -71,7 +68,7 @@ impl SessionError {
 
     pub fn peer(&self) -> Option<PeerId> {
         match self {
-            SessionError::Net(_) => None,
+            SessionError::Lookup(_) => None,
             SessionError::Stream { peer, .. }
             | SessionError::Wire { peer, .. }
             | SessionError::Remote { peer, .. }
@@ -90,11 +87,6 @@ pub struct SpanSession {
     max_length: u32,
     dtype: Dtype,
     timeouts: Timeouts,
-}
-
-/// Largest frame a server may send back: a full-length prefill in f32, plus headroom.
-fn max_frame(max_length: u32, dim: usize) -> usize {
-    max_length as usize * dim * 4 + 64 * 1024
 }
 
 impl SpanSession {
@@ -119,7 +111,7 @@ impl SpanSession {
         let mut control = net.stream_control();
         let stream = tokio::time::timeout(
             timeouts.connect,
-            control.open_stream(peer, INFERENCE_PROTOCOL),
+            control.open_stream(peer, INFERENCE_STREAM),
         )
         .await
         .map_err(|_| SessionError::Timeout {
@@ -140,15 +132,13 @@ impl SpanSession {
             dtype,
             timeouts,
         };
-        let open = ClientFrame {
-            kind: Some(client_frame::Kind::Open(OpenSession {
-                fingerprint: fp.to_vec(),
-                start_block: blocks.start,
-                end_block: blocks.end,
-                max_length,
-                wire_dtype: dtype as i32,
-            })),
-        };
+        let open = ClientFrame::open(OpenSession {
+            fingerprint: fp.to_vec(),
+            start_block: blocks.start,
+            end_block: blocks.end,
+            max_length,
+            wire_dtype: dtype as i32,
+        });
         match s.exchange(&open, "session open", timeouts.connect).await? {
             server_frame::Kind::Opened(_) => Ok(s),
             other => Err(s.unexpected(other)),
@@ -157,16 +147,10 @@ impl SpanSession {
 
     /// Sends `hidden` for positions `pos..` through this peer's blocks and returns the result.
     pub async fn step(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
-        let frame = ClientFrame {
-            kind: Some(client_frame::Kind::Step(Step {
-                position: pos,
-                hidden: Some(encode_tensor(
-                    &hidden.data,
-                    &[hidden.tokens, hidden.dim],
-                    self.dtype,
-                )),
-            })),
-        };
+        let frame = ClientFrame::step(
+            pos,
+            encode_tensor(&hidden.data, &[hidden.tokens, hidden.dim], self.dtype),
+        );
         match self.exchange(&frame, "step", self.timeouts.step).await? {
             server_frame::Kind::Result(r) => {
                 let peer = self.peer;
@@ -174,10 +158,7 @@ impl SpanSession {
                     peer,
                     reason: "step result without hidden states".into(),
                 })?;
-                let limits = TensorLimits {
-                    max_elements: hidden.tokens * self.dim,
-                    max_rank: 2,
-                };
+                let limits = hidden_limits(hidden.tokens, self.dim);
                 let d = decode_tensor(&t, &limits)
                     .map_err(|source| SessionError::Wire { peer, source })?;
                 if d.shape != [hidden.tokens, self.dim] {
@@ -200,12 +181,9 @@ impl SpanSession {
 
     /// Tells the peer to free the session; best effort, bounded.
     pub async fn close(mut self) {
-        let frame = ClientFrame {
-            kind: Some(client_frame::Kind::Close(CloseSession {})),
-        };
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            write_frame(&mut self.stream, &frame),
+            write_frame(&mut self.stream, &ClientFrame::close()),
         )
         .await;
     }
@@ -217,7 +195,7 @@ impl SpanSession {
         limit: Duration,
     ) -> Result<server_frame::Kind, SessionError> {
         let peer = self.peer;
-        let max = max_frame(self.max_length, self.dim);
+        let max = max_step_frame(self.max_length as usize, self.dim);
         let io = async {
             write_frame(&mut self.stream, frame).await?;
             read_frame::<_, ServerFrame>(&mut self.stream, max).await
@@ -234,7 +212,7 @@ impl SpanSession {
             None => Err(SessionError::Closed { peer }),
             Some(server_frame::Kind::Error(e)) => Err(SessionError::Remote {
                 peer,
-                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                code: ErrorCode::from_wire(e.code),
                 message: e.message.chars().take(500).collect(),
             }),
             Some(kind) => Ok(kind),

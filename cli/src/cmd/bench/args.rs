@@ -1,0 +1,61 @@
+//! The flags of `edge-node bench`, shared by the local and the swarm benchmarks.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Benchmark this process alone.
+    #[arg(long, conflicts_with = "swarm")]
+    pub local: bool,
+    /// Benchmark a swarm of real processes on 127.0.0.1 against the local run, in one run.
+    #[arg(long)]
+    pub swarm: bool,
+    /// Nodes of the benchmark swarm; the blocks are split evenly between them.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// With --swarm: measure recovery instead, killing a node after this many positions of
+    /// history (e.g. 100).
+    #[arg(long)]
+    pub recovery: Option<usize>,
+    /// With --swarm: measure the OpenAI-compatible gateway (`serve-api`) against the client
+    /// library on the same swarm, and CLIENTS concurrent streams against one.
+    #[arg(long, value_name = "CLIENTS", conflicts_with = "recovery")]
+    pub api: Option<usize>,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// The median of this many runs is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Load only these blocks (e.g. 0..10) and time them alone: what one peer holds and costs.
+    #[arg(long, value_parser = parse_block_range)]
+    pub blocks: Option<Range<usize>>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_block_range(s: &str) -> Result<Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not a block range like 0..10"))?;
+    let start = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range start in `{s}`"))?;
+    let end = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range end in `{s}`"))?;
+    if start >= end {
+        return Err(format!("block range `{s}` is empty"));
+    }
+    Ok(start..end)
+}

@@ -1,0 +1,122 @@
+//! What the client commands (`generate`, `chat`) share: where the blocks run (this process or a
+//! swarm) and the flags that bound it, the client's part of the model, and streamed text.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use coordinator::session::{RouteHop, Timeouts};
+use coordinator::{ClientConfig, ClientModel};
+
+#[derive(Args, Debug, Clone)]
+pub struct RouteArgs {
+    /// Run every block in this process instead of through the swarm.
+    #[arg(long)]
+    pub local: bool,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    /// Seconds the whole generation (in `chat`: each reply) may take (default: no limit beyond
+    /// the per-step ones).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+/// How a client finds the swarm and how long it waits on it.
+#[derive(Args, Debug, Clone)]
+pub struct SwarmArgs {
+    /// A peer of the swarm (repeatable); `/p2p/<peer id>` may be left out.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// Find peers on the local network with mDNS (instead of, or besides, --bootstrap).
+    #[arg(long)]
+    pub mdns: bool,
+    /// Seconds to wait for peers and for a complete route before giving up.
+    #[arg(long, default_value_t = 20)]
+    pub discovery_timeout: u64,
+    /// Seconds one step through one peer may take before that peer counts as failed.
+    #[arg(long, default_value_t = 30)]
+    pub step_timeout: u64,
+    /// Seconds to connect to a peer and open a session there.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+}
+
+impl SwarmArgs {
+    pub fn is_set(&self) -> bool {
+        !self.bootstrap.is_empty() || self.mdns
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            bootstrap: self.bootstrap.clone(),
+            mdns: self.mdns,
+            discovery_timeout: Duration::from_secs(self.discovery_timeout.max(1)),
+            timeouts: Timeouts {
+                step: Duration::from_secs(self.step_timeout.max(1)),
+                connect: Duration::from_secs(self.connect_timeout.max(1)),
+            },
+            ..ClientConfig::default()
+        }
+    }
+}
+
+impl RouteArgs {
+    /// Fails unless the flags say where the blocks run.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.local && !self.swarm.is_set() {
+            bail!(
+                "say where the blocks run: --local, or --bootstrap MULTIADDR (or --mdns) for a swarm"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        self.swarm.client_config()
+    }
+
+    /// Runs `run` within `--timeout` when one is set.
+    pub async fn bounded<T, E>(&self, run: impl Future<Output = Result<T, E>>) -> anyhow::Result<T>
+    where
+        E: Into<anyhow::Error>,
+    {
+        match self.timeout {
+            Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), run).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(anyhow::anyhow!("generation did not finish within {secs} s")),
+            },
+            None => run.await.map_err(Into::into),
+        }
+    }
+}
+
+/// Opens the client's part of the model (embeddings, head, tokenizer) with a progress bar.
+pub fn open_client_model(path: &Path) -> anyhow::Result<ClientModel> {
+    let (bar, mut progress) = node::progress::loading_bar("embeddings and head");
+    let model = tokio::task::block_in_place(|| ClientModel::open(path, &mut progress));
+    bar.finish_and_clear();
+    Ok(model?)
+}
+
+/// `peer [0..10] -> peer [10..30]`
+pub fn route_text(route: &[RouteHop]) -> String {
+    let hops: Vec<String> = route
+        .iter()
+        .map(|h| format!("{} [{}]", h.peer, h.blocks))
+        .collect();
+    hops.join(" -> ")
+}
+
+pub fn log_route(what: &str, route: &[RouteHop]) {
+    tracing::info!("{what}: {}", route_text(route));
+}
+
+/// Writes a piece of generated text to stdout at once.
+pub fn print_text(piece: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(piece.as_bytes());
+    let _ = out.flush();
+}

@@ -1,0 +1,45 @@
+use std::path::PathBuf;
+
+use clap::Args;
+use libp2p::Multiaddr;
+
+/// Network flags shared by `join` and `bootstrap`.
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Address to listen on (repeatable). Default: TCP and QUIC on port 31330, all interfaces.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// A peer of the swarm to join through (repeatable); `/p2p/<peer id>` may be left out.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Key file that keeps this node's peer id across restarts (created when missing).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Address other peers should dial to reach this one, announced instead of the listening
+    /// addresses (repeatable; for port forwards and proxies).
+    #[arg(long = "external-address", value_name = "MULTIADDR")]
+    pub external: Vec<Multiaddr>,
+}
+
+impl NetArgs {
+    pub fn options(&self) -> node::NetOptions {
+        let listen = if self.listen.is_empty() {
+            ["/ip4/0.0.0.0/tcp/31330", "/ip4/0.0.0.0/udp/31330/quic-v1"]
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect()
+        } else {
+            self.listen.clone()
+        };
+        node::NetOptions {
+            listen,
+            bootstrap: self.bootstrap.clone(),
+            identity: self.identity.clone(),
+            mdns: !self.no_mdns,
+            external: self.external.clone(),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! What a node is told at start: which model, which blocks, how to reach the swarm, and the
+//! limits and periods of its life.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+
+pub struct NetOptions {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub identity: Option<PathBuf>,
+    pub mdns: bool,
+    /// Addresses others should dial instead of the ones we listen on (a port forward, a
+    /// proxy); announced in place of the listening addresses when given.
+    pub external: Vec<Multiaddr>,
+}
+
+/// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as
+/// many as fit in a memory budget, placed the same way.
+#[derive(Clone, Debug)]
+pub enum BlockChoice {
+    Fixed(Range<usize>),
+    Count(usize),
+    Auto { max_memory_bytes: u64 },
+}
+
+pub struct JoinConfig {
+    pub model: PathBuf,
+    pub blocks: BlockChoice,
+    pub net: NetOptions,
+    pub max_sessions: usize,
+    pub cache_tokens: usize,
+    pub announce_interval: Duration,
+    pub idle_timeout: Duration,
+    /// How often to check whether moving would help the swarm; `None` never moves.
+    pub rebalance_interval: Option<Duration>,
+    /// Move only if the swarm's weakest block gets this much faster (0.2 = 20%).
+    pub rebalance_min_gain: f64,
+    /// How long a leaving node waits for its sessions to move elsewhere.
+    pub drain_timeout: Duration,
+    /// Touched on every announcement while serving, for container health checks.
+    pub health_file: Option<PathBuf>,
+    /// Where to serve this node's status page and `/metrics` (none when `None`).
+    pub http_listen: Option<std::net::SocketAddr>,
+}

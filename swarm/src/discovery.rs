@@ -1,0 +1,233 @@
+//! Which peers serve which blocks of a model, through the DHT.
+//!
+//! Under the key of each block (derived from the model fingerprint and the block index) lives a
+//! [`BlockRecord`]: every server of that block. A record in Kademlia has one value, so several
+//! servers of one block merge: an announcer reads what is there, replaces its own entry and
+//! writes the union back; a reader merges every copy it receives. Lost updates from two servers
+//! announcing at the same moment heal at the next refresh, and entries carry their own expiry,
+//! so a node that vanishes without a goodbye drops out on its own.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use libp2p::kad::RecordKey;
+use libp2p::{Multiaddr, PeerId};
+use model::fingerprint::Fingerprint;
+use prost::Message;
+use proto::v1::{BlockRecord, ServerRecord, ServerState};
+use sha2::{Digest, Sha256};
+
+use crate::host::{NetError, NetHandle};
+
+/// How long one DHT query may take before its answer is used as it is.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(8);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The DHT key of one block of one model.
+pub fn block_key(fp: &Fingerprint, block: u32) -> RecordKey {
+    let mut h = Sha256::new();
+    h.update(b"edge-swarm/block/v1\0");
+    h.update(fp);
+    h.update(block.to_be_bytes());
+    RecordKey::new(&h.finalize().as_slice())
+}
+
+/// A server as a client sees it, decoded and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Server {
+    pub peer: PeerId,
+    pub addrs: Vec<Multiaddr>,
+    pub blocks: Range<u32>,
+    pub state: ServerState,
+    pub decode_ms_per_block: f32,
+    pub prefill_ms_per_block: f32,
+    pub free_cache_tokens: u64,
+    pub version: String,
+    pub announced_at_ms: u64,
+}
+
+impl Server {
+    /// Checks an entry that came from the network; `None` for anything malformed or foreign.
+    pub fn from_record(
+        r: &ServerRecord,
+        fp: &Fingerprint,
+        block_count: u32,
+        now_ms: u64,
+    ) -> Option<Self> {
+        if r.fingerprint.as_slice() != fp.as_slice() || r.expires_at_ms < now_ms {
+            return None;
+        }
+        if r.start_block >= r.end_block || r.end_block > block_count {
+            return None;
+        }
+        let peer = PeerId::from_bytes(&r.peer_id).ok()?;
+        let addrs = r
+            .addrs
+            .iter()
+            .take(32)
+            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+            .collect();
+        let finite = |x: f32| {
+            if x.is_finite() && x >= 0.0 {
+                x
+            } else {
+                f32::MAX
+            }
+        };
+        Some(Self {
+            peer,
+            addrs,
+            blocks: r.start_block..r.end_block,
+            state: ServerState::try_from(r.state).unwrap_or(ServerState::Unspecified),
+            decode_ms_per_block: finite(r.decode_ms_per_block),
+            prefill_ms_per_block: finite(r.prefill_ms_per_block),
+            free_cache_tokens: r.free_cache_tokens,
+            version: r.version.chars().take(64).collect(),
+            announced_at_ms: r.announced_at_ms,
+        })
+    }
+}
+
+/// Merges every copy of a block record: newest entry per peer wins, expired and malformed
+/// entries go.
+pub fn merge_copies(copies: &[Vec<u8>], fp: &Fingerprint, now_ms: u64) -> Vec<ServerRecord> {
+    let mut by_peer: HashMap<Vec<u8>, ServerRecord> = HashMap::new();
+    for copy in copies {
+        let Ok(rec) = BlockRecord::decode(copy.as_slice()) else {
+            continue;
+        };
+        for s in rec.servers {
+            if s.fingerprint.as_slice() != fp.as_slice() || s.expires_at_ms < now_ms {
+                continue;
+            }
+            match by_peer.get(&s.peer_id) {
+                Some(old) if old.announced_at_ms >= s.announced_at_ms => {}
+                _ => {
+                    by_peer.insert(s.peer_id.clone(), s);
+                }
+            }
+        }
+    }
+    let mut out: Vec<ServerRecord> = by_peer.into_values().collect();
+    out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    out
+}
+
+/// Writes `me` into the record of every block in `me`'s range. Returns how many blocks failed.
+pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> usize {
+    let blocks = me.start_block..me.end_block;
+    let jobs = blocks.map(|b| async move {
+        let key = block_key(fp, b);
+        let copies = net
+            .get_record(key.clone(), QUERY_TIMEOUT)
+            .await
+            .unwrap_or_default();
+        let mut servers = merge_copies(&copies, fp, now_ms());
+        servers.retain(|s| s.peer_id != me.peer_id);
+        servers.push(me.clone());
+        let value = BlockRecord { servers }.encode_to_vec();
+        net.put_record(key, value, QUERY_TIMEOUT).await
+    });
+    let results = join_all(jobs).await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        tracing::warn!("announcing {failed} block(s) failed, e.g.: {e}");
+    }
+    failed
+}
+
+/// Every server the DHT knows for blocks `0..block_count` of the model, one entry per peer.
+pub async fn lookup(
+    net: &NetHandle,
+    fp: &Fingerprint,
+    block_count: u32,
+) -> Result<Vec<Server>, NetError> {
+    let jobs = (0..block_count).map(|b| net.get_record(block_key(fp, b), QUERY_TIMEOUT));
+    let mut copies = Vec::new();
+    for r in join_all(jobs).await {
+        copies.extend(r?);
+    }
+    let now = now_ms();
+    let mut by_peer: HashMap<PeerId, Server> = HashMap::new();
+    // Each copy is merged on its own, then across blocks: newest announcement per peer wins.
+    for copy in &copies {
+        for rec in merge_copies(std::slice::from_ref(copy), fp, now) {
+            if let Some(s) = Server::from_record(&rec, fp, block_count, now) {
+                match by_peer.get(&s.peer) {
+                    Some(old) if old.announced_at_ms >= s.announced_at_ms => {}
+                    _ => {
+                        by_peer.insert(s.peer, s);
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<Server> = by_peer.into_values().collect();
+    out.sort_by_key(|s| (s.blocks.start, s.peer));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(peer: &PeerId, at: u64, expires: u64, fp: &Fingerprint) -> ServerRecord {
+        ServerRecord {
+            peer_id: peer.to_bytes(),
+            fingerprint: fp.to_vec(),
+            start_block: 0,
+            end_block: 10,
+            state: ServerState::Online as i32,
+            announced_at_ms: at,
+            expires_at_ms: expires,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn merge_keeps_newest_per_peer_and_drops_expired_and_foreign() {
+        let fp = [7u8; 32];
+        let other = [8u8; 32];
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let copy1 = BlockRecord {
+            servers: vec![rec(&a, 10, 1000, &fp), rec(&b, 10, 50, &fp)],
+        }
+        .encode_to_vec();
+        let copy2 = BlockRecord {
+            servers: vec![rec(&a, 20, 1000, &fp), rec(&c, 10, 1000, &other)],
+        }
+        .encode_to_vec();
+        let merged = merge_copies(&[copy1, copy2, b"garbage".to_vec()], &fp, 100);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].announced_at_ms, 20);
+    }
+
+    #[test]
+    fn malformed_entries_are_rejected() {
+        let fp = [1u8; 32];
+        let p = PeerId::random();
+        let mut r = rec(&p, 1, 100, &fp);
+        assert!(Server::from_record(&r, &fp, 30, 0).is_some());
+        r.end_block = 31;
+        assert!(Server::from_record(&r, &fp, 30, 0).is_none());
+        r.end_block = 0;
+        assert!(Server::from_record(&r, &fp, 30, 0).is_none());
+        let mut r = rec(&p, 1, 100, &fp);
+        r.peer_id = vec![1, 2, 3];
+        assert!(Server::from_record(&r, &fp, 30, 0).is_none());
+    }
+
+    #[test]
+    fn keys_differ_per_block_and_model() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_ne!(block_key(&a, 0), block_key(&a, 1));
+        assert_ne!(block_key(&a, 0), block_key(&b, 0));
+    }
+}

@@ -1,0 +1,300 @@
+//! The task that owns the libp2p swarm: runs its events and the handle's commands, and answers
+//! every pending request before it ends.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::kad::{self, Quorum, Record};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+
+use super::handle::Command;
+use super::{Behaviour, BehaviourEvent, NetError, OnListen};
+
+type DialWaiter = (Instant, oneshot::Sender<Result<(), NetError>>);
+/// A lookup in progress: copies found so far, the reply, when to answer at the latest, and when
+/// the first copy arrived.
+struct GetWaiter {
+    found: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Vec<Vec<u8>>>,
+    deadline: Instant,
+    first_found: Option<Instant>,
+}
+
+/// Once one copy of a record is in, other copies get this long to arrive. A query otherwise
+/// waits for every close peer, and one frozen peer would stall it for the whole kad timeout.
+const GET_GRACE: Duration = Duration::from_millis(400);
+
+pub(super) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    rx: mpsc::Receiver<Command>,
+    on_listen: Option<OnListen>,
+    pending_get: HashMap<kad::QueryId, GetWaiter>,
+    pending_put: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    pending_dial: HashMap<PeerId, Vec<DialWaiter>>,
+    /// Latest ping round trip per peer. Kept after a disconnect: the planner still needs to
+    /// know how far a peer is, and a dead one is kept out by bans, not by a missing number
+    /// (which would make every re-plan wait for a probe that cannot succeed).
+    rtts: HashMap<PeerId, Duration>,
+    bootstrapped: bool,
+    /// Dialled again whenever this peer has lost every connection (Wi-Fi gone, network cut).
+    bootstrap: Vec<Multiaddr>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        swarm: Swarm<Behaviour>,
+        rx: mpsc::Receiver<Command>,
+        on_listen: Option<OnListen>,
+        bootstrap: Vec<Multiaddr>,
+    ) -> Self {
+        Self {
+            swarm,
+            rx,
+            on_listen,
+            pending_get: HashMap::new(),
+            pending_put: HashMap::new(),
+            pending_dial: HashMap::new(),
+            rtts: HashMap::new(),
+            bootstrapped: false,
+            bootstrap,
+        }
+    }
+
+    pub(super) async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut reconnect = tokio::time::interval(Duration::from_secs(3));
+        let mut expiry = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = reconnect.tick() => {
+                    if self.swarm.connected_peers().next().is_none() {
+                        for addr in self.bootstrap.clone() {
+                            let _ = self.swarm.dial(addr);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    // Keep the routing table fresh; harmless when nobody is known yet.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+                _ = expiry.tick() => self.answer_due_lookups(),
+            }
+        }
+        // Dropping the senders answers every waiter with `Stopped`.
+        tracing::debug!("network task stopped");
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        match cmd {
+            Command::GetRecord {
+                key,
+                timeout,
+                reply,
+            } => {
+                let id = kad.get_record(key);
+                self.pending_get.insert(
+                    id,
+                    GetWaiter {
+                        found: Vec::new(),
+                        reply,
+                        deadline: Instant::now() + timeout,
+                        first_found: None,
+                    },
+                );
+            }
+            Command::PutRecord { key, value, reply } => {
+                let record = Record::new(key, value);
+                match kad.put_record(record, Quorum::One) {
+                    Ok(id) => {
+                        self.pending_put.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Put(format!("{e:?}"))));
+                    }
+                }
+            }
+            Command::Dial { peer, addrs, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                for a in &addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                }
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .build();
+                match self.swarm.dial(opts) {
+                    Ok(()) => self
+                        .pending_dial
+                        .entry(peer)
+                        .or_default()
+                        .push((Instant::now(), reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            peer: peer.to_string(),
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::Probe { peers } => {
+                for (peer, addrs) in peers {
+                    if !self.swarm.is_connected(&peer) && !addrs.is_empty() {
+                        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                            .addresses(addrs)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            Command::Rtt { peer, reply } => {
+                let _ = reply.send(self.rtts.get(&peer).copied());
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().count());
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                tracing::info!("listening on {full}");
+                if let Some(cb) = &self.on_listen {
+                    cb(&full);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if endpoint.is_dialer() {
+                    // Bootstrap addresses may come without `/p2p/<id>`: learn the id here.
+                    let addr = endpoint.get_remote_address().clone();
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    if !self.bootstrapped {
+                        self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    }
+                }
+                for (_, reply) in self.pending_dial.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer) => {
+                for (_, reply) in self.pending_dial.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(NetError::Dial {
+                        peer: peer.to_string(),
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.rtts.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    tracing::info!(%peer, %addr, "found peer on the local network");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                ..
+            })) => {
+                self.query_progressed(id, result, step.last);
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers lookups that reached their deadline, or whose first copy arrived more than
+    /// `GET_GRACE` ago, with what they found, and stops their queries.
+    fn answer_due_lookups(&mut self) {
+        let now = Instant::now();
+        let due: Vec<kad::QueryId> = self
+            .pending_get
+            .iter()
+            .filter(|(_, w)| {
+                now >= w.deadline || w.first_found.is_some_and(|t| now - t >= GET_GRACE)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+            if let Some(w) = self.pending_get.remove(&id) {
+                let _ = w.reply.send(w.found);
+            }
+        }
+    }
+
+    fn query_progressed(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        match result {
+            kad::QueryResult::GetRecord(res) => {
+                if let Some(w) = self.pending_get.get_mut(&id) {
+                    if let Ok(kad::GetRecordOk::FoundRecord(r)) = res {
+                        w.found.push(r.record.value);
+                        w.first_found.get_or_insert_with(Instant::now);
+                    }
+                }
+                if last {
+                    if let Some(w) = self.pending_get.remove(&id) {
+                        let _ = w.reply.send(w.found);
+                    }
+                }
+            }
+            kad::QueryResult::PutRecord(res) => {
+                if let Some(reply) = self.pending_put.remove(&id) {
+                    // The record is stored locally either way; a quorum failure only means no
+                    // other peer confirmed yet (a lone node, or a swarm still forming).
+                    let _ = reply.send(match res {
+                        Ok(_) | Err(kad::PutRecordError::QuorumFailed { .. }) => Ok(()),
+                        Err(e) => Err(NetError::Put(format!("{e:?}"))),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}

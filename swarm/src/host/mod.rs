@@ -1,0 +1,162 @@
+//! The libp2p host of a peer or client, built here and only here. One event-loop task
+//! ([`event_loop`]) owns the swarm; everything else talks to it through a cloneable
+//! [`NetHandle`] ([`handle`]) whose commands each carry a one-shot reply. Every pending request
+//! is answered, with a result or an error, when its query ends, when its own deadline passes or
+//! when the loop stops: nothing is left hanging.
+//!
+//! Transports: QUIC and TCP (Noise + Yamux). Behaviours: Kademlia (our own protocol name, so we
+//! never mix with other DHTs), identify, ping (round-trip times for route planning), optional
+//! mDNS for zero-configuration home LANs, and raw streams for the inference data plane.
+
+mod event_loop;
+mod handle;
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore, Mode};
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
+use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol};
+use tokio::sync::mpsc;
+
+pub use handle::NetHandle;
+
+use event_loop::EventLoop;
+
+/// The inference data plane as a libp2p protocol: [`proto::INFERENCE_PROTOCOL`], typed for
+/// stream controls.
+pub const INFERENCE_STREAM: StreamProtocol = StreamProtocol::new(proto::INFERENCE_PROTOCOL);
+const DHT_STREAM: StreamProtocol = StreamProtocol::new(proto::DHT_PROTOCOL);
+/// A block's record lists every server of that block; a few hundred fit in this.
+const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid listen address {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("building the libp2p swarm: {0}")]
+    Build(String),
+    #[error("could not reach {peer}: {reason}")]
+    Dial { peer: String, reason: String },
+    #[error("DHT {op} timed out after {secs:.1}s")]
+    Timeout { op: &'static str, secs: f64 },
+    #[error("DHT put failed: {0}")]
+    Put(String),
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// Callback told each new listening address.
+pub type OnListen = Box<dyn Fn(&Multiaddr) + Send>;
+pub struct NetConfig {
+    pub keypair: Keypair,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Serve DHT queries (peers do; a client that only generates need not).
+    pub dht_server: bool,
+    /// Called with each address the swarm starts listening on, full with `/p2p/<id>`.
+    pub on_listen: Option<OnListen>,
+}
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// A started host: its handle, plus the task that owns the swarm. Whoever started it awaits
+/// `task` after cancelling the shutdown token, so the swarm is gone before the process is.
+pub struct Host {
+    pub handle: NetHandle,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the swarm and its event loop; stops when `shutdown` resolves or every handle is gone.
+pub fn start(
+    config: NetConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<Host, NetError> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let mdns_on = config.mdns;
+    let dht_server = config.dht_server;
+    let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| build(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| build(&e))?
+        .with_behaviour(|key| {
+            let mut kcfg = kad::Config::new(DHT_STREAM);
+            kcfg.set_query_timeout(Duration::from_secs(10));
+            // Servers re-announce themselves on their own period; the DHT must not keep
+            // re-publishing stale copies for a day.
+            kcfg.set_publication_interval(None);
+            kcfg.set_record_ttl(Some(Duration::from_secs(600)));
+            let store_cfg = kad::store::MemoryStoreConfig {
+                max_value_bytes: MAX_RECORD_BYTES,
+                ..Default::default()
+            };
+            let store = MemoryStore::with_config(peer_id, store_cfg);
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                kad: kad::Behaviour::with_config(peer_id, store, kcfg),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    proto::IDENTIFY_PROTOCOL.into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                ),
+                mdns: mdns.into(),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| build(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    // On loopback and in LANs no address is ever "confirmed external", so kad would stay a
+    // client forever; peers must answer DHT queries from the start.
+    swarm.behaviour_mut().kad.set_mode(Some(if dht_server {
+        Mode::Server
+    } else {
+        Mode::Client
+    }));
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &config.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, "cannot dial bootstrap address: {e}");
+        }
+    }
+    let control = swarm.behaviour().stream.new_control();
+    let (tx, rx) = mpsc::channel(256);
+    let event_loop = EventLoop::new(swarm, rx, config.on_listen, config.bootstrap);
+    let task = tokio::spawn(event_loop.run(shutdown));
+    Ok(Host {
+        handle: NetHandle::new(tx, peer_id, control),
+        task,
+    })
+}

@@ -1,0 +1,14 @@
+//! What a serving node and a client of the swarm share: the libp2p [`host`] and its
+//! [`identity`], the DHT records of who serves which blocks ([`discovery`]), where a server
+//! should sit in the pipeline ([`placement`]), the [`status`] snapshot of a model's swarm and
+//! the status [`page`] both roles serve. Neither side's logic lives here, so the daemon and the
+//! client library build on this crate without depending on each other.
+
+pub mod discovery;
+pub mod host;
+pub mod identity;
+pub mod page;
+pub mod placement;
+pub mod status;
+
+pub use host::{Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM};
