@@ -12,6 +12,7 @@ mod chat;
 mod config;
 mod families;
 mod faults;
+mod kernels;
 mod swarm;
 
 fn edge_node(args: &[&str]) -> Output {

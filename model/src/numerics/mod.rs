@@ -345,14 +345,34 @@ mod tests {
             &mut AttendScratch::default(),
             &mut out,
         );
+        assert_is_softmax_mean(&q, &keys, &values, 0.125, 0.0, &out);
+    }
+
+    /// `out` is the softmax-weighted mean of `values` for the (optionally soft-capped) scaled
+    /// scores of `q` against `keys`, computed in f64, within f16 accumulation error.
+    fn assert_is_softmax_mean(
+        q: &[f16],
+        keys: &[f16],
+        values: &[f16],
+        scale: f64,
+        cap: f64,
+        out: &[f32],
+    ) {
+        let hd = q.len();
         let scores: Vec<f64> = keys
             .chunks(hd)
             .map(|k| {
-                k.iter()
-                    .zip(&q)
+                let s = k
+                    .iter()
+                    .zip(q)
                     .map(|(a, b)| a.to_f64() * b.to_f64())
                     .sum::<f64>()
-                    * 0.125
+                    * scale;
+                if cap == 0.0 {
+                    s
+                } else {
+                    cap * (s / cap).tanh()
+                }
             })
             .collect();
         let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -381,32 +401,9 @@ mod tests {
         let values = halves(hd * 6, 19);
         let mut scratch = AttendScratch::default();
         let (mut plain, mut capped) = (vec![0f32; hd], vec![0f32; hd]);
-        let (scale, cap) = (0.01f64, 2.0f64);
         attend(&q, &keys, &values, 0.01, 0.0, &mut scratch, &mut plain);
         attend(&q, &keys, &values, 0.01, 2.0, &mut scratch, &mut capped);
-        let scores: Vec<f64> = keys
-            .chunks(hd)
-            .map(|k| {
-                let dot: f64 = k.iter().zip(&q).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-                cap * (dot * scale / cap).tanh()
-            })
-            .collect();
-        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-        let z: f64 = w.iter().sum();
-        for d in 0..hd {
-            let exact: f64 = w
-                .iter()
-                .zip(values.chunks(hd))
-                .map(|(w, v)| w * v[d].to_f64())
-                .sum::<f64>()
-                / z;
-            let got = capped[d] as f64;
-            assert!(
-                (exact - got).abs() < 0.02 * (1.0 + exact.abs()),
-                "dim {d}: {exact} vs {got}"
-            );
-        }
+        assert_is_softmax_mean(&q, &keys, &values, 0.01f32 as f64, 2.0, &capped);
         assert_ne!(plain, capped);
     }
 }
