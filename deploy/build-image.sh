@@ -6,7 +6,7 @@
 # `edge-swarm/link-delay`, the relay the slow-link scenario uses where the kernel has no netem.
 #
 #   bash deploy/build-image.sh                    # release binary
-#   EDGE_PROFILE=debug bash deploy/build-image.sh # reuse the test build (CI)
+#   EDGE_PROFILE=test bash deploy/build-image.sh  # the binaries of the workspace test build (CI)
 #
 # The binary runs on any x86-64 CPU: its kernels pick AVX-512, AVX2 or portable code at start.
 set -euo pipefail
@@ -14,9 +14,12 @@ cd "$(dirname "$0")/.."
 
 IMAGE=${EDGE_IMAGE:-edge-swarm/edge-node:latest}
 BINS=(-p cli --bin edge-node -p simulations --bin link-delay)
-if [ "${EDGE_PROFILE:-release}" = debug ]; then
-  # The test build: dependencies and the model crate are optimised in it as well.
-  cargo build "${BINS[@]}"
+if [ "${EDGE_PROFILE:-release}" = test ]; then
+  # The binaries `cargo test --workspace` builds for the integration tests (dependencies and the
+  # model crate are optimised in that profile as well). Building them the way the tests do
+  # selects the same features, so after the test run this compiles nothing; `cargo build -p ...`
+  # would resolve features differently and compile half the dependency tree again.
+  cargo test --workspace --locked --no-run --quiet
   OUT=target/debug
 else
   cargo build --release "${BINS[@]}"

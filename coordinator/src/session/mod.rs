@@ -65,6 +65,13 @@ pub struct Router<N: Network = Libp2pNetwork> {
     pub bans: Arc<Mutex<Bans>>,
 }
 
+/// Round trip the planner assumes for a peer with no measurement. Lookup probes unknown peers
+/// and waits up to 500 ms; a libp2p connection takes about five round trips (TCP, protocol
+/// negotiation, Noise, Yamux) before a ping can even start, so a peer still unmeasured after
+/// that wait is roughly 100 ms away or worse. Assuming less let a peer behind a slow link beat
+/// a measured LAN peer whenever the two announced slightly different compute times.
+const UNMEASURED_RTT_MS: f32 = 100.0;
+
 impl<N: Network> Router<N> {
     fn ban(&self, peer: PeerId) {
         let now = self.network.now_ms();
@@ -109,7 +116,7 @@ impl<N: Network> Router<N> {
                 cache_tokens,
                 now_ms: self.network.now_ms(),
                 banned_until_ms: &banned,
-                default_rtt_ms: 20.0,
+                default_rtt_ms: UNMEASURED_RTT_MS,
             };
             match self.network.plan(&infos, &req) {
                 Ok(route) => return Ok((servers, route)),
@@ -246,7 +253,7 @@ impl<N: Network> InferenceSession<N> {
     }
 
     /// Runs positions `pos..pos + x.tokens` through the whole chain, replacing failed peers.
-    pub async fn forward(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
+    pub async fn run_blocks(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
         let mut i = 0;
         while i < self.spans.len() {
             let state = &mut self.spans[i];
@@ -454,12 +461,12 @@ mod tests {
         let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, fast.to_string());
 
-        let y = session.forward(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
         assert_eq!(y.data, [7.0, 8.0]);
-        let y = session.forward(hidden(&[3.0]), 2).await.unwrap();
+        let y = session.run_blocks(hidden(&[3.0]), 2).await.unwrap();
         assert_eq!(y.data, [9.0]);
         // Position 3 is past the fast peer's death: the same answer comes from the slow one.
-        let y = session.forward(hidden(&[4.0]), 3).await.unwrap();
+        let y = session.run_blocks(hidden(&[4.0]), 3).await.unwrap();
         assert_eq!(y.data, [10.0]);
 
         assert_eq!(session.reroutes(), 1);
