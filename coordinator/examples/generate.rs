@@ -10,7 +10,7 @@
 use std::io::Write;
 
 use coordinator::generate::{generate, tokenize, GenerateOptions, SamplingOptions};
-use coordinator::{ClientConfig, ClientModel, SwarmClient, SwarmForward};
+use coordinator::{ClientConfig, ClientModel, SwarmBackend, SwarmClient};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stop_at_eos: true,
         stop: Vec::new(),
     };
-    let mut backend = SwarmForward {
+    let mut backend = SwarmBackend {
         model: &model,
         session,
     };
@@ -74,5 +74,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.decode_tokens_per_s()
     );
     backend.session.close().await;
+    client.close().await;
     Ok(())
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use swarm::discovery::{self, Server};
 use swarm::{host, NetConfig, NetError, NetHandle};
 
-use crate::generate::{Forward, GenerateError};
+use crate::generate::{Backend, GenerateError};
 use crate::session::{Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +96,13 @@ impl Default for ClientConfig {
     }
 }
 
-/// A connection to the swarm. Dropping it stops its network task.
+/// A connection to the swarm. Dropping it stops its network task; [`SwarmClient::close`] also
+/// waits for that task to end, so connections are closed before the program goes on or exits.
 pub struct SwarmClient {
     net: NetHandle,
     config: ClientConfig,
     shutdown: CancellationToken,
+    network_task: Option<tokio::task::JoinHandle<()>>,
     /// Failed peers, shared by every session of this client.
     bans: Arc<Mutex<Bans>>,
 }
@@ -110,6 +112,9 @@ impl Drop for SwarmClient {
         self.shutdown.cancel();
     }
 }
+
+/// How long [`SwarmClient::close`] waits for the network task.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SwarmClient {
     /// Joins the swarm as a client and waits (bounded) until some peer is connected.
@@ -130,6 +135,7 @@ impl SwarmClient {
             net: host.handle,
             config,
             shutdown,
+            network_task: Some(host.task),
             bans: Arc::default(),
         };
         let deadline = tokio::time::Instant::now() + client.config.discovery_timeout;
@@ -142,6 +148,18 @@ impl SwarmClient {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(client)
+    }
+
+    /// Stops the network task and waits (bounded) for it to finish.
+    pub async fn close(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.network_task.take() {
+            match tokio::time::timeout(CLOSE_TIMEOUT, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("the network task failed: {e}"),
+                Err(_) => tracing::warn!("the network task did not stop within {CLOSE_TIMEOUT:?}"),
+            }
+        }
     }
 
     pub fn net(&self) -> &NetHandle {
@@ -187,19 +205,32 @@ impl SwarmClient {
 }
 
 /// Generation backend that runs the blocks through a swarm session.
-pub struct SwarmForward<'a> {
+pub struct SwarmBackend<'a> {
     pub model: &'a ClientModel,
     pub session: InferenceSession,
 }
 
-impl Forward for SwarmForward<'_> {
-    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
-        let x = self.model.embedding.embed(ids)?;
+impl Backend for SwarmBackend<'_> {
+    async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+        self.model.logits_through(&mut self.session, ids, pos).await
+    }
+}
+
+impl ClientModel {
+    /// Embeds `ids`, runs them at `pos..` through `session`'s peers and returns the logits
+    /// after the last one.
+    pub async fn logits_through(
+        &self,
+        session: &mut InferenceSession,
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<Vec<f32>, GenerateError> {
+        let x = self.embedding.embed(ids)?;
         let pos = u32::try_from(pos).map_err(|_| ModelError::CacheFull {
             needed: pos,
             capacity: u32::MAX as usize,
         })?;
-        let y = self.session.forward(x, pos).await?;
-        Ok(self.model.head.last_logits(&y)?)
+        let y = session.run_blocks(x, pos).await?;
+        Ok(self.head.last_logits(&y)?)
     }
 }

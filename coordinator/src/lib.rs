@@ -8,4 +8,4 @@ pub mod generate;
 pub mod route;
 pub mod session;
 
-pub use client::{ClientConfig, ClientModel, SwarmClient, SwarmForward};
+pub use client::{ClientConfig, ClientModel, SwarmBackend, SwarmClient};

@@ -1,17 +1,17 @@
 //! Runs generations for both front ends: admission (a bounded queue in front of a fixed number
-//! of concurrent generations), a swarm session per request, and a stream of events. Dropping
+//! of concurrent generations), a session of the blocks (swarm or local) per request, and a stream of events. Dropping
 //! the [`Running`] handle (a client hung up) stops the generation and frees its peers' caches.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use coordinator::generate::{self, FinishReason, Forward, GenerateError, GenerateOptions};
-use coordinator::session::{InferenceSession, RouteHop};
-use coordinator::SwarmForward;
+use coordinator::generate::{self, Backend, FinishReason, GenerateError, GenerateOptions};
+use coordinator::session::RouteHop;
 use model::chat::ChatMessage;
 use tokio::sync::mpsc;
 
+use crate::blocks::{Session, SessionBackend};
 use crate::error::{ApiError, ErrorKind};
 use crate::Gateway;
 
@@ -185,14 +185,10 @@ impl Gateway {
         let permit = self.admit().await?;
         let max_length = (prompt_tokens + max_tokens) as u32;
         let started = Instant::now();
-        let session = InferenceSession::open(self.client.router(&self.model), max_length)
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorKind::SwarmUnavailable,
-                    format!("the swarm cannot serve {}: {e}", self.info.id),
-                )
-            })?;
+        let session = self
+            .blocks
+            .open(&self.model, &self.info.id, max_length)
+            .await?;
 
         let (tx, events) = mpsc::unbounded_channel();
         let gw = self.clone();
@@ -255,7 +251,7 @@ impl Gateway {
         &self,
         job: Job,
         max_tokens: usize,
-        session: InferenceSession,
+        session: Session,
         started: Instant,
         tx: &mpsc::UnboundedSender<Event>,
     ) -> Event {
@@ -266,7 +262,7 @@ impl Gateway {
             stop: job.stop,
         };
         let mut backend = Metered {
-            inner: SwarmForward {
+            inner: SessionBackend {
                 model: &self.model,
                 session,
             },
@@ -325,24 +321,26 @@ fn generate_error(e: GenerateError) -> ApiError {
         GenerateError::PromptTooLong { .. } => {
             ApiError::new(ErrorKind::ContextLength, e.to_string())
         }
-        GenerateError::Route(_) | GenerateError::Model(_) => ApiError::new(
-            ErrorKind::SwarmUnavailable,
-            format!("generation failed: {e}"),
-        ),
+        GenerateError::Route(_) | GenerateError::Model(_) | GenerateError::Backend(_) => {
+            ApiError::new(
+                ErrorKind::SwarmUnavailable,
+                format!("generation failed: {e}"),
+            )
+        }
     }
 }
 
 /// Counts generated tokens for the live speed and times the first one.
 struct Metered<'a> {
-    inner: SwarmForward<'a>,
+    inner: SessionBackend<'a>,
     gateway: &'a Gateway,
     started: Instant,
     first: bool,
 }
 
-impl Forward for Metered<'_> {
-    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
-        let logits = self.inner.forward(ids, pos).await?;
+impl Backend for Metered<'_> {
+    async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+        let logits = self.inner.logits(ids, pos).await?;
         if self.first {
             // The prefill's logits give the first token.
             self.first = false;

@@ -1,9 +1,11 @@
 //! What people who do not write Rust use: an OpenAI-compatible HTTP API, a gRPC service, a
-//! status page and Prometheus metrics, all on one port and all backed by one swarm client.
+//! status page and Prometheus metrics, all on one port, backed by one swarm client or by every
+//! block in this process ([`Blocks`]).
 //!
 //! `edge-node serve-api` wires it up; [`Gateway::start`] and [`Gateway::router`] are the
 //! library entry points for embedding it elsewhere.
 
+pub mod blocks;
 pub mod engine;
 pub mod error;
 pub mod grpc;
@@ -15,12 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use coordinator::{ClientModel, SwarmClient};
+use coordinator::ClientModel;
 use swarm::page::{self, RateMeter, StatusSource, SwarmSnapshot};
 use swarm::status::ModelInfo;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub use blocks::{Blocks, LocalBlocks};
 pub use error::{ApiError, ErrorKind};
 use metrics::GatewayMetrics;
 
@@ -55,7 +58,7 @@ pub struct Gateway {
     pub config: GatewayConfig,
     pub info: ModelInfo,
     pub metrics: GatewayMetrics,
-    client: SwarmClient,
+    blocks: Blocks,
     model: Arc<ClientModel>,
     swarm: watch::Receiver<SwarmSnapshot>,
     permits: Arc<Semaphore>,
@@ -68,26 +71,20 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the background swarm snapshots; `model_id` is the name clients use.
     pub fn start(
-        client: SwarmClient,
+        blocks: Blocks,
         model: ClientModel,
         model_id: String,
         config: GatewayConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let info = ModelInfo::new(model_id, &model.fingerprint, &model.spec);
-        let swarm = page::watch_swarm(
-            client.net().clone(),
-            model.fingerprint,
-            info.clone(),
-            config.status_interval,
-            shutdown,
-        );
+        let swarm = blocks.watch(&model, &info, config.status_interval, shutdown);
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
             info,
             metrics: GatewayMetrics::default(),
-            client,
+            blocks,
             model: Arc::new(model),
             swarm,
             waiting: AtomicUsize::new(0),
@@ -129,7 +126,7 @@ impl StatusSource for Gateway {
         let snap = self.swarm();
         self.update_swarm_gauges(&snap);
         let (swarm, swarm_error) = page::swarm_fields(&snap);
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "role": "gateway",
             "model": self.info,
             "swarm": swarm,
@@ -141,11 +138,24 @@ impl StatusSource for Gateway {
                 "requests_total": self.metrics.requests_total(),
                 "reroutes_total": self.metrics.reroutes.get(),
             },
-        })
+        });
+        if let Some(node) = self.blocks.node_metrics() {
+            status["local"] = true.into();
+            status["live"]["batch_occupancy"] = node.batch_occupancy().into();
+        }
+        status
     }
 
     fn metrics(&self) -> String {
         self.update_swarm_gauges(&self.swarm());
-        self.metrics.encode()
+        let text = self.metrics.encode();
+        match self.blocks.node_metrics() {
+            // One exposition: the gateway's families, then the compute thread's, one EOF.
+            Some(node) => {
+                let gateway = text.strip_suffix("# EOF\n").unwrap_or(&text);
+                format!("{gateway}{}", node.encode())
+            }
+            None => text,
+        }
     }
 }

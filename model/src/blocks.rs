@@ -655,6 +655,18 @@ impl BlockStack {
         self.blocks.iter().map(DecoderBlock::weight_bytes).sum()
     }
 
+    /// Positions a cache of `span` (opened for `capacity`) has allocated once it holds
+    /// `positions`: what [`SessionKv::allocated`] will say, known before anything is allocated,
+    /// so a node can refuse a session or a step its budget cannot hold.
+    pub fn cache_allocation(&self, span: Range<usize>, capacity: usize, positions: usize) -> usize {
+        let w = self.spec.sliding_window;
+        if w > 0 && span.clone().all(|i| self.spec.is_sliding(i)) {
+            capacity.min(w.saturating_add(crate::kv_cache::WINDOW_REWIND_SLACK))
+        } else {
+            crate::kv_cache::pages_for(positions.max(1), capacity)
+        }
+    }
+
     /// A fresh cache for `span` (a sub-range of this stack) holding up to `capacity` tokens;
     /// sliding-window blocks keep only their window.
     pub fn new_cache(&self, span: Range<usize>, capacity: usize) -> SessionKv {

@@ -1,6 +1,8 @@
 //! Per-session key/value cache. Weights are shared by every session; this is the only state a
-//! session owns, so it is sized once, up front, from the session's declared maximum length
-//! (sliding-window layers: from their window).
+//! session owns. A full-attention layer's memory grows in pages of [`KV_PAGE`] positions as the
+//! session does, up to the session's declared maximum length, so a node pays for what its
+//! sessions use rather than what they might reach; a sliding-window layer holds a ring sized
+//! by its window from the start (it is small, and it never grows).
 //! Stored as f16, like llama.cpp's default cache: half the memory of f32, and the attention
 //! arithmetic (see `numerics`) is defined on f16 keys and values anyway.
 
@@ -15,10 +17,25 @@ use crate::error::{ModelError, Result};
 /// without running the whole prefix again.
 pub const WINDOW_REWIND_SLACK: usize = 64;
 
+/// Positions a full-attention layer allocates at a time. Small enough that a short chat holds
+/// little more than it uses, large enough that a long prompt regrows its layers only a few
+/// times (each growth copies what the layer holds, once).
+pub const KV_PAGE: usize = 128;
+
+/// Positions allocated for a session that has reached `positions` (of at most `capacity`):
+/// whole pages, never more than the capacity.
+pub fn pages_for(positions: usize, capacity: usize) -> usize {
+    positions
+        .div_ceil(KV_PAGE)
+        .saturating_mul(KV_PAGE)
+        .min(capacity)
+}
+
 /// Keys and values of one block, laid out `[kv_head][slot][head_dim]` so attention scans one
 /// head's history contiguously.
 ///
-/// A full-attention layer has one slot per position of the session. A sliding-window layer
+/// A full-attention layer has one slot per position of the session, allocated a page at a time
+/// (growing relays the slots out with the new stride). A sliding-window layer
 /// keeps only its window (plus [`WINDOW_REWIND_SLACK`]) in a ring: position `p` lives in slot
 /// `p % slots`, so its memory follows the window, not the session's length. The ring is
 /// written twice (slots `s` and `s + slots`), so any run of up to `slots` consecutive positions
@@ -57,7 +74,7 @@ impl LayerKv {
         let window = window.filter(|&w| w > 0);
         let (slots, copies) = match window {
             Some(w) => (capacity.min(w.saturating_add(WINDOW_REWIND_SLACK)), 2),
-            None => (capacity, 1),
+            None => (pages_for(1, capacity), 1),
         };
         let n = heads * head_dim * slots * copies;
         Self {
@@ -84,6 +101,35 @@ impl LayerKv {
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Positions this layer has memory for now (a window layer: its ring).
+    pub fn allocated(&self) -> usize {
+        self.slots
+    }
+
+    /// Makes room for `positions` positions (page-rounded, at most the capacity) in a
+    /// full-attention layer; a window layer's ring already holds what it ever will.
+    pub fn grow_to(&mut self, positions: usize) {
+        if self.window.is_some() || positions <= self.slots {
+            return;
+        }
+        let slots = pages_for(positions, self.capacity);
+        if slots <= self.slots {
+            return;
+        }
+        let hd = self.head_dim;
+        let n = self.heads * slots * hd;
+        let (mut k, mut v) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
+        let used = self.len.min(self.slots) * hd;
+        for h in 0..self.heads {
+            let (from, to) = (h * self.stride * hd, h * slots * hd);
+            k[to..to + used].copy_from_slice(&self.k[from..from + used]);
+            v[to..to + used].copy_from_slice(&self.v[from..from + used]);
+        }
+        (self.k, self.v) = (k, v);
+        self.slots = slots;
+        self.stride = slots;
     }
 
     /// The sliding window, if this is a sliding-window layer.
@@ -153,6 +199,7 @@ impl LayerKv {
                 tokens * width
             )));
         }
+        self.grow_to(needed);
         let hd = self.head_dim;
         // Only the last `slots` positions survive; older ones would be overwritten anyway.
         let skip = tokens.saturating_sub(self.slots);
@@ -252,6 +299,30 @@ impl SessionKv {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
     }
+
+    /// Positions the session has memory for now: what a node's cache budget is charged.
+    pub fn allocated(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.window().is_none())
+            .map(LayerKv::allocated)
+            .max()
+            .unwrap_or_else(|| self.layers.first().map_or(0, LayerKv::allocated))
+    }
+
+    /// What [`SessionKv::allocated`] becomes once the session holds `positions` positions.
+    pub fn allocated_for(&self, positions: usize) -> usize {
+        if self.layers.iter().all(|l| l.window().is_some()) {
+            return self.allocated();
+        }
+        self.allocated().max(pages_for(positions, self.capacity))
+    }
+
+    /// Allocates what `positions` positions need in every layer, so that a step's memory is
+    /// taken (and charged) before it runs rather than midway through it.
+    pub fn grow_to(&mut self, positions: usize) {
+        self.layers.iter_mut().for_each(|l| l.grow_to(positions));
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +353,61 @@ mod tests {
             kv.keys(0, 3),
             f(&[0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0, 11.0])
         );
+    }
+
+    #[test]
+    fn a_full_layer_grows_by_pages_and_keeps_what_it_holds() {
+        let capacity = 3 * KV_PAGE + 5;
+        let mut kv = LayerKv::new(2, 2, capacity);
+        assert_eq!(kv.allocated(), KV_PAGE);
+        assert_eq!(kv.bytes(), 2 * 2 * KV_PAGE * 2 * 2);
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from..from + n)
+                .flat_map(|p| [p as f32, 0.5, -(p as f32), 1.5])
+                .collect()
+        };
+        // One position past the first page takes a second page, then a third.
+        kv.append(&rows(0, KV_PAGE + 1), &rows(0, KV_PAGE + 1), KV_PAGE + 1)
+            .unwrap();
+        assert_eq!(kv.allocated(), 2 * KV_PAGE);
+        kv.append(
+            &rows(KV_PAGE + 1, KV_PAGE),
+            &rows(KV_PAGE + 1, KV_PAGE),
+            KV_PAGE,
+        )
+        .unwrap();
+        assert_eq!(kv.allocated(), 3 * KV_PAGE);
+        // Every position of both heads reads back after two relayouts.
+        let len = 2 * KV_PAGE + 1;
+        let want = |head: usize| -> Vec<f16> {
+            (0..len)
+                .flat_map(|p| {
+                    let r = &rows(p, 1)[head * 2..head * 2 + 2];
+                    [f16::from_f32(r[0]), f16::from_f32(r[1])]
+                })
+                .collect()
+        };
+        assert_eq!(kv.keys(0, len), &want(0)[..]);
+        assert_eq!(kv.values(1, len), &want(1)[..]);
+        // The last page stops at the capacity.
+        kv.grow_to(capacity);
+        assert_eq!(kv.allocated(), capacity);
+        assert_eq!(kv.keys(1, len), &want(1)[..]);
+        // Truncating keeps the memory: a replay reuses it.
+        kv.truncate(3);
+        assert_eq!(kv.allocated(), capacity);
+    }
+
+    #[test]
+    fn a_session_is_charged_whole_pages() {
+        let mut s = SessionKv::new(2, 1, 2, 1000);
+        assert_eq!(s.allocated(), KV_PAGE);
+        assert_eq!(s.allocated_for(KV_PAGE + 1), 2 * KV_PAGE);
+        assert_eq!(s.allocated_for(10), KV_PAGE);
+        s.grow_to(999);
+        assert_eq!((s.allocated(), s.allocated_for(5)), (1000, 1000));
+        assert_eq!(pages_for(0, 50), 0);
+        assert_eq!(pages_for(1, 50), 50);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::host::ListenAddrs;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Speed {
     pub decode_ms_per_block: f64,
+    /// A prefill of the measured length, per block.
     pub prefill_ms_per_block: f64,
 }
 

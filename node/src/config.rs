@@ -32,6 +32,8 @@ pub struct JoinConfig {
     pub net: NetOptions,
     pub max_sessions: usize,
     pub cache_tokens: usize,
+    /// Prompt rows per batch; `None` derives it from the measured speed.
+    pub prefill_chunk: Option<usize>,
     pub announce_interval: Duration,
     pub idle_timeout: Duration,
     /// How often to check whether moving would help the swarm; `None` never moves.

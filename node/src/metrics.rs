@@ -17,6 +17,15 @@ pub struct NodeMetrics {
     pub tokens: Counter,
     pub step_seconds: Histogram,
     pub step_errors: Counter,
+    /// Steps dropped because their stream closed or their session ended before the answer.
+    pub steps_withdrawn: Counter,
+    /// Rows and sessions of each batched product (one per span group and iteration).
+    pub batch_rows: Histogram,
+    pub batch_sessions: Histogram,
+    /// Time from a step's arrival to its first rows being computed.
+    pub queue_wait_seconds: Histogram,
+    /// Prompt chunks run (a step longer than the chunk takes several).
+    pub prefill_chunks: Counter,
     pub sessions: Gauge,
     pub sessions_opened: Counter,
     /// Sessions refused, by reason (`sessions_full`, `cache_full`, `leaving`, ...).
@@ -28,6 +37,10 @@ pub struct NodeMetrics {
     pub block_end: Gauge,
     /// Tokens served over the last 10 s, for the status page.
     pub rate: RateMeter,
+    /// Batched products and the sessions in them over the last 10 s: their ratio is the batch
+    /// occupancy the status page shows.
+    pub batches_recent: RateMeter,
+    pub batch_sessions_recent: RateMeter,
 }
 
 impl Default for NodeMetrics {
@@ -40,6 +53,12 @@ impl Default for NodeMetrics {
             // 0.1 ms .. ~1.6 s: one block of a small model up to a long prefill on a slow CPU.
             step_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             step_errors: Counter::default(),
+            steps_withdrawn: Counter::default(),
+            // 1 .. 1024 rows / sessions.
+            batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            batch_sessions: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            queue_wait_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            prefill_chunks: Counter::default(),
             sessions: Gauge::default(),
             sessions_opened: Counter::default(),
             sessions_refused: Family::default(),
@@ -49,6 +68,8 @@ impl Default for NodeMetrics {
             block_start: Gauge::default(),
             block_end: Gauge::default(),
             rate: RateMeter::new(Duration::from_secs(10)),
+            batches_recent: RateMeter::new(Duration::from_secs(10)),
+            batch_sessions_recent: RateMeter::new(Duration::from_secs(10)),
         };
         r.register("steps", "Inference steps served", m.steps.clone());
         r.register(
@@ -65,6 +86,31 @@ impl Default for NodeMetrics {
             "step_errors",
             "Steps that failed (bad position, unknown session, model error)",
             m.step_errors.clone(),
+        );
+        r.register(
+            "steps_withdrawn",
+            "Steps dropped because their stream or session ended before the answer",
+            m.steps_withdrawn.clone(),
+        );
+        r.register(
+            "batch_rows",
+            "Rows (positions of all sessions) in one batched product",
+            m.batch_rows.clone(),
+        );
+        r.register(
+            "batch_sessions",
+            "Sessions in one batched product",
+            m.batch_sessions.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time from a step's arrival to its first computed rows",
+            m.queue_wait_seconds.clone(),
+        );
+        r.register(
+            "prefill_chunks",
+            "Prompt chunks run (long steps are computed in several)",
+            m.prefill_chunks.clone(),
         );
         r.register(
             "sessions",
@@ -88,7 +134,7 @@ impl Default for NodeMetrics {
         );
         r.register(
             "kv_cache_reserved_tokens",
-            "KV-cache positions reserved by open sessions",
+            "KV-cache positions allocated to open sessions (whole pages)",
             m.kv_cache_reserved_tokens.clone(),
         );
         r.register(
@@ -111,6 +157,16 @@ impl Default for NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// Sessions per batched product over the last 10 s (0 when idle).
+    pub fn batch_occupancy(&self) -> f64 {
+        let batches = self.batches_recent.per_second();
+        if batches > 0.0 {
+            self.batch_sessions_recent.per_second() / batches
+        } else {
+            0.0
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.

@@ -15,7 +15,7 @@ use model::fingerprint::Fingerprint;
 use model::Hidden;
 use proto::v1::{client_frame, ClientFrame, Dtype, ErrorCode, ServerFrame};
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, TensorLimits};
-use proto::{read_frame, write_frame, MAX_OPEN_FRAME};
+use proto::{read_frame, write_frame, WireError, MAX_OPEN_FRAME};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -77,11 +77,27 @@ fn compute_error(e: ComputeError) -> ServerFrame {
         ComputeError::CacheFull { .. } => ErrorCode::CacheFull,
         ComputeError::TooManySessions(_) => ErrorCode::TooManySessions,
         ComputeError::BadPosition { .. } => ErrorCode::BadPosition,
-        ComputeError::UnknownSession | ComputeError::Model(_) | ComputeError::Stopped => {
-            ErrorCode::Internal
-        }
+        ComputeError::StepInFlight => ErrorCode::BadRequest,
+        ComputeError::UnknownSession
+        | ComputeError::Model(_)
+        | ComputeError::BatchFailed(_)
+        | ComputeError::Stopped => ErrorCode::Internal,
     };
     ServerFrame::error(code, e.to_string())
+}
+
+/// Longest a frame may take to be written: a client that stops reading is cut off (and its
+/// session's cache freed) instead of holding the session open forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn send(stream: &mut libp2p::Stream, frame: &ServerFrame) -> Result<(), WireError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(stream, frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer did not read a frame within {WRITE_TIMEOUT:?}"),
+        ))),
+    }
 }
 
 /// Frees the session's cache however the task ends.
@@ -93,17 +109,17 @@ impl Drop for CloseOnDrop {
 }
 
 async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
-    let (reply, session) = match open(&mut stream, &ctx).await {
+    let (reply, session) = match open(&mut stream, &ctx, peer).await {
         Ok(ok) => ok,
         Err(Some(frame)) => {
-            let _ = write_frame(&mut stream, &frame).await;
+            let _ = send(&mut stream, &frame).await;
             return;
         }
         Err(None) => return,
     };
     let (id, max_length, dtype, blocks) = session;
     let _guard = CloseOnDrop(ctx.compute.clone(), id);
-    if write_frame(&mut stream, &reply).await.is_err() {
+    if send(&mut stream, &reply).await.is_err() {
         return;
     }
     tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");
@@ -121,7 +137,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 return;
             }
             Ok(Err(e)) => {
-                let _ = write_frame(
+                let _ = send(
                     &mut stream,
                     &ServerFrame::error(ErrorCode::BadRequest, e.to_string()),
                 )
@@ -135,7 +151,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             Some(client_frame::Kind::Step(s)) => s,
             Some(client_frame::Kind::Close(_)) => return,
             _ => {
-                let _ = write_frame(
+                let _ = send(
                     &mut stream,
                     &ServerFrame::error(ErrorCode::BadRequest, "expected a step or close frame"),
                 )
@@ -145,7 +161,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         };
         if ctx.leaving.load(Ordering::Relaxed) {
             // The client reroutes this step elsewhere; nothing is lost.
-            let _ = write_frame(
+            let _ = send(
                 &mut stream,
                 &ServerFrame::error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
             )
@@ -154,23 +170,36 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         }
         let answer = match check_step(&step, &limits, ctx.dim, max_length) {
             Err(frame) => Err(frame),
-            Ok(hidden) => match ctx.compute.step(id, step.position as usize, hidden).await {
-                Ok((out, took)) => Ok(ServerFrame::result(
-                    encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
-                    took.as_secs_f32() * 1e3,
-                )),
-                Err(e) => Err(compute_error(e)),
-            },
+            Ok(hidden) => {
+                // The client sends nothing while its step runs, so anything read meanwhile (end
+                // of stream, a reset, a frame out of turn) means it has gone or broken the
+                // protocol: the step is dropped at once, and with it its queued rows.
+                let step = ctx.compute.step(id, step.position as usize, hidden);
+                let gone = read_frame::<_, ClientFrame>(&mut stream, max_frame);
+                tokio::select! {
+                    done = step => match done {
+                        Ok((out, took)) => Ok(ServerFrame::result(
+                            encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
+                            took.as_secs_f32() * 1e3,
+                        )),
+                        Err(e) => Err(compute_error(e)),
+                    },
+                    _ = gone => {
+                        tracing::debug!(%peer, session = id, "stream ended during a step; step withdrawn");
+                        return;
+                    }
+                }
+            }
         };
         match answer {
             Ok(frame) => {
-                if write_frame(&mut stream, &frame).await.is_err() {
+                if send(&mut stream, &frame).await.is_err() {
                     return;
                 }
             }
             Err(frame) => {
                 tracing::debug!(%peer, session = id, "step refused");
-                let _ = write_frame(&mut stream, &frame).await;
+                let _ = send(&mut stream, &frame).await;
                 return;
             }
         }
@@ -183,6 +212,7 @@ type Opened = (u64, usize, Dtype, Range<usize>);
 async fn open(
     stream: &mut libp2p::Stream,
     ctx: &ServeContext,
+    peer: PeerId,
 ) -> Result<(ServerFrame, Opened), Option<ServerFrame>> {
     let frame = match tokio::time::timeout(
         OPEN_TIMEOUT,
@@ -243,7 +273,7 @@ async fn open(
             )))
         }
     };
-    match ctx.compute.open(blocks.clone(), max_length).await {
+    match ctx.compute.open(blocks.clone(), max_length, peer).await {
         Ok(id) => Ok((
             ServerFrame::opened(max_length as u32),
             (id, max_length, dtype, blocks),

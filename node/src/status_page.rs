@@ -40,6 +40,7 @@ impl StatusSource for NodeStatus {
                 "tokens_per_second": m.rate.per_second(),
                 "steps_total": m.steps.get(),
                 "free_cache_tokens": free.max(0),
+                "batch_occupancy": m.batch_occupancy(),
             },
         })
     }

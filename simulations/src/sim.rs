@@ -242,7 +242,7 @@ impl Client {
             dim: 1,
             data: vec![0.0; prompt as usize],
         };
-        let mut ok = session.forward(x, 0).await.is_ok();
+        let mut ok = session.run_blocks(x, 0).await.is_ok();
         self.busy(t);
         let mut seen = self.recoveries(&session, 0);
         for i in 0..self.cfg.new_tokens {
@@ -255,7 +255,7 @@ impl Client {
                 dim: 1,
                 data: vec![0.0],
             };
-            ok = session.forward(x, prompt + i).await.is_ok();
+            ok = session.run_blocks(x, prompt + i).await.is_ok();
             let ms = t.elapsed().as_secs_f64() * 1e3;
             {
                 let mut raw = lock(&self.raw);

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use coordinator::generate::{self, tokenize, FinishReason, Forward, GenerateOptions, LocalForward};
-use coordinator::{SwarmClient, SwarmForward};
+use coordinator::generate::{self, tokenize, Backend, FinishReason, GenerateOptions, LocalBackend};
+use coordinator::{SwarmBackend, SwarmClient};
 use model::chat::{ChatMessage, ChatTemplate};
 use model::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
@@ -74,7 +74,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             capacity,
             system: args.system.clone(),
         };
-        let mut backend = PrefixReuse::new(LocalForward::new(&model, capacity)?);
+        let mut backend = PrefixReuse::new(LocalBackend::new(&model, capacity)?);
         eprintln!(
             "{}: all {} blocks in this process, {capacity} positions",
             model_name(spec.name.as_deref(), &args),
@@ -98,7 +98,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 model_name(model.spec.name.as_deref(), &args),
                 route_text(&session.route()),
             );
-            let mut backend = PrefixReuse::new(SwarmForward {
+            let mut backend = PrefixReuse::new(SwarmBackend {
                 model: &model,
                 session,
             });
@@ -113,6 +113,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 );
             }
             session.close().await;
+            client.close().await;
             result
         })
     }
@@ -164,7 +165,7 @@ impl Chat<'_> {
     }
 
     /// Reads lines until `/exit` or the end of input, answering each one.
-    async fn run<F: Forward + Send>(
+    async fn run<F: Backend + Send>(
         &self,
         backend: &mut PrefixReuse<F>,
         opts: &GenerateOptions,
@@ -286,7 +287,7 @@ fn stdin_lines() -> mpsc::UnboundedReceiver<std::io::Result<String>> {
 }
 
 /// The next line of input; while there is none, touches the session every `keepalive`.
-async fn next_line<F: Forward + Send>(
+async fn next_line<F: Backend + Send>(
     lines: &mut mpsc::UnboundedReceiver<std::io::Result<String>>,
     backend: &mut PrefixReuse<F>,
     keepalive: Option<Duration>,

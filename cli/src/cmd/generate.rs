@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
-use coordinator::generate::{self, tokenize, GenerateOptions, LocalForward, SamplingOptions};
+use coordinator::generate::{self, tokenize, GenerateOptions, LocalBackend, SamplingOptions};
 use coordinator::session::RouteHop;
-use coordinator::{SwarmClient, SwarmForward};
+use coordinator::{SwarmBackend, SwarmClient};
 
 use super::client::{log_route, open_client_model, print_text, RouteArgs};
 
@@ -96,7 +96,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             model.spec().context_length,
         )?;
         let capacity = (prompt.len() + args.max_new_tokens).min(model.spec().context_length);
-        let mut backend = LocalForward::new(&model, capacity)?;
+        let mut backend = LocalBackend::new(&model, capacity)?;
         let mut sink = text_sink(args.json);
         let context = model.spec().context_length;
         let out = rt.block_on(generate::generate(
@@ -175,7 +175,7 @@ async fn swarm_generate(
     let max_length = (prompt.len() + args.max_new_tokens).min(context) as u32;
     let session = client.open_session(&model, max_length).await?;
     log_route("route", &session.route());
-    let mut backend = SwarmForward {
+    let mut backend = SwarmBackend {
         model: &model,
         session,
     };
@@ -195,6 +195,7 @@ async fn swarm_generate(
         log_route(&format!("final route after {reroutes} reroute(s)"), &route);
     }
     backend.session.close().await;
+    client.close().await;
     Ok((out?, Some(SwarmInfo { route, reroutes })))
 }
 

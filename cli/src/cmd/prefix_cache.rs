@@ -2,15 +2,15 @@
 //!
 //! Both backends accept a step at a position inside what they already hold and roll their cache
 //! back to it: a swarm peer truncates its session's cache (`node/src/compute.rs`) and the client
-//! truncates each span's kept history (`InferenceSession::forward`); `LocalForward` does the
+//! truncates each span's kept history (`InferenceSession::run_blocks`); `LocalBackend` does the
 //! same in this process. [`PrefixReuse`] remembers the ids fed so far and, when a generation
 //! starts again from position 0, runs only what follows the common prefix. Blocks compute the
 //! same bits whether positions arrive one by one or in one batch, so the logits are exactly
 //! those of a fresh prefill.
 
-use coordinator::generate::{Forward, GenerateError};
+use coordinator::generate::{Backend, GenerateError};
 
-/// A [`Forward`] that skips the ids its backend already holds.
+/// A [`Backend`] that skips the ids its backend already holds.
 pub struct PrefixReuse<F> {
     inner: F,
     /// Ids whose keys and values the backend holds, position by position.
@@ -19,7 +19,7 @@ pub struct PrefixReuse<F> {
     pub reused: usize,
 }
 
-impl<F: Forward + Send> PrefixReuse<F> {
+impl<F: Backend + Send> PrefixReuse<F> {
     pub fn new(inner: F) -> Self {
         Self {
             inner,
@@ -49,14 +49,14 @@ impl<F: Forward + Send> PrefixReuse<F> {
         let last = self.fed.last().copied().unwrap_or(first);
         let pos = self.fed.len().saturating_sub(1);
         self.fed.truncate(pos);
-        self.inner.forward(&[last], pos).await?;
+        self.inner.logits(&[last], pos).await?;
         self.fed.push(last);
         Ok(())
     }
 }
 
-impl<F: Forward + Send> Forward for PrefixReuse<F> {
-    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+impl<F: Backend + Send> Backend for PrefixReuse<F> {
+    async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
         let held = self.fed.get(pos..).unwrap_or_default();
         // Keep at least one id to run: its logits are the result.
         let skip = held
@@ -69,7 +69,7 @@ impl<F: Forward + Send> Forward for PrefixReuse<F> {
         // Until the step succeeds, only what precedes it is known to be in the backend (also if
         // this future is dropped half-way).
         self.fed.truncate(start);
-        let logits = self.inner.forward(&ids[skip..], pos + skip).await?;
+        let logits = self.inner.logits(&ids[skip..], pos + skip).await?;
         self.fed.extend_from_slice(&ids[skip..]);
         self.reused += skip;
         if skip > 0 {
@@ -82,7 +82,7 @@ impl<F: Forward + Send> Forward for PrefixReuse<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use coordinator::generate::LocalForward;
+    use coordinator::generate::LocalBackend;
     use model::LocalModel;
 
     /// Records each step; logits say how many positions the "cache" holds after it.
@@ -92,8 +92,8 @@ mod tests {
         len: usize,
     }
 
-    impl Forward for Recorder {
-        async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+    impl Backend for Recorder {
+        async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
             assert!(
                 pos <= self.len,
                 "step at {pos} past the cache ({})",
@@ -117,22 +117,22 @@ mod tests {
         block_on(async {
             let mut f = PrefixReuse::new(Recorder::default());
             // Turn 1: prompt, then two decoded tokens (the last sampled one is never fed).
-            f.forward(&[1, 2, 3], 0).await.unwrap();
-            f.forward(&[7], 3).await.unwrap();
-            f.forward(&[8], 4).await.unwrap();
+            f.logits(&[1, 2, 3], 0).await.unwrap();
+            f.logits(&[7], 3).await.unwrap();
+            f.logits(&[8], 4).await.unwrap();
             assert_eq!(f.cached(), 5);
             // Turn 2 re-renders the conversation; it agrees with the cache up to position 4.
-            let logits = f.forward(&[1, 2, 3, 7, 9, 10], 0).await.unwrap();
+            let logits = f.logits(&[1, 2, 3, 7, 9, 10], 0).await.unwrap();
             assert_eq!(logits, [6.0]);
             assert_eq!(f.inner().steps.last().unwrap(), &(vec![9, 10], 4));
             assert_eq!(f.reused, 4);
             assert_eq!(f.cached(), 6);
             // A prompt the cache holds entirely still runs its last id, for its logits.
-            f.forward(&[1, 2, 3], 0).await.unwrap();
+            f.logits(&[1, 2, 3], 0).await.unwrap();
             assert_eq!(f.inner().steps.last().unwrap(), &(vec![3], 2));
             assert_eq!(f.cached(), 3);
             // Nothing in common: everything runs from 0.
-            f.forward(&[5, 6], 0).await.unwrap();
+            f.logits(&[5, 6], 0).await.unwrap();
             assert_eq!(f.inner().steps.last().unwrap(), &(vec![5, 6], 0));
         });
     }
@@ -145,7 +145,7 @@ mod tests {
             assert_eq!(f.inner().steps, [(vec![1], 0)]);
             assert_eq!(f.cached(), 1);
             // The first prompt starts with that token: it is not run again.
-            f.forward(&[1, 2, 3], 0).await.unwrap();
+            f.logits(&[1, 2, 3], 0).await.unwrap();
             assert_eq!(f.inner().steps.last().unwrap(), &(vec![2, 3], 1));
             f.touch(1).await.unwrap();
             assert_eq!(f.inner().steps.last().unwrap(), &(vec![3], 2));
@@ -164,14 +164,14 @@ mod tests {
         let model = LocalModel::open(&path, &mut |_, _| {}).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         block_on(async {
-            let fresh = LocalForward::new(&model, 16)
+            let fresh = LocalBackend::new(&model, 16)
                 .unwrap()
-                .forward(&[3, 4, 5, 9], 0)
+                .logits(&[3, 4, 5, 9], 0)
                 .await
                 .unwrap();
-            let mut f = PrefixReuse::new(LocalForward::new(&model, 16).unwrap());
-            f.forward(&[3, 4, 5, 6, 7], 0).await.unwrap();
-            let reused = f.forward(&[3, 4, 5, 9], 0).await.unwrap();
+            let mut f = PrefixReuse::new(LocalBackend::new(&model, 16).unwrap());
+            f.logits(&[3, 4, 5, 6, 7], 0).await.unwrap();
+            let reused = f.logits(&[3, 4, 5, 9], 0).await.unwrap();
             assert_eq!(f.reused, 3);
             assert_eq!(reused, fresh);
         });

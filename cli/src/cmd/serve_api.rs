@@ -1,14 +1,20 @@
 //! `edge-node serve-api`: the OpenAI-compatible HTTP API, the gRPC service, the status page and
-//! `/metrics`, on one port, backed by the swarm.
+//! `/metrics`, on one port, backed by the swarm or (`--local`) by every block in this process on
+//! a node's batching compute thread.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 use clap::Args;
-use coordinator::SwarmClient;
-use gateway::{Gateway, GatewayConfig};
+use coordinator::{ClientModel, SwarmClient};
+use gateway::{Blocks, Gateway, GatewayConfig, LocalBlocks};
+use model::{load, GgufFile, LoadOptions};
+use node::compute::{measure_speed, ComputeHandle, ComputeLimits};
+use node::metrics::NodeMetrics;
 use swarm::status::ModelInfo;
 
 use super::client::{open_client_model, SwarmArgs};
@@ -26,9 +32,25 @@ pub struct ServeApiArgs {
     /// Name clients use for the model (default: the file name without `.gguf`).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Generations running at once; further requests wait.
-    #[arg(long, default_value_t = 4)]
-    pub max_concurrent: usize,
+    /// Run every block in this process instead of through a swarm (one device, no peers).
+    #[arg(long, conflicts_with_all = ["bootstrap", "mdns"])]
+    pub local: bool,
+    /// Generations running at once; further requests wait. Default: what the blocks batch
+    /// (--max-sessions with --local; 16, a node's default session limit, in a swarm).
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    /// With --local: sessions the compute thread batches at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_sessions: usize,
+    /// With --local: KV-cache positions for all sessions together, taken in pages as they grow.
+    #[arg(long, default_value_t = 16384)]
+    pub cache_tokens: usize,
+    /// With --local: most prompt rows per batch (default: about 40 ms of work, measured).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub prefill_chunk: Option<u64>,
+    /// With --local: compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Requests allowed to wait for a slot; more are refused with 429.
     #[arg(long, default_value_t = 64)]
     pub max_waiting: usize,
@@ -44,8 +66,11 @@ pub struct ServeApiArgs {
 }
 
 pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
-    if !args.swarm.is_set() {
-        bail!("say where the swarm is: --bootstrap MULTIADDR (or --mdns)");
+    if !args.local && !args.swarm.is_set() {
+        bail!("say where the swarm is: --bootstrap MULTIADDR (or --mdns), or run every block here with --local");
+    }
+    if args.local {
+        super::init_threads(args.threads)?;
     }
     let rt = super::runtime()?;
     rt.block_on(async {
@@ -54,10 +79,16 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let client = SwarmClient::connect(args.swarm.client_config()).await?;
+        let (blocks, batch) = if args.local {
+            let local = tokio::task::block_in_place(|| local_blocks(&args, &model))?;
+            (Blocks::Local(local), args.max_sessions.max(1))
+        } else {
+            let client = SwarmClient::connect(args.swarm.client_config()).await?;
+            (Blocks::Swarm(client), SWARM_BATCH)
+        };
         let config = GatewayConfig {
             default_max_tokens: args.default_max_tokens.max(1),
-            max_concurrent: args.max_concurrent.max(1),
+            max_concurrent: args.max_concurrent.unwrap_or(batch).max(1),
             max_waiting: args.max_waiting,
             queue_timeout: Duration::from_secs(args.queue_timeout),
             generation_timeout: Duration::from_secs(args.generation_timeout.max(1)),
@@ -67,7 +98,12 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
             .model_id
             .clone()
             .unwrap_or_else(|| ModelInfo::id_of(&args.model));
-        let gw = Gateway::start(client, model, id.clone(), config, shutdown.clone());
+        tracing::info!(
+            max_concurrent = config.max_concurrent,
+            "{}",
+            if args.local { "every block in this process" } else { "blocks through the swarm" }
+        );
+        let gw = Gateway::start(blocks, model, id.clone(), config, shutdown.clone());
         let addr = listener.local_addr()?;
         {
             use std::io::Write;
@@ -82,3 +118,52 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })
 }
+
+/// Generations a swarm gateway runs at once by default: what one node batches by default
+/// (`join --max-sessions`), since every generation holds a session on each node of its route.
+const SWARM_BATCH: usize = 16;
+
+/// Every block of the file on a compute thread of its own, timed for the prefill chunk.
+fn local_blocks(args: &ServeApiArgs, model: &ClientModel) -> anyhow::Result<LocalBlocks> {
+    let blocks = 0..model.spec.block_count;
+    let file = GgufFile::open(&args.model)?;
+    let mut slice = load(&file, &LoadOptions::blocks(blocks.clone()), &mut |_, _| {})?;
+    let stack = slice
+        .stack
+        .take()
+        .context("the file has no transformer blocks")?;
+    let (decode_ms, prefill_ms) = measure_speed(&stack, MEASURE_PREFILL, MEASURE_DECODE)?;
+    let prefill_chunk = match args.prefill_chunk {
+        Some(n) => n as usize,
+        None => ComputeLimits::prefill_chunk_for(
+            prefill_ms * blocks.len() as f64 / MEASURE_PREFILL as f64,
+        ),
+    };
+    tracing::info!(
+        decode_ms_per_block = format!("{decode_ms:.3}"),
+        prefill_chunk,
+        "blocks {}..{} loaded and measured",
+        blocks.start,
+        blocks.end
+    );
+    let metrics = Arc::new(NodeMetrics::default());
+    let compute = ComputeHandle::spawn(
+        stack,
+        ComputeLimits {
+            max_sessions: args.max_sessions.max(1),
+            cache_tokens: args.cache_tokens,
+            prefill_chunk,
+        },
+        metrics.clone(),
+    )?;
+    metrics.block_end.set(blocks.end as i64);
+    Ok(LocalBlocks {
+        compute,
+        metrics,
+        decode_ms_per_block: decode_ms,
+    })
+}
+
+/// What the local blocks are timed on (as a joining node does).
+const MEASURE_PREFILL: usize = 32;
+const MEASURE_DECODE: usize = 8;

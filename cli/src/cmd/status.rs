@@ -32,7 +32,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             ..ClientConfig::default()
         })
         .await?;
-        anyhow::Ok(status::snapshot(client.net(), &model.fingerprint, info).await?)
+        let view = status::snapshot(client.net(), &model.fingerprint, info).await;
+        client.close().await;
+        anyhow::Ok(view?)
     })?;
     let blocks = view.model.block_count;
     println!(

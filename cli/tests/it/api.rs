@@ -463,3 +463,97 @@ fn a_node_killed_during_an_api_request_costs_a_reroute_not_the_answer() {
     assert!(metric(&metrics, "edge_gateway_reroutes_total") >= 1.0);
     drop(twins.remove(victim));
 }
+
+/// `serve-api --local`: the same API from one process holding every block, its generations
+/// batched on the node's compute thread. The official client gets the reference, concurrent
+/// requests each get their own reference text, and the metrics show the batching happened.
+#[test]
+fn serve_api_local_batches_concurrent_requests_and_each_gets_the_local_reference() {
+    let py = require_python_clients();
+    let expected = reference(12);
+    let model = default_model();
+    let api = spawn_until(
+        &[
+            "serve-api",
+            "--local",
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-sessions",
+            "4",
+            "--prefill-chunk",
+            "16",
+        ],
+        "serving the API on http://",
+        ":",
+    );
+    let addr = api.addr.clone();
+    run_python(
+        &py,
+        "openai_api.py",
+        &[
+            ("BASE_URL", format!("http://{addr}/v1")),
+            ("MODEL_ID", "SmolLM2-135M-Instruct.Q4_1".into()),
+            ("EXPECTED", expected.to_string()),
+        ],
+    );
+
+    // Six different prompts at once (four run, two wait for a slot), one of them longer than
+    // a prefill chunk: each text is what one process alone produces for it.
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "The three primary colors are",
+        "In 1492, Columbus",
+        "The largest planet in the solar system is",
+        "Water boils at a temperature of 100 degrees Celsius at sea level, and the reason \
+         it boils at a lower temperature on a mountain is that",
+    ];
+    let n = 16;
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (addr, p) = (addr.clone(), p.to_string());
+            std::thread::spawn(move || {
+                let body = json!({
+                    "model": "SmolLM2-135M-Instruct.Q4_1",
+                    "prompt": p,
+                    "max_tokens": n,
+                    "temperature": 0,
+                });
+                let (status, text) = http(
+                    &addr,
+                    "POST",
+                    "/v1/completions",
+                    body.to_string().as_bytes(),
+                );
+                assert_eq!(status, 200, "{text}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let texts: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (p, got) in prompts.iter().zip(&texts) {
+        let want = local(p, n, false);
+        assert_eq!(got, want["text"].as_str().unwrap(), "prompt {p:?}");
+    }
+
+    let (status, text) = http(&addr, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    assert_eq!(text.matches("# EOF").count(), 1, "one exposition:\n{text}");
+    // Mean sessions per batched product above one: generations shared products.
+    let sessions = metric(&text, "edge_node_batch_sessions_sum");
+    let batches = metric(&text, "edge_node_batch_sessions_count");
+    assert!(
+        sessions > batches,
+        "{sessions} sessions in {batches} batches"
+    );
+    assert!(metric(&text, "edge_node_prefill_chunks_total") >= 2.0);
+    assert_eq!(metric(&text, "edge_node_sessions"), 0.0);
+    assert_eq!(metric(&text, "edge_gateway_generations_active"), 0.0);
+    let st = get_json(&addr, "/api/status");
+    assert_eq!(st["local"], true, "{st}");
+    assert!(st["swarm"]["first_gap"].is_null(), "{st}");
+}

@@ -1,6 +1,6 @@
 //! The generation loop: prefill the prompt, then sample and feed back one token at a time,
 //! streaming text as it becomes printable. The loop does not know where the blocks run; a
-//! [`Forward`] backend does (one process now, a chain of peers in the swarm).
+//! [`Backend`] does (one process now, a chain of peers in the swarm).
 
 pub mod sample;
 pub mod tokenize;
@@ -22,11 +22,17 @@ pub enum GenerateError {
     PromptTooLong { tokens: usize, context: usize },
     #[error(transparent)]
     Route(#[from] crate::session::RouteError),
+    /// A [`Backend`] outside this crate failed (the in-process compute thread of
+    /// `serve-api --local`, say).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Runs token ids at positions `pos..` through every block and returns the last logits.
-pub trait Forward {
-    fn forward(
+/// Where the blocks run, seen from generation: given token ids at positions `pos..`, the
+/// logits after the last of them. One process ([`LocalBackend`]) or a chain of peers
+/// ([`crate::SwarmBackend`]); wrappers (prefix reuse, metering) implement it too.
+pub trait Backend {
+    fn logits(
         &mut self,
         ids: &[u32],
         pos: usize,
@@ -34,12 +40,12 @@ pub trait Forward {
 }
 
 /// Every block in this process, with one KV cache.
-pub struct LocalForward<'a> {
+pub struct LocalBackend<'a> {
     model: &'a LocalModel,
     kv: SessionKv,
 }
 
-impl<'a> LocalForward<'a> {
+impl<'a> LocalBackend<'a> {
     pub fn new(model: &'a LocalModel, capacity: usize) -> Result<Self, GenerateError> {
         Ok(Self {
             kv: model.new_cache(capacity)?,
@@ -48,11 +54,11 @@ impl<'a> LocalForward<'a> {
     }
 }
 
-impl Forward for LocalForward<'_> {
+impl Backend for LocalBackend<'_> {
     /// Computes in place: the local engine is the only work of its caller's thread. A position
     /// inside the cache rolls it back, as swarm nodes do, so a caller can re-run from any point
     /// (a chat that reuses the conversation's common prefix).
-    async fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
+    async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
         self.kv.truncate(pos);
         Ok(self.model.forward(ids, &mut self.kv, pos)?)
     }
@@ -157,7 +163,7 @@ fn rate(n: usize, t: Duration) -> f64 {
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_text` with each
 /// printable piece as soon as it is complete UTF-8.
-pub async fn generate<F: Forward>(
+pub async fn generate<F: Backend>(
     backend: &mut F,
     tokenizer: &Tokenizer,
     prompt: Vec<u32>,
@@ -197,7 +203,7 @@ pub async fn generate<F: Forward>(
         }
     };
     let started = Instant::now();
-    let mut logits = backend.forward(&out.prompt_tokens, 0).await?;
+    let mut logits = backend.logits(&out.prompt_tokens, 0).await?;
     out.prefill_time = started.elapsed();
     let decode_started = Instant::now();
     let mut stopped = false;
@@ -220,7 +226,7 @@ pub async fn generate<F: Forward>(
         if out.tokens.len() >= opts.max_new_tokens || history.len() >= context {
             break;
         }
-        logits = backend.forward(&[id], history.len() - 1).await?;
+        logits = backend.logits(&[id], history.len() - 1).await?;
     }
     out.decode_time = decode_started.elapsed();
     if !stopped {

@@ -43,7 +43,7 @@ impl ModelFile {
             }
             BlockChoice::Count(n) => *n,
             BlockChoice::Auto { max_memory_bytes } => {
-                let block_bytes = crate::compute::block_weight_bytes(&file, 0)?;
+                let block_bytes = block_weight_bytes(&file, 0)?;
                 blocks_for_memory(
                     *max_memory_bytes,
                     MEMORY_OVERHEAD_BYTES,
@@ -92,4 +92,15 @@ pub fn blocks(model: &ModelFile, range: &Range<usize>) -> Result<BlockStack, Joi
     Ok(slice?.stack.ok_or(model::ModelError::NotLoaded {
         what: "transformer blocks",
     })?)
+}
+
+/// Bytes of the tensors of block `index` in the file (what serving one block costs in weights).
+fn block_weight_bytes(file: &GgufFile, index: usize) -> Result<u64, model::ModelError> {
+    let prefix = format!("blk.{index}.");
+    Ok(file
+        .tensors()?
+        .iter()
+        .filter(|v| v.name.starts_with(&prefix))
+        .map(|v| v.len_bytes() as u64)
+        .sum())
 }

@@ -26,3 +26,8 @@ pub fn speed(stack: &BlockStack) -> Result<Speed, JoinError> {
         prefill_ms_per_block: prefill,
     })
 }
+
+/// Milliseconds one prompt row takes through `blocks` of the measured blocks.
+pub fn prefill_ms_per_row(speed: &Speed, blocks: usize) -> f64 {
+    speed.prefill_ms_per_block * blocks as f64 / PREFILL_TOKENS as f64
+}

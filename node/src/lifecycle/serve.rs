@@ -12,7 +12,7 @@ use proto::v1::ServerState;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{enter, rebalance, ModelFile, Outcome, Phase};
+use super::{enter, measure, rebalance, ModelFile, Outcome, Phase};
 use crate::announce::{Announcer, Speed};
 use crate::compute::{ComputeHandle, ComputeLimits};
 use crate::config::JoinConfig;
@@ -41,11 +41,16 @@ impl Serving {
         speed: Speed,
         metrics: &Arc<NodeMetrics>,
     ) -> Result<Self, JoinError> {
+        let prefill_chunk = config.prefill_chunk.unwrap_or_else(|| {
+            ComputeLimits::prefill_chunk_for(measure::prefill_ms_per_row(&speed, range.len()))
+        });
+        tracing::info!(prefill_chunk, "prompt rows per batch");
         let compute = ComputeHandle::spawn(
             stack,
             ComputeLimits {
                 max_sessions: config.max_sessions,
                 cache_tokens: config.cache_tokens,
+                prefill_chunk,
             },
             metrics.clone(),
         )?;

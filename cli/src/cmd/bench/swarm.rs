@@ -187,14 +187,14 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
             route = session.route();
             let t = Instant::now();
             let x = client_model.embedding.embed(&prompt)?;
-            let y = session.forward(x, 0).await?;
+            let y = session.run_blocks(x, 0).await?;
             let logits = client_model.head.last_logits(&y)?;
             let prefill = t.elapsed();
             let mut next = argmax(logits.iter().copied());
             let t = Instant::now();
             for i in 0..args.gen_tokens {
                 let x = client_model.embedding.embed(&[next])?;
-                let y = session.forward(x, (prompt.len() + i) as u32).await?;
+                let y = session.run_blocks(x, (prompt.len() + i) as u32).await?;
                 next = argmax(client_model.head.last_logits(&y)?.iter().copied());
             }
             let steps = t.elapsed();
@@ -269,13 +269,13 @@ pub fn recovery(
                 .open_session(&client_model, (history + 8) as u32)
                 .await?;
             let x = client_model.embedding.embed(&prompt)?;
-            let y = session.forward(x, 0).await?;
+            let y = session.run_blocks(x, 0).await?;
             let mut next = argmax(client_model.head.last_logits(&y)?.iter().copied());
             let mut pos = prompt.len();
             let t = Instant::now();
             while pos < history {
                 let y = session
-                    .forward(client_model.embedding.embed(&[next])?, pos as u32)
+                    .run_blocks(client_model.embedding.embed(&[next])?, pos as u32)
                     .await?;
                 next = argmax(client_model.head.last_logits(&y)?.iter().copied());
                 pos += 1;
@@ -290,7 +290,7 @@ pub fn recovery(
             let killed = Instant::now();
             dead.child.kill()?;
             let y = session
-                .forward(client_model.embedding.embed(&[next])?, pos as u32)
+                .run_blocks(client_model.embedding.embed(&[next])?, pos as u32)
                 .await?;
             client_model.head.last_logits(&y)?;
             let recovery_ms = killed.elapsed().as_secs_f64() * 1e3;
@@ -328,7 +328,7 @@ pub fn api(
     clients: usize,
 ) -> anyhow::Result<serde_json::Value> {
     use coordinator::generate::{self, GenerateOptions, SamplingOptions};
-    use coordinator::SwarmForward;
+    use coordinator::SwarmBackend;
 
     let model_path = args.model.to_string_lossy().into_owned();
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
@@ -378,7 +378,7 @@ pub fn api(
                 .open_session(&client_model, (ids.len() + args.gen_tokens) as u32)
                 .await?;
             let opened = t.elapsed();
-            let mut backend = SwarmForward {
+            let mut backend = SwarmBackend {
                 model: &client_model,
                 session,
             };

@@ -1,0 +1,521 @@
+//! The compute thread's loop: continuous batching of every session's ready step.
+//!
+//! Each iteration runs, per block, one batched product over the rows of many sessions: the
+//! whole of every small step (decode steps are one row) plus one chunk of at most
+//! [`ComputeLimits::prefill_chunk`] rows of a long prompt. Sessions join the batch when their
+//! step arrives and leave when it is answered, between iterations. A long prompt is therefore
+//! run in chunks with everybody's decode steps flowing between them, and chunks go to the
+//! peers with prompts waiting in turn, so one peer's prompts cannot starve another's.
+//!
+//! A session's numbers do not depend on what it is batched with, or on how its prompt is cut
+//! into chunks: every kernel computes each row on its own, and attention of a row reads only
+//! its own session's cache (`model`'s batch and chunking tests hold it to that, bit for bit).
+//!
+//! KV memory is taken in pages as sessions grow and charged against `cache_tokens` before the
+//! rows that need it run; a step that would overdraw it fails alone with CACHE_FULL (clients
+//! reroute that span), and closing or withdrawing frees or rolls back at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::TryRecvError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use model::{BatchEntry, BlockStack, Hidden, SessionKv};
+use tokio::sync::oneshot;
+
+use super::{ComputeError, ComputeLimits, ComputeStats, Job, Queue, SessionId, StepResult};
+use crate::metrics::NodeMetrics;
+
+/// Steps of at most this many rows ride whole in every iteration: decode steps and short
+/// follow-ups cost little and are what other users wait on. Longer steps share the chunk.
+const SMALL_STEP: usize = 4;
+
+pub(super) struct Scheduler {
+    stack: BlockStack,
+    limits: ComputeLimits,
+    stats: Arc<ComputeStats>,
+    metrics: Arc<NodeMetrics>,
+    sessions: HashMap<SessionId, Session>,
+    next_id: SessionId,
+    /// KV positions allocated to all sessions: what `cache_tokens` bounds.
+    used: usize,
+    /// The peer whose prompt got the last chunk; the next chunk goes to the next peer.
+    last_prefill_peer: Option<PeerId>,
+}
+
+struct Session {
+    span: Range<usize>,
+    kv: SessionKv,
+    peer: PeerId,
+    step: Option<Pending>,
+}
+
+/// A step being computed, possibly over several iterations.
+struct Pending {
+    pos: usize,
+    input: Hidden,
+    /// Rows computed so far; their outputs are in `output`.
+    done: usize,
+    output: Vec<f32>,
+    compute: Duration,
+    queued: Instant,
+    reply: oneshot::Sender<StepResult>,
+}
+
+impl Pending {
+    fn remaining(&self) -> usize {
+        self.input.tokens - self.done
+    }
+}
+
+/// Rows of one session in one iteration.
+#[derive(Clone, Copy)]
+struct Rows {
+    id: SessionId,
+    count: usize,
+}
+
+impl Scheduler {
+    pub(super) fn new(
+        stack: BlockStack,
+        limits: ComputeLimits,
+        stats: Arc<ComputeStats>,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
+        Self {
+            stack,
+            limits,
+            stats,
+            metrics,
+            sessions: HashMap::new(),
+            next_id: 1,
+            used: 0,
+            last_prefill_peer: None,
+        }
+    }
+
+    /// Serves until every handle is gone. The thread ends with its sessions: their caches are
+    /// freed with it.
+    pub(super) fn run(mut self, queue: Queue) {
+        loop {
+            if !self.has_work() {
+                match queue.jobs.recv() {
+                    Ok(job) => self.take(job, &queue),
+                    Err(_) => break,
+                }
+            }
+            let mut disconnected = false;
+            loop {
+                match queue.jobs.try_recv() {
+                    Ok(job) => self.take(job, &queue),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+            self.take_closes(&queue);
+            if disconnected {
+                break;
+            }
+            self.iterate();
+            self.publish();
+        }
+        self.metrics.sessions.set(0);
+        self.metrics.kv_cache_bytes.set(0);
+        self.metrics.kv_cache_reserved_tokens.set(0);
+    }
+
+    /// Frees closed sessions. Done before every job, so that an open sent after a close finds
+    /// the room that close made (a gateway reuses its slot at once), and a step of a session
+    /// already closed is answered as unknown instead of computed for nobody.
+    fn take_closes(&mut self, queue: &Queue) {
+        while let Ok(id) = queue.closed.try_recv() {
+            self.close(id);
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.sessions.values().any(|s| s.step.is_some())
+    }
+
+    fn take(&mut self, job: Job, queue: &Queue) {
+        self.take_closes(queue);
+        self.apply(job);
+    }
+
+    fn apply(&mut self, job: Job) {
+        match job {
+            Job::Open {
+                span,
+                max_length,
+                peer,
+                reply,
+            } => {
+                let res = self.open(span, max_length, peer);
+                if let Err(e) = &res {
+                    let reason = match e {
+                        ComputeError::TooManySessions(_) => "sessions_full",
+                        ComputeError::CacheFull { .. } => "cache_full",
+                        _ => "other",
+                    };
+                    self.metrics
+                        .sessions_refused
+                        .get_or_create(&vec![("reason", reason)])
+                        .inc();
+                }
+                let _ = reply.send(res);
+            }
+            Job::Step {
+                id,
+                pos,
+                hidden,
+                reply,
+            } => {
+                if let Err(e) = self.admit(id, pos, hidden, reply) {
+                    self.metrics.step_errors.inc();
+                    let _ = e.send();
+                }
+            }
+            Job::Closed => {}
+        }
+    }
+
+    fn open(
+        &mut self,
+        span: Range<usize>,
+        max_length: usize,
+        peer: PeerId,
+    ) -> Result<SessionId, ComputeError> {
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(ComputeError::TooManySessions(self.limits.max_sessions));
+        }
+        // Checked before anything is allocated: a session whose first page does not fit is
+        // refused here, and one that can never fit is refused even on an empty node.
+        let first = self.stack.cache_allocation(span.clone(), max_length, 1);
+        let total = self.limits.cache_tokens;
+        if self.used + first > total || max_length > total {
+            return Err(ComputeError::CacheFull {
+                wanted: first.max(max_length.min(total + 1)),
+                free: total - self.used,
+                total,
+            });
+        }
+        let kv = self.stack.new_cache(span.clone(), max_length);
+        self.used += kv.allocated();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.metrics.sessions_opened.inc();
+        self.sessions.insert(
+            id,
+            Session {
+                span,
+                kv,
+                peer,
+                step: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn admit(
+        &mut self,
+        id: SessionId,
+        pos: usize,
+        input: Hidden,
+        reply: oneshot::Sender<StepResult>,
+    ) -> Result<(), Refusal> {
+        let s = match self.sessions.get_mut(&id) {
+            None => {
+                let error = ComputeError::UnknownSession;
+                return Err(Refusal { reply, error });
+            }
+            Some(s) if s.step.is_some() => {
+                let error = ComputeError::StepInFlight;
+                return Err(Refusal { reply, error });
+            }
+            Some(s) if pos > s.kv.len() => {
+                let len = s.kv.len();
+                let error = ComputeError::BadPosition { got: pos, len };
+                return Err(Refusal { reply, error });
+            }
+            Some(s) => s,
+        };
+        // A position inside the cache rolls it back: the client is replaying.
+        s.kv.truncate(pos);
+        s.step = Some(Pending {
+            pos,
+            output: Vec::with_capacity(input.data.len()),
+            input,
+            done: 0,
+            compute: Duration::ZERO,
+            queued: Instant::now(),
+            reply,
+        });
+        Ok(())
+    }
+
+    fn close(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.used -= s.kv.allocated();
+            if s.step.is_some() {
+                self.metrics.steps_withdrawn.inc();
+            }
+        }
+    }
+
+    /// One batched pass over this iteration's rows.
+    fn iterate(&mut self) {
+        self.drop_withdrawn();
+        let rows = self.select();
+        if rows.is_empty() {
+            return;
+        }
+        let rows = self.reserve(rows);
+        let mut groups: BTreeMap<(usize, usize), Vec<Rows>> = BTreeMap::new();
+        for r in rows {
+            let span = &self.sessions[&r.id].span;
+            groups.entry((span.start, span.end)).or_default().push(r);
+        }
+        for ((start, end), rows) in groups {
+            self.run_group(start..end, &rows);
+        }
+    }
+
+    /// Steps whose caller stopped waiting (its stream closed, or the node is draining) are
+    /// dropped before any more work is done for them, and their cache is rolled back to where
+    /// the step began.
+    fn drop_withdrawn(&mut self) {
+        for s in self.sessions.values_mut() {
+            if s.step.as_ref().is_some_and(|p| p.reply.is_closed()) {
+                let p = s.step.take().expect("checked just above");
+                s.kv.truncate(p.pos);
+                self.metrics.steps_withdrawn.inc();
+            }
+        }
+    }
+
+    /// Every small step whole, then prompt chunks in turn by peer until the chunk budget is
+    /// spent. Sorted by session id, so the same work is batched the same way each time.
+    fn select(&mut self) -> Vec<Rows> {
+        let mut rows = Vec::new();
+        let mut waiting: BTreeMap<PeerId, (Instant, SessionId)> = BTreeMap::new();
+        for (&id, s) in &self.sessions {
+            let Some(p) = &s.step else { continue };
+            if p.remaining() <= SMALL_STEP {
+                rows.push(Rows {
+                    id,
+                    count: p.remaining(),
+                });
+            } else {
+                // A peer's oldest prompt first.
+                let e = waiting.entry(s.peer).or_insert((p.queued, id));
+                if (p.queued, id) < *e {
+                    *e = (p.queued, id);
+                }
+            }
+        }
+        let mut budget = self.limits.prefill_chunk.max(1);
+        // The peers with prompts, starting after the one served last.
+        let peers: Vec<PeerId> = match self.last_prefill_peer {
+            Some(last) => waiting
+                .range(last..)
+                .filter(|(p, _)| **p != last)
+                .chain(waiting.range(..=last))
+                .map(|(p, _)| *p)
+                .collect(),
+            None => waiting.keys().copied().collect(),
+        };
+        for peer in peers {
+            if budget == 0 {
+                break;
+            }
+            let id = waiting[&peer].1;
+            let remaining = self.sessions[&id]
+                .step
+                .as_ref()
+                .map_or(0, Pending::remaining);
+            let count = remaining.min(budget);
+            budget -= count;
+            rows.push(Rows { id, count });
+            self.last_prefill_peer = Some(peer);
+            self.metrics.prefill_chunks.inc();
+        }
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+
+    /// Takes the KV pages the selected rows need from the budget, failing the steps the budget
+    /// cannot hold; returns the rows that may run.
+    fn reserve(&mut self, rows: Vec<Rows>) -> Vec<Rows> {
+        let total = self.limits.cache_tokens;
+        let mut ok = Vec::with_capacity(rows.len());
+        for r in rows {
+            let Some(s) = self.sessions.get_mut(&r.id) else {
+                continue;
+            };
+            let Some(p) = &s.step else { continue };
+            let end = p.pos + p.done + r.count;
+            let before = s.kv.allocated();
+            let wanted = s.kv.allocated_for(end) - before;
+            if self.used + wanted > total {
+                let free = total - self.used;
+                fail(
+                    s,
+                    &self.metrics,
+                    ComputeError::CacheFull {
+                        wanted,
+                        free,
+                        total,
+                    },
+                );
+                continue;
+            }
+            s.kv.grow_to(end);
+            self.used += s.kv.allocated() - before;
+            ok.push(r);
+        }
+        ok
+    }
+
+    /// Runs one batched product over sessions of the same span and hands out the rows.
+    fn run_group(&mut self, span: Range<usize>, rows: &[Rows]) {
+        let mut taken: Vec<(Rows, Session)> = Vec::with_capacity(rows.len());
+        for &r in rows {
+            let Some(mut s) = self.sessions.remove(&r.id) else {
+                continue;
+            };
+            let p = s.step.as_ref().expect("selected sessions have a step");
+            let pos = p.pos + p.done;
+            if let Err(e) = self.stack.check_step(&span, r.count, &s.kv, pos) {
+                fail(&mut s, &self.metrics, e.into());
+                self.sessions.insert(r.id, s);
+                continue;
+            }
+            taken.push((r, s));
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let dim = self.stack.spec().embedding_length;
+        let total: usize = taken.iter().map(|(r, _)| r.count).sum();
+        let mut data = Vec::with_capacity(total * dim);
+        for (r, s) in &taken {
+            let p = s.step.as_ref().expect("selected sessions have a step");
+            data.extend_from_slice(&p.input.data[p.done * dim..(p.done + r.count) * dim]);
+            if p.done == 0 {
+                self.metrics
+                    .queue_wait_seconds
+                    .observe(p.queued.elapsed().as_secs_f64());
+            }
+        }
+        let mut x = Hidden {
+            tokens: total,
+            dim,
+            data,
+        };
+        let t = Instant::now();
+        let result = {
+            let mut entries: Vec<BatchEntry> = taken
+                .iter_mut()
+                .map(|(r, s)| {
+                    let p = s.step.as_ref().expect("selected sessions have a step");
+                    BatchEntry {
+                        tokens: r.count,
+                        pos: p.pos + p.done,
+                        kv: &mut s.kv,
+                    }
+                })
+                .collect();
+            self.stack.forward_batch(span, &mut x, &mut entries)
+        };
+        let took = t.elapsed();
+        self.metrics.batch_rows.observe(total as f64);
+        self.metrics.batch_sessions.observe(taken.len() as f64);
+        self.metrics.batches_recent.add(1);
+        self.metrics.batch_sessions_recent.add(taken.len() as u64);
+        let mut offset = 0;
+        for (r, mut s) in taken {
+            match &result {
+                Ok(()) => {
+                    let p = s.step.as_mut().expect("selected sessions have a step");
+                    p.output
+                        .extend_from_slice(&x.data[offset * dim..(offset + r.count) * dim]);
+                    p.done += r.count;
+                    p.compute += took;
+                    if p.remaining() == 0 {
+                        let p = s.step.take().expect("just used");
+                        self.answer(p, dim);
+                    }
+                }
+                // The checks above make this a bug in the model code, not bad input; the batch
+                // fails whole rather than answer with numbers that may be wrong.
+                Err(e) => fail(
+                    &mut s,
+                    &self.metrics,
+                    ComputeError::BatchFailed(e.to_string()),
+                ),
+            }
+            offset += r.count;
+            self.sessions.insert(r.id, s);
+        }
+    }
+
+    fn answer(&self, p: Pending, dim: usize) {
+        let tokens = p.input.tokens;
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.steps.inc();
+        self.metrics.tokens.inc_by(tokens as u64);
+        self.metrics.step_seconds.observe(p.compute.as_secs_f64());
+        self.metrics.rate.add(tokens as u64);
+        let out = Hidden {
+            tokens,
+            dim,
+            data: p.output,
+        };
+        let _ = p.reply.send(Ok((out, p.compute)));
+    }
+
+    /// Counters for announcements and metrics, after each iteration.
+    fn publish(&self) {
+        let sessions = self.sessions.len();
+        let bytes: usize = self.sessions.values().map(|s| s.kv.bytes()).sum();
+        self.stats
+            .used_cache_tokens
+            .store(self.used as u64, Ordering::Relaxed);
+        self.stats
+            .sessions
+            .store(sessions as u64, Ordering::Relaxed);
+        self.metrics.sessions.set(sessions as i64);
+        self.metrics.kv_cache_bytes.set(bytes as i64);
+        self.metrics.kv_cache_reserved_tokens.set(self.used as i64);
+    }
+}
+
+/// A step refused before it was queued, with the reply it is owed.
+struct Refusal {
+    reply: oneshot::Sender<StepResult>,
+    error: ComputeError,
+}
+
+impl Refusal {
+    fn send(self) -> Result<(), StepResult> {
+        self.reply.send(Err(self.error))
+    }
+}
+
+/// Ends a session's step with `error`, rolling its cache back to where the step began.
+fn fail(s: &mut Session, metrics: &NodeMetrics, error: ComputeError) {
+    if let Some(p) = s.step.take() {
+        s.kv.truncate(p.pos);
+        metrics.step_errors.inc();
+        let _ = p.reply.send(Err(error));
+    }
+}
+
+#[cfg(test)]
+mod tests;

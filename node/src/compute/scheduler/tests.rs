@@ -1,0 +1,372 @@
+//! The scheduler driven one iteration at a time (what is batched with what, in which order,
+//! what the budget refuses), and through its thread with many concurrent sessions; every
+//! output is compared bit for bit with the same session run alone.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use model::kv_cache::KV_PAGE;
+use model::synthetic::SyntheticModel;
+use model::{load, BlockStack, GgufFile, Hidden, LoadOptions};
+use tokio::sync::oneshot;
+
+use super::Scheduler;
+use crate::compute::{ComputeError, ComputeHandle, ComputeLimits, ComputeStats, Job, StepResult};
+use crate::metrics::NodeMetrics;
+
+/// Two independent loads of one synthetic model: one for the scheduler, one to compute each
+/// session alone.
+fn stacks(m: &SyntheticModel) -> (BlockStack, BlockStack) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "edge-node-scheduler-{}-{}.gguf",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    m.write(&path).expect("write synthetic gguf");
+    let file = GgufFile::open(&path).unwrap();
+    let range = 0..m.blocks;
+    let mut a = load(&file, &LoadOptions::blocks(range.clone()), &mut |_, _| {}).unwrap();
+    let mut b = load(&file, &LoadOptions::blocks(range), &mut |_, _| {}).unwrap();
+    let _ = std::fs::remove_file(&path);
+    (a.stack.take().unwrap(), b.stack.take().unwrap())
+}
+
+fn model() -> SyntheticModel {
+    SyntheticModel {
+        context: 1024,
+        ..Default::default()
+    }
+}
+
+fn scheduler(stack: BlockStack, cache_tokens: usize, prefill_chunk: usize) -> Scheduler {
+    Scheduler::new(
+        stack,
+        ComputeLimits {
+            max_sessions: 8,
+            cache_tokens,
+            prefill_chunk,
+        },
+        Arc::new(ComputeStats::default()),
+        Arc::new(NodeMetrics::default()),
+    )
+}
+
+/// Deterministic hidden states: `tokens` rows that differ by `seed`.
+fn rows(dim: usize, tokens: usize, seed: usize) -> Hidden {
+    let data = (0..tokens * dim)
+        .map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    Hidden::new(tokens, dim, data).unwrap()
+}
+
+fn open(s: &mut Scheduler, span: Range<usize>, max_length: usize, peer: PeerId) -> u64 {
+    let (reply, mut rx) = oneshot::channel();
+    s.apply(Job::Open {
+        span,
+        max_length,
+        peer,
+        reply,
+    });
+    rx.try_recv().unwrap().unwrap()
+}
+
+fn step(s: &mut Scheduler, id: u64, pos: usize, hidden: Hidden) -> oneshot::Receiver<StepResult> {
+    let (reply, rx) = oneshot::channel();
+    s.apply(Job::Step {
+        id,
+        pos,
+        hidden,
+        reply,
+    });
+    rx
+}
+
+fn answered(rx: &mut oneshot::Receiver<StepResult>) -> Option<Hidden> {
+    match rx.try_recv() {
+        Ok(Ok((h, _))) => Some(h),
+        Ok(Err(e)) => panic!("step failed: {e}"),
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        Err(e) => panic!("reply dropped: {e}"),
+    }
+}
+
+/// A session run alone on the reference stack, step by step.
+struct Alone<'a> {
+    stack: &'a BlockStack,
+    span: Range<usize>,
+    kv: model::SessionKv,
+}
+
+impl<'a> Alone<'a> {
+    fn new(stack: &'a BlockStack, span: Range<usize>, max_length: usize) -> Self {
+        Self {
+            kv: stack.new_cache(span.clone(), max_length),
+            stack,
+            span,
+        }
+    }
+
+    fn step(&mut self, pos: usize, mut h: Hidden) -> Hidden {
+        self.kv.truncate(pos);
+        self.stack
+            .forward_span(self.span.clone(), &mut h, &mut self.kv, pos)
+            .unwrap();
+        h
+    }
+}
+
+#[test]
+fn decode_steps_flow_while_a_long_prompt_runs_in_chunks() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler(stack, 4096, 32);
+    let (a, b) = (
+        open(&mut s, 0..4, 512, PeerId::random()),
+        open(&mut s, 0..4, 512, PeerId::random()),
+    );
+    let (mut alone_a, mut alone_b) = (
+        Alone::new(&reference, 0..4, 512),
+        Alone::new(&reference, 0..4, 512),
+    );
+    let mut rb = step(&mut s, b, 0, rows(dim, 3, 1));
+    s.iterate();
+    assert_eq!(answered(&mut rb).unwrap(), alone_b.step(0, rows(dim, 3, 1)));
+
+    // A 100-row prompt takes four iterations (32 + 32 + 32 + 4 rows); b decodes in every one.
+    let mut ra = step(&mut s, a, 0, rows(dim, 100, 2));
+    let mut prompt_out = None;
+    for i in 0..4 {
+        let mut rb = step(&mut s, b, 3 + i, rows(dim, 1, 10 + i));
+        s.iterate();
+        let got = answered(&mut rb).expect("the decode step is answered in its iteration");
+        assert_eq!(got, alone_b.step(3 + i, rows(dim, 1, 10 + i)));
+        prompt_out = answered(&mut ra);
+        assert_eq!(prompt_out.is_some(), i == 3, "iteration {i}");
+    }
+    assert_eq!(prompt_out.unwrap(), alone_a.step(0, rows(dim, 100, 2)));
+    let mut ra = step(&mut s, a, 100, rows(dim, 1, 3));
+    s.iterate();
+    assert_eq!(
+        answered(&mut ra).unwrap(),
+        alone_a.step(100, rows(dim, 1, 3))
+    );
+    // Three chunks of 32; the last 4 rows rode along like a decode step.
+    assert_eq!(s.metrics.prefill_chunks.get(), 3);
+}
+
+#[test]
+fn a_chunked_prompt_is_bit_identical_to_the_whole_prompt_alone() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler(stack, 4096, 48);
+    let id = open(&mut s, 1..4, 600, PeerId::random());
+    // Longer than a KV page, so the cache also grows mid-prompt.
+    let n = KV_PAGE + 77;
+    let mut rx = step(&mut s, id, 0, rows(dim, n, 5));
+    let mut iterations = 0;
+    let got = loop {
+        s.iterate();
+        iterations += 1;
+        if let Some(h) = answered(&mut rx) {
+            break h;
+        }
+    };
+    assert_eq!(iterations, n.div_ceil(48));
+    let mut alone = Alone::new(&reference, 1..4, 600);
+    assert_eq!(got, alone.step(0, rows(dim, n, 5)));
+}
+
+#[test]
+fn prompt_chunks_go_to_peers_in_turn() {
+    let (stack, _) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler(stack, 8192, 32);
+    let (x, y) = (PeerId::random(), PeerId::random());
+    // Peer x queues two 64-row prompts before peer y queues one.
+    let x1 = open(&mut s, 0..4, 256, x);
+    let x2 = open(&mut s, 0..4, 256, x);
+    let y1 = open(&mut s, 0..4, 256, y);
+    let mut rx1 = step(&mut s, x1, 0, rows(dim, 64, 1));
+    let mut rx2 = step(&mut s, x2, 0, rows(dim, 64, 2));
+    let mut ry1 = step(&mut s, y1, 0, rows(dim, 64, 3));
+    let done = |s: &Scheduler, id| s.sessions[&id].step.as_ref().map_or(64, |p| p.done);
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let before = [done(&s, x1), done(&s, x2), done(&s, y1)];
+        s.iterate();
+        let after = [done(&s, x1), done(&s, x2), done(&s, y1)];
+        let moved: Vec<usize> = (0..3).filter(|&i| after[i] != before[i]).collect();
+        assert_eq!(
+            moved.len(),
+            1,
+            "one chunk per iteration: {before:?} -> {after:?}"
+        );
+        order.push(moved[0]);
+    }
+    // x's turns go to its oldest prompt first; y is served every other iteration, so its one
+    // prompt does not wait behind both of x's.
+    let y_turns: Vec<usize> = (0..6).filter(|&i| order[i] == 2).collect();
+    assert!(
+        y_turns == [0, 2] || y_turns == [1, 3],
+        "chunk order {order:?}"
+    );
+    let x_order: Vec<usize> = order.iter().copied().filter(|&i| i != 2).collect();
+    assert_eq!(x_order, [0, 0, 1, 1], "chunk order {order:?}");
+    for rx in [&mut rx1, &mut rx2, &mut ry1] {
+        assert!(answered(rx).is_some());
+    }
+}
+
+#[test]
+fn the_cache_budget_is_charged_in_pages_and_a_step_that_overdraws_it_fails_alone() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler(stack, 2 * KV_PAGE, 512);
+    let (a, b) = (
+        open(&mut s, 0..4, 2 * KV_PAGE, PeerId::random()),
+        open(&mut s, 0..4, 2 * KV_PAGE, PeerId::random()),
+    );
+    assert_eq!(s.used, 2 * KV_PAGE);
+    // A third session's first page does not fit: refused before anything is allocated.
+    let (reply, mut rx) = oneshot::channel();
+    s.apply(Job::Open {
+        span: 0..4,
+        max_length: 10,
+        peer: PeerId::random(),
+        reply,
+    });
+    assert!(matches!(
+        rx.try_recv().unwrap(),
+        Err(ComputeError::CacheFull { free: 0, .. })
+    ));
+    // a needs a second page, which is not there; b's step in the same iteration is unaffected.
+    let mut ra = step(&mut s, a, 0, rows(dim, KV_PAGE + 1, 1));
+    let mut rb = step(&mut s, b, 0, rows(dim, 2, 2));
+    s.iterate();
+    assert!(matches!(
+        ra.try_recv().unwrap(),
+        Err(ComputeError::CacheFull { wanted, free: 0, .. }) if wanted == KV_PAGE
+    ));
+    let mut alone_b = Alone::new(&reference, 0..4, 2 * KV_PAGE);
+    assert_eq!(answered(&mut rb).unwrap(), alone_b.step(0, rows(dim, 2, 2)));
+    assert_eq!(s.sessions[&a].kv.len(), 0);
+    // Closing b frees its page, and a's step fits.
+    s.close(b);
+    assert_eq!(s.used, KV_PAGE);
+    let mut ra = step(&mut s, a, 0, rows(dim, KV_PAGE + 1, 1));
+    s.iterate();
+    let mut alone_a = Alone::new(&reference, 0..4, 2 * KV_PAGE);
+    assert_eq!(
+        answered(&mut ra).unwrap(),
+        alone_a.step(0, rows(dim, KV_PAGE + 1, 1))
+    );
+    assert_eq!(s.used, 2 * KV_PAGE);
+    // A session longer than the whole budget is refused even on an empty node.
+    s.close(a);
+    let (reply, mut rx) = oneshot::channel();
+    s.apply(Job::Open {
+        span: 0..4,
+        max_length: 2 * KV_PAGE + 1,
+        peer: PeerId::random(),
+        reply,
+    });
+    assert!(matches!(
+        rx.try_recv().unwrap(),
+        Err(ComputeError::CacheFull { .. })
+    ));
+    assert_eq!(s.used, 0);
+}
+
+#[test]
+fn a_withdrawn_step_stops_at_once_and_its_rows_are_rolled_back() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler(stack, 4096, 16);
+    let a = open(&mut s, 0..4, 256, PeerId::random());
+    let rx = step(&mut s, a, 0, rows(dim, 64, 1));
+    s.iterate();
+    assert_eq!(s.sessions[&a].kv.len(), 16);
+    drop(rx);
+    s.iterate();
+    assert!(s.sessions[&a].step.is_none());
+    assert_eq!(s.sessions[&a].kv.len(), 0);
+    assert_eq!(s.metrics.steps_withdrawn.get(), 1);
+    assert_eq!(s.metrics.prefill_chunks.get(), 1);
+    // The session goes on from where the withdrawn step began.
+    let mut rx = step(&mut s, a, 0, rows(dim, 5, 2));
+    s.iterate();
+    let mut alone = Alone::new(&reference, 0..4, 256);
+    assert_eq!(answered(&mut rx).unwrap(), alone.step(0, rows(dim, 5, 2)));
+    // A second step while one runs is refused; closing drops the queued work.
+    let _running = step(&mut s, a, 5, rows(dim, 40, 3));
+    let mut second = step(&mut s, a, 5, rows(dim, 1, 4));
+    assert!(matches!(
+        second.try_recv().unwrap(),
+        Err(ComputeError::StepInFlight)
+    ));
+    s.close(a);
+    assert!(s.sessions.is_empty());
+    assert_eq!(s.used, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_through_the_thread_are_each_bit_identical_to_running_alone() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let compute = ComputeHandle::spawn(
+        stack,
+        ComputeLimits {
+            max_sessions: 8,
+            cache_tokens: 8192,
+            prefill_chunk: 24,
+        },
+        Arc::new(NodeMetrics::default()),
+    )
+    .unwrap();
+    // Different spans, prompt lengths (some longer than a chunk) and peers, all at once.
+    let plans: Vec<(Range<usize>, usize)> = vec![
+        (0..4, 3),
+        (0..4, 70),
+        (1..3, 1),
+        (0..2, 40),
+        (2..4, 9),
+        (0..4, 150),
+    ];
+    let peers = [PeerId::random(), PeerId::random()];
+    let tasks = plans.iter().enumerate().map(|(i, (span, prompt))| {
+        let compute = compute.clone();
+        let (span, prompt) = (span.clone(), *prompt);
+        let peer = peers[i % 2];
+        async move {
+            let id = compute.open(span, 256, peer).await.unwrap();
+            let mut outs = Vec::new();
+            let (out, _) = compute.step(id, 0, rows(dim, prompt, i)).await.unwrap();
+            outs.push(out);
+            for t in 0..6 {
+                let (out, _) = compute
+                    .step(id, prompt + t, rows(dim, 1, 100 + 10 * i + t))
+                    .await
+                    .unwrap();
+                outs.push(out);
+            }
+            compute.close(id);
+            outs
+        }
+    });
+    let results = futures::future::join_all(tasks).await;
+    for (i, ((span, prompt), outs)) in plans.iter().zip(results).enumerate() {
+        let mut alone = Alone::new(&reference, span.clone(), 256);
+        assert_eq!(
+            outs[0],
+            alone.step(0, rows(dim, *prompt, i)),
+            "session {i} prompt"
+        );
+        for t in 0..6 {
+            let want = alone.step(prompt + t, rows(dim, 1, 100 + 10 * i + t));
+            assert_eq!(outs[1 + t], want, "session {i} decode step {t}");
+        }
+    }
+}
