@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// library on the same swarm, and CLIENTS concurrent streams against one.
     #[arg(long, value_name = "CLIENTS", conflicts_with = "recovery")]
     pub api: Option<usize>,
+    /// With --swarm: one client's per-token latency alone and while another client's prompt
+    /// of TOKENS tokens runs through the same nodes.
+    #[arg(long, value_name = "TOKENS", conflicts_with_all = ["recovery", "api"])]
+    pub fairness: Option<usize>,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]

@@ -1,10 +1,13 @@
 //! `edge-node bench`: `--local` times this machine's engine ([`local`]), `--swarm` a swarm of
-//! real processes on 127.0.0.1 against it ([`swarm`]). Both build on [`args`] and [`measure`];
-//! neither imports the other.
+//! real processes on 127.0.0.1 against it ([`swarm`]), `--swarm --fairness` one client's
+//! latency under another's long prompt ([`fairness`]). They build on [`args`], [`measure`] and
+//! [`procs`]; none imports another.
 
 pub mod args;
+mod fairness;
 mod local;
 mod measure;
+mod procs;
 mod swarm;
 
 use anyhow::bail;
@@ -20,10 +23,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {
-        _ if args.swarm => match (args.recovery, args.api) {
-            (Some(history), _) => swarm::recovery(&args, threads, history.max(2))?,
-            (None, Some(clients)) => swarm::api(&args, threads, args.nodes, clients)?,
-            (None, None) => swarm::run(&args, threads, args.nodes)?,
+        _ if args.swarm => match (args.recovery, args.api, args.fairness) {
+            (Some(history), _, _) => swarm::recovery(&args, threads, history.max(2))?,
+            (None, Some(clients), _) => swarm::api(&args, threads, args.nodes, clients)?,
+            (None, None, Some(long)) => fairness::run(&args, threads, args.nodes, long.max(1))?,
+            (None, None, None) => swarm::run(&args, threads, args.nodes)?,
         },
         None => local::bench_full(&args, threads)?,
         Some(range) => local::bench_slice(&args, threads, range)?,
