@@ -440,14 +440,14 @@ max-sessions = 3
         assert_eq!(a.model, PathBuf::from("/m.gguf"));
         assert_eq!(a.num_blocks, Some(5));
         assert_eq!(a.net.bootstrap.len(), 2);
-        assert_eq!(a.max_sessions, 3);
+        assert_eq!(a.compute.max_sessions, 3);
 
         let a = parse_with(
             file,
             &["--max-sessions", "7", "--bootstrap", "/ip4/10.0.0.3/tcp/1"],
         )
         .unwrap();
-        assert_eq!(a.max_sessions, 7);
+        assert_eq!(a.compute.max_sessions, 7);
         let boots: Vec<String> = a.net.bootstrap.iter().map(|m| m.to_string()).collect();
         assert_eq!(boots, ["/ip4/10.0.0.3/tcp/1"]);
 

@@ -6,6 +6,7 @@ use clap::Args;
 use node::{run_bootstrap, run_join, BlockChoice, JoinConfig};
 
 use super::bench::parse_block_range;
+use super::compute_args::ComputeArgs;
 use super::net_args::NetArgs;
 
 #[derive(Args, Debug)]
@@ -42,17 +43,8 @@ pub struct JoinArgs {
     pub drain_timeout: u64,
     #[command(flatten)]
     pub net: NetArgs,
-    /// Most inference sessions served at once.
-    #[arg(long, default_value_t = 16)]
-    pub max_sessions: usize,
-    /// KV-cache positions for all sessions together (each on every block it uses), taken in
-    /// pages as sessions grow.
-    #[arg(long, default_value_t = 16384)]
-    pub cache_tokens: usize,
-    /// Most prompt rows computed in one batch; longer prompts run in chunks with other
-    /// sessions' steps in between (default: about 40 ms of work, from the measured speed).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub prefill_chunk: Option<u64>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Seconds between DHT announcements (records expire after three missed ones).
     #[arg(long, default_value_t = 10)]
     pub announce_interval: u64,
@@ -153,9 +145,9 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         health_file: args.health_file,
         http_listen: args.http_listen,
         net: args.net.options(),
-        max_sessions: args.max_sessions.max(1),
-        cache_tokens: args.cache_tokens,
-        prefill_chunk: args.prefill_chunk.map(|n| n as usize),
+        max_sessions: args.compute.max_sessions(),
+        cache_tokens: args.compute.cache_tokens,
+        prefill_chunk: args.compute.prefill_chunk(),
         announce_interval: Duration::from_secs(args.announce_interval.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod chat;
 pub mod client;
+pub mod compute_args;
 pub mod config;
 pub mod generate;
 pub mod join;

@@ -13,11 +13,12 @@ use clap::Args;
 use coordinator::{ClientModel, SwarmClient};
 use gateway::{Blocks, Gateway, GatewayConfig, LocalBlocks};
 use model::{load, GgufFile, LoadOptions};
-use node::compute::{measure_speed, ComputeHandle, ComputeLimits};
+use node::compute::{measure_speed, ComputeHandle};
 use node::metrics::NodeMetrics;
 use swarm::status::ModelInfo;
 
 use super::client::{open_client_model, SwarmArgs};
+use super::compute_args::ComputeArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeApiArgs {
@@ -39,15 +40,9 @@ pub struct ServeApiArgs {
     /// (--max-sessions with --local; 16, a node's default session limit, in a swarm).
     #[arg(long)]
     pub max_concurrent: Option<usize>,
-    /// With --local: sessions the compute thread batches at once.
-    #[arg(long, default_value_t = 16)]
-    pub max_sessions: usize,
-    /// With --local: KV-cache positions for all sessions together, taken in pages as they grow.
-    #[arg(long, default_value_t = 16384)]
-    pub cache_tokens: usize,
-    /// With --local: most prompt rows per batch (default: about 40 ms of work, measured).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub prefill_chunk: Option<u64>,
+    /// With --local: the compute thread's limits.
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// With --local: compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -81,7 +76,7 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let (blocks, batch) = if args.local {
             let local = tokio::task::block_in_place(|| local_blocks(&args, &model))?;
-            (Blocks::Local(local), args.max_sessions.max(1))
+            (Blocks::Local(local), args.compute.max_sessions())
         } else {
             let client = SwarmClient::connect(args.swarm.client_config()).await?;
             (Blocks::Swarm(client), SWARM_BATCH)
@@ -133,29 +128,18 @@ fn local_blocks(args: &ServeApiArgs, model: &ClientModel) -> anyhow::Result<Loca
         .take()
         .context("the file has no transformer blocks")?;
     let (decode_ms, prefill_ms) = measure_speed(&stack, MEASURE_PREFILL, MEASURE_DECODE)?;
-    let prefill_chunk = match args.prefill_chunk {
-        Some(n) => n as usize,
-        None => ComputeLimits::prefill_chunk_for(
-            prefill_ms * blocks.len() as f64 / MEASURE_PREFILL as f64,
-        ),
-    };
+    let limits = args
+        .compute
+        .limits(prefill_ms * blocks.len() as f64 / MEASURE_PREFILL as f64);
     tracing::info!(
         decode_ms_per_block = format!("{decode_ms:.3}"),
-        prefill_chunk,
+        prefill_chunk = limits.prefill_chunk,
         "blocks {}..{} loaded and measured",
         blocks.start,
         blocks.end
     );
     let metrics = Arc::new(NodeMetrics::default());
-    let compute = ComputeHandle::spawn(
-        stack,
-        ComputeLimits {
-            max_sessions: args.max_sessions.max(1),
-            cache_tokens: args.cache_tokens,
-            prefill_chunk,
-        },
-        metrics.clone(),
-    )?;
+    let compute = ComputeHandle::spawn(stack, limits, metrics.clone())?;
     metrics.block_end.set(blocks.end as i64);
     Ok(LocalBlocks {
         compute,

@@ -211,6 +211,20 @@ pub fn run_python(py: &str, script: &str, env: &[(&str, String)]) {
     eprintln!("{script}: {}", stdout.trim());
 }
 
+/// `openai_api.py`: the official client against the gateway at `addr`, greedy texts compared
+/// with the single-process reference `expected`.
+fn openai_checks(py: &str, addr: &str, expected: &Value) {
+    run_python(
+        py,
+        "openai_api.py",
+        &[
+            ("BASE_URL", format!("http://{addr}/v1")),
+            ("MODEL_ID", "SmolLM2-135M-Instruct.Q4_1".into()),
+            ("EXPECTED", expected.to_string()),
+        ],
+    );
+}
+
 /// The value of a metric line `name value` (labels included in `name`).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -224,15 +238,7 @@ fn openai_and_grpc_clients_get_the_local_reference_through_the_gateway() {
     let expected = reference(12);
     let swarm = Swarm::start();
     let addr = swarm.http().to_string();
-    run_python(
-        &py,
-        "openai_api.py",
-        &[
-            ("BASE_URL", format!("http://{addr}/v1")),
-            ("MODEL_ID", "SmolLM2-135M-Instruct.Q4_1".into()),
-            ("EXPECTED", expected.to_string()),
-        ],
-    );
+    openai_checks(&py, &addr, &expected);
     run_python(
         &py,
         "grpc_api.py",
@@ -489,15 +495,7 @@ fn serve_api_local_batches_concurrent_requests_and_each_gets_the_local_reference
         ":",
     );
     let addr = api.addr.clone();
-    run_python(
-        &py,
-        "openai_api.py",
-        &[
-            ("BASE_URL", format!("http://{addr}/v1")),
-            ("MODEL_ID", "SmolLM2-135M-Instruct.Q4_1".into()),
-            ("EXPECTED", expected.to_string()),
-        ],
-    );
+    openai_checks(&py, &addr, &expected);
 
     // Six different prompts at once (four run, two wait for a slot), one of them longer than
     // a prefill chunk: each text is what one process alone produces for it.

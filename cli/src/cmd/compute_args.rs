@@ -1,0 +1,40 @@
+//! The compute thread's limits, as `join` and `serve-api --local` both take them.
+
+use clap::Args;
+use node::compute::ComputeLimits;
+
+#[derive(Args, Debug)]
+pub struct ComputeArgs {
+    /// Most inference sessions served, and batched, at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_sessions: usize,
+    /// KV-cache positions for all sessions together (each on every block it uses), taken in
+    /// pages as sessions grow.
+    #[arg(long, default_value_t = 16384)]
+    pub cache_tokens: usize,
+    /// Most prompt rows computed in one batch; longer prompts run in chunks with other
+    /// sessions' steps in between (default: about 40 ms of work, from the measured speed).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub prefill_chunk: Option<u64>,
+}
+
+impl ComputeArgs {
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions.max(1)
+    }
+
+    pub fn prefill_chunk(&self) -> Option<usize> {
+        self.prefill_chunk.map(|n| n as usize)
+    }
+
+    /// The limits for blocks that take `ms_per_row` per prompt row (measured).
+    pub fn limits(&self, ms_per_row: f64) -> ComputeLimits {
+        ComputeLimits {
+            max_sessions: self.max_sessions(),
+            cache_tokens: self.cache_tokens,
+            prefill_chunk: self
+                .prefill_chunk()
+                .unwrap_or_else(|| ComputeLimits::prefill_chunk_for(ms_per_row)),
+        }
+    }
+}
