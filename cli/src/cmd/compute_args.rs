@@ -13,7 +13,7 @@ pub struct ComputeArgs {
     #[arg(long, default_value_t = 16384)]
     pub cache_tokens: usize,
     /// Most prompt rows computed in one batch; longer prompts run in chunks with other
-    /// sessions' steps in between (default: about 40 ms of work, from the measured speed).
+    /// sessions' steps in between (default: sized to about 20 ms of work as measured).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub prefill_chunk: Option<u64>,
 }
@@ -35,6 +35,7 @@ impl ComputeArgs {
             prefill_chunk: self
                 .prefill_chunk()
                 .unwrap_or_else(|| ComputeLimits::prefill_chunk_for(ms_per_row)),
+            adaptive_chunk: self.prefill_chunk.is_none(),
         }
     }
 }

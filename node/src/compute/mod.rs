@@ -65,6 +65,11 @@ pub struct ComputeLimits {
     /// Most prompt rows one scheduler iteration runs: a longer step is computed in chunks of
     /// this size with other sessions' decode steps between them.
     pub prefill_chunk: usize,
+    /// Keep chunks at about [`PREFILL_CHUNK_MS`] of measured compute by resizing them after
+    /// each full chunk (`prefill_chunk` is then only the first size). A chunk's cost grows with
+    /// its position (attention reads the whole history), so a size that takes 20 ms at the
+    /// start of a prompt takes several times that thousands of positions in.
+    pub adaptive_chunk: bool,
 }
 
 impl ComputeLimits {
@@ -88,9 +93,10 @@ impl ComputeLimits {
     }
 }
 
-/// Target compute time of one prefill chunk.
-pub const PREFILL_CHUNK_MS: f64 = 40.0;
-pub const MIN_PREFILL_CHUNK: usize = 16;
+/// Target compute time of one prefill chunk: what a decode step batched with a chunk waits for
+/// at most at this node. Smaller favours the other users' latency, larger the long prompt's.
+pub const PREFILL_CHUNK_MS: f64 = 20.0;
+pub const MIN_PREFILL_CHUNK: usize = 8;
 pub const MAX_PREFILL_CHUNK: usize = 512;
 
 enum Job {

@@ -7,6 +7,7 @@ fn limits(max_sessions: usize) -> ComputeLimits {
         max_sessions,
         cache_tokens: 1024,
         prefill_chunk: 64,
+        adaptive_chunk: false,
     }
 }
 
@@ -43,7 +44,7 @@ fn a_full_queue_answers_busy_at_once() {
 
 #[test]
 fn the_prefill_chunk_follows_the_measured_speed() {
-    assert_eq!(ComputeLimits::prefill_chunk_for(0.5), 80);
+    assert_eq!(ComputeLimits::prefill_chunk_for(0.5), 40);
     assert_eq!(ComputeLimits::prefill_chunk_for(100.0), MIN_PREFILL_CHUNK);
     assert_eq!(ComputeLimits::prefill_chunk_for(0.001), MAX_PREFILL_CHUNK);
     assert_eq!(ComputeLimits::prefill_chunk_for(0.0), MAX_PREFILL_CHUNK);

@@ -51,6 +51,7 @@ impl Serving {
                 max_sessions: config.max_sessions,
                 cache_tokens: config.cache_tokens,
                 prefill_chunk,
+                adaptive_chunk: config.prefill_chunk.is_none(),
             },
             metrics.clone(),
         )?;

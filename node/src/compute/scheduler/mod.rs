@@ -26,7 +26,10 @@ use libp2p::PeerId;
 use model::{BatchEntry, BlockStack, Hidden, SessionKv};
 use tokio::sync::oneshot;
 
-use super::{ComputeError, ComputeLimits, ComputeStats, Job, Queue, SessionId, StepResult};
+use super::{
+    ComputeError, ComputeLimits, ComputeStats, Job, Queue, SessionId, StepResult,
+    MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, PREFILL_CHUNK_MS,
+};
 use crate::metrics::NodeMetrics;
 
 /// Steps of at most this many rows ride whole in every iteration: decode steps and short
@@ -44,6 +47,8 @@ pub(super) struct Scheduler {
     used: usize,
     /// The peer whose prompt got the last chunk; the next chunk goes to the next peer.
     last_prefill_peer: Option<PeerId>,
+    /// Prompt rows per iteration now (resized as measured when the limits say so).
+    chunk: usize,
 }
 
 struct Session {
@@ -94,6 +99,7 @@ impl Scheduler {
             next_id: 1,
             used: 0,
             last_prefill_peer: None,
+            chunk: limits.prefill_chunk.max(1),
         }
     }
 
@@ -271,10 +277,11 @@ impl Scheduler {
     /// One batched pass over this iteration's rows.
     fn iterate(&mut self) {
         self.drop_withdrawn();
-        let rows = self.select();
+        let (rows, prompt_rows) = self.select();
         if rows.is_empty() {
             return;
         }
+        let started = Instant::now();
         let rows = self.reserve(rows);
         let mut groups: BTreeMap<(usize, usize), Vec<Rows>> = BTreeMap::new();
         for r in rows {
@@ -284,6 +291,27 @@ impl Scheduler {
         for ((start, end), rows) in groups {
             self.run_group(start..end, &rows);
         }
+        if self.limits.adaptive_chunk && prompt_rows == self.chunk {
+            self.resize_chunk(started.elapsed());
+        }
+    }
+
+    /// Moves the chunk halfway towards the size that would have taken [`PREFILL_CHUNK_MS`] in
+    /// the iteration just measured (a full chunk, so the time is the chunk's).
+    fn resize_chunk(&mut self, took: Duration) {
+        let ms = took.as_secs_f64() * 1e3;
+        if ms <= 0.0 {
+            return;
+        }
+        let ideal = (self.chunk as f64 * PREFILL_CHUNK_MS / ms)
+            .clamp(MIN_PREFILL_CHUNK as f64, MAX_PREFILL_CHUNK as f64);
+        let half = (self.chunk as f64 + ideal) / 2.0;
+        // Rounded towards the ideal, so that the bounds are reached rather than approached.
+        self.chunk = if ideal < self.chunk as f64 {
+            half.floor()
+        } else {
+            half.ceil()
+        } as usize;
     }
 
     /// Steps whose caller stopped waiting (its stream closed, or the node is draining) are
@@ -300,8 +328,9 @@ impl Scheduler {
     }
 
     /// Every small step whole, then prompt chunks in turn by peer until the chunk budget is
-    /// spent. Sorted by session id, so the same work is batched the same way each time.
-    fn select(&mut self) -> Vec<Rows> {
+    /// spent; also returns how many prompt rows that is. Sorted by session id, so the same work
+    /// is batched the same way each time.
+    fn select(&mut self) -> (Vec<Rows>, usize) {
         let mut rows = Vec::new();
         let mut waiting: BTreeMap<PeerId, (Instant, SessionId)> = BTreeMap::new();
         for (&id, s) in &self.sessions {
@@ -319,7 +348,7 @@ impl Scheduler {
                 }
             }
         }
-        let mut budget = self.limits.prefill_chunk.max(1);
+        let mut budget = self.chunk;
         // The peers with prompts, starting after the one served last.
         let peers: Vec<PeerId> = match self.last_prefill_peer {
             Some(last) => waiting
@@ -346,7 +375,7 @@ impl Scheduler {
             self.metrics.prefill_chunks.inc();
         }
         rows.sort_by_key(|r| r.id);
-        rows
+        (rows, self.chunk - budget)
     }
 
     /// Takes the KV pages the selected rows need from the budget, failing the steps the budget

@@ -48,6 +48,7 @@ fn scheduler(stack: BlockStack, cache_tokens: usize, prefill_chunk: usize) -> Sc
             max_sessions: 8,
             cache_tokens,
             prefill_chunk,
+            adaptive_chunk: false,
         },
         Arc::new(ComputeStats::default()),
         Arc::new(NodeMetrics::default()),
@@ -322,6 +323,7 @@ async fn concurrent_sessions_through_the_thread_are_each_bit_identical_to_runnin
             max_sessions: 8,
             cache_tokens: 8192,
             prefill_chunk: 24,
+            adaptive_chunk: false,
         },
         Arc::new(NodeMetrics::default()),
     )
@@ -369,4 +371,23 @@ async fn concurrent_sessions_through_the_thread_are_each_bit_identical_to_runnin
             assert_eq!(outs[1 + t], want, "session {i} decode step {t}");
         }
     }
+}
+
+#[test]
+fn an_adaptive_chunk_moves_towards_the_target_time() {
+    use std::time::Duration;
+    let (stack, _) = stacks(&model());
+    let mut s = scheduler(stack, 4096, 64);
+    // 64 rows took 80 ms, four times the 20 ms target: halfway to 16 rows.
+    s.resize_chunk(Duration::from_millis(80));
+    assert_eq!(s.chunk, 40);
+    // Far too slow or too fast: bounded.
+    for _ in 0..20 {
+        s.resize_chunk(Duration::from_secs(10));
+    }
+    assert_eq!(s.chunk, crate::compute::MIN_PREFILL_CHUNK);
+    for _ in 0..20 {
+        s.resize_chunk(Duration::from_micros(1));
+    }
+    assert_eq!(s.chunk, crate::compute::MAX_PREFILL_CHUNK);
 }
