@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-model.sh all
 ./scripts/setup-test-tools.sh
 cargo fmt --all -- --check
+python3 scripts/check-inside-repo.py
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 

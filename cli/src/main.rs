@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             }),
         )
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour_logs())
         .compact()
         .init();
     // Before any work: a bad EDGE_CPU, or a binary built for a newer CPU, is one clear line.
@@ -83,4 +83,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Colour codes only for a terminal, and not when `NO_COLOR` is set (https://no-color.org).
+fn colour_logs() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

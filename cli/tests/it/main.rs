@@ -84,6 +84,26 @@ fn assert_clean_error(out: &Output, must_contain: &str) {
     );
 }
 
+/// A log written to a file or a pipe is plain text: colour codes only go to a terminal.
+#[test]
+fn logs_to_a_file_have_no_escape_sequences() {
+    let model = default_model();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+        .args(["generate", "--local", "--model", &model, "--prompt", "Hi"])
+        .args(["--max-new-tokens", "2", "--json"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run edge-node");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("kernels"), "no log lines to check: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape sequences in a piped log: {log:?}"
+    );
+}
+
 #[test]
 fn greedy_json_matches_the_reference_and_has_every_field() {
     let out = edge_node(&[
@@ -108,7 +128,7 @@ fn greedy_json_matches_the_reference_and_has_every_field() {
             .collect()
     };
     assert_eq!(ids("prompt_tokens"), [1604, 3987, 46477, 24, 94, 727]);
-    // llama.cpp's greedy continuation (shared/reference/generations.json, before its near-tie).
+    // llama.cpp's greedy continuation (model/tests/data/smollm2-135m.generations.json, before its near-tie).
     assert_eq!(ids("tokens"), [472, 585, 304, 1758, 216, 32, 42, 448]);
     assert_eq!(v["logprobs"].as_array().unwrap().len(), 8);
     assert_eq!(v["text"], "\n    if n == 0:\n       ");

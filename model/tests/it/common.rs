@@ -29,6 +29,7 @@ pub fn default_model() -> &'static LocalModel {
     })
 }
 
-pub fn shared(path: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/")).join(path)
+/// A file of `model/tests/data/` (reference outputs of llama.cpp, kept in the repository).
+pub fn data(path: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/")).join(path)
 }

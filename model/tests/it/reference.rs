@@ -1,10 +1,10 @@
-//! The default model against llama.cpp's own outputs (`shared/reference/generations.json`) and
-//! against itself split into slices.
+//! The default model against llama.cpp's own outputs
+//! (`model/tests/data/smollm2-135m.generations.json`) and against itself split into slices.
 
 use model::{load, GgufFile, LoadOptions};
 use serde_json::Value;
 
-use crate::common::{default_model, require_model, shared};
+use crate::common::{data, default_model, require_model};
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -33,7 +33,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn greedy_generation_matches_llama_cpp() {
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared("reference/generations.json")).unwrap(),
+        &std::fs::read_to_string(data("smollm2-135m.generations.json")).unwrap(),
     )
     .unwrap();
     let model = default_model();

@@ -1,5 +1,5 @@
 //! The tokenizer and chat template of the default model against llama.cpp's own tokenization
-//! (`shared/reference/tokenizer.json` plus cases checked with llama.cpp by hand).
+//! (`model/tests/data/smollm2-135m.tokenizer.json` plus cases checked with llama.cpp by hand).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -36,7 +36,7 @@ fn assert_encodes(text: &str, expected: &[u32]) {
 fn reference_cases_match_llama_cpp() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/reference/tokenizer.json"
+        "/tests/data/smollm2-135m.tokenizer.json"
     );
     let json = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     let reference: serde_json::Value = serde_json::from_str(&json).expect("reference JSON");
