@@ -2,11 +2,19 @@
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Each stage prints the time since the start, so a slow CI run says where its minutes went.
+stage() { echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+trap 'stage "test script ended (exit $?)"' EXIT
+
+stage "models and test tools"
 ./scripts/fetch-model.sh all
 ./scripts/setup-test-tools.sh
+stage "format, paths, lint"
 cargo fmt --all -- --check
 python3 scripts/check-inside-repo.py
 cargo clippy --workspace --all-targets --locked -- -D warnings
+stage "workspace tests"
 cargo test --workspace --locked
 
 # The model's exactness tests again on every lower kernel path this CPU has (the default run
@@ -19,15 +27,17 @@ if has avx2 && has fma && has f16c; then
   paths="$paths portable"
 fi
 for path in $paths; do
-  echo "== model tests with EDGE_CPU=$path"
+  stage "model tests with EDGE_CPU=$path"
   EDGE_CPU=$path cargo test --locked -p model --quiet
 done
+stage "aarch64 tests under qemu"
 bash scripts/test-aarch64.sh
 
 # Fault scenarios against the docker-compose cluster, where a Docker engine is reachable. The
 # image is made from the binaries the workspace test build above already made (dependencies and
 # model math are optimised there too), so nothing is compiled again here.
 if docker info >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1; then
+  stage "image and compose scenarios"
   EDGE_PROFILE=test bash deploy/build-image.sh
   target/debug/compose-scenarios all
 else
