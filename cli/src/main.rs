@@ -37,6 +37,8 @@ enum Command {
     ServeApi(cmd::serve_api::ServeApiArgs),
     /// Show which peers serve which blocks of a model, as a table.
     Status(cmd::status::StatusArgs),
+    /// Write a new key for a private swarm to FILE (give it to every node and client).
+    SwarmKey(cmd::swarm_key::SwarmKeyArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Health(args) => cmd::join::run_health_cmd(args),
         Command::Status(args) => cmd::status::run(args),
         Command::ServeApi(args) => cmd::serve_api::run(args),
+        Command::SwarmKey(args) => cmd::swarm_key::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

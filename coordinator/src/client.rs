@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use libp2p::pnet::PreSharedKey;
 use libp2p::Multiaddr;
 use model::chat::ChatTemplate;
 use model::embed::Embedding;
@@ -82,6 +83,8 @@ pub struct ClientConfig {
     pub timeouts: Timeouts,
     /// How long to wait for the first peer and for servers to appear in the DHT.
     pub discovery_timeout: Duration,
+    /// The key of a private swarm (`swarm::swarm_key`), when the swarm has one.
+    pub swarm_key: Option<PreSharedKey>,
 }
 
 impl Default for ClientConfig {
@@ -92,6 +95,7 @@ impl Default for ClientConfig {
             wire_dtype: Dtype::F32,
             timeouts: Timeouts::default(),
             discovery_timeout: Duration::from_secs(20),
+            swarm_key: None,
         }
     }
 }
@@ -128,6 +132,7 @@ impl SwarmClient {
                 mdns: config.mdns,
                 dht_server: false,
                 on_listen: None,
+                swarm_key: config.swarm_key,
             },
             shutdown.clone(),
         )?;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ApiError, ErrorKind};
 
 pub enum Blocks {
-    Swarm(SwarmClient),
+    Swarm(Box<SwarmClient>),
     Local(LocalBlocks),
 }
 

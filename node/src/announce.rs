@@ -63,8 +63,15 @@ impl Announcer {
             free_cache_tokens,
             version: env!("CARGO_PKG_VERSION").into(),
             announced_at_ms: now,
-            // Three missed refreshes and readers forget this node.
-            expires_at_ms: now + 3 * self.interval.as_millis() as u64,
+            // Three missed refreshes and readers forget this node (readers refuse longer lives).
+            expires_at_ms: now
+                + u64::try_from(self.interval.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(3)
+                    .min(swarm::record::MAX_TTL_MS),
+            // Filled in by `discovery::announce`, which signs with this peer's key.
+            public_key: Vec::new(),
+            signature: Vec::new(),
         };
         let failed = discovery::announce(&self.net, &self.fp, &record).await;
         tracing::debug!(?state, failed, "announced");

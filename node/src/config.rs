@@ -15,6 +15,8 @@ pub struct NetOptions {
     /// Addresses others should dial instead of the ones we listen on (a port forward, a
     /// proxy); announced in place of the listening addresses when given.
     pub external: Vec<Multiaddr>,
+    /// A private swarm's key file (`swarm::swarm_key`): only peers holding it connect.
+    pub swarm_key: Option<PathBuf>,
 }
 
 /// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as

@@ -8,6 +8,8 @@ pub enum JoinError {
     Net(#[from] swarm::NetError),
     #[error(transparent)]
     Identity(#[from] swarm::identity::IdentityError),
+    #[error(transparent)]
+    SwarmKey(#[from] swarm::swarm_key::SwarmKeyError),
     #[error("starting the compute thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("not even one block fits in --max-memory {} MiB", max_memory_bytes >> 20)]

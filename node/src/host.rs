@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use libp2p::Multiaddr;
-use swarm::{host, identity, Host, NetConfig, OnListen};
+use swarm::{host, identity, swarm_key, Host, NetConfig, OnListen};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NetOptions;
@@ -49,6 +49,7 @@ pub fn start(
             mdns: opts.mdns,
             dht_server: true,
             on_listen: Some(on_listen),
+            swarm_key: opts.swarm_key.as_deref().map(swarm_key::load).transpose()?,
         },
         shutdown.clone(),
     )?;

@@ -36,7 +36,8 @@ pub enum ErrorAction {
     Retry,
     /// This server cannot serve the request; another server of the same blocks may.
     Reroute,
-    /// The request itself is wrong; every server would refuse it.
+    /// The peer says the request itself is wrong, so every server would refuse it. Clients
+    /// believe that only when a second peer says so too (one peer could lie to stop them).
     GiveUp,
 }
 

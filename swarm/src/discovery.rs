@@ -20,6 +20,7 @@ use proto::v1::{BlockRecord, ServerRecord, ServerState};
 use sha2::{Digest, Sha256};
 
 use crate::host::{NetError, NetHandle};
+use crate::record::{self, Checker};
 
 /// How long one DHT query may take before its answer is used as it is.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(8);
@@ -95,33 +96,35 @@ impl Server {
     }
 }
 
-/// Merges every copy of a block record: newest entry per peer wins, expired and malformed
-/// entries go.
-pub fn merge_copies(copies: &[Vec<u8>], fp: &Fingerprint, now_ms: u64) -> Vec<ServerRecord> {
-    let mut by_peer: HashMap<Vec<u8>, ServerRecord> = HashMap::new();
-    for copy in copies {
-        let Ok(rec) = BlockRecord::decode(copy.as_slice()) else {
-            continue;
-        };
-        for s in rec.servers {
-            if s.fingerprint.as_slice() != fp.as_slice() || s.expires_at_ms < now_ms {
-                continue;
-            }
-            match by_peer.get(&s.peer_id) {
-                Some(old) if old.announced_at_ms >= s.announced_at_ms => {}
-                _ => {
-                    by_peer.insert(s.peer_id.clone(), s);
-                }
-            }
-        }
-    }
-    let mut out: Vec<ServerRecord> = by_peer.into_values().collect();
-    out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
-    out
+/// Merges every copy of a block record: newest believable entry per peer wins; expired,
+/// unsigned, forged and foreign entries go (see [`crate::record`]).
+pub fn merge_copies(
+    copies: &[Vec<u8>],
+    fp: &Fingerprint,
+    now_ms: u64,
+    checker: &mut Checker,
+) -> Vec<ServerRecord> {
+    let entries = copies
+        .iter()
+        .filter_map(|c| BlockRecord::decode(c.as_slice()).ok())
+        .flat_map(|r| r.servers);
+    record::newest_per_peer(
+        entries,
+        |s| s.fingerprint.as_slice() == fp.as_slice(),
+        checker,
+        now_ms,
+    )
 }
 
-/// Writes `me` into the record of every block in `me`'s range. Returns how many blocks failed.
+/// Signs `me` with this peer's key and writes it into the record of every block in its range.
+/// Returns how many blocks failed.
 pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> usize {
+    let mut signed = me.clone();
+    if let Err(e) = record::sign(&mut signed, net.keypair()) {
+        tracing::warn!("cannot sign this node's entry: {e}");
+        return me.end_block.saturating_sub(me.start_block) as usize;
+    }
+    let me = &signed;
     let blocks = me.start_block..me.end_block;
     let jobs = blocks.map(|b| async move {
         let key = block_key(fp, b);
@@ -129,9 +132,14 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
             .get_record(key.clone(), QUERY_TIMEOUT)
             .await
             .unwrap_or_default();
-        let mut servers = merge_copies(&copies, fp, now_ms());
+        let mut servers = merge_copies(&copies, fp, now_ms(), &mut Checker::default());
         servers.retain(|s| s.peer_id != me.peer_id);
         servers.push(me.clone());
+        if servers.len() > record::MAX_SERVERS_PER_BLOCK {
+            // Make room by dropping the stalest others; our own entry is the newest.
+            servers.sort_by_key(|s| std::cmp::Reverse(s.announced_at_ms));
+            servers.truncate(record::MAX_SERVERS_PER_BLOCK);
+        }
         let value = BlockRecord { servers }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });
@@ -155,10 +163,11 @@ pub async fn lookup(
         copies.extend(r?);
     }
     let now = now_ms();
+    let mut checker = Checker::default();
     let mut by_peer: HashMap<PeerId, Server> = HashMap::new();
     // Each copy is merged on its own, then across blocks: newest announcement per peer wins.
     for copy in &copies {
-        for rec in merge_copies(std::slice::from_ref(copy), fp, now) {
+        for rec in merge_copies(std::slice::from_ref(copy), fp, now, &mut checker) {
             if let Some(s) = Server::from_record(&rec, fp, block_count, now) {
                 match by_peer.get(&s.peer) {
                     Some(old) if old.announced_at_ms >= s.announced_at_ms => {}
@@ -177,10 +186,11 @@ pub async fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::identity::Keypair;
 
-    fn rec(peer: &PeerId, at: u64, expires: u64, fp: &Fingerprint) -> ServerRecord {
-        ServerRecord {
-            peer_id: peer.to_bytes(),
+    fn rec(key: &Keypair, at: u64, expires: u64, fp: &Fingerprint) -> ServerRecord {
+        let mut r = ServerRecord {
+            peer_id: key.public().to_peer_id().to_bytes(),
             fingerprint: fp.to_vec(),
             start_block: 0,
             end_block: 10,
@@ -188,14 +198,16 @@ mod tests {
             announced_at_ms: at,
             expires_at_ms: expires,
             ..Default::default()
-        }
+        };
+        record::sign(&mut r, key).unwrap();
+        r
     }
 
     #[test]
     fn merge_keeps_newest_per_peer_and_drops_expired_and_foreign() {
         let fp = [7u8; 32];
         let other = [8u8; 32];
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let [a, b, c] = [(); 3].map(|_| Keypair::generate_ed25519());
         let copy1 = BlockRecord {
             servers: vec![rec(&a, 10, 1000, &fp), rec(&b, 10, 50, &fp)],
         }
@@ -204,7 +216,8 @@ mod tests {
             servers: vec![rec(&a, 20, 1000, &fp), rec(&c, 10, 1000, &other)],
         }
         .encode_to_vec();
-        let merged = merge_copies(&[copy1, copy2, b"garbage".to_vec()], &fp, 100);
+        let copies = [copy1, copy2, b"garbage".to_vec()];
+        let merged = merge_copies(&copies, &fp, 100, &mut Checker::default());
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].announced_at_ms, 20);
     }
@@ -212,7 +225,7 @@ mod tests {
     #[test]
     fn malformed_entries_are_rejected() {
         let fp = [1u8; 32];
-        let p = PeerId::random();
+        let p = Keypair::generate_ed25519();
         let mut r = rec(&p, 1, 100, &fp);
         assert!(Server::from_record(&r, &fp, 30, 0).is_some());
         r.end_block = 31;

@@ -1,14 +1,17 @@
 //! What a serving node and a client of the swarm share: the libp2p [`host`] and its
-//! [`identity`], the DHT records of who serves which blocks ([`discovery`]), where a server
-//! should sit in the pipeline ([`placement`]), the [`status`] snapshot of a model's swarm and
-//! the status [`page`] both roles serve. Neither side's logic lives here, so the daemon and the
-//! client library build on this crate without depending on each other.
+//! [`identity`], the shared key of a private swarm ([`swarm_key`]), the DHT records of who
+//! serves which blocks ([`discovery`]) and the signed entries they hold ([`record`]), where a
+//! server should sit in the pipeline ([`placement`]), the [`status`] snapshot of a model's swarm
+//! and the status [`page`] both roles serve. Neither side's logic lives here, so the daemon and
+//! the client library build on this crate without depending on each other.
 
 pub mod discovery;
 pub mod host;
 pub mod identity;
 pub mod page;
 pub mod placement;
+pub mod record;
 pub mod status;
+pub mod swarm_key;
 
 pub use host::{Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM};

@@ -91,7 +91,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 capacity,
                 system: args.system.clone(),
             };
-            let client = SwarmClient::connect(args.route.client_config()).await?;
+            let client = SwarmClient::connect(args.route.client_config()?).await?;
             let session = client.open_session(&model, capacity as u32).await?;
             eprintln!(
                 "{}: {}, {capacity} positions",

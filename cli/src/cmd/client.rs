@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -42,6 +42,9 @@ pub struct SwarmArgs {
     /// Seconds to connect to a peer and open a session there.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,
+    /// Key file of a private swarm: the one its nodes were started with.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
 }
 
 impl SwarmArgs {
@@ -49,8 +52,9 @@ impl SwarmArgs {
         !self.bootstrap.is_empty() || self.mdns
     }
 
-    pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
+    /// The client settings, with the swarm key read from its file.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        Ok(ClientConfig {
             bootstrap: self.bootstrap.clone(),
             mdns: self.mdns,
             discovery_timeout: Duration::from_secs(self.discovery_timeout.max(1)),
@@ -58,8 +62,13 @@ impl SwarmArgs {
                 step: Duration::from_secs(self.step_timeout.max(1)),
                 connect: Duration::from_secs(self.connect_timeout.max(1)),
             },
+            swarm_key: self
+                .swarm_key
+                .as_deref()
+                .map(swarm::swarm_key::load)
+                .transpose()?,
             ..ClientConfig::default()
-        }
+        })
     }
 }
 
@@ -74,7 +83,7 @@ impl RouteArgs {
         Ok(())
     }
 
-    pub fn client_config(&self) -> ClientConfig {
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
         self.swarm.client_config()
     }
 

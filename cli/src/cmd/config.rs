@@ -20,7 +20,7 @@ const SUBCOMMAND: &str = "join";
 /// The argument that names the file.
 const CONFIG_ARG: &str = "config";
 /// Arguments whose relative paths in a file are taken relative to the file's directory.
-const PATH_ARGS: [&str; 3] = ["model", "identity", "health_file"];
+const PATH_ARGS: [&str; 4] = ["model", "identity", "health_file", "swarm_key"];
 
 /// A mistake in a config file, with the line it is on when known.
 #[derive(Debug, thiserror::Error)]

@@ -171,7 +171,7 @@ async fn swarm_generate(
         args,
         context,
     )?;
-    let client = SwarmClient::connect(args.route.client_config()).await?;
+    let client = SwarmClient::connect(args.route.client_config()?).await?;
     let max_length = (prompt.len() + args.max_new_tokens).min(context) as u32;
     let session = client.open_session(&model, max_length).await?;
     log_route("route", &session.route());

@@ -45,8 +45,9 @@ pub struct JoinArgs {
     pub net: NetArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// Seconds between DHT announcements (records expire after three missed ones).
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between DHT announcements (records expire after three missed ones; readers
+    /// refuse entries that claim to live over an hour, hence at most 1200).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1200))]
     pub announce_interval: u64,
     /// Seconds a session may stay silent before its cache is freed.
     #[arg(long, default_value_t = 120)]

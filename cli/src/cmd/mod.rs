@@ -9,6 +9,7 @@ pub mod net_args;
 pub mod prefix_cache;
 pub mod serve_api;
 pub mod status;
+pub mod swarm_key;
 
 use anyhow::Context;
 

@@ -22,6 +22,10 @@ pub struct NetArgs {
     /// addresses (repeatable; for port forwards and proxies).
     #[arg(long = "external-address", value_name = "MULTIADDR")]
     pub external: Vec<Multiaddr>,
+    /// Key file of a private swarm (make one with `edge-node swarm-key FILE`): only peers with
+    /// the same key can connect. A private swarm runs on TCP only.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
 }
 
 impl NetArgs {
@@ -40,6 +44,7 @@ impl NetArgs {
             identity: self.identity.clone(),
             mdns: !self.no_mdns,
             external: self.external.clone(),
+            swarm_key: self.swarm_key.clone(),
         }
     }
 }

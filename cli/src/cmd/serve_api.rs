@@ -78,8 +78,8 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
             let local = tokio::task::block_in_place(|| local_blocks(&args, &model))?;
             (Blocks::Local(local), args.compute.max_sessions())
         } else {
-            let client = SwarmClient::connect(args.swarm.client_config()).await?;
-            (Blocks::Swarm(client), SWARM_BATCH)
+            let client = SwarmClient::connect(args.swarm.client_config()?).await?;
+            (Blocks::Swarm(Box::new(client)), SWARM_BATCH)
         };
         let config = GatewayConfig {
             default_max_tokens: args.default_max_tokens.max(1),

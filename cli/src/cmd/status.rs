@@ -16,6 +16,9 @@ pub struct StatusArgs {
     /// The model file whose servers to list (its fingerprint selects them).
     #[arg(long)]
     pub model: PathBuf,
+    /// Key file of a private swarm: the one its nodes were started with.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
@@ -25,10 +28,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         &model.fingerprint,
         &model.spec,
     );
+    let swarm_key = args
+        .swarm_key
+        .as_deref()
+        .map(swarm::swarm_key::load)
+        .transpose()?;
     let view = super::runtime()?.block_on(async {
         let client = SwarmClient::connect(ClientConfig {
             bootstrap: args.bootstrap.clone(),
             discovery_timeout: Duration::from_secs(10),
+            swarm_key,
             ..ClientConfig::default()
         })
         .await?;

@@ -14,6 +14,7 @@ mod families;
 mod faults;
 mod kernels;
 mod swarm;
+mod trust;
 
 fn edge_node(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edge-node"))

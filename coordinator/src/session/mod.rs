@@ -142,6 +142,7 @@ impl<N: Network> Router<N> {
         max_length: u32,
     ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
         let deadline = tokio::time::Instant::now() + self.discovery_timeout;
+        let mut refusals = Refusals::default();
         loop {
             let (servers, route) = self
                 .plan(blocks.clone(), max_length as u64, deadline)
@@ -172,7 +173,7 @@ impl<N: Network> Router<N> {
                 return Ok(spans);
             };
             self.close_all(spans).await;
-            if e.action() == ErrorAction::GiveUp || tokio::time::Instant::now() >= deadline {
+            if refusals.agree(&e) || tokio::time::Instant::now() >= deadline {
                 return Err(e.into());
             }
             tracing::warn!("opening a session failed: {e}; trying another route");
@@ -204,6 +205,32 @@ impl<S> SpanState<S> {
     fn record(&mut self, pos: u32, x: &Hidden) {
         self.inputs.truncate(pos as usize * x.dim);
         self.inputs.extend_from_slice(&x.data);
+    }
+}
+
+/// How many distinct peers must call a request malformed before the client believes it.
+/// One peer's BAD_REQUEST may be a lie meant to stop the generation (or a broken node); our own
+/// requests are well-formed, so a second, independent peer saying the same is the signal.
+pub const AGREEING_REFUSALS: usize = 2;
+
+/// Peers that answered the current request with "the request itself is wrong".
+#[derive(Default)]
+struct Refusals(Vec<PeerId>);
+
+impl Refusals {
+    /// Notes `e`; true when enough distinct peers now refuse the request as malformed (or the
+    /// error names no peer to doubt).
+    fn agree(&mut self, e: &SessionError) -> bool {
+        if e.action() != ErrorAction::GiveUp {
+            return false;
+        }
+        let Some(peer) = e.peer() else {
+            return true;
+        };
+        if !self.0.contains(&peer) {
+            self.0.push(peer);
+        }
+        self.0.len() >= AGREEING_REFUSALS
     }
 }
 
@@ -255,6 +282,7 @@ impl<N: Network> InferenceSession<N> {
     /// Runs positions `pos..pos + x.tokens` through the whole chain, replacing failed peers.
     pub async fn run_blocks(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
         let mut i = 0;
+        let mut refusals = Refusals::default();
         while i < self.spans.len() {
             let state = &mut self.spans[i];
             match self
@@ -268,7 +296,7 @@ impl<N: Network> InferenceSession<N> {
                     x = y;
                     i += 1;
                 }
-                Err(e) if e.action() == ErrorAction::GiveUp => return Err(e.into()),
+                Err(e) if refusals.agree(&e) => return Err(e.into()),
                 Err(e) => self.replace(i, e).await?,
             }
         }
@@ -361,12 +389,13 @@ async fn replay<N: Network>(
 mod tests {
     use super::*;
 
-    /// A swarm in memory: each span adds its block count to every value, and `dead` peers fail
-    /// every step from position `dies_at` on.
+    /// A swarm in memory: each span adds its block count to every value, `dead` peers fail
+    /// every step from position `dies_at` on, and `liars` call every step a bad request.
     struct Fake {
         servers: Vec<Server>,
         dead: PeerId,
         dies_at: u32,
+        liars: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
     }
 
@@ -418,6 +447,13 @@ mod tests {
             if peer == self.dead && pos + hidden.tokens as u32 > self.dies_at {
                 return Err(SessionError::Closed { peer });
             }
+            if self.liars.contains(&peer) {
+                return Err(SessionError::Remote {
+                    peer,
+                    code: proto::v1::ErrorCode::BadRequest,
+                    message: "malformed step".into(),
+                });
+            }
             if let Ok(mut s) = self.steps.lock() {
                 s.push((peer, pos, hidden.tokens));
             }
@@ -448,6 +484,7 @@ mod tests {
             ],
             dead: fast,
             dies_at: 3,
+            liars: Vec::new(),
             steps: Mutex::default(),
         };
         let router = Arc::new(Router {
@@ -477,5 +514,60 @@ mod tests {
         // The replacement first rebuilt its cache from the three kept positions, then stepped.
         let on_slow: Vec<_> = steps.iter().filter(|s| s.0 == slow).collect();
         assert_eq!(on_slow, [&(slow, 0, 3), &(slow, 3, 1)]);
+    }
+
+    fn router_of(network: Fake) -> Arc<Router<Fake>> {
+        Arc::new(Router {
+            network,
+            fingerprint: [0; 32],
+            block_count: 6,
+            dim: 1,
+            discovery_timeout: Duration::from_secs(5),
+            bans: Arc::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn one_peer_calling_every_step_bad_is_routed_around_not_believed() {
+        let (liar, honest, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = router_of(Fake {
+            servers: vec![
+                server(liar, 0..4, 1.0),
+                server(honest, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ],
+            dead: PeerId::random(),
+            dies_at: 0,
+            liars: vec![liar],
+            steps: Mutex::default(),
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, liar.to_string());
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        assert_eq!(session.route()[0].peer, honest.to_string());
+        assert!(router.bans.lock().unwrap().snapshot().contains_key(&liar));
+    }
+
+    #[tokio::test]
+    async fn a_request_two_peers_call_bad_fails_at_once() {
+        let (a, b, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = router_of(Fake {
+            servers: vec![
+                server(a, 0..4, 1.0),
+                server(b, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ],
+            dead: PeerId::random(),
+            dies_at: 0,
+            liars: vec![a, b],
+            steps: Mutex::default(),
+        });
+        let mut session = InferenceSession::open(router, 16).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let e = session.run_blocks(hidden(&[1.0]), 0).await.unwrap_err();
+        assert!(e.to_string().contains("malformed step"), "{e}");
+        // Not after the 5 s discovery timeout: the two refusals are believed.
+        assert!(started.elapsed() < Duration::from_secs(4));
     }
 }

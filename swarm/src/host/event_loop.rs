@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, Quorum, Record};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
@@ -13,6 +14,35 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Command;
 use super::{Behaviour, BehaviourEvent, NetError, OnListen};
+use crate::{discovery, record};
+
+/// DHT puts accepted per remote peer and minute. Checking one costs up to a few milliseconds
+/// (signatures, key matching); an honest node puts each of its blocks once per announce interval
+/// (10 s by default), so 1,200 leaves room for a hundred blocks announced every 5 s.
+const PUTS_PER_MINUTE: u32 = 1200;
+
+/// Per-peer count of puts in the current minute.
+#[derive(Default)]
+struct PutAllowance {
+    windows: HashMap<PeerId, (Instant, u32)>,
+}
+
+impl PutAllowance {
+    fn take(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        let minute = Duration::from_secs(60);
+        if self.windows.len() > 10_000 {
+            self.windows.retain(|_, (start, _)| now - *start < minute);
+        }
+        let (start, count) = self.windows.entry(peer).or_insert((now, 0));
+        if now - *start >= minute {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= PUTS_PER_MINUTE
+    }
+}
 
 type DialWaiter = (Instant, oneshot::Sender<Result<(), NetError>>);
 /// A lookup in progress: copies found so far, the reply, when to answer at the latest, and when
@@ -40,6 +70,7 @@ pub(super) struct EventLoop {
     /// (which would make every re-plan wait for a probe that cannot succeed).
     rtts: HashMap<PeerId, Duration>,
     bootstrapped: bool,
+    put_allowance: PutAllowance,
     /// Dialled again whenever this peer has lost every connection (Wi-Fi gone, network cut).
     bootstrap: Vec<Multiaddr>,
 }
@@ -60,6 +91,7 @@ impl EventLoop {
             pending_dial: HashMap::new(),
             rtts: HashMap::new(),
             bootstrapped: false,
+            put_allowance: PutAllowance::default(),
             bootstrap,
         }
     }
@@ -235,6 +267,14 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(incoming),
+                        ..
+                    },
+            })) => self.store_merged(source, incoming),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -244,6 +284,34 @@ impl EventLoop {
                 self.query_progressed(id, result, step.last);
             }
             _ => {}
+        }
+    }
+
+    /// Merges a record another peer put here into what this peer holds for its key.
+    fn store_merged(&mut self, source: PeerId, incoming: Record) {
+        if !self.put_allowance.take(source) {
+            tracing::debug!(%source, "ignored a DHT put: over {PUTS_PER_MINUTE} a minute");
+            return;
+        }
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let held = store.get(&incoming.key).map(|r| r.value.clone());
+        let Some(value) = record::merge_stored(
+            &incoming.key,
+            held.as_deref(),
+            &incoming.value,
+            discovery::now_ms(),
+        ) else {
+            tracing::debug!(%source, "ignored a DHT put with no valid server entry");
+            return;
+        };
+        let merged = Record {
+            key: incoming.key,
+            value,
+            publisher: incoming.publisher,
+            expires: incoming.expires,
+        };
+        if let Err(e) = store.put(merged) {
+            tracing::debug!(%source, "not storing a DHT record: {e:?}");
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use libp2p::identity::Keypair;
 use libp2p::kad::RecordKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
@@ -45,20 +46,27 @@ pub(crate) enum Command {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Signs this peer's DHT entries; stays inside the crate.
+    keypair: Keypair,
     control: libp2p_stream::Control,
 }
 
 impl NetHandle {
     pub(super) fn new(
         tx: mpsc::Sender<Command>,
-        peer_id: PeerId,
+        keypair: Keypair,
         control: libp2p_stream::Control,
     ) -> Self {
         Self {
             tx,
-            peer_id,
+            peer_id: keypair.public().to_peer_id(),
+            keypair,
             control,
         }
+    }
+
+    pub(crate) fn keypair(&self) -> &Keypair {
+        &self.keypair
     }
 
     pub fn peer_id(&self) -> PeerId {

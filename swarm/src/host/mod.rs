@@ -4,7 +4,8 @@
 //! is answered, with a result or an error, when its query ends, when its own deadline passes or
 //! when the loop stops: nothing is left hanging.
 //!
-//! Transports: QUIC and TCP (Noise + Yamux). Behaviours: Kademlia (our own protocol name, so we
+//! Transports: QUIC and TCP (Noise + Yamux); in a private swarm TCP only, behind the pnet
+//! handshake. Behaviours: Kademlia (our own protocol name, so we
 //! never mix with other DHTs), identify, ping (round-trip times for route planning), optional
 //! mDNS for zero-configuration home LANs, and raw streams for the inference data plane.
 
@@ -15,6 +16,8 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore, Mode};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
 use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol};
 use tokio::sync::mpsc;
@@ -46,6 +49,48 @@ pub enum NetError {
     Stopped,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The behaviours of every host; `mdns_on` adds mDNS discovery on the local network.
+fn make_behaviour(
+    key: &Keypair,
+    peer_id: libp2p::PeerId,
+    mdns_on: bool,
+) -> Result<Behaviour, BoxError> {
+    let mut kcfg = kad::Config::new(DHT_STREAM);
+    kcfg.set_query_timeout(Duration::from_secs(10));
+    // Servers re-announce themselves on their own period; the DHT must not keep re-publishing
+    // stale copies for a day.
+    kcfg.set_publication_interval(None);
+    kcfg.set_record_ttl(Some(Duration::from_secs(600)));
+    // A put is merged into what this peer holds (crate::record::merge_stored), never stored
+    // over it: otherwise any peer could erase every honest server's entry.
+    kcfg.set_record_filtering(kad::StoreInserts::FilterBoth);
+    let store_cfg = kad::store::MemoryStoreConfig {
+        max_value_bytes: MAX_RECORD_BYTES,
+        ..Default::default()
+    };
+    let store = MemoryStore::with_config(peer_id, store_cfg);
+    let mdns = if mdns_on {
+        Some(mdns::tokio::Behaviour::new(
+            mdns::Config::default(),
+            peer_id,
+        )?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        kad: kad::Behaviour::with_config(peer_id, store, kcfg),
+        identify: identify::Behaviour::new(identify::Config::new(
+            proto::IDENTIFY_PROTOCOL.into(),
+            key.public(),
+        )),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+        mdns: mdns.into(),
+        stream: libp2p_stream::Behaviour::new(),
+    })
+}
+
 /// Callback told each new listening address.
 pub type OnListen = Box<dyn Fn(&Multiaddr) + Send>;
 pub struct NetConfig {
@@ -57,6 +102,9 @@ pub struct NetConfig {
     pub dht_server: bool,
     /// Called with each address the swarm starts listening on, full with `/p2p/<id>`.
     pub on_listen: Option<OnListen>,
+    /// A private swarm's shared key (see [`crate::swarm_key`]): only peers holding it can
+    /// connect. Such a swarm runs on TCP only (the pnet handshake needs a byte stream).
+    pub swarm_key: Option<PreSharedKey>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -84,53 +132,50 @@ pub fn start(
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| build(&e))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| build(&e))?
-        .with_behaviour(|key| {
-            let mut kcfg = kad::Config::new(DHT_STREAM);
-            kcfg.set_query_timeout(Duration::from_secs(10));
-            // Servers re-announce themselves on their own period; the DHT must not keep
-            // re-publishing stale copies for a day.
-            kcfg.set_publication_interval(None);
-            kcfg.set_record_ttl(Some(Duration::from_secs(600)));
-            let store_cfg = kad::store::MemoryStoreConfig {
-                max_value_bytes: MAX_RECORD_BYTES,
-                ..Default::default()
-            };
-            let store = MemoryStore::with_config(peer_id, store_cfg);
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    peer_id,
-                )?)
-            } else {
-                None
-            };
-            Ok(Behaviour {
-                kad: kad::Behaviour::with_config(peer_id, store, kcfg),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    proto::IDENTIFY_PROTOCOL.into(),
-                    key.public(),
-                )),
-                ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_secs(5)),
-                ),
-                mdns: mdns.into(),
-                stream: libp2p_stream::Behaviour::new(),
-            })
-        })
-        .map_err(|e| build(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+    let behaviour = move |key: &Keypair| -> Result<Behaviour, BoxError> {
+        make_behaviour(key, peer_id, mdns_on)
+    };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone()).with_tokio();
+    let mut swarm = match &config.swarm_key {
+        None => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| build(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| build(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| build(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        Some(psk) => {
+            let psk = *psk;
+            builder
+                .with_other_transport(|key| {
+                    use libp2p::core::upgrade::Version;
+                    use libp2p::Transport;
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, BoxError>(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default()),
+                    )
+                })
+                .map_err(|e| build(&e))?
+                .with_dns()
+                .map_err(|e| build(&e))?
+                .with_behaviour(behaviour)
+                .map_err(|e| build(&e))?
+                .with_swarm_config(idle)
+                .build()
+        }
+    };
     // On loopback and in LANs no address is ever "confirmed external", so kad would stay a
     // client forever; peers must answer DHT queries from the start.
     swarm.behaviour_mut().kad.set_mode(Some(if dht_server {
@@ -139,6 +184,10 @@ pub fn start(
         Mode::Client
     }));
     for addr in &config.listen {
+        if config.swarm_key.is_some() && addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+            tracing::warn!(%addr, "not listening on QUIC: a private swarm runs on TCP only");
+            continue;
+        }
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -156,7 +205,7 @@ pub fn start(
     let event_loop = EventLoop::new(swarm, rx, config.on_listen, config.bootstrap);
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok(Host {
-        handle: NetHandle::new(tx, peer_id, control),
+        handle: NetHandle::new(tx, config.keypair, control),
         task,
     })
 }
