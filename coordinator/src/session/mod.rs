@@ -41,8 +41,10 @@ pub struct RouteHop {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("cannot build a route for model {model}: {source}")]
-    Plan { model: String, source: PlanError },
+    /// The plan error is part of the message, not a `source`: chained reports (`{:#}`) would
+    /// print it twice.
+    #[error("cannot build a route for model {model}: {reason}")]
+    Plan { model: String, reason: PlanError },
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("blocks {}..{} could not be served again within {secs:.0}s: {last}", blocks.start, blocks.end)]
@@ -120,10 +122,10 @@ impl<N: Network> Router<N> {
             };
             match self.network.plan(&infos, &req) {
                 Ok(route) => return Ok((servers, route)),
-                Err(source) if tokio::time::Instant::now() >= deadline => {
+                Err(reason) if tokio::time::Instant::now() >= deadline => {
                     return Err(RouteError::Plan {
                         model: short_hex(&self.fingerprint),
-                        source,
+                        reason,
                     })
                 }
                 Err(e) => {
