@@ -26,9 +26,19 @@ if has avx2 && has fma && has f16c; then
   if has avx512f && has avx512bw && has avx512vl && has avx512_vnni; then paths="avx2"; fi
   paths="$paths portable"
 fi
+# The model crate's test binaries as the workspace build above made them: `cargo test -p model`
+# would resolve features for that crate alone and recompile its dependencies (6 min on 2 cores).
+model_tests=$(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
+            and m["manifest_path"].endswith("/model/Cargo.toml"):
+        print(m["executable"])')
+[ -n "$model_tests" ] || { echo "no test binaries of the model crate found" >&2; exit 1; }
 for path in $paths; do
   stage "model tests with EDGE_CPU=$path"
-  EDGE_CPU=$path cargo test --locked -p model --quiet
+  for exe in $model_tests; do (cd model && EDGE_CPU=$path "$exe" --quiet); done
 done
 stage "aarch64 tests under qemu"
 bash scripts/test-aarch64.sh
