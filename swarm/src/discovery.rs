@@ -135,11 +135,8 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
         let mut servers = merge_copies(&copies, fp, now_ms(), &mut Checker::default());
         servers.retain(|s| s.peer_id != me.peer_id);
         servers.push(me.clone());
-        if servers.len() > record::MAX_SERVERS_PER_BLOCK {
-            // Make room by dropping the stalest others; our own entry is the newest.
-            servers.sort_by_key(|s| std::cmp::Reverse(s.announced_at_ms));
-            servers.truncate(record::MAX_SERVERS_PER_BLOCK);
-        }
+        // At the per-block bound the stalest others make room; our own entry is the newest.
+        let servers = record::newest(servers);
         let value = BlockRecord { servers }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });

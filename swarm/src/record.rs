@@ -169,7 +169,7 @@ pub fn newest_per_peer(
 }
 
 /// Newest entry per peer, at most [`MAX_SERVERS_PER_BLOCK`] (the freshest), by peer id.
-fn newest(entries: impl IntoIterator<Item = ServerRecord>) -> Vec<ServerRecord> {
+pub(crate) fn newest(entries: impl IntoIterator<Item = ServerRecord>) -> Vec<ServerRecord> {
     let mut by_peer: HashMap<Vec<u8>, ServerRecord> = HashMap::new();
     for s in entries {
         match by_peer.get(&s.peer_id) {

@@ -366,3 +366,26 @@ impl EventLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_flooding_puts_is_cut_off_without_touching_others() {
+        let mut allowance = PutAllowance::default();
+        let (flooder, honest) = (PeerId::random(), PeerId::random());
+        for _ in 0..PUTS_PER_MINUTE {
+            assert!(allowance.take(flooder));
+        }
+        assert!(!allowance.take(flooder));
+        assert!(!allowance.take(flooder));
+        assert!(allowance.take(honest));
+        // A minute later the flooder's window starts over.
+        let window = allowance.windows.get_mut(&flooder).unwrap();
+        if let Some(earlier) = window.0.checked_sub(Duration::from_secs(61)) {
+            window.0 = earlier;
+            assert!(allowance.take(flooder));
+        }
+    }
+}
