@@ -1,8 +1,10 @@
 //! The hot paths of a block, single-threaded, for every weight format and every kernel path this
 //! CPU can run, side by side in one run: a matrix-vector product (decode) and a 64-token
-//! product (prefill) on the default model's widest shape, plus activation quantization.
+//! product (prefill) on the default model's widest shape (768 columns for the K-quants, whose
+//! blocks are 256 wide), plus activation quantization.
 //!
-//! `cargo bench -p model --bench kernels -- 'matvec/Q4_1'` narrows the run to one format.
+//! `cargo bench -p model --bench kernels -- 'matvec 1536 rows/Q4_1'` narrows the run to one
+//! format.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use model::kernels::{self, act, cpu, Activations, Packed, WeightFormat};
@@ -43,22 +45,25 @@ fn inputs(n: usize) -> Vec<f32> {
 }
 
 fn bench(c: &mut Criterion) {
-    let (rows, cols) = (1536, 576);
+    let rows = 1536;
     let paths = cpu::available();
     eprintln!(
         "CPU: {} [{}]; kernel paths: {paths:?}",
         cpu::cpu_model(),
         cpu::cpu_flags().join(" ")
     );
-    for (group, tokens) in [("matvec 1536x576", 1usize), ("gemm 1536x576x64", 64)] {
+    for (group, tokens) in [("matvec 1536 rows", 1usize), ("gemm 1536 rows x64", 64)] {
         let mut g = c.benchmark_group(group);
-        let xs = inputs(tokens * cols);
         for f in WeightFormat::ALL {
+            // The default model's width, or the next multiple of a K-quant's 256-element blocks.
+            let cols = if f.block_elems() == 256 { 768 } else { 576 };
+            let xs = inputs(tokens * cols);
             let packed = Packed::new(f, rows, cols, &matrix(f, rows, cols));
             g.throughput(Throughput::Bytes(packed.len_bytes() as u64));
             for &isa in paths {
                 let mut out = Vec::new();
-                g.bench_with_input(BenchmarkId::new(f.name(), isa), &isa, |b, &isa| {
+                let id = BenchmarkId::new(format!("{}x{cols}", f.name()), isa);
+                g.bench_with_input(id, &isa, |b, &isa| {
                     b.iter(|| {
                         let a = Activations::new(&xs, tokens, cols);
                         kernels::gemm(isa, &packed, &a, &mut out).unwrap();

@@ -162,8 +162,18 @@ macro_rules! neon_simd {
                 both!(vsubq_s32, x, y)
             }
             #[inline(always)]
-            unsafe fn mul_i32(x: Quad<int32x4_t>, y: Quad<int32x4_t>) -> Quad<int32x4_t> {
-                both!(vmulq_s32, x, y)
+            unsafe fn madd16(
+                acc: Quad<int32x4_t>,
+                x: Quad<int32x4_t>,
+                s: Quad<int32x4_t>,
+            ) -> Quad<int32x4_t> {
+                // `mla` on 32-bit lanes is one instruction already.
+                [
+                    vmlaq_s32(acc[0], x[0], s[0]),
+                    vmlaq_s32(acc[1], x[1], s[1]),
+                    vmlaq_s32(acc[2], x[2], s[2]),
+                    vmlaq_s32(acc[3], x[3], s[3]),
+                ]
             }
             #[inline(always)]
             unsafe fn and_i32(x: Quad<int32x4_t>, mask: i32) -> Quad<int32x4_t> {

@@ -81,8 +81,8 @@ unsafe impl Simd for Portable {
         zip(x, y, i32::wrapping_sub)
     }
     #[inline(always)]
-    unsafe fn mul_i32(x: [i32; 16], y: [i32; 16]) -> [i32; 16] {
-        zip(x, y, i32::wrapping_mul)
+    unsafe fn madd16(acc: [i32; 16], x: [i32; 16], s: [i32; 16]) -> [i32; 16] {
+        std::array::from_fn(|r| acc[r].wrapping_add(x[r].wrapping_mul(s[r])))
     }
     #[inline(always)]
     unsafe fn and_i32(x: [i32; 16], mask: i32) -> [i32; 16] {

@@ -44,8 +44,23 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn splat_i32(v: i32) -> Self::I32;
     unsafe fn add_i32(x: Self::I32, y: Self::I32) -> Self::I32;
     unsafe fn sub_i32(x: Self::I32, y: Self::I32) -> Self::I32;
-    /// Low 32 bits of the product (the kernels' products never overflow).
-    unsafe fn mul_i32(x: Self::I32, y: Self::I32) -> Self::I32;
+    /// A multiplier `s` (`|s| < 2^15`) in the form [`Simd::madd16`] and [`Simd::dot_u_scaled`]
+    /// take, made once per tile. The K-quants multiply every block's dot products by a sub-block
+    /// scale: a 32-bit multiply there (`vpmulld`: two micro-ops, ten cycles of latency) cost more
+    /// than the byte products themselves, while a 16-bit one fuses with the add
+    /// (`vpdpwssd`, `vpmaddwd`).
+    #[inline(always)]
+    unsafe fn scale16(s: Self::I32) -> Self::I32 {
+        s
+    }
+    /// `acc + x * s`, exactly, for `x` in i16 range and `s` from [`Simd::scale16`].
+    unsafe fn madd16(acc: Self::I32, x: Self::I32, s: Self::I32) -> Self::I32;
+    /// `acc + s * sum_k w[row][k] * a[k]` with `w` bytes in 0..=63 (so the sum fits in 16 bits)
+    /// and `s` from [`Simd::scale16`].
+    #[inline(always)]
+    unsafe fn dot_u_scaled(acc: Self::I32, w: Self::U8, a: i32, s: Self::I32) -> Self::I32 {
+        Self::madd16(acc, Self::dot_u(Self::zero_i32(), w, a), s)
+    }
     unsafe fn and_i32(x: Self::I32, mask: i32) -> Self::I32;
     unsafe fn or_i32(x: Self::I32, y: Self::I32) -> Self::I32;
     /// Logical shifts.

@@ -124,9 +124,38 @@ unsafe impl Simd for Avx2 {
     unsafe fn sub_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
         both!(_mm256_sub_epi32, x, y)
     }
+    /// `s` in both 16-bit halves of each lane: `vpmaddwd` of the pairwise sums of `vpmaddubsw`
+    /// with it is `s` times their total, so a scaled dot product is two instructions.
     #[inline(always)]
-    unsafe fn mul_i32(x: Pair<__m256i>, y: Pair<__m256i>) -> Pair<__m256i> {
-        both!(_mm256_mullo_epi32, x, y)
+    unsafe fn scale16(s: Pair<__m256i>) -> Pair<__m256i> {
+        let lo = Self::and_i32(s, 0xFFFF);
+        Self::or_i32(lo, Self::shl_i32(lo, 16))
+    }
+    #[inline(always)]
+    unsafe fn madd16(acc: Pair<__m256i>, x: Pair<__m256i>, s: Pair<__m256i>) -> Pair<__m256i> {
+        // Only `x`'s low half is a factor (its upper half may hold sign bits).
+        let x = Self::and_i32(x, 0xFFFF);
+        Self::add_i32(acc, both!(_mm256_madd_epi16, x, s))
+    }
+    #[inline(always)]
+    unsafe fn dot_u_scaled(
+        acc: Pair<__m256i>,
+        w: Pair<__m256i>,
+        a: i32,
+        s: Pair<__m256i>,
+    ) -> Pair<__m256i> {
+        // The pairwise i16 sums stay below 2 * 63 * 128 (weights below 64), so nothing saturates.
+        let a = _mm256_set1_epi32(a);
+        [
+            _mm256_add_epi32(
+                acc[0],
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w[0], a), s[0]),
+            ),
+            _mm256_add_epi32(
+                acc[1],
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w[1], a), s[1]),
+            ),
+        ]
     }
     #[inline(always)]
     unsafe fn and_i32(x: Pair<__m256i>, mask: i32) -> Pair<__m256i> {

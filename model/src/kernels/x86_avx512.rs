@@ -73,9 +73,15 @@ unsafe impl Simd for Avx512 {
     unsafe fn sub_i32(x: __m512i, y: __m512i) -> __m512i {
         _mm512_sub_epi32(x, y)
     }
+    /// `s` in the low 16 bits of each lane, zeros above: `vpdpwssd` then adds `x_lo * s` plus
+    /// `x_hi * 0`, whatever the sign bits in `x`'s upper half.
     #[inline(always)]
-    unsafe fn mul_i32(x: __m512i, y: __m512i) -> __m512i {
-        _mm512_mullo_epi32(x, y)
+    unsafe fn scale16(s: __m512i) -> __m512i {
+        _mm512_and_si512(s, _mm512_set1_epi32(0xFFFF))
+    }
+    #[inline(always)]
+    unsafe fn madd16(acc: __m512i, x: __m512i, s: __m512i) -> __m512i {
+        _mm512_dpwssd_epi32(acc, x, s)
     }
     #[inline(always)]
     unsafe fn and_i32(x: __m512i, mask: i32) -> __m512i {

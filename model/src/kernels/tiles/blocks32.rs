@@ -60,7 +60,7 @@ impl<const BLOCK: usize, const MIN: usize, const QH: usize, const QS: usize, con
     unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
         // The zero point starts the sum instead of being subtracted after it.
         let init = if OFFSET != 0 {
-            S::splat_i32(-OFFSET * a.g4[l])
+            S::splat_i32(a.neg_offset(OFFSET, l))
         } else {
             S::zero_i32()
         };
@@ -114,7 +114,7 @@ impl Quant for Q8_0 {
     #[inline(always)]
     unsafe fn int<S: Simd>(w: &S::U8, l: usize, a: &ActQ8) -> S::I32 {
         let init = if S::S8_BIAS != 0 {
-            S::splat_i32(-S::S8_BIAS * a.g4[l])
+            S::splat_i32(a.neg_offset(S::S8_BIAS, l))
         } else {
             S::zero_i32()
         };

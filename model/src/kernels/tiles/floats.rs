@@ -46,7 +46,7 @@ macro_rules! float_kernel {
                 tile: *const u8,
                 nb: usize,
                 acts: [&[f32]; TT],
-                _: &mut Vec<S::I32>,
+                _: &[S::I32],
             ) -> [S::F32; TT] {
                 floats::<S, 1, TT, $elem>([tile], nb, acts)[0]
             }

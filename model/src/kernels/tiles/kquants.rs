@@ -13,7 +13,8 @@ fn q8k<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [ActQ8K] {
     &a.q8k()[t * nb..(t + 1) * nb]
 }
 
-/// Eight unpacked quant vectors of a lane and the scale each is multiplied by.
+/// Eight unpacked quant vectors of a lane and the scale each is multiplied by (in
+/// [`Simd::scale16`] form).
 #[derive(Clone, Copy)]
 pub(crate) struct Parts<S: Simd> {
     q: [S::U8; 8],
@@ -25,8 +26,7 @@ pub(crate) struct Parts<S: Simd> {
 unsafe fn scaled_dots<S: Simd>(p: &Parts<S>, a: &ActQ8K, word: [usize; 8]) -> S::I32 {
     let mut sum = S::zero_i32();
     for k in 0..8 {
-        let d = S::dot_u(S::zero_i32(), p.q[k], a.word(word[k]));
-        sum = S::add_i32(sum, S::mul_i32(d, p.sc[k]));
+        sum = S::dot_u_scaled(sum, p.q[k], a.word(word[k]), p.sc[k]);
     }
     sum
 }
@@ -46,15 +46,15 @@ impl Quant for Q2K {
         q8k(a, t, nb)
     }
 
-    /// Scales at `b * 32 + j`, minimums at `b * 32 + 16 + j`.
+    /// Scales at `b * 32 + j`, minimums at `b * 32 + 16 + j` (both in [`Simd::scale16`] form).
     #[inline(always)]
     unsafe fn prepare<S: Simd>(tile: *const u8, nb: usize, scratch: &mut Vec<S::I32>) {
         let out = sized::<S>(scratch, nb * 32);
         for b in 0..nb {
             for j in 0..16 {
                 let raw = S::widen_u8(tile.add(b * Self::BLOCK + 16 * j));
-                out[b * 32 + j] = S::and_i32(raw, 0xF);
-                out[b * 32 + 16 + j] = S::shr_i32(raw, 4);
+                out[b * 32 + j] = S::scale16(S::and_i32(raw, 0xF));
+                out[b * 32 + 16 + j] = S::scale16(S::shr_i32(raw, 4));
             }
         }
     }
@@ -109,9 +109,11 @@ impl Quant for Q2K {
     ) -> S::F32 {
         let m0 = *sc.get_unchecked(b * 32 + 16 + 2 * l);
         let m1 = *sc.get_unchecked(b * 32 + 17 + 2 * l);
-        let mins = S::add_i32(
-            S::mul_i32(m0, S::splat_i32(a.bsums[2 * l])),
-            S::mul_i32(m1, S::splat_i32(a.bsums[2 * l + 1])),
+        // Activation sums of 16: below 2^15 in magnitude.
+        let mins = S::madd16(
+            S::madd16(S::zero_i32(), S::splat_i32(a.bsums[2 * l]), m0),
+            S::splat_i32(a.bsums[2 * l + 1]),
+            m1,
         );
         let dmin = S::mul_f32(S::splat_f32(-a.d), S::load_f16(blk.add(1312)));
         S::fma_f32(dmin, S::to_f32(mins), acc)
@@ -154,7 +156,7 @@ impl Quant for Q3K {
         let out = sized::<S>(scratch, nb * 16);
         for b in 0..nb {
             for j in 0..16 {
-                out[b * 16 + j] = q3k_scale::<S>(tile.add(b * Self::BLOCK + 1536), j);
+                out[b * 16 + j] = S::scale16(q3k_scale::<S>(tile.add(b * Self::BLOCK + 1536), j));
             }
         }
     }
@@ -186,11 +188,9 @@ impl Quant for Q3K {
         let mut sum = S::zero_i32();
         for k in 0..8 {
             let word = 32 * (k / 4) + 8 * (k % 4) + 4 * half + cc;
-            let d = S::sub_i32(
-                S::dot_u(S::zero_i32(), p.q[k], a.word(word)),
-                S::splat_i32(4 * a.g4[word]),
-            );
-            sum = S::add_i32(sum, S::mul_i32(d, p.sc[k]));
+            // Below 2^15 in magnitude: 4 * 7 * 127 plus 4 * 4 * 127.
+            let d = S::dot_u(S::splat_i32(-4 * a.g4[word]), p.q[k], a.word(word));
+            sum = S::madd16(sum, d, p.sc[k]);
         }
         sum
     }
@@ -238,15 +238,15 @@ impl<const BLOCK: usize, const QH: usize, const QS: usize> Quant for K4<BLOCK, Q
         q8k(a, t, nb)
     }
 
-    /// Scales at `b * 16 + j`, minimums at `b * 16 + 8 + j`.
+    /// Scales at `b * 16 + j`, minimums at `b * 16 + 8 + j` (both in [`Simd::scale16`] form).
     #[inline(always)]
     unsafe fn prepare<S: Simd>(tile: *const u8, nb: usize, scratch: &mut Vec<S::I32>) {
         let out = sized::<S>(scratch, nb * 16);
         for b in 0..nb {
             for j in 0..8 {
                 let (s, m) = k4_scale_min::<S>(tile.add(b * BLOCK + 64), j);
-                out[b * 16 + j] = s;
-                out[b * 16 + 8 + j] = m;
+                out[b * 16 + j] = S::scale16(s);
+                out[b * 16 + 8 + j] = S::scale16(m);
             }
         }
     }
@@ -295,23 +295,33 @@ impl<const BLOCK: usize, const QH: usize, const QS: usize> Quant for K4<BLOCK, Q
         sc: &[S::I32],
         out: &mut [S::F32; TT],
     ) {
+        /// `acc + m_j * (activation sum over sub-block j)`; the sums of 32 stay below 2^15.
         #[inline(always)]
-        unsafe fn mins<S: Simd>(sc: &[S::I32], b: usize, a: &ActQ8K, j: usize) -> S::I32 {
-            S::mul_i32(
-                *sc.get_unchecked(b * 16 + 8 + j),
+        unsafe fn mins<S: Simd>(
+            acc: S::I32,
+            sc: &[S::I32],
+            b: usize,
+            a: &ActQ8K,
+            j: usize,
+        ) -> S::I32 {
+            S::madd16(
+                acc,
                 S::splat_i32(a.bsums[2 * j] + a.bsums[2 * j + 1]),
+                *sc.get_unchecked(b * 16 + 8 + j),
             )
         }
         if QH == 0 {
+            // Each of the 4 accumulators still takes its blocks in order; visiting them per
+            // block shares `dd` and the activation loads.
             let mut accm = [[S::zero_f32(); TT]; 4];
-            for (k, accm) in accm.iter_mut().enumerate() {
-                for b in 0..nb {
-                    let dmin = S::load_f16(tile.add(b * BLOCK + 32));
-                    for t in 0..TT {
-                        let a = at(acts, t, b);
-                        let m =
-                            S::add_i32(mins::<S>(sc, b, a, 2 * k), mins::<S>(sc, b, a, 2 * k + 1));
-                        let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
+            for b in 0..nb {
+                let dmin = S::load_f16(tile.add(b * BLOCK + 32));
+                for t in 0..TT {
+                    let a = at(acts, t, b);
+                    let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
+                    for (k, accm) in accm.iter_mut().enumerate() {
+                        let m = mins::<S>(S::zero_i32(), sc, b, a, 2 * k);
+                        let m = mins::<S>(m, sc, b, a, 2 * k + 1);
                         accm[t] = S::fma_f32(dd, S::to_f32(m), accm[t]);
                     }
                 }
@@ -329,9 +339,9 @@ impl<const BLOCK: usize, const QH: usize, const QS: usize> Quant for K4<BLOCK, Q
                 let dmin = S::load_f16(tile.add(b * BLOCK + 32));
                 for t in 0..TT {
                     let a = at(acts, t, b);
-                    let mut m = mins::<S>(sc, b, a, 0);
-                    for j in 1..8 {
-                        m = S::add_i32(m, mins::<S>(sc, b, a, j));
+                    let mut m = S::zero_i32();
+                    for j in 0..8 {
+                        m = mins::<S>(m, sc, b, a, j);
                     }
                     let dd = S::mul_f32(S::splat_f32(-a.d), dmin);
                     summs[t] = S::fma_f32(dd, S::to_f32(m), summs[t]);
@@ -372,7 +382,8 @@ impl Quant for Q6K {
         let out = sized::<S>(scratch, nb * 16);
         for b in 0..nb {
             for j in 0..16 {
-                out[b * 16 + j] = S::widen_i8(tile.add(b * Self::BLOCK + 3072 + 16 * j));
+                out[b * 16 + j] =
+                    S::scale16(S::widen_i8(tile.add(b * Self::BLOCK + 3072 + 16 * j)));
             }
         }
     }
@@ -421,9 +432,11 @@ impl Quant for Q6K {
                 word(7),
             ],
         );
-        let z = S::add_i32(
-            S::mul_i32(w.zero[0], S::splat_i32(a.bsums[2 * l])),
-            S::mul_i32(w.zero[1], S::splat_i32(a.bsums[2 * l + 1])),
+        // Sums of 16 activations: below 2^15 in magnitude.
+        let z = S::madd16(
+            S::madd16(S::zero_i32(), S::splat_i32(a.bsums[2 * l]), w.zero[0]),
+            S::splat_i32(a.bsums[2 * l + 1]),
+            w.zero[1],
         );
         S::sub_i32(sum, S::shl_i32(z, 5))
     }

@@ -36,16 +36,23 @@ pub(crate) trait TileKernel {
     /// Vectors a lane's unpacked weights occupy while every token uses them: with few, more
     /// lanes fit in registers at once.
     const WEIGHT_VECTORS: usize = 1;
+    /// Decodes what every token of a tile reuses (block scales) into `scratch`, once per tile
+    /// however many tokens run against it.
+    ///
+    /// # Safety
+    /// `tile` points at `nb` tile blocks of this format; the CPU runs `S`.
+    #[inline(always)]
+    unsafe fn prepare<S: Simd>(_tile: *const u8, _nb: usize, _scratch: &mut Vec<S::I32>) {}
     /// `TT` tokens of one tile, lanes in groups of `LG`.
     ///
     /// # Safety
     /// `tile` points at `nb` tile blocks of this format; each activation slice holds `nb`
-    /// blocks; the CPU runs `S`. `scratch` is reusable space for decoded block scales.
+    /// blocks; the CPU runs `S`. `scratch` is what [`TileKernel::prepare`] made of this tile.
     unsafe fn tile<S: Simd, const TT: usize, const LG: usize>(
         tile: *const u8,
         nb: usize,
         acts: [&[Self::Act]; TT],
-        scratch: &mut Vec<S::I32>,
+        scratch: &[S::I32],
     ) -> [S::F32; TT];
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
@@ -62,12 +69,12 @@ pub(crate) trait TileKernel {
         acts: &[Self::Act],
         scratch: &mut Vec<S::I32>,
     ) -> [S::F32; 4] {
-        [
-            Self::tile::<S, 1, LG>(tiles[0], nb, [acts], scratch)[0],
-            Self::tile::<S, 1, LG>(tiles[1], nb, [acts], scratch)[0],
-            Self::tile::<S, 1, LG>(tiles[2], nb, [acts], scratch)[0],
-            Self::tile::<S, 1, LG>(tiles[3], nb, [acts], scratch)[0],
-        ]
+        let mut out = [S::zero_f32(); 4];
+        for (o, tile) in out.iter_mut().zip(tiles) {
+            Self::prepare::<S>(tile, nb, scratch);
+            *o = Self::tile::<S, 1, LG>(tile, nb, [acts], scratch)[0];
+        }
+        out
     }
 }
 
@@ -105,7 +112,8 @@ pub(crate) trait Quant {
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
 
-    /// Decodes what every lane pass reuses (block scales) into `scratch`, once per tile.
+    /// Decodes what every lane pass and token reuses (block scales) into `scratch`, once per
+    /// tile.
     ///
     /// # Safety
     /// `tile` holds `nb` tile blocks; the CPU runs `S`.
@@ -200,10 +208,8 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
     tile: *const u8,
     nb: usize,
     acts: [&[K::Act]; TT],
-    scratch: &mut Vec<S::I32>,
+    scratch: &[S::I32],
 ) -> [S::F32; TT] {
-    K::prepare::<S>(tile, nb, scratch);
-    let scratch: &[S::I32] = scratch;
     let mut lanes = [[S::zero_f32(); TT]; 8];
     let mut g = 0;
     while g < 8 {
@@ -250,11 +256,15 @@ impl<K: Quant> TileKernel for Q<K> {
     type Act = K::Act;
     const WEIGHT_VECTORS: usize = K::WEIGHT_VECTORS;
     #[inline(always)]
+    unsafe fn prepare<S: Simd>(tile: *const u8, nb: usize, scratch: &mut Vec<S::I32>) {
+        K::prepare::<S>(tile, nb, scratch)
+    }
+    #[inline(always)]
     unsafe fn tile<S: Simd, const TT: usize, const LG: usize>(
         tile: *const u8,
         nb: usize,
         acts: [&[K::Act]; TT],
-        scratch: &mut Vec<S::I32>,
+        scratch: &[S::I32],
     ) -> [S::F32; TT] {
         quant_tile::<S, K, TT, LG>(tile, nb, acts, scratch)
     }
@@ -337,20 +347,21 @@ unsafe fn drive_tokens<
     }
     for tile in tiles {
         let w = p.tile(tile).as_ptr();
+        K::prepare::<S>(w, nb, &mut scratch);
         let mut t = 0;
         while t + TT <= tokens {
             let mut a: [&[K::Act]; TT] = [&[]; TT];
             for (i, a) in a.iter_mut().enumerate() {
                 *a = K::acts(acts, t + i, nb);
             }
-            let r = K::tile::<S, TT, LG>(w, nb, a, &mut scratch);
+            let r = K::tile::<S, TT, LG>(w, nb, a, &scratch);
             for (i, v) in r.into_iter().enumerate() {
                 store::<S>(out, t + i, tile, v);
             }
             t += TT;
         }
         while t < tokens {
-            let r = K::tile::<S, 1, LG1>(w, nb, [K::acts(acts, t, nb)], &mut scratch);
+            let r = K::tile::<S, 1, LG1>(w, nb, [K::acts(acts, t, nb)], &scratch);
             store::<S>(out, t, tile, r[0]);
             t += 1;
         }
