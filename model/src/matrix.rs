@@ -4,11 +4,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::error::{ModelError, Result};
 use crate::gguf::TensorView;
 use crate::kernels::{self, cpu, ActKind, Packed, WeightFormat};
+use crate::team;
 
 pub use crate::kernels::Activations;
 
@@ -145,7 +144,7 @@ pub fn matmul_many(
         acts.prepare(ActKind::of(m.format()));
     }
     let isa = cpu::selected();
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::threads().max(1);
     let sinks: Vec<Disjoint> = mats
         .iter()
         .zip(outs.iter_mut())
@@ -174,11 +173,7 @@ pub fn matmul_many(
             kernels::gemm_tiles(isa, &mats[*k].packed, acts, tiles.clone(), sinks[*k].0);
         }
     };
-    if threads == 1 || tasks.len() == 1 {
-        tasks.iter().for_each(run);
-    } else {
-        tasks.par_iter().for_each(run);
-    }
+    team::run(tasks.len(), &|i| run(&tasks[i]));
     Ok(())
 }
 

@@ -13,7 +13,8 @@ pub mod swarm_key;
 
 use anyhow::Context;
 
-/// Sizes rayon's pool, which every matrix product runs on. Defaults to all cores.
+/// Sizes rayon's pool (attention, prompt-wide work) and the compute team the matrix products
+/// run on. Defaults to all cores.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     let n = threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
@@ -24,6 +25,8 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
         .thread_name(|i| format!("compute-{i}"))
         .build_global()
         .context("starting the compute threads")?;
+    // The matrix products of a forward pass run on a team that stays awake between them.
+    model::team::init(n);
     Ok(n)
 }
 
