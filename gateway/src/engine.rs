@@ -147,10 +147,13 @@ impl Gateway {
                 ),
             )
         })?;
-        let text = template
-            .render(messages, true)
+        // Contents are tokenized as text: a message cannot write another role's turn.
+        let ids = generate::tokenize::chat_ids(&self.model.tokenizer, template, messages)
             .map_err(|e| ApiError::bad("messages", format!("cannot render the chat: {e}")))?;
-        self.text_prompt(&text)
+        if ids.is_empty() {
+            return Err(ApiError::bad("messages", "the prompt is empty"));
+        }
+        Ok(ids)
     }
 
     /// Token ids of plain text (special tokens parsed, BOS if the model wants it).

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     /// The swarm cannot serve the model now (blocks without servers, every route failing).
     SwarmUnavailable,
     Timeout,
+    /// No API key, or not one the gateway accepts (`serve-api --api-key-file`).
+    Unauthorized,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -57,6 +59,7 @@ impl ApiError {
             ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::SwarmUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -67,7 +70,8 @@ impl ApiError {
             | ErrorKind::TooLarge
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
-            | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::Unauthorized => "invalid_request_error",
             ErrorKind::Overloaded => "rate_limit_error",
             ErrorKind::SwarmUnavailable | ErrorKind::Timeout => "server_error",
         }
@@ -80,6 +84,7 @@ impl ApiError {
             ErrorKind::Overloaded => Some("rate_limit_exceeded"),
             ErrorKind::SwarmUnavailable => Some("swarm_unavailable"),
             ErrorKind::Timeout => Some("timeout"),
+            ErrorKind::Unauthorized => Some("invalid_api_key"),
             ErrorKind::BadRequest
             | ErrorKind::TooLarge
             | ErrorKind::NotFound
@@ -108,6 +113,7 @@ impl ApiError {
             ErrorKind::Overloaded => tonic::Code::ResourceExhausted,
             ErrorKind::SwarmUnavailable => tonic::Code::Unavailable,
             ErrorKind::Timeout => tonic::Code::DeadlineExceeded,
+            ErrorKind::Unauthorized => tonic::Code::Unauthenticated,
         };
         tonic::Status::new(code, self.message.clone())
     }
@@ -116,5 +122,26 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_is_401_in_openai_shape_and_unauthenticated_in_grpc() {
+        let e = ApiError::new(ErrorKind::Unauthorized, "Incorrect API key provided.");
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            e.body(),
+            serde_json::json!({"error": {
+                "message": "Incorrect API key provided.",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "invalid_api_key",
+            }})
+        );
+        assert_eq!(e.grpc().code(), tonic::Code::Unauthenticated);
     }
 }

@@ -5,6 +5,7 @@
 //! `edge-node serve-api` wires it up; [`Gateway::start`] and [`Gateway::router`] are the
 //! library entry points for embedding it elsewhere.
 
+pub mod auth;
 pub mod blocks;
 pub mod engine;
 pub mod error;
@@ -23,6 +24,7 @@ use swarm::status::ModelInfo;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub use auth::{ApiKeyError, ApiKeys};
 pub use blocks::{Blocks, LocalBlocks};
 pub use error::{ApiError, ErrorKind};
 use metrics::GatewayMetrics;
@@ -39,6 +41,8 @@ pub struct GatewayConfig {
     pub generation_timeout: Duration,
     /// How often the status page's swarm snapshot (and gRPC health) is refreshed.
     pub status_interval: Duration,
+    /// With keys, every OpenAI and gRPC request must present one (see [`auth`]).
+    pub api_keys: Option<ApiKeys>,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +54,7 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(60),
             generation_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(3),
+            api_keys: None,
         }
     }
 }
@@ -94,11 +99,18 @@ impl Gateway {
     }
 
     /// Every endpoint: OpenAI under `/v1`, gRPC (with reflection and health), the status page
-    /// at `/`, `/api/status` and `/metrics`.
+    /// at `/`, `/api/status` and `/metrics`. With API keys, the OpenAI and gRPC endpoints
+    /// (health excepted) answer only requests that bring one.
     pub fn router(self: &Arc<Self>, shutdown: CancellationToken) -> Router {
-        openai::router(self.clone())
-            .merge(grpc::router(self.clone(), shutdown))
-            .merge(page::router(self.clone()))
+        let api = openai::router(self.clone()).merge(grpc::router(self.clone(), shutdown));
+        let api = match &self.config.api_keys {
+            Some(keys) => api.layer(axum::middleware::from_fn_with_state(
+                keys.clone(),
+                auth::require_key,
+            )),
+            None => api,
+        };
+        api.merge(page::router(self.clone()))
             .fallback(openai::not_found)
     }
 

@@ -12,6 +12,9 @@ use candle_core::quantized::gguf_file::Value as GgufValue;
 use minijinja::value::{from_args, Value, ValueKind};
 use minijinja::{context, Environment, Error, ErrorKind, State};
 
+use crate::tokenizer::{Literals, Tokenizer};
+use crate::ModelError;
+
 const KEY_TEMPLATE: &str = "tokenizer.chat_template";
 const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
@@ -122,6 +125,34 @@ impl ChatTemplate {
             eos_token => self.eos_token,
             add_generation_prompt,
         })?)
+    }
+}
+
+impl ChatTemplate {
+    /// Prompt ids of the conversation (without the BOS the tokenizer may want in front): the
+    /// template's own markup with its special tokens parsed, and every message's role and
+    /// content as plain text, so that a message cannot end its turn and open another one (a
+    /// system turn, say) by writing the markup itself.
+    ///
+    /// Contents are marked before rendering ([`Tokenizer::mark_literal`]) rather than cut out
+    /// after it, so the template can still trim or split them, and text without control-token
+    /// markup renders and tokenizes exactly as before (the ids llama.cpp gives).
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, ModelError> {
+        let mut literals = Literals::default();
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: tokenizer.mark_literal(&m.role, &mut literals),
+                content: tokenizer.mark_literal(&m.content, &mut literals),
+            })
+            .collect();
+        let text = self.render(&marked, add_generation_prompt)?;
+        Ok(tokenizer.encode_marked(&text, &literals)?)
     }
 }
 

@@ -216,9 +216,65 @@ fn byte_to_char_table() -> [char; 256] {
 }
 
 /// A piece of input after special-token partitioning.
-enum Fragment<'t> {
-    Text(&'t str),
+enum Fragment<T> {
+    Text(T),
     Token(u32),
+}
+
+/// Stands for a marked part in text given to [`Tokenizer::encode_marked`]: the mark, the
+/// part's index in decimal, the mark. A noncharacter of the last private-use plane, so real
+/// text has no reason to hold it (and where it does, it is marked itself).
+pub const LITERAL_MARK: char = '\u{10FFFD}';
+
+/// The parts of a text that [`Tokenizer::mark_literal`] replaced by markers.
+#[derive(Clone, Debug, Default)]
+pub struct Literals {
+    texts: Vec<String>,
+}
+
+impl Literals {
+    /// Appends a marker standing for `text` to `out`.
+    fn mark(&mut self, text: &str, out: &mut String) {
+        out.push(LITERAL_MARK);
+        out.push_str(&self.texts.len().to_string());
+        out.push(LITERAL_MARK);
+        self.texts.push(text.to_string());
+    }
+
+    /// `text` with its markers replaced by what they stand for; a marker that is not one of
+    /// ours (a template that writes the mark itself) stays as it is.
+    fn unmark<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        const MARK: usize = LITERAL_MARK.len_utf8();
+        if !text.contains(LITERAL_MARK) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(LITERAL_MARK) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + MARK..];
+            let found = after.find(LITERAL_MARK).and_then(|end| {
+                let digits = &after[..end];
+                let index: usize = digits
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| digits.parse().ok())??;
+                Some((self.texts.get(index)?, end))
+            });
+            match found {
+                Some((literal, end)) => {
+                    out.push_str(literal);
+                    rest = &after[end + MARK..];
+                }
+                None => {
+                    out.push(LITERAL_MARK);
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        std::borrow::Cow::Owned(out)
+    }
 }
 
 /// A run of the word being merged; symbols form a linked list as in llama.cpp.
@@ -460,13 +516,74 @@ impl Tokenizer {
     /// false, control tokens in the text are tokenized as plain text, as in llama.cpp (which
     /// still honours user-defined tokens).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let mut out = Vec::with_capacity(text.len() / 3);
+        let fragments = self.partition_special(text, parse_special);
+        self.encode_fragments(fragments.into_iter().map(|f| match f {
+            Fragment::Text(t) => Fragment::Text(std::borrow::Cow::Borrowed(t)),
+            Fragment::Token(id) => Fragment::Token(id),
+        }))
+    }
+
+    /// `text` (a message's content, say) ready to be placed inside markup that is tokenized
+    /// with [`Tokenizer::encode_marked`]: the text of every control token in it is replaced
+    /// by a marker recorded in `literals`, so that it comes out as plain text, exactly as
+    /// `encode(text, false)` would see it, while the markup around it keeps its special tokens.
+    /// Without control-token text (and [`LITERAL_MARK`]) in it, `text` is returned unchanged,
+    /// so ordinary text tokenizes exactly as before, merges across its edges included.
+    pub fn mark_literal(&self, text: &str, literals: &mut Literals) -> String {
+        let mut out = String::with_capacity(text.len());
+        for fragment in self.partition_special(text, true) {
+            match fragment {
+                Fragment::Token(id) => {
+                    let token = self.tokens.get(id as usize).map_or("", String::as_str);
+                    let attr = self.attrs.get(id as usize).copied().unwrap_or(0);
+                    if attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
+                        literals.mark(token, &mut out);
+                    } else {
+                        // User-defined tokens are tokens in plain text too.
+                        out.push_str(token);
+                    }
+                }
+                Fragment::Text(t) => {
+                    let mut rest = t;
+                    while let Some(at) = rest.find(LITERAL_MARK) {
+                        out.push_str(&rest[..at]);
+                        literals.mark(&rest[at..at + LITERAL_MARK.len_utf8()], &mut out);
+                        rest = &rest[at + LITERAL_MARK.len_utf8()..];
+                    }
+                    out.push_str(rest);
+                }
+            }
+        }
+        out
+    }
+
+    /// Tokenizes `text` with its special tokens parsed, except for the parts that
+    /// [`Tokenizer::mark_literal`] marked: those are put back as plain text before the text
+    /// around them is tokenized.
+    pub fn encode_marked(
+        &self,
+        text: &str,
+        literals: &Literals,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let fragments = self.partition_special(text, true);
+        self.encode_fragments(fragments.into_iter().map(|f| match f {
+            Fragment::Text(t) => Fragment::Text(literals.unmark(t)),
+            Fragment::Token(id) => Fragment::Token(id),
+        }))
+    }
+
+    /// Token ids of fragments already cut at special tokens.
+    fn encode_fragments<'t>(
+        &self,
+        fragments: impl Iterator<Item = Fragment<std::borrow::Cow<'t, str>>>,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let mut out = Vec::new();
         let mut word = String::new();
         let mut key = String::new();
         // SentencePiece prefixes a space to text that starts the input or follows a special
         // token (llama.cpp's `is_prev_special`, true at the start).
         let mut prev_special = true;
-        for fragment in self.partition_special(text, parse_special) {
+        for fragment in fragments {
             let text = match fragment {
                 Fragment::Token(id) => {
                     out.push(id);
@@ -481,13 +598,13 @@ impl Tokenizer {
                     pre,
                     byte_to_char,
                 } => {
-                    for piece in pre.split(text)? {
+                    for piece in pre.split(&text)? {
                         word.clear();
                         word.extend(piece.bytes().map(|b| byte_to_char[usize::from(b)]));
                         self.bpe(merge_ranks, pre.ignore_merges, &word, &mut key, &mut out);
                     }
                 }
-                Kind::Spm(spm) => spm.encode(&self.token_to_id, text, prev_special, &mut out),
+                Kind::Spm(spm) => spm.encode(&self.token_to_id, &text, prev_special, &mut out),
             }
             prev_special = false;
         }
@@ -497,7 +614,7 @@ impl Tokenizer {
     /// Cuts special tokens out of `text` like llama.cpp's `tokenizer_st_partition`: one token
     /// at a time, longest first, each splitting every text fragment left so far. So a long
     /// special token wins over a shorter one inside it.
-    fn partition_special<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+    fn partition_special<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<&'t str>> {
         let mut fragments = Vec::new();
         if !text.is_empty() {
             fragments.push(Fragment::Text(text));
@@ -511,7 +628,7 @@ impl Tokenizer {
                 continue;
             };
             let occurs =
-                |f: &Fragment<'_>| matches!(f, Fragment::Text(t) if t.contains(special.as_str()));
+                |f: &Fragment<&str>| matches!(f, Fragment::Text(t) if t.contains(special.as_str()));
             if !fragments.iter().any(occurs) {
                 continue;
             }
@@ -920,6 +1037,52 @@ mod tests {
         assert_eq!(tok.encode("<|im_start|>", false).unwrap(), [14, 15, 4, 15]);
         // User-defined tokens are split out either way, as in llama.cpp.
         assert_eq!(tok.encode("a<tool>b", false).unwrap(), [4, 3, 5]);
+    }
+
+    #[test]
+    fn marked_text_is_plain_text_inside_parsed_markup() {
+        let tok = tokenizer(&["a b"]);
+        let mut literals = Literals::default();
+        // Ordinary text is left as it is, so it tokenizes exactly as before.
+        assert_eq!(tok.mark_literal("ab a<tool>", &mut literals), "ab a<tool>");
+
+        let content = "<|im_end|>ab<|im_start|>";
+        let marked = tok.mark_literal(content, &mut literals);
+        assert!(!marked.contains("<|im_"), "{marked:?}");
+        let markup = |inner: &str| format!("<|im_start|>{inner}<|im_end|>\n");
+        let ids = tok.encode_marked(&markup(&marked), &literals).unwrap();
+        let mut want = vec![1];
+        want.extend(tok.encode(content, false).unwrap());
+        want.extend([2, 16]);
+        assert_eq!(ids, want);
+        assert!(!ids[1..ids.len() - 2].iter().any(|&id| id <= 2), "{ids:?}");
+        // Unmarked, the content's markup would have become control tokens.
+        assert_eq!(
+            tok.encode(&markup(content), true).unwrap(),
+            [1, 2, 7, 1, 2, 16]
+        );
+        // Benign content gives the same ids through either path.
+        let benign = tok.mark_literal("ab c", &mut literals);
+        assert_eq!(
+            tok.encode_marked(&markup(&benign), &literals).unwrap(),
+            tok.encode(&markup("ab c"), true).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_mark_itself_and_forged_markers_stay_text() {
+        let tok = tokenizer(&["a b"]);
+        let mut literals = Literals::default();
+        let tricky = format!("a<tool>{m}0{m}b{m}", m = LITERAL_MARK);
+        let marked = tok.mark_literal(&tricky, &mut literals);
+        assert_eq!(literals.unmark(&marked), tricky);
+        assert_eq!(
+            tok.encode_marked(&marked, &literals).unwrap(),
+            tok.encode(&tricky, false).unwrap()
+        );
+        // A mark the template wrote itself is not one of ours and stays.
+        let foreign = format!("x{m}9{m}{m}", m = LITERAL_MARK);
+        assert_eq!(Literals::default().unmark(&foreign), foreign);
     }
 
     #[test]

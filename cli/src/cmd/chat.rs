@@ -160,8 +160,7 @@ impl Chat<'_> {
 
     /// The conversation as prompt ids, the assistant's turn open.
     fn prompt(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        Ok(tokenize::prompt_ids(self.tokenizer, None, &text, false)?)
+        Ok(tokenize::chat_ids(self.tokenizer, self.template, messages)?)
     }
 
     /// Reads lines until `/exit` or the end of input, answering each one.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use coordinator::{ClientModel, SwarmClient};
-use gateway::{Blocks, Gateway, GatewayConfig, LocalBlocks};
+use gateway::{ApiKeys, Blocks, Gateway, GatewayConfig, LocalBlocks};
 use model::{load, GgufFile, LoadOptions};
 use node::compute::{measure_speed, ComputeHandle};
 use node::metrics::NodeMetrics;
@@ -58,6 +58,15 @@ pub struct ServeApiArgs {
     /// `max_tokens` of chat requests that do not say (completions default to 16, as OpenAI).
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// Require `Authorization: Bearer <key>` on every OpenAI and gRPC request, with one of the
+    /// keys in this file (one per line; blank lines and `#` comments skipped). The status page,
+    /// /metrics and gRPC health stay open.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Connections one client address may hold at once (a reverse proxy on this machine counts
+    /// as one address: raise this behind one).
+    #[arg(long, default_value_t = swarm::page::MAX_CONNECTIONS_PER_IP as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_ip: u64,
 }
 
 pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
@@ -67,6 +76,12 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
     if args.local {
         super::init_threads(args.threads)?;
     }
+    // Read before anything starts, so a bad file is a one-line error and no half-open port.
+    let api_keys = args
+        .api_key_file
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let shutdown = super::shutdown_on_signal();
@@ -87,6 +102,7 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
             max_waiting: args.max_waiting,
             queue_timeout: Duration::from_secs(args.queue_timeout),
             generation_timeout: Duration::from_secs(args.generation_timeout.max(1)),
+            api_keys,
             ..GatewayConfig::default()
         };
         let id = args
@@ -109,7 +125,11 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
         tracing::info!(
             "model `{id}`: OpenAI API at http://{addr}/v1, gRPC at {addr}, status page at http://{addr}/"
         );
-        swarm::page::serve(listener, gw.router(shutdown.clone()), shutdown).await?;
+        let limits = swarm::page::ConnLimits {
+            per_ip: usize::try_from(args.max_connections_per_ip).unwrap_or(usize::MAX),
+            ..Default::default()
+        };
+        swarm::page::serve_with(listener, gw.router(shutdown.clone()), limits, shutdown).await?;
         anyhow::Ok(())
     })
 }

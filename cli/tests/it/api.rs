@@ -61,12 +61,25 @@ fn chromium() -> String {
 }
 
 /// A plain HTTP/1.1 request; returns status and body.
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the gateway");
+pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let s = TcpStream::connect(addr).expect("connect to the gateway");
+    http_on(s, addr, method, path, body, &[])
+}
+
+/// [`http`] on a connection already open, with extra header lines (`Name: value`).
+pub fn http_on(
+    mut s: TcpStream,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[&str],
+) -> (u16, String) {
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Content-Length: {}\r\nConnection: close\r\n{extra}\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -84,7 +97,7 @@ fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     (status, body.to_string())
 }
 
-fn get_json(addr: &str, path: &str) -> Value {
+pub fn get_json(addr: &str, path: &str) -> Value {
     let (status, body) = http(addr, "GET", path, b"");
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -159,7 +172,7 @@ impl Swarm {
 }
 
 /// `generate --local --json` of `prompt` (as a chat turn with `chat`): the reference.
-fn local(prompt: &str, tokens: usize, chat: bool) -> Value {
+pub fn local(prompt: &str, tokens: usize, chat: bool) -> Value {
     let model = default_model();
     let n = tokens.to_string();
     let mut args = vec![
@@ -226,7 +239,7 @@ fn openai_checks(py: &str, addr: &str, expected: &Value) {
 }
 
 /// The value of a metric line `name value` (labels included in `name`).
-fn metric(text: &str, name: &str) -> f64 {
+pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))

@@ -12,6 +12,7 @@ mod chat;
 mod config;
 mod families;
 mod faults;
+mod hostile_clients;
 mod kernels;
 mod swarm;
 mod trust;

@@ -91,6 +91,19 @@ impl<N: Network> Router<N> {
         cache_tokens: u64,
         deadline: tokio::time::Instant,
     ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
+        self.plan_skipping(blocks, cache_tokens, deadline, &HashMap::new())
+            .await
+    }
+
+    /// [`Router::plan`], also leaving out each peer of `skip` until its time (ms), on top of
+    /// the bans.
+    async fn plan_skipping(
+        &self,
+        blocks: Range<u32>,
+        cache_tokens: u64,
+        deadline: tokio::time::Instant,
+        skip: &HashMap<PeerId, u64>,
+    ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
         loop {
             let servers = self.network.lookup().await?;
             let mut infos = Vec::with_capacity(servers.len());
@@ -111,8 +124,12 @@ impl<N: Network> Router<N> {
             for i in &infos {
                 tracing::debug!(peer = %i.peer, blocks = ?i.blocks, rtt_ms = ?i.rtt_ms, decode_ms = i.decode_ms_per_block, "candidate");
             }
-            let banned: HashMap<PeerId, u64> =
+            let mut banned: HashMap<PeerId, u64> =
                 self.bans.lock().map(|b| b.snapshot()).unwrap_or_default();
+            for (&peer, &until) in skip {
+                let at = banned.entry(peer).or_insert(until);
+                *at = (*at).max(until);
+            }
             let req = PlanRequest {
                 blocks: blocks.clone(),
                 cache_tokens,
@@ -138,6 +155,11 @@ impl<N: Network> Router<N> {
 
     /// Plans a route over `blocks` and opens a session on every hop. A peer that fails to
     /// open is banned and the route planned again, until the discovery timeout.
+    ///
+    /// A peer that refuses for want of room (cache full, as many sessions as it takes) has
+    /// done nothing wrong: the request may simply be larger than it holds, or others came
+    /// first. It is left out of this request's routes for [`CAPACITY_RETRY_MS`] and not
+    /// banned, so one client's oversized request does not keep the peer from everyone else.
     pub async fn open(
         &self,
         blocks: Range<u32>,
@@ -145,10 +167,21 @@ impl<N: Network> Router<N> {
     ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
         let deadline = tokio::time::Instant::now() + self.discovery_timeout;
         let mut refusals = Refusals::default();
+        let mut full: HashMap<PeerId, u64> = HashMap::new();
+        let mut last_full: Option<SessionError> = None;
         loop {
-            let (servers, route) = self
-                .plan(blocks.clone(), max_length as u64, deadline)
-                .await?;
+            let planned = self
+                .plan_skipping(blocks.clone(), max_length as u64, deadline, &full)
+                .await;
+            let (servers, route) = match (planned, last_full) {
+                (Ok(planned), last) => {
+                    last_full = last;
+                    planned
+                }
+                // Peers that serve the blocks exist; they said why they would not.
+                (Err(RouteError::Plan { .. }), Some(refused)) => return Err(refused.into()),
+                (Err(e), _) => return Err(e),
+            };
             let mut spans = Vec::with_capacity(route.len());
             let mut failure = None;
             for hop in &route {
@@ -178,9 +211,17 @@ impl<N: Network> Router<N> {
             if refusals.agree(&e) || tokio::time::Instant::now() >= deadline {
                 return Err(e.into());
             }
-            tracing::warn!("opening a session failed: {e}; trying another route");
-            if let Some(peer) = e.peer() {
-                self.ban(peer);
+            match (e.peer(), capacity_refusal(&e)) {
+                (Some(peer), true) => {
+                    tracing::info!("{e}; trying another route");
+                    full.insert(peer, self.network.now_ms() + CAPACITY_RETRY_MS);
+                    last_full = Some(e);
+                }
+                (Some(peer), false) => {
+                    tracing::warn!("opening a session failed: {e}; trying another route");
+                    self.ban(peer);
+                }
+                (None, _) => tracing::warn!("opening a session failed: {e}; trying again"),
             }
         }
     }
@@ -188,6 +229,21 @@ impl<N: Network> Router<N> {
     async fn close_all(&self, spans: Vec<OpenSpan<N::Span>>) {
         futures::future::join_all(spans.into_iter().map(|s| self.network.close(s.session))).await;
     }
+}
+
+/// How long a peer that refused a session for want of room is left out of that request's
+/// routes before it is asked again (sessions end and free their room all the time).
+pub const CAPACITY_RETRY_MS: u64 = 1_000;
+
+/// Whether `e` is a peer saying it has no room for this session now: not a fault of the peer.
+fn capacity_refusal(e: &SessionError) -> bool {
+    matches!(
+        e,
+        SessionError::Remote {
+            code: proto::v1::ErrorCode::CacheFull | proto::v1::ErrorCode::TooManySessions,
+            ..
+        }
+    )
 }
 
 /// A session opened on one hop of a route.
@@ -398,6 +454,8 @@ mod tests {
         dead: PeerId,
         dies_at: u32,
         liars: Vec<PeerId>,
+        /// Refuse every open for want of cache.
+        full: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
     }
 
@@ -434,8 +492,15 @@ mod tests {
             &self,
             server: &Server,
             blocks: Range<u32>,
-            _max_length: u32,
+            max_length: u32,
         ) -> Result<Self::Span, SessionError> {
+            if self.full.contains(&server.peer) {
+                return Err(SessionError::Remote {
+                    peer: server.peer,
+                    code: proto::v1::ErrorCode::CacheFull,
+                    message: format!("no room for {max_length} more cached positions"),
+                });
+            }
             Ok((server.peer, blocks))
         }
 
@@ -487,6 +552,7 @@ mod tests {
             dead: fast,
             dies_at: 3,
             liars: Vec::new(),
+            full: Vec::new(),
             steps: Mutex::default(),
         };
         let router = Arc::new(Router {
@@ -541,6 +607,7 @@ mod tests {
             dead: PeerId::random(),
             dies_at: 0,
             liars: vec![liar],
+            full: Vec::new(),
             steps: Mutex::default(),
         });
         let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
@@ -563,6 +630,7 @@ mod tests {
             dead: PeerId::random(),
             dies_at: 0,
             liars: vec![a, b],
+            full: Vec::new(),
             steps: Mutex::default(),
         });
         let mut session = InferenceSession::open(router, 16).await.unwrap();
@@ -571,5 +639,51 @@ mod tests {
         assert!(e.to_string().contains("malformed step"), "{e}");
         // Not after the 5 s discovery timeout: the two refusals are believed.
         assert!(started.elapsed() < Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_room_is_skipped_for_the_request_not_banned() {
+        let (full, roomy, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = router_of(Fake {
+            servers: vec![
+                server(full, 0..4, 1.0),
+                server(roomy, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ],
+            dead: PeerId::random(),
+            dies_at: 0,
+            liars: Vec::new(),
+            full: vec![full],
+            steps: Mutex::default(),
+        });
+        let session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, roomy.to_string());
+        assert!(router.bans.lock().unwrap().snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_no_peer_has_room_for_fails_with_their_answer_and_bans_nobody() {
+        let (full, tail) = (PeerId::random(), PeerId::random());
+        let network = Fake {
+            servers: vec![server(full, 0..4, 1.0), server(tail, 4..6, 1.0)],
+            dead: PeerId::random(),
+            dies_at: 0,
+            liars: Vec::new(),
+            full: vec![full],
+            steps: Mutex::default(),
+        };
+        let router = Arc::new(Router {
+            network,
+            fingerprint: [0; 32],
+            block_count: 6,
+            dim: 1,
+            discovery_timeout: Duration::from_millis(1500),
+            bans: Arc::default(),
+        });
+        let Err(e) = InferenceSession::open(router.clone(), 1 << 20).await else {
+            panic!("opened without room");
+        };
+        assert!(e.to_string().contains("no room for"), "{e}");
+        assert!(router.bans.lock().unwrap().snapshot().is_empty());
     }
 }

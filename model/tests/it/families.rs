@@ -248,12 +248,16 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
 
 /// Renders with the file's template (or the family's built-in one) and tokenizes as a prompt.
 fn chat_ids(model: &LocalModel, template: &ChatTemplate, msgs: &[ChatMessage]) -> Vec<u32> {
-    let text = template.render(msgs, true).expect("render");
     let mut out = Vec::new();
     if model.tokenizer.add_bos() {
         out.push(model.tokenizer.bos_id());
     }
-    out.extend(model.tokenizer.encode(&text, true).expect("encode"));
+    // Contents as plain text, the template's markup parsed: what the gateway and `chat` use.
+    out.extend(
+        template
+            .encode(&model.tokenizer, msgs, true)
+            .expect("encode"),
+    );
     out
 }
 
