@@ -484,7 +484,7 @@ fn one_peer_gets_its_share_of_the_cache_and_a_step_past_it_fails_alone() {
     let b = try_open(&mut s, 2 * KV_PAGE, greedy).unwrap();
     // Two pages held: a third session's first page is past the peer's share, not the node's.
     assert!(matches!(
-        try_open(&mut s, 16, greedy),
+        try_open(&mut s, 2 * KV_PAGE, greedy),
         Err(ComputeError::PeerCacheFull { wanted, held, limit })
             if wanted == KV_PAGE && held == 2 * KV_PAGE && limit == 2 * KV_PAGE
     ));
