@@ -137,7 +137,10 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     };
     let (id, max_length, dtype, blocks) = session;
     let _guard = CloseOnDrop(ctx.compute.clone(), id);
-    if send(&mut stream, &reply, ctx.write_timeout()).await.is_err() {
+    if send(&mut stream, &reply, ctx.write_timeout())
+        .await
+        .is_err()
+    {
         return;
     }
     tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");

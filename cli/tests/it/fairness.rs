@@ -216,7 +216,10 @@ fn a_client_that_stops_reading_is_dropped_within_the_idle_timeout() {
         if metric(&text, "edge_node_steps_total") >= 1.0 {
             break Instant::now();
         }
-        assert!(Instant::now() < deadline, "the step was not computed in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "the step was not computed in 60 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let freed = loop {

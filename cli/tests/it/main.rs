@@ -276,7 +276,14 @@ fn durations_are_bounded_where_they_are_parsed() {
     let model = default_model();
     let join = |flag: &str| {
         edge_node(&[
-            "join", "--model", &model, "--blocks", "0..1", "--no-mdns", flag, huge,
+            "join",
+            "--model",
+            &model,
+            "--blocks",
+            "0..1",
+            "--no-mdns",
+            flag,
+            huge,
         ])
     };
     let generate = |flag: &str| {
@@ -293,19 +300,31 @@ fn durations_are_bounded_where_they_are_parsed() {
         ])
     };
     let cases = [
-        (join("--drain-timeout"), "--drain-timeout <DRAIN_TIMEOUT>", "0..=86400"),
+        (
+            join("--drain-timeout"),
+            "--drain-timeout <DRAIN_TIMEOUT>",
+            "0..=86400",
+        ),
         (
             join("--rebalance-interval"),
             "--rebalance-interval <REBALANCE_INTERVAL>",
             "1..=86400",
         ),
-        (join("--idle-timeout"), "--idle-timeout <IDLE_TIMEOUT>", "1..=86400"),
+        (
+            join("--idle-timeout"),
+            "--idle-timeout <IDLE_TIMEOUT>",
+            "1..=86400",
+        ),
         (
             generate("--discovery-timeout"),
             "--discovery-timeout <DISCOVERY_TIMEOUT>",
             "1..=86400",
         ),
-        (generate("--step-timeout"), "--step-timeout <STEP_TIMEOUT>", "1..=86400"),
+        (
+            generate("--step-timeout"),
+            "--step-timeout <STEP_TIMEOUT>",
+            "1..=86400",
+        ),
         (generate("--timeout"), "--timeout <TIMEOUT>", "1..=86400"),
     ];
     for (out, flag, range) in cases {
@@ -316,7 +335,10 @@ fn durations_are_bounded_where_they_are_parsed() {
         let mut lines = stderr.lines().filter(|l| !l.trim().is_empty());
         assert_eq!(
             lines.next(),
-            Some(format!("error: invalid value '{huge}' for '{flag}': {huge} is not in {range}").as_str()),
+            Some(
+                format!("error: invalid value '{huge}' for '{flag}': {huge} is not in {range}")
+                    .as_str()
+            ),
             "{stderr}"
         );
         assert_eq!(

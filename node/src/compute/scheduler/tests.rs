@@ -65,11 +65,7 @@ fn scheduler_with(stack: BlockStack, limits: ComputeLimits) -> Scheduler {
 }
 
 /// Asks for a session; the scheduler's answer.
-fn try_open(
-    s: &mut Scheduler,
-    max_length: usize,
-    peer: PeerId,
-) -> Result<u64, ComputeError> {
+fn try_open(s: &mut Scheduler, max_length: usize, peer: PeerId) -> Result<u64, ComputeError> {
     let (reply, mut rx) = oneshot::channel();
     s.apply(Job::Open {
         span: 0..4,
@@ -442,7 +438,9 @@ fn one_peer_gets_its_share_of_the_sessions_and_the_rest_stays_for_others() {
     );
     let (greedy, other, third) = (PeerId::random(), PeerId::random(), PeerId::random());
     // Three of four, however often it asks.
-    let mine: Vec<u64> = (0..3).map(|_| try_open(&mut s, 16, greedy).unwrap()).collect();
+    let mine: Vec<u64> = (0..3)
+        .map(|_| try_open(&mut s, 16, greedy).unwrap())
+        .collect();
     for _ in 0..100 {
         assert!(matches!(
             try_open(&mut s, 16, greedy),
