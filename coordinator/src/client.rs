@@ -143,7 +143,7 @@ impl SwarmClient {
             network_task: Some(host.task),
             bans: Arc::default(),
         };
-        let deadline = tokio::time::Instant::now() + client.config.discovery_timeout;
+        let deadline = swarm::deadline::after(client.config.discovery_timeout);
         while client.net.connected_peers().await == 0 {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::NoPeers {

@@ -34,6 +34,11 @@ pub struct JoinConfig {
     pub net: NetOptions,
     pub max_sessions: usize,
     pub cache_tokens: usize,
+    /// Sessions one remote peer may hold; `None` is [`crate::compute::fair_share`] of
+    /// `max_sessions`.
+    pub max_sessions_per_peer: Option<usize>,
+    /// Cache positions one remote peer may hold; `None` is the fair share of `cache_tokens`.
+    pub cache_tokens_per_peer: Option<usize>,
     /// Prompt rows per batch; `None` derives it from the measured speed.
     pub prefill_chunk: Option<usize>,
     pub announce_interval: Duration,

@@ -2,7 +2,8 @@
 //!
 //! Every frame is checked before anything is allocated or computed: size, dtype, shape, block
 //! range, position continuity. A bad frame is answered with an error code and ends that
-//! session only; a silent client is dropped after the idle timeout, and its cache freed.
+//! session only; a silent client, or one that leaves an answer unread, is dropped after the idle
+//! timeout (or the write timeout, if shorter), and its cache freed.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,8 +75,10 @@ pub async fn accept_loop(
 fn compute_error(e: ComputeError) -> ServerFrame {
     let code = match &e {
         ComputeError::Busy { .. } => ErrorCode::Busy,
-        ComputeError::CacheFull { .. } => ErrorCode::CacheFull,
-        ComputeError::TooManySessions(_) => ErrorCode::TooManySessions,
+        ComputeError::CacheFull { .. } | ComputeError::PeerCacheFull { .. } => ErrorCode::CacheFull,
+        ComputeError::TooManySessions(_) | ComputeError::PeerSessions { .. } => {
+            ErrorCode::TooManySessions
+        }
         ComputeError::BadPosition { .. } => ErrorCode::BadPosition,
         ComputeError::StepInFlight => ErrorCode::BadRequest,
         ComputeError::UnknownSession
@@ -90,12 +93,27 @@ fn compute_error(e: ComputeError) -> ServerFrame {
 /// session's cache freed) instead of holding the session open forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn send(stream: &mut libp2p::Stream, frame: &ServerFrame) -> Result<(), WireError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(stream, frame)).await {
+impl ServeContext {
+    /// How long one frame may take to be written: [`WRITE_TIMEOUT`], or the idle timeout if
+    /// that is shorter. A client that leaves an answer unread is as silent as one that sends
+    /// nothing, and its session must not outlive what `--idle-timeout` promises.
+    fn write_timeout(&self) -> Duration {
+        WRITE_TIMEOUT.min(self.idle_timeout)
+    }
+}
+
+/// Writes `frame`, giving up after `limit` (the stream is then useless: the task ends and the
+/// session with it).
+async fn send(
+    stream: &mut libp2p::Stream,
+    frame: &ServerFrame,
+    limit: Duration,
+) -> Result<(), WireError> {
+    match tokio::time::timeout(limit, write_frame(stream, frame)).await {
         Ok(r) => r,
         Err(_) => Err(WireError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the peer did not read a frame within {WRITE_TIMEOUT:?}"),
+            format!("the peer did not read a frame within {limit:?}"),
         ))),
     }
 }
@@ -112,14 +130,17 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     let (reply, session) = match open(&mut stream, &ctx, peer).await {
         Ok(ok) => ok,
         Err(Some(frame)) => {
-            let _ = send(&mut stream, &frame).await;
+            let _ = send(&mut stream, &frame, ctx.write_timeout()).await;
             return;
         }
         Err(None) => return,
     };
     let (id, max_length, dtype, blocks) = session;
     let _guard = CloseOnDrop(ctx.compute.clone(), id);
-    if send(&mut stream, &reply).await.is_err() {
+    if send(&mut stream, &reply, ctx.write_timeout())
+        .await
+        .is_err()
+    {
         return;
     }
     tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");
@@ -140,6 +161,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 let _ = send(
                     &mut stream,
                     &ServerFrame::error(ErrorCode::BadRequest, e.to_string()),
+                    ctx.write_timeout(),
                 )
                 .await;
                 return;
@@ -154,6 +176,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 let _ = send(
                     &mut stream,
                     &ServerFrame::error(ErrorCode::BadRequest, "expected a step or close frame"),
+                    ctx.write_timeout(),
                 )
                 .await;
                 return;
@@ -164,6 +187,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             let _ = send(
                 &mut stream,
                 &ServerFrame::error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
+                ctx.write_timeout(),
             )
             .await;
             return;
@@ -193,13 +217,14 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         };
         match answer {
             Ok(frame) => {
-                if send(&mut stream, &frame).await.is_err() {
+                if let Err(e) = send(&mut stream, &frame, ctx.write_timeout()).await {
+                    tracing::info!(%peer, session = id, "answer not delivered ({e}), closing");
                     return;
                 }
             }
             Err(frame) => {
                 tracing::debug!(%peer, session = id, "step refused");
-                let _ = send(&mut stream, &frame).await;
+                let _ = send(&mut stream, &frame, ctx.write_timeout()).await;
                 return;
             }
         }

@@ -45,8 +45,9 @@ pub struct ChatArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Through a swarm, seconds between one-token steps that keep the session open while
-    /// waiting for input (nodes close sessions silent for their --idle-timeout; 0 = never).
-    #[arg(long, default_value_t = 30)]
+    /// waiting for input (nodes close sessions silent for their --idle-timeout; 0 = never; at
+    /// most a day).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=super::MAX_SECS))]
     pub keepalive: u64,
 }
 

@@ -11,6 +11,8 @@ use clap::Args;
 use coordinator::session::{RouteHop, Timeouts};
 use coordinator::{ClientConfig, ClientModel};
 
+use super::MAX_SECS;
+
 #[derive(Args, Debug, Clone)]
 pub struct RouteArgs {
     /// Run every block in this process instead of through the swarm.
@@ -19,8 +21,8 @@ pub struct RouteArgs {
     #[command(flatten)]
     pub swarm: SwarmArgs,
     /// Seconds the whole generation (in `chat`: each reply) may take (default: no limit beyond
-    /// the per-step ones).
-    #[arg(long)]
+    /// the per-step ones; at most a day).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub timeout: Option<u64>,
 }
 
@@ -33,14 +35,15 @@ pub struct SwarmArgs {
     /// Find peers on the local network with mDNS (instead of, or besides, --bootstrap).
     #[arg(long)]
     pub mdns: bool,
-    /// Seconds to wait for peers and for a complete route before giving up.
-    #[arg(long, default_value_t = 20)]
+    /// Seconds to wait for peers and for a complete route before giving up (at most a day).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub discovery_timeout: u64,
-    /// Seconds one step through one peer may take before that peer counts as failed.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds one step through one peer may take before that peer counts as failed (at most
+    /// a day).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub step_timeout: u64,
-    /// Seconds to connect to a peer and open a session there.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds to connect to a peer and open a session there (at most a day).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub connect_timeout: u64,
     /// Key file of a private swarm: the one its nodes were started with.
     #[arg(long, value_name = "FILE")]
@@ -57,10 +60,10 @@ impl SwarmArgs {
         Ok(ClientConfig {
             bootstrap: self.bootstrap.clone(),
             mdns: self.mdns,
-            discovery_timeout: Duration::from_secs(self.discovery_timeout.max(1)),
+            discovery_timeout: Duration::from_secs(self.discovery_timeout),
             timeouts: Timeouts {
-                step: Duration::from_secs(self.step_timeout.max(1)),
-                connect: Duration::from_secs(self.connect_timeout.max(1)),
+                step: Duration::from_secs(self.step_timeout),
+                connect: Duration::from_secs(self.connect_timeout),
             },
             swarm_key: self
                 .swarm_key

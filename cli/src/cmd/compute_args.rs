@@ -27,11 +27,15 @@ impl ComputeArgs {
         self.prefill_chunk.map(|n| n as usize)
     }
 
-    /// The limits for blocks that take `ms_per_row` per prompt row (measured).
+    /// The limits for blocks that take `ms_per_row` per prompt row (measured), served in this
+    /// process (`serve-api --local`). No remote peer reaches them: each generation is its own
+    /// "peer" to the scheduler, so a per-peer limit would only shrink what one request may use.
     pub fn limits(&self, ms_per_row: f64) -> ComputeLimits {
         ComputeLimits {
             max_sessions: self.max_sessions(),
             cache_tokens: self.cache_tokens,
+            max_sessions_per_peer: self.max_sessions(),
+            cache_tokens_per_peer: self.cache_tokens,
             prefill_chunk: self
                 .prefill_chunk()
                 .unwrap_or_else(|| ComputeLimits::prefill_chunk_for(ms_per_row)),

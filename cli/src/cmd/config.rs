@@ -348,6 +348,10 @@ cache-tokens = 0x100
             "line 1: `num-blocks`: invalid value `ten`: invalid digit found in string"
         );
         assert_eq!(
+            error("drain-timeout = 100000\n"),
+            "line 1: `drain-timeout`: invalid value `100000`: 100000 is not in 0..=86400"
+        );
+        assert_eq!(
             error("no-mdns = \"yes\"\n"),
             "line 1: `no-mdns` must be true or false, not a string"
         );

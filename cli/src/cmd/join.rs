@@ -8,6 +8,7 @@ use node::{run_bootstrap, run_join, BlockChoice, JoinConfig};
 use super::bench::parse_block_range;
 use super::compute_args::ComputeArgs;
 use super::net_args::NetArgs;
+use super::MAX_SECS;
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
@@ -29,8 +30,9 @@ pub struct JoinArgs {
     /// Memory budget for `--blocks auto`: weights plus KV cache (e.g. 512M, 2G).
     #[arg(long, value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
-    /// Seconds between checks whether moving to other blocks would strengthen the swarm.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds between checks whether moving to other blocks would strengthen the swarm (at
+    /// most a day).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub rebalance_interval: u64,
     /// Never move to other blocks.
     #[arg(long)]
@@ -38,19 +40,31 @@ pub struct JoinArgs {
     /// Move only if the swarm's weakest block gets at least this much faster (0.2 = 20%).
     #[arg(long, default_value_t = 0.2)]
     pub rebalance_min_gain: f64,
-    /// Seconds a leaving node waits for its sessions to move elsewhere.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds a leaving node waits for its sessions to move elsewhere (0 = leave at once; at
+    /// most a day).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub drain_timeout: u64,
     #[command(flatten)]
     pub net: NetArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    /// Sessions one remote peer may hold at once (default: three quarters of --max-sessions,
+    /// so one peer opening sessions in a loop leaves the rest to others). A gateway reaches a
+    /// node as ONE peer for all of its users: on a node that serves mostly one gateway, raise
+    /// this up to --max-sessions.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions_per_peer: Option<u64>,
+    /// KV-cache positions one remote peer's sessions may hold together (default: three
+    /// quarters of --cache-tokens; the same gateway caveat applies).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_tokens_per_peer: Option<u64>,
     /// Seconds between DHT announcements (records expire after three missed ones; readers
     /// refuse entries that claim to live over an hour, hence at most 1200).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1200))]
     pub announce_interval: u64,
-    /// Seconds a session may stay silent before its cache is freed.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds a session may stay silent, or leave its answer unread, before its cache is freed
+    /// (at most a day).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub idle_timeout: u64,
     /// Compute threads (default: all cores).
     #[arg(long)]
@@ -140,7 +154,7 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         model: args.model,
         blocks,
         rebalance_interval: (!args.no_rebalance)
-            .then(|| Duration::from_secs(args.rebalance_interval.max(1))),
+            .then(|| Duration::from_secs(args.rebalance_interval)),
         rebalance_min_gain: args.rebalance_min_gain,
         drain_timeout: Duration::from_secs(args.drain_timeout),
         health_file: args.health_file,
@@ -148,15 +162,22 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         net: args.net.options(),
         max_sessions: args.compute.max_sessions(),
         cache_tokens: args.compute.cache_tokens,
+        max_sessions_per_peer: args.max_sessions_per_peer.map(saturating_usize),
+        cache_tokens_per_peer: args.cache_tokens_per_peer.map(saturating_usize),
         prefill_chunk: args.compute.prefill_chunk(),
         announce_interval: Duration::from_secs(args.announce_interval.max(1)),
-        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
     };
     super::runtime()?.block_on(async {
         let shutdown = super::shutdown_on_signal();
         run_join(config, shutdown).await
     })?;
     Ok(())
+}
+
+/// A count from a flag; past what this machine can address is as good as no limit.
+fn saturating_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 pub fn run_bootstrap_cmd(args: BootstrapArgs) -> anyhow::Result<()> {

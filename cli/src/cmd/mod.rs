@@ -13,6 +13,11 @@ pub mod swarm_key;
 
 use anyhow::Context;
 
+/// The longest wait any seconds flag takes: a day. Bounded where it is parsed, so that a value
+/// like 18446744073709551615 is a usage error naming the flag instead of a panic where it is
+/// added to the clock (`Instant + Duration` overflows); every default is far inside it.
+pub const MAX_SECS: u64 = 86_400;
+
 /// Sizes rayon's pool (attention, prompt-wide work) and the compute team the matrix products
 /// run on. Defaults to all cores.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {

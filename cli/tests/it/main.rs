@@ -10,6 +10,7 @@ mod api;
 mod balance;
 mod chat;
 mod config;
+mod fairness;
 mod families;
 mod faults;
 mod hostile_clients;
@@ -266,6 +267,87 @@ fn user_mistakes_are_one_line_errors() {
     assert_clean_error(&out, "block range 2..9 is outside the model's blocks 0..4");
 
     assert_clean_error(&run(&tiny, &["--top-p", "1.5"]), "--top-p");
+}
+
+/// A number of seconds past a day is a usage error that names the flag (clap's exit code 2),
+/// where it used to reach `Instant + Duration` and panic with an overflow.
+#[test]
+fn durations_are_bounded_where_they_are_parsed() {
+    let huge = "18446744073709551615";
+    let model = default_model();
+    let join = |flag: &str| {
+        edge_node(&[
+            "join",
+            "--model",
+            &model,
+            "--blocks",
+            "0..1",
+            "--no-mdns",
+            flag,
+            huge,
+        ])
+    };
+    let generate = |flag: &str| {
+        edge_node(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "hi",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/9",
+            flag,
+            huge,
+        ])
+    };
+    let cases = [
+        (
+            join("--drain-timeout"),
+            "--drain-timeout <DRAIN_TIMEOUT>",
+            "0..=86400",
+        ),
+        (
+            join("--rebalance-interval"),
+            "--rebalance-interval <REBALANCE_INTERVAL>",
+            "1..=86400",
+        ),
+        (
+            join("--idle-timeout"),
+            "--idle-timeout <IDLE_TIMEOUT>",
+            "1..=86400",
+        ),
+        (
+            generate("--discovery-timeout"),
+            "--discovery-timeout <DISCOVERY_TIMEOUT>",
+            "1..=86400",
+        ),
+        (
+            generate("--step-timeout"),
+            "--step-timeout <STEP_TIMEOUT>",
+            "1..=86400",
+        ),
+        (generate("--timeout"), "--timeout <TIMEOUT>", "1..=86400"),
+    ];
+    for (out, flag, range) in cases {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        // Clap's one error line, then only its usual pointer to --help.
+        let mut lines = stderr.lines().filter(|l| !l.trim().is_empty());
+        assert_eq!(
+            lines.next(),
+            Some(
+                format!("error: invalid value '{huge}' for '{flag}': {huge} is not in {range}")
+                    .as_str()
+            ),
+            "{stderr}"
+        );
+        assert_eq!(
+            lines.collect::<Vec<_>>(),
+            ["For more information, try '--help'."],
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

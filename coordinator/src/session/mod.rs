@@ -165,7 +165,7 @@ impl<N: Network> Router<N> {
         blocks: Range<u32>,
         max_length: u32,
     ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
-        let deadline = tokio::time::Instant::now() + self.discovery_timeout;
+        let deadline = swarm::deadline::after(self.discovery_timeout);
         let mut refusals = Refusals::default();
         let mut full: HashMap<PeerId, u64> = HashMap::new();
         let mut last_full: Option<SessionError> = None;
@@ -369,7 +369,7 @@ impl<N: Network> InferenceSession<N> {
         tracing::warn!("{error}; rerouting blocks {}..{}", blocks.start, blocks.end);
         self.router.ban(failed.span.peer);
         let started = tokio::time::Instant::now();
-        let deadline = started + self.router.discovery_timeout;
+        let deadline = started + swarm::deadline::bounded(self.router.discovery_timeout);
         let dim = self.router.dim;
         let history = failed.inputs;
         drop(failed.span);

@@ -38,6 +38,16 @@ pub enum ComputeError {
     },
     #[error("already serving {0} sessions, the most this node takes")]
     TooManySessions(usize),
+    /// One remote peer holds its share of the session slots; others' opens still fit.
+    #[error("this peer already holds {held} sessions here, the most one peer may")]
+    PeerSessions { held: usize },
+    /// One remote peer's sessions hold its share of the KV cache.
+    #[error("no room for {wanted} more cached positions for this peer ({held} held of the {limit} one peer may hold)")]
+    PeerCacheFull {
+        wanted: usize,
+        held: usize,
+        limit: usize,
+    },
     #[error("the compute queue is full ({queued} requests waiting); try again")]
     Busy { queued: usize },
     #[error("unknown session")]
@@ -62,6 +72,12 @@ pub struct ComputeLimits {
     /// KV-cache positions this node holds for all sessions together (each on every block of
     /// its span), counted in the pages actually allocated.
     pub cache_tokens: usize,
+    /// Sessions one remote peer may hold at once. Below `max_sessions`, so that one peer
+    /// opening sessions in a loop cannot lock every other peer out; not much below it, because
+    /// a gateway reaches this node as one peer for all of its users (see [`fair_share`]).
+    pub max_sessions_per_peer: usize,
+    /// KV-cache positions one remote peer's sessions may hold together, for the same reason.
+    pub cache_tokens_per_peer: usize,
     /// Most prompt rows one scheduler iteration runs: a longer step is computed in chunks of
     /// this size with other sessions' decode steps between them.
     pub prefill_chunk: usize,
@@ -91,6 +107,16 @@ impl ComputeLimits {
         }
         ((PREFILL_CHUNK_MS / ms_per_row) as usize).clamp(MIN_PREFILL_CHUNK, MAX_PREFILL_CHUNK)
     }
+}
+
+/// What one peer may hold of `total` (sessions or cache positions) unless told otherwise:
+/// three quarters, rounded down, and at least one. A lone gateway, which reaches a node as one
+/// peer for all of its users, still gets most of the node; one peer that takes all it can
+/// leaves a quarter for everybody else. Sharing out exactly among the peers present would need
+/// taking sessions back from a peer when another arrives, which a node cannot do without
+/// breaking generations; a fixed reserve needs nothing of the kind.
+pub fn fair_share(total: usize) -> usize {
+    (total - total.div_ceil(4)).max(1)
 }
 
 /// Target compute time of one prefill chunk: what a decode step batched with a chunk waits for

@@ -6,6 +6,8 @@ fn limits(max_sessions: usize) -> ComputeLimits {
     ComputeLimits {
         max_sessions,
         cache_tokens: 1024,
+        max_sessions_per_peer: max_sessions,
+        cache_tokens_per_peer: 1024,
         prefill_chunk: 64,
         adaptive_chunk: false,
     }

@@ -28,7 +28,7 @@ pub async fn drain(serving: Serving, config: &JoinConfig, announcer: &Announcer)
         announcer.announce(range, ServerState::Offline, serving.speed, 0),
     )
     .await;
-    let drained = tokio::time::Instant::now() + config.drain_timeout;
+    let drained = swarm::deadline::after(config.drain_timeout);
     while serving.compute.stats.sessions.load(Ordering::Relaxed) > 0
         && tokio::time::Instant::now() < drained
     {

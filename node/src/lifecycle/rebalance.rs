@@ -11,10 +11,27 @@ use crate::announce::{served, Announcer};
 use crate::config::JoinConfig;
 
 /// When to check next. Checks are staggered so servers of the same range do not all move at
-/// once.
+/// once: a random extra of up to half the period. Any period is safe here (the flag is bounded
+/// where it is parsed, but a library caller may pass anything).
 pub fn next_check(every: Duration) -> tokio::time::Instant {
-    let jitter = rand::random_range(0..=every.as_millis() as u64 / 2);
-    tokio::time::Instant::now() + every + Duration::from_millis(jitter)
+    let every = swarm::deadline::bounded(every);
+    let jitter = rand::random_range(0..=u64::try_from(every.as_millis() / 2).unwrap_or(u64::MAX));
+    swarm::deadline::after(every.saturating_add(Duration::from_millis(jitter)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_check_is_after_the_period_whatever_the_period() {
+        let now = tokio::time::Instant::now();
+        let at = next_check(Duration::from_secs(30));
+        assert!(at >= now + Duration::from_secs(30));
+        assert!(at <= tokio::time::Instant::now() + Duration::from_secs(45));
+        // Overflowed `Instant + every + jitter` before.
+        assert!(next_check(Duration::MAX) > now + Duration::from_secs(86_400));
+    }
 }
 
 /// The range to move to, if moving is worth it now.

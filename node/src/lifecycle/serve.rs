@@ -14,11 +14,17 @@ use tokio_util::task::TaskTracker;
 
 use super::{enter, measure, rebalance, ModelFile, Outcome, Phase};
 use crate::announce::{Announcer, Speed};
-use crate::compute::{ComputeHandle, ComputeLimits};
+use crate::compute::{fair_share, ComputeHandle, ComputeLimits};
 use crate::config::JoinConfig;
 use crate::error::JoinError;
 use crate::metrics::NodeMetrics;
 use crate::server::{accept_loop, ServeContext};
+
+/// What one peer may hold of `total`: as configured (never more than the whole), or else its
+/// fair share.
+fn per_peer(configured: Option<usize>, total: usize) -> usize {
+    configured.map_or_else(|| fair_share(total), |n| n.clamp(1, total.max(1)))
+}
 
 /// A range being served: what its sessions share, and the tasks that serve them (the accept
 /// loop and one per session), all ended by `stop`.
@@ -50,6 +56,8 @@ impl Serving {
             ComputeLimits {
                 max_sessions: config.max_sessions,
                 cache_tokens: config.cache_tokens,
+                max_sessions_per_peer: per_peer(config.max_sessions_per_peer, config.max_sessions),
+                cache_tokens_per_peer: per_peer(config.cache_tokens_per_peer, config.cache_tokens),
                 prefill_chunk,
                 adaptive_chunk: config.prefill_chunk.is_none(),
             },

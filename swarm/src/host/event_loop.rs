@@ -140,7 +140,7 @@ impl EventLoop {
                     GetWaiter {
                         found: Vec::new(),
                         reply,
-                        deadline: Instant::now() + timeout,
+                        deadline: Instant::now() + crate::deadline::bounded(timeout),
                         first_found: None,
                     },
                 );

@@ -103,7 +103,7 @@ impl NetHandle {
             timeout,
             reply,
         });
-        tokio::time::timeout(timeout + Duration::from_secs(1), ask)
+        tokio::time::timeout(timeout.saturating_add(Duration::from_secs(1)), ask)
             .await
             .map_err(|_| NetError::Timeout {
                 op: "get",

@@ -170,3 +170,185 @@ fn a_crowded_block_keeps_the_freshest_entries() {
     let oldest_kept = kept.iter().map(|s| s.announced_at_ms).min().unwrap();
     assert_eq!(oldest_kept, NOW - MAX_SERVERS_PER_BLOCK as u64 + 1);
 }
+
+/// Whatever bytes peers put under a block's key, or send as copies of it: the decoder, the
+/// stores' merge and the readers' merge never panic, and what they keep is only ever entries
+/// that verify as their owner's (or, for a store, entries it already held).
+mod arbitrary_bytes {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+    use crate::discovery::{merge_copies, Server};
+
+    /// Three fixed identities (key generation is slow, and failures should reproduce).
+    fn keys() -> [Keypair; 3] {
+        [1u8, 2, 3].map(|i| Keypair::ed25519_from_bytes([i; 32]).unwrap())
+    }
+
+    /// How an arbitrary entry is signed.
+    #[derive(Debug, Clone)]
+    enum Signing {
+        Unsigned,
+        KeyOnly,
+        Garbage(Vec<u8>),
+        /// Signed by another key than the one of the peer it names.
+        ByOther(usize),
+        Owner,
+    }
+
+    fn signing() -> impl Strategy<Value = Signing> {
+        prop_oneof![
+            Just(Signing::Unsigned),
+            Just(Signing::KeyOnly),
+            prop::collection::vec(any::<u8>(), 0..80).prop_map(Signing::Garbage),
+            (0usize..3).prop_map(Signing::ByOther),
+            Just(Signing::Owner),
+        ]
+    }
+
+    /// Entries with every field arbitrary within a range that makes some of them plausible.
+    fn entry_of_any_kind() -> impl Strategy<Value = ServerRecord> {
+        (
+            (0usize..3, signing(), any::<bool>()),
+            (0u32..20, 0u32..20, -1i32..5),
+            (-200_000i64..200_000, 0u64..2 * MAX_TTL_MS),
+            (
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 0..3),
+                any::<f32>(),
+                any::<u64>(),
+            ),
+        )
+            .prop_map(
+                |((owner, how, our_model), (start, len, state), (at, ttl), (addrs, ms, free))| {
+                    let keys = keys();
+                    let announced_at_ms = NOW.saturating_add_signed(at);
+                    let mut r = ServerRecord {
+                        peer_id: keys[owner].public().to_peer_id().to_bytes(),
+                        fingerprint: if our_model { FP.to_vec() } else { vec![9; 32] },
+                        start_block: start,
+                        end_block: start.saturating_add(len),
+                        state,
+                        addrs,
+                        decode_ms_per_block: ms,
+                        free_cache_tokens: free,
+                        announced_at_ms,
+                        expires_at_ms: announced_at_ms.saturating_add(ttl),
+                        ..Default::default()
+                    };
+                    match how {
+                        Signing::Unsigned => {}
+                        Signing::KeyOnly => r.public_key = keys[owner].public().encode_protobuf(),
+                        Signing::Garbage(sig) => {
+                            r.public_key = keys[owner].public().encode_protobuf();
+                            r.signature = sig;
+                        }
+                        Signing::ByOther(signer) => {
+                            sign(&mut r, &keys[signer]).unwrap();
+                            r.peer_id = keys[(signer + 1) % 3].public().to_peer_id().to_bytes();
+                        }
+                        Signing::Owner => sign(&mut r, &keys[owner]).unwrap(),
+                    }
+                    r
+                },
+            )
+    }
+
+    /// A record's bytes as a peer might put them: well-formed records of arbitrary entries,
+    /// such records with bytes overwritten or cut off, and plain noise.
+    fn record_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let well_formed = || {
+            prop::collection::vec(entry_of_any_kind(), 0..5)
+                .prop_map(|servers| BlockRecord { servers }.encode_to_vec())
+        };
+        prop_oneof![
+            well_formed(),
+            (
+                well_formed(),
+                prop::collection::vec((any::<Index>(), any::<u8>()), 1..8),
+                prop::option::of(any::<Index>()),
+            )
+                .prop_map(|(mut bytes, edits, cut)| {
+                    if !bytes.is_empty() {
+                        for (at, b) in edits {
+                            let i = at.index(bytes.len());
+                            bytes[i] = b;
+                        }
+                        if let Some(cut) = cut {
+                            bytes.truncate(cut.index(bytes.len()));
+                        }
+                    }
+                    bytes
+                }),
+            prop::collection::vec(any::<u8>(), 0..512),
+        ]
+    }
+
+    /// What a store may keep: something it held, or an entry that verifies, is for `key` and
+    /// is signed.
+    fn believable(s: &ServerRecord, key: &RecordKey, held: &[ServerRecord]) -> bool {
+        held.contains(s)
+            || (!s.signature.is_empty() && verify(s, NOW).is_ok() && belongs_to(s, key))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_store_keeps_only_what_it_held_or_what_verifies(
+            incoming in record_bytes(),
+            block in 0u32..20,
+            holds in any::<bool>(),
+        ) {
+            let key = block_key(&FP, block);
+            let keys = keys();
+            let held: Vec<ServerRecord> = if holds {
+                vec![entry(&keys[0], ServerState::Online, NOW - 5)]
+            } else {
+                Vec::new()
+            };
+            let held_bytes = record(held.clone());
+            let merged = merge_stored(&key, holds.then_some(held_bytes.as_slice()), &incoming, NOW);
+            if let Some(out) = merged {
+                let kept = BlockRecord::decode(out.as_slice()).expect("the store writes records");
+                prop_assert!(!kept.servers.is_empty());
+                prop_assert!(kept.servers.len() <= MAX_SERVERS_PER_BLOCK);
+                for s in &kept.servers {
+                    prop_assert!(believable(s, &key, &held), "kept {:?}", s);
+                }
+                let mut peers: Vec<&[u8]> = kept.servers.iter().map(|s| &s.peer_id[..]).collect();
+                peers.dedup();
+                prop_assert_eq!(peers.len(), kept.servers.len(), "one entry per peer");
+            }
+        }
+
+        #[test]
+        fn a_reader_keeps_only_entries_that_verify(
+            copies in prop::collection::vec(record_bytes(), 0..4),
+        ) {
+            let merged = merge_copies(&copies, &FP, NOW, &mut Checker::default());
+            prop_assert!(merged.len() <= MAX_SERVERS_PER_BLOCK);
+            for s in &merged {
+                prop_assert!(!s.signature.is_empty(), "unsigned entry kept: {:?}", s);
+                prop_assert_eq!(verify(s, NOW).ok(), PeerId::from_bytes(&s.peer_id).ok());
+                prop_assert_eq!(&s.fingerprint[..], &FP[..]);
+                // What a client builds from it is checked again, and never panics either.
+                let _ = Server::from_record(s, &FP, 20, NOW);
+            }
+            let mut peers: Vec<&[u8]> = merged.iter().map(|s| &s.peer_id[..]).collect();
+            peers.dedup();
+            prop_assert_eq!(peers.len(), merged.len(), "one entry per peer");
+        }
+
+        #[test]
+        fn decoding_noise_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(r) = BlockRecord::decode(bytes.as_slice()) {
+                for s in &r.servers {
+                    let _ = verify(s, NOW);
+                    let _ = Server::from_record(s, &FP, 20, NOW);
+                }
+            }
+            let _ = ServerRecord::decode(bytes.as_slice()).map(|s| verify(&s, NOW));
+        }
+    }
+}

@@ -14,6 +14,11 @@
 //! KV memory is taken in pages as sessions grow and charged against `cache_tokens` before the
 //! rows that need it run; a step that would overdraw it fails alone with CACHE_FULL (clients
 //! reroute that span), and closing or withdrawing frees or rolls back at once.
+//!
+//! Each remote peer is also held to its own share of the session slots and of the cache
+//! ([`ComputeLimits::max_sessions_per_peer`], [`ComputeLimits::cache_tokens_per_peer`]):
+//! whatever one peer opens or grows, the rest stays for the others. Its refusals carry the same
+//! codes as a full node's, so the refused client reroutes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -45,6 +50,8 @@ pub(super) struct Scheduler {
     next_id: SessionId,
     /// KV positions allocated to all sessions: what `cache_tokens` bounds.
     used: usize,
+    /// What each remote peer with an open session holds: what the per-peer limits bound.
+    held: HashMap<PeerId, Held>,
     /// The peer whose prompt got the last chunk; the next chunk goes to the next peer.
     last_prefill_peer: Option<PeerId>,
     /// Prompt rows per iteration now (resized as measured when the limits say so).
@@ -56,6 +63,13 @@ struct Session {
     kv: SessionKv,
     peer: PeerId,
     step: Option<Pending>,
+}
+
+/// One remote peer's sessions and the KV positions allocated to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Held {
+    sessions: usize,
+    cache: usize,
 }
 
 /// A step being computed, possibly over several iterations.
@@ -98,6 +112,7 @@ impl Scheduler {
             sessions: HashMap::new(),
             next_id: 1,
             used: 0,
+            held: HashMap::new(),
             last_prefill_peer: None,
             chunk: limits.prefill_chunk.max(1),
         }
@@ -167,6 +182,8 @@ impl Scheduler {
                     let reason = match e {
                         ComputeError::TooManySessions(_) => "sessions_full",
                         ComputeError::CacheFull { .. } => "cache_full",
+                        ComputeError::PeerSessions { .. } => "peer_sessions",
+                        ComputeError::PeerCacheFull { .. } => "peer_cache",
                         _ => "other",
                     };
                     self.metrics
@@ -200,6 +217,12 @@ impl Scheduler {
         if self.sessions.len() >= self.limits.max_sessions {
             return Err(ComputeError::TooManySessions(self.limits.max_sessions));
         }
+        let held = self.held.get(&peer).copied().unwrap_or_default();
+        if held.sessions >= self.limits.max_sessions_per_peer {
+            return Err(ComputeError::PeerSessions {
+                held: held.sessions,
+            });
+        }
         // Checked before anything is allocated: a session whose first page does not fit is
         // refused here, and one that can never fit is refused even on an empty node.
         let first = self.stack.cache_allocation(span.clone(), max_length, 1);
@@ -211,8 +234,21 @@ impl Scheduler {
                 total,
             });
         }
+        // Only what is allocated counts against a peer's share, not the declared maximum: a
+        // gateway declares long sessions for all of its users, which rarely grow that far.
+        let limit = self.limits.cache_tokens_per_peer;
+        if held.cache + first > limit {
+            return Err(ComputeError::PeerCacheFull {
+                wanted: first,
+                held: held.cache,
+                limit,
+            });
+        }
         let kv = self.stack.new_cache(span.clone(), max_length);
         self.used += kv.allocated();
+        let h = self.held.entry(peer).or_default();
+        h.sessions += 1;
+        h.cache += kv.allocated();
         let id = self.next_id;
         self.next_id += 1;
         self.metrics.sessions_opened.inc();
@@ -268,6 +304,13 @@ impl Scheduler {
     fn close(&mut self, id: SessionId) {
         if let Some(s) = self.sessions.remove(&id) {
             self.used -= s.kv.allocated();
+            if let Some(h) = self.held.get_mut(&s.peer) {
+                h.sessions -= 1;
+                h.cache -= s.kv.allocated();
+                if h.sessions == 0 {
+                    self.held.remove(&s.peer);
+                }
+            }
             if s.step.is_some() {
                 self.metrics.steps_withdrawn.inc();
             }
@@ -378,10 +421,11 @@ impl Scheduler {
         (rows, self.chunk - budget)
     }
 
-    /// Takes the KV pages the selected rows need from the budget, failing the steps the budget
-    /// cannot hold; returns the rows that may run.
+    /// Takes the KV pages the selected rows need from the budget and from their peer's share,
+    /// failing the steps that either cannot hold; returns the rows that may run.
     fn reserve(&mut self, rows: Vec<Rows>) -> Vec<Rows> {
         let total = self.limits.cache_tokens;
+        let limit = self.limits.cache_tokens_per_peer;
         let mut ok = Vec::with_capacity(rows.len());
         for r in rows {
             let Some(s) = self.sessions.get_mut(&r.id) else {
@@ -391,21 +435,30 @@ impl Scheduler {
             let end = p.pos + p.done + r.count;
             let before = s.kv.allocated();
             let wanted = s.kv.allocated_for(end) - before;
-            if self.used + wanted > total {
-                let free = total - self.used;
-                fail(
-                    s,
-                    &self.metrics,
-                    ComputeError::CacheFull {
-                        wanted,
-                        free,
-                        total,
-                    },
-                );
+            let held = self.held.entry(s.peer).or_default();
+            let refused = if self.used + wanted > total {
+                Some(ComputeError::CacheFull {
+                    wanted,
+                    free: total - self.used,
+                    total,
+                })
+            } else if held.cache + wanted > limit {
+                Some(ComputeError::PeerCacheFull {
+                    wanted,
+                    held: held.cache,
+                    limit,
+                })
+            } else {
+                None
+            };
+            if let Some(error) = refused {
+                fail(s, &self.metrics, error);
                 continue;
             }
             s.kv.grow_to(end);
-            self.used += s.kv.allocated() - before;
+            let grown = s.kv.allocated() - before;
+            self.used += grown;
+            held.cache += grown;
             ok.push(r);
         }
         ok

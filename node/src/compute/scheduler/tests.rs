@@ -42,17 +42,45 @@ fn model() -> SyntheticModel {
 }
 
 fn scheduler(stack: BlockStack, cache_tokens: usize, prefill_chunk: usize) -> Scheduler {
-    Scheduler::new(
+    scheduler_with(
         stack,
         ComputeLimits {
             max_sessions: 8,
             cache_tokens,
+            max_sessions_per_peer: 8,
+            cache_tokens_per_peer: cache_tokens,
             prefill_chunk,
             adaptive_chunk: false,
         },
+    )
+}
+
+fn scheduler_with(stack: BlockStack, limits: ComputeLimits) -> Scheduler {
+    Scheduler::new(
+        stack,
+        limits,
         Arc::new(ComputeStats::default()),
         Arc::new(NodeMetrics::default()),
     )
+}
+
+/// Asks for a session; the scheduler's answer.
+fn try_open(s: &mut Scheduler, max_length: usize, peer: PeerId) -> Result<u64, ComputeError> {
+    let (reply, mut rx) = oneshot::channel();
+    s.apply(Job::Open {
+        span: 0..4,
+        max_length,
+        peer,
+        reply,
+    });
+    rx.try_recv().expect("an open is answered at once")
+}
+
+fn refused(s: &Scheduler, reason: &'static str) -> u64 {
+    s.metrics
+        .sessions_refused
+        .get_or_create(&vec![("reason", reason)])
+        .get()
 }
 
 /// Deterministic hidden states: `tokens` rows that differ by `seed`.
@@ -322,6 +350,8 @@ async fn concurrent_sessions_through_the_thread_are_each_bit_identical_to_runnin
         ComputeLimits {
             max_sessions: 8,
             cache_tokens: 8192,
+            max_sessions_per_peer: 8,
+            cache_tokens_per_peer: 8192,
             prefill_chunk: 24,
             adaptive_chunk: false,
         },
@@ -390,4 +420,116 @@ fn an_adaptive_chunk_moves_towards_the_target_time() {
         s.resize_chunk(Duration::from_micros(1));
     }
     assert_eq!(s.chunk, crate::compute::MAX_PREFILL_CHUNK);
+}
+
+#[test]
+fn one_peer_gets_its_share_of_the_sessions_and_the_rest_stays_for_others() {
+    let (stack, _) = stacks(&model());
+    let mut s = scheduler_with(
+        stack,
+        ComputeLimits {
+            max_sessions: 4,
+            cache_tokens: 4096,
+            max_sessions_per_peer: crate::compute::fair_share(4),
+            cache_tokens_per_peer: 4096,
+            prefill_chunk: 64,
+            adaptive_chunk: false,
+        },
+    );
+    let (greedy, other, third) = (PeerId::random(), PeerId::random(), PeerId::random());
+    // Three of four, however often it asks.
+    let mine: Vec<u64> = (0..3)
+        .map(|_| try_open(&mut s, 16, greedy).unwrap())
+        .collect();
+    for _ in 0..100 {
+        assert!(matches!(
+            try_open(&mut s, 16, greedy),
+            Err(ComputeError::PeerSessions { held: 3 })
+        ));
+    }
+    // Another peer still gets in; once the node is full, everybody is refused.
+    try_open(&mut s, 16, other).unwrap();
+    assert!(matches!(
+        try_open(&mut s, 16, third),
+        Err(ComputeError::TooManySessions(4))
+    ));
+    assert_eq!(refused(&s, "peer_sessions"), 100);
+    assert_eq!(refused(&s, "sessions_full"), 1);
+    // Closing one of its sessions gives the peer its slot back.
+    s.close(mine[0]);
+    try_open(&mut s, 16, greedy).unwrap();
+    assert_eq!(s.held[&greedy].sessions, 3);
+}
+
+#[test]
+fn one_peer_gets_its_share_of_the_cache_and_a_step_past_it_fails_alone() {
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = scheduler_with(
+        stack,
+        ComputeLimits {
+            max_sessions: 8,
+            cache_tokens: 4 * KV_PAGE,
+            max_sessions_per_peer: 8,
+            cache_tokens_per_peer: 2 * KV_PAGE,
+            prefill_chunk: 512,
+            adaptive_chunk: false,
+        },
+    );
+    let (greedy, other) = (PeerId::random(), PeerId::random());
+    // What counts is what is allocated, not the declared length (which may exceed the share).
+    let a = try_open(&mut s, 2 * KV_PAGE + 1, greedy).unwrap();
+    let b = try_open(&mut s, 2 * KV_PAGE, greedy).unwrap();
+    // Two pages held: a third session's first page is past the peer's share, not the node's.
+    assert!(matches!(
+        try_open(&mut s, 2 * KV_PAGE, greedy),
+        Err(ComputeError::PeerCacheFull { wanted, held, limit })
+            if wanted == KV_PAGE && held == 2 * KV_PAGE && limit == 2 * KV_PAGE
+    ));
+    assert_eq!(refused(&s, "peer_cache"), 1);
+    let c = try_open(&mut s, 2 * KV_PAGE, other).unwrap();
+    // a needs a second page, past its peer's share; the other peer's step runs beside it.
+    let mut ra = step(&mut s, a, 0, rows(dim, KV_PAGE + 1, 1));
+    let mut rc = step(&mut s, c, 0, rows(dim, KV_PAGE + 1, 2));
+    s.iterate();
+    assert!(matches!(
+        ra.try_recv().unwrap(),
+        Err(ComputeError::PeerCacheFull { wanted, .. }) if wanted == KV_PAGE
+    ));
+    let mut alone_c = Alone::new(&reference, 0..4, 2 * KV_PAGE);
+    assert_eq!(
+        answered(&mut rc).unwrap(),
+        alone_c.step(0, rows(dim, KV_PAGE + 1, 2))
+    );
+    assert_eq!(s.used, 4 * KV_PAGE);
+    assert_eq!(s.held[&greedy].cache, 2 * KV_PAGE);
+    assert_eq!(s.held[&other].cache, 2 * KV_PAGE);
+    // Closing b frees the peer's page, and a's step fits.
+    s.close(b);
+    let mut ra = step(&mut s, a, 0, rows(dim, KV_PAGE + 1, 1));
+    s.iterate();
+    let mut alone_a = Alone::new(&reference, 0..4, 2 * KV_PAGE + 1);
+    assert_eq!(
+        answered(&mut ra).unwrap(),
+        alone_a.step(0, rows(dim, KV_PAGE + 1, 1))
+    );
+    s.close(a);
+    s.close(c);
+    assert_eq!(s.used, 0);
+    assert!(s.held.is_empty());
+}
+
+#[test]
+fn the_default_share_leaves_room_for_other_peers() {
+    use crate::compute::fair_share;
+    assert_eq!(fair_share(16), 12);
+    assert_eq!(fair_share(16384), 12288);
+    assert_eq!(fair_share(4), 3);
+    assert_eq!(fair_share(2), 1);
+    // A node of one slot cannot share it.
+    assert_eq!(fair_share(1), 1);
+    for total in 2..1000 {
+        let share = fair_share(total);
+        assert!(share >= 1 && share < total, "{total}: {share}");
+    }
 }
