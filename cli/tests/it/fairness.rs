@@ -41,6 +41,15 @@ struct Hostile {
 
 impl Hostile {
     async fn connect(node: &Proc) -> Self {
+        // "listening on" comes before the model is loaded; opens need the range served.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while node.serving.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the node never said it serves its blocks"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let shutdown = CancellationToken::new();
         let host = swarm::host::start(
             NetConfig {

@@ -35,7 +35,7 @@ fn local_gateway(extra: &[&str]) -> Proc {
 /// A connection to `addr` from the loopback address `from`.
 fn connect_from(from: &str, addr: &str) -> std::io::Result<TcpStream> {
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()?;
     let to: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
     let from: SocketAddr = format!("{from}:0").parse().map_err(std::io::Error::other)?;
