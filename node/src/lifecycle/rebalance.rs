@@ -19,21 +19,6 @@ pub fn next_check(every: Duration) -> tokio::time::Instant {
     swarm::deadline::after(every.saturating_add(Duration::from_millis(jitter)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_next_check_is_after_the_period_whatever_the_period() {
-        let now = tokio::time::Instant::now();
-        let at = next_check(Duration::from_secs(30));
-        assert!(at >= now + Duration::from_secs(30));
-        assert!(at <= tokio::time::Instant::now() + Duration::from_secs(45));
-        // Overflowed `Instant + every + jitter` before.
-        assert!(next_check(Duration::MAX) > now + Duration::from_secs(86_400));
-    }
-}
-
 /// The range to move to, if moving is worth it now.
 pub async fn better_range(
     config: &JoinConfig,
@@ -50,4 +35,19 @@ pub async fn better_range(
         m.min_after
     );
     Some(m.to.start as usize..m.to.end as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_check_is_after_the_period_whatever_the_period() {
+        let now = tokio::time::Instant::now();
+        let at = next_check(Duration::from_secs(30));
+        assert!(at >= now + Duration::from_secs(30));
+        assert!(at <= tokio::time::Instant::now() + Duration::from_secs(45));
+        // Overflowed `Instant + every + jitter` before.
+        assert!(next_check(Duration::MAX) > now + Duration::from_secs(86_400));
+    }
 }
