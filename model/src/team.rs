@@ -280,29 +280,24 @@ mod tests {
         }
     }
 
+    /// 200 jobs of `n` tasks, each adding its index to its own counter.
+    fn run_jobs(n: usize) -> Vec<u32> {
+        let out: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        for _ in 0..200 {
+            run(n, &|i| {
+                out[i].fetch_add(i as u32, SeqCst);
+            });
+        }
+        out.iter().map(|v| v.load(SeqCst)).collect()
+    }
+
     #[test]
     fn a_second_caller_falls_back_and_gets_the_same_result() {
         init(2);
         let n = 64;
         let (a, b) = std::thread::scope(|sc| {
-            let one = sc.spawn(|| {
-                let out: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-                for _ in 0..200 {
-                    run(n, &|i| {
-                        out[i].fetch_add(i as u32, SeqCst);
-                    });
-                }
-                out.iter().map(|v| v.load(SeqCst)).collect::<Vec<_>>()
-            });
-            let two = sc.spawn(|| {
-                let out: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-                for _ in 0..200 {
-                    run(n, &|i| {
-                        out[i].fetch_add(i as u32, SeqCst);
-                    });
-                }
-                out.iter().map(|v| v.load(SeqCst)).collect::<Vec<_>>()
-            });
+            let one = sc.spawn(|| run_jobs(n));
+            let two = sc.spawn(|| run_jobs(n));
             (one.join().unwrap(), two.join().unwrap())
         });
         let want: Vec<u32> = (0..n as u32).map(|i| i * 200).collect();

@@ -310,7 +310,22 @@ fn status_pages_show_the_swarm_in_a_browser_and_bad_requests_fail_alone() {
         ("gateway", &gateway, "edge-swarm gateway"),
         ("node", &node0, "edge-swarm node"),
     ] {
-        let dom = headless(&browser, &["--dump-dom", url.as_str()]);
+        // The rows come from the page's own fetch of /api/status; on a loaded machine the
+        // dump can be taken before it lands, so a page without them is loaded again (bounded).
+        let has_rows = |dom: &str| {
+            swarm
+                .nodes
+                .iter()
+                .all(|n| dom.contains(&format!("<tr data-peer=\"{}\"", n.peer_id())))
+        };
+        let mut dom = headless(&browser, &["--dump-dom", url.as_str()]);
+        for _ in 0..3 {
+            if has_rows(&dom) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            dom = headless(&browser, &["--dump-dom", url.as_str()]);
+        }
         assert!(dom.contains(title), "{name} page: {dom}");
         assert!(dom.contains("every block served"), "{name} page: {dom}");
         for n in &swarm.nodes {
