@@ -15,21 +15,30 @@ use super::{assert_clean_error, default_model, edge_node, TempDir};
 
 const MODEL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 
-/// `serve-api --local` on a free port of 127.0.0.1.
-fn local_gateway(extra: &[&str]) -> Proc {
-    let model = default_model();
+/// The arguments of `serve-api --local` on a free port of 127.0.0.1, then `extra`.
+fn local_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "serve-api",
         "--local",
         "--model",
-        &model,
+        model,
         "--listen",
         "127.0.0.1:0",
         "--threads",
         "1",
     ];
     args.extend_from_slice(extra);
-    spawn_until(&args, "serving the API on http://", ":")
+    args
+}
+
+/// `serve-api --local` on a free port of 127.0.0.1.
+fn local_gateway(extra: &[&str]) -> Proc {
+    let model = default_model();
+    spawn_until(
+        &local_args(&model, extra),
+        "serving the API on http://",
+        ":",
+    )
 }
 
 /// A connection to `addr` from the loopback address `from`.
@@ -212,16 +221,10 @@ fn api_keys_are_required_when_configured() {
 
     let model = default_model();
     let serve = |file: &std::path::Path| {
-        edge_node(&[
-            "serve-api",
-            "--local",
-            "--model",
+        edge_node(&local_args(
             &model,
-            "--listen",
-            "127.0.0.1:0",
-            "--api-key-file",
-            file.to_str().unwrap(),
-        ])
+            &["--api-key-file", file.to_str().unwrap()],
+        ))
     };
     let empty = dir.file("empty");
     std::fs::write(&empty, "# no keys yet\n\n").unwrap();

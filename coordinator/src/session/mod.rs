@@ -459,6 +459,20 @@ mod tests {
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
     }
 
+    impl Fake {
+        /// `servers`, all answering honestly, none dying.
+        fn new(servers: Vec<Server>) -> Self {
+            Fake {
+                servers,
+                dead: PeerId::random(),
+                dies_at: 0,
+                liars: Vec::new(),
+                full: Vec::new(),
+                steps: Mutex::default(),
+            }
+        }
+    }
+
     fn server(peer: PeerId, blocks: Range<u32>, ms: f32) -> Server {
         Server {
             peer,
@@ -599,16 +613,12 @@ mod tests {
     async fn one_peer_calling_every_step_bad_is_routed_around_not_believed() {
         let (liar, honest, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
         let router = router_of(Fake {
-            servers: vec![
+            liars: vec![liar],
+            ..Fake::new(vec![
                 server(liar, 0..4, 1.0),
                 server(honest, 0..4, 10.0),
                 server(tail, 4..6, 1.0),
-            ],
-            dead: PeerId::random(),
-            dies_at: 0,
-            liars: vec![liar],
-            full: Vec::new(),
-            steps: Mutex::default(),
+            ])
         });
         let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, liar.to_string());
@@ -622,16 +632,12 @@ mod tests {
     async fn a_request_two_peers_call_bad_fails_at_once() {
         let (a, b, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
         let router = router_of(Fake {
-            servers: vec![
+            liars: vec![a, b],
+            ..Fake::new(vec![
                 server(a, 0..4, 1.0),
                 server(b, 0..4, 10.0),
                 server(tail, 4..6, 1.0),
-            ],
-            dead: PeerId::random(),
-            dies_at: 0,
-            liars: vec![a, b],
-            full: Vec::new(),
-            steps: Mutex::default(),
+            ])
         });
         let mut session = InferenceSession::open(router, 16).await.unwrap();
         let started = tokio::time::Instant::now();
@@ -645,16 +651,12 @@ mod tests {
     async fn a_peer_without_room_is_skipped_for_the_request_not_banned() {
         let (full, roomy, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
         let router = router_of(Fake {
-            servers: vec![
+            full: vec![full],
+            ..Fake::new(vec![
                 server(full, 0..4, 1.0),
                 server(roomy, 0..4, 10.0),
                 server(tail, 4..6, 1.0),
-            ],
-            dead: PeerId::random(),
-            dies_at: 0,
-            liars: Vec::new(),
-            full: vec![full],
-            steps: Mutex::default(),
+            ])
         });
         let session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, roomy.to_string());
@@ -665,12 +667,8 @@ mod tests {
     async fn a_request_no_peer_has_room_for_fails_with_their_answer_and_bans_nobody() {
         let (full, tail) = (PeerId::random(), PeerId::random());
         let network = Fake {
-            servers: vec![server(full, 0..4, 1.0), server(tail, 4..6, 1.0)],
-            dead: PeerId::random(),
-            dies_at: 0,
-            liars: Vec::new(),
             full: vec![full],
-            steps: Mutex::default(),
+            ..Fake::new(vec![server(full, 0..4, 1.0), server(tail, 4..6, 1.0)])
         };
         let router = Arc::new(Router {
             network,
