@@ -12,6 +12,9 @@
 //! re-quantization of activations, so a different but equally exact order drifts from llama.cpp
 //! by tenths of a nat in log-probability.
 //!
+//! Q4_0 is the exception: llama.cpp repacks it on x86 (any CPU with AVX2) and sums each block
+//! whole, with one accumulator per row, so that is its definition here too.
+//!
 //! Float weights use one accumulator per row and one fused multiply-add per element, in column
 //! order.
 
@@ -57,9 +60,9 @@ pub fn dot(format: WeightFormat, bytes: &[u8], acts: ActRow) -> f32 {
             }
             acc
         }
-        (WeightFormat::Q4_0, ActRow::Q8(a)) => blocks32(cast::<BlockQ4_0>(bytes), a, |b| {
+        (WeightFormat::Q4_0, ActRow::Q8(a)) => block_sums(cast::<BlockQ4_0>(bytes), a, |b| {
             let q: [i32; 32] = std::array::from_fn(|j| nibble(&b.qs, j) as i32 - 8);
-            (q, b.d.get(), None)
+            (q, b.d.get())
         }),
         (WeightFormat::Q4_1, ActRow::Q8(a)) => blocks32(cast::<BlockQ4_1>(bytes), a, |b| {
             let q: [i32; 32] = std::array::from_fn(|j| nibble(&b.qs, j) as i32);
@@ -129,6 +132,18 @@ fn blocks32<B>(w: &[B], a: &[ActQ8], f: impl Fn(&B) -> ([i32; 32], f32, Option<f
     } else {
         hsum8(acc)
     }
+}
+
+/// 32-blocks summed whole (Q4_0; llama.cpp's repacked x86 arithmetic): `f(block) = (signed
+/// quants, scale)`, `acc = fma(d_w * d_a, sum, acc)` per block, one accumulator.
+fn block_sums<B>(w: &[B], a: &[ActQ8], f: impl Fn(&B) -> ([i32; 32], f32)) -> f32 {
+    let mut acc = 0f32;
+    for (b, a) in w.iter().zip(a) {
+        let (q, d) = f(b);
+        let sum: i32 = q.iter().zip(&a.qs).map(|(q, a)| q * *a as i32).sum();
+        acc = (d * a.d).mul_add(sum as f32, acc);
+    }
+    acc
 }
 
 /// Integer lanes of a 256-block: `sum over e of scale(e) * q(e) * a(e)` per lane.

@@ -61,6 +61,19 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn dot_u_scaled(acc: Self::I32, w: Self::U8, a: i32, s: Self::I32) -> Self::I32 {
         Self::madd16(acc, Self::dot_u(Self::zero_i32(), w, a), s)
     }
+    /// `acc + sum_k w[row][k] * a[k]` in a short sum: at most eight calls from
+    /// [`Simd::zero_i32`], with weights below 16 and `|a[k]| <= 127`, then [`Simd::short_end`].
+    /// Within those bounds every partial sum fits in 16 bits, which AVX2 uses to add the
+    /// `vpmaddubsw` products directly and widen once per block instead of once per call.
+    #[inline(always)]
+    unsafe fn dot_u_short(acc: Self::I32, w: Self::U8, a: i32) -> Self::I32 {
+        Self::dot_u(acc, w, a)
+    }
+    /// The exact total of a short sum (see [`Simd::dot_u_short`]).
+    #[inline(always)]
+    unsafe fn short_end(acc: Self::I32) -> Self::I32 {
+        acc
+    }
     unsafe fn and_i32(x: Self::I32, mask: i32) -> Self::I32;
     unsafe fn or_i32(x: Self::I32, y: Self::I32) -> Self::I32;
     /// Logical shifts.

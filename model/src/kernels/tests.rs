@@ -145,7 +145,15 @@ fn every_path_equals_the_reference_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(11);
     for f in WeightFormat::ALL {
         let be = f.block_elems().max(32);
-        for (rows, blocks, tokens) in [(16, 1, 1), (35, 3, 5), (64, 2, 4), (7, 1, 2), (83, 2, 1)] {
+        // Token counts cover every tile width (1, 2, 4, 8) and their remainders.
+        for (rows, blocks, tokens) in [
+            (16, 1, 1),
+            (35, 3, 5),
+            (64, 2, 4),
+            (7, 1, 2),
+            (83, 2, 1),
+            (40, 2, 11),
+        ] {
             for fl in [Flavour::Random, Flavour::Extreme] {
                 let cols = be * blocks;
                 let bytes = random_matrix(&mut rng, f, rows, cols, fl);

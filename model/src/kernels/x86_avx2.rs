@@ -158,6 +158,23 @@ unsafe impl Simd for Avx2 {
         ]
     }
     #[inline(always)]
+    unsafe fn dot_u_short(acc: Pair<__m256i>, w: Pair<__m256i>, a: i32) -> Pair<__m256i> {
+        // 16-bit partial sums: eight calls of pairs of at most 15 * 127 stay below 2^15.
+        let a = _mm256_set1_epi32(a);
+        [
+            _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(w[0], a)),
+            _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(w[1], a)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn short_end(acc: Pair<__m256i>) -> Pair<__m256i> {
+        let ones = _mm256_set1_epi16(1);
+        [
+            _mm256_madd_epi16(acc[0], ones),
+            _mm256_madd_epi16(acc[1], ones),
+        ]
+    }
+    #[inline(always)]
     unsafe fn and_i32(x: Pair<__m256i>, mask: i32) -> Pair<__m256i> {
         let m = _mm256_set1_epi32(mask);
         each!(_mm256_and_si256, x, m)

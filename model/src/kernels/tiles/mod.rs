@@ -33,6 +33,9 @@ use super::simd::Simd;
 /// A format's tile kernel, as the driver sees it.
 pub(crate) trait TileKernel {
     type Act: 'static;
+    /// One integer per block and token instead of ggml's 8 lanes (see [`Quant::BLOCK_SUM`]):
+    /// with no lanes to group, more tokens share each weight load.
+    const BLOCK_SUM: bool = false;
     /// Vectors a lane's unpacked weights occupy while every token uses them: with few, more
     /// lanes fit in registers at once.
     const WEIGHT_VECTORS: usize = 1;
@@ -108,6 +111,11 @@ pub(crate) trait Quant {
     type W<S: Simd>: Copy;
     /// How many vectors `W` holds.
     const WEIGHT_VECTORS: usize = 1;
+    /// The canonical sum is one integer per block and one multiply-add per block, with no
+    /// lanes (llama.cpp's arithmetic for the formats it repacks on x86), instead of ggml's 8
+    /// lanes. Such a format implements [`Quant::block_start`] and [`Quant::block_add`]
+    /// instead of [`Quant::int`].
+    const BLOCK_SUM: bool = false;
 
     /// The activations of token `t`.
     fn acts<'a>(a: &'a Activations, t: usize, nb: usize) -> &'a [Self::Act];
@@ -134,6 +142,30 @@ pub(crate) trait Quant {
     /// # Safety
     /// The CPU runs `S`.
     unsafe fn int<S: Simd>(w: &Self::W<S>, l: usize, a: &Self::Act) -> S::I32;
+
+    /// Block-sum formats: the integer a block's sum starts from (its zero-point term).
+    ///
+    /// # Safety
+    /// The CPU runs `S`.
+    #[inline(always)]
+    unsafe fn block_start<S: Simd>(_a: &Self::Act) -> S::I32 {
+        S::zero_i32()
+    }
+
+    /// Block-sum formats: `acc` plus lane `l`'s products with `a`, as a short sum
+    /// ([`Simd::dot_u_short`]) of the block's eight lanes.
+    ///
+    /// # Safety
+    /// The CPU runs `S`.
+    #[inline(always)]
+    unsafe fn block_add<S: Simd>(
+        acc: S::I32,
+        _w: &Self::W<S>,
+        _l: usize,
+        _a: &Self::Act,
+    ) -> S::I32 {
+        acc
+    }
 
     /// A float step ggml applies to lane `l` before the scale step of a block (Q2_K's minimums).
     ///
@@ -210,6 +242,9 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
     acts: [&[K::Act]; TT],
     scratch: &[S::I32],
 ) -> [S::F32; TT] {
+    if K::BLOCK_SUM {
+        return block_sum_tile::<S, K, TT>(tile, nb, acts, scratch);
+    }
     let mut lanes = [[S::zero_f32(); TT]; 8];
     let mut g = 0;
     while g < 8 {
@@ -249,12 +284,49 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
     out
 }
 
+/// One tile of a block-sum format ([`Quant::BLOCK_SUM`]) against `TT` tokens: per block,
+/// `acc = fma(float(block integer), weight scale * activation scale, acc)`.
+#[inline(always)]
+unsafe fn block_sum_tile<S: Simd, K: Quant, const TT: usize>(
+    tile: *const u8,
+    nb: usize,
+    acts: [&[K::Act]; TT],
+    scratch: &[S::I32],
+) -> [S::F32; TT] {
+    let mut acc = [S::zero_f32(); TT];
+    for b in 0..nb {
+        let blk = tile.add(b * K::BLOCK);
+        let mut line = 0;
+        while line < K::BLOCK {
+            S::prefetch(blk.wrapping_add(PREFETCH.max(2 * K::BLOCK) + line));
+            line += 64;
+        }
+        let mut sums = [S::zero_i32(); TT];
+        for l in 0..8 {
+            let w = K::weights::<S>(blk, b, l, scratch);
+            for t in 0..TT {
+                sums[t] = K::block_add::<S>(sums[t], &w, l, at(&acts, t, b));
+            }
+        }
+        let dw = S::load_f16(blk.add(K::D));
+        for t in 0..TT {
+            let a = at(&acts, t, b);
+            let sum = S::add_i32(S::short_end(sums[t]), K::block_start::<S>(a));
+            let dd = S::mul_f32(dw, S::splat_f32(a.scale()));
+            acc[t] = S::fma_f32(S::to_f32(sum), dd, acc[t]);
+        }
+    }
+    K::tail::<S, TT>(tile, nb, &acts, scratch, &mut acc);
+    acc
+}
+
 /// A quantized format as a tile kernel.
 pub(crate) struct Q<K>(std::marker::PhantomData<K>);
 
 impl<K: Quant> TileKernel for Q<K> {
     type Act = K::Act;
     const WEIGHT_VECTORS: usize = K::WEIGHT_VECTORS;
+    const BLOCK_SUM: bool = K::BLOCK_SUM;
     #[inline(always)]
     unsafe fn prepare<S: Simd>(tile: *const u8, nb: usize, scratch: &mut Vec<S::I32>) {
         K::prepare::<S>(tile, nb, scratch)
@@ -301,7 +373,14 @@ pub(crate) unsafe fn drive<S: Simd, K: TileKernel>(
     tiles: Range<usize>,
     out: Out,
 ) {
-    // Lane groups sized so that a group's accumulators and unpacked weights stay in registers.
+    // Lane groups sized so that a group's accumulators and unpacked weights stay in registers;
+    // block-sum formats keep two vectors per token (integer and float sums) and no lanes.
+    if K::BLOCK_SUM {
+        return match S::ACCUMULATORS {
+            8 => drive_tokens::<S, K, 8, 8, 8>(p, acts, tiles, out),
+            _ => drive_tokens::<S, K, 2, 4, 4>(p, acts, tiles, out),
+        };
+    }
     match (S::ACCUMULATORS, K::WEIGHT_VECTORS) {
         (8, 0..=2) => drive_tokens::<S, K, 4, 4, 8>(p, acts, tiles, out),
         (8, _) => drive_tokens::<S, K, 4, 2, 8>(p, acts, tiles, out),
