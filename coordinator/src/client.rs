@@ -22,7 +22,9 @@ use swarm::discovery::{self, Server};
 use swarm::{host, NetConfig, NetError, NetHandle};
 
 use crate::generate::{Backend, GenerateError};
-use crate::session::{Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts};
+use crate::session::{
+    Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts, VerifyPolicy,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -85,6 +87,9 @@ pub struct ClientConfig {
     pub discovery_timeout: Duration,
     /// The key of a private swarm (`swarm::swarm_key`), when the swarm has one.
     pub swarm_key: Option<PreSharedKey>,
+    /// Whether sessions check their peers' outputs on second peers (off by default; see
+    /// [`VerifyPolicy::every`] for the cost).
+    pub verify: VerifyPolicy,
 }
 
 impl Default for ClientConfig {
@@ -96,6 +101,7 @@ impl Default for ClientConfig {
             timeouts: Timeouts::default(),
             discovery_timeout: Duration::from_secs(20),
             swarm_key: None,
+            verify: VerifyPolicy::OFF,
         }
     }
 }
@@ -193,6 +199,7 @@ impl SwarmClient {
             dim: model.spec.embedding_length,
             discovery_timeout: self.config.discovery_timeout,
             bans: self.bans.clone(),
+            verify: self.config.verify,
         })
     }
 
@@ -219,6 +226,27 @@ impl Backend for SwarmBackend<'_> {
     async fn logits(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, GenerateError> {
         self.model.logits_through(&mut self.session, ids, pos).await
     }
+
+    fn settled(&self) -> usize {
+        self.session.settled()
+    }
+
+    async fn settle(&mut self) -> Result<(), GenerateError> {
+        settle(&mut self.session).await
+    }
+}
+
+/// [`InferenceSession::settle`] for a generation backend: a caught peer's rollback becomes
+/// [`GenerateError::Rewind`].
+pub async fn settle(session: &mut InferenceSession) -> Result<(), GenerateError> {
+    session.settle().await.map_err(rewind_or_route)
+}
+
+fn rewind_or_route(e: RouteError) -> GenerateError {
+    match e {
+        RouteError::Rewound { to } => GenerateError::Rewind { to },
+        e => GenerateError::Route(e),
+    }
 }
 
 impl ClientModel {
@@ -235,7 +263,7 @@ impl ClientModel {
             needed: pos,
             capacity: u32::MAX as usize,
         })?;
-        let y = session.run_blocks(x, pos).await?;
+        let y = session.run_blocks(x, pos).await.map_err(rewind_or_route)?;
         Ok(self.head.last_logits(&y)?)
     }
 }

@@ -227,4 +227,18 @@ impl Backend for SessionBackend<'_> {
             }
         }
     }
+
+    fn settled(&self) -> usize {
+        match &self.session {
+            Session::Swarm(s) => s.settled(),
+            Session::Local(_) => usize::MAX,
+        }
+    }
+
+    async fn settle(&mut self) -> Result<(), GenerateError> {
+        match &mut self.session {
+            Session::Swarm(s) => coordinator::client::settle(s).await,
+            Session::Local(_) => Ok(()),
+        }
+    }
 }

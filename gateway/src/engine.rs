@@ -324,12 +324,14 @@ fn generate_error(e: GenerateError) -> ApiError {
         GenerateError::PromptTooLong { .. } => {
             ApiError::new(ErrorKind::ContextLength, e.to_string())
         }
-        GenerateError::Route(_) | GenerateError::Model(_) | GenerateError::Backend(_) => {
-            ApiError::new(
-                ErrorKind::SwarmUnavailable,
-                format!("generation failed: {e}"),
-            )
-        }
+        // `generate` runs a rollback again itself; one escaping it is a failed generation.
+        GenerateError::Route(_)
+        | GenerateError::Model(_)
+        | GenerateError::Backend(_)
+        | GenerateError::Rewind { .. } => ApiError::new(
+            ErrorKind::SwarmUnavailable,
+            format!("generation failed: {e}"),
+        ),
     }
 }
 
@@ -357,6 +359,14 @@ impl Backend for Metered<'_> {
         self.gateway.rate.add(1);
         self.gateway.metrics.generated_tokens.inc();
         Ok(logits)
+    }
+
+    fn settled(&self) -> usize {
+        self.inner.settled()
+    }
+
+    async fn settle(&mut self) -> Result<(), GenerateError> {
+        self.inner.settle().await
     }
 }
 

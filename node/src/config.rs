@@ -28,6 +28,20 @@ pub enum BlockChoice {
     Auto { max_memory_bytes: u64 },
 }
 
+/// Misbehaviour a node simulates. Outside builds with the `fault-injection` feature (which only
+/// the test harness enables) `None` is the only value, so no flag, file or peer can make a
+/// release node misbehave: the code is not there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    #[default]
+    None,
+    /// Answer every step with wrong hidden states (each value negated), and announce a decode
+    /// speed ten times the measured one, as an attacker would to draw clients to itself.
+    #[cfg(feature = "fault-injection")]
+    CorruptOutputs,
+}
+
 pub struct JoinConfig {
     pub model: PathBuf,
     pub blocks: BlockChoice,
@@ -41,6 +55,8 @@ pub struct JoinConfig {
     pub cache_tokens_per_peer: Option<usize>,
     /// Prompt rows per batch; `None` derives it from the measured speed.
     pub prefill_chunk: Option<usize>,
+    /// Most rows one inference step may carry; clients learn it when a session opens.
+    pub max_step_tokens: usize,
     pub announce_interval: Duration,
     pub idle_timeout: Duration,
     /// How often to check whether moving would help the swarm; `None` never moves.
@@ -53,4 +69,5 @@ pub struct JoinConfig {
     pub health_file: Option<PathBuf>,
     /// Where to serve this node's status page and `/metrics` (none when `None`).
     pub http_listen: Option<std::net::SocketAddr>,
+    pub fault: Fault,
 }

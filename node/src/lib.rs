@@ -17,6 +17,6 @@ pub mod server;
 pub mod status_page;
 
 pub use bootstrap::run_bootstrap;
-pub use config::{BlockChoice, JoinConfig, NetOptions};
+pub use config::{BlockChoice, Fault, JoinConfig, NetOptions};
 pub use error::JoinError;
 pub use lifecycle::{run_join, Phase};

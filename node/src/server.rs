@@ -30,6 +30,11 @@ pub struct ServeContext {
     pub context_length: usize,
     pub compute: ComputeHandle,
     pub idle_timeout: Duration,
+    /// Most rows one step may carry (`--max-step-tokens`), told to clients when their session
+    /// opens; a larger step is refused with STEP_TOO_LARGE and the session goes on.
+    pub max_step_tokens: usize,
+    /// What this node does wrong on purpose (tests only; see [`crate::Fault`]).
+    pub fault: crate::Fault,
     /// Set when the node is leaving: new sessions are refused with SHUTTING_DOWN.
     pub leaving: AtomicBool,
 }
@@ -118,6 +123,15 @@ async fn send(
     }
 }
 
+/// Spoils a step's answer when the node is told to (test builds only).
+fn corrupt(fault: crate::Fault, _hidden: &mut [f32]) {
+    match fault {
+        crate::Fault::None => {}
+        #[cfg(feature = "fault-injection")]
+        crate::Fault::CorruptOutputs => _hidden.iter_mut().for_each(|v| *v = -*v),
+    }
+}
+
 /// Frees the session's cache however the task ends.
 struct CloseOnDrop(ComputeHandle, u64);
 impl Drop for CloseOnDrop {
@@ -182,6 +196,18 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 return;
             }
         };
+        if let Some(frame) = oversized(&step, ctx.max_step_tokens) {
+            // Nothing was computed and the session's cache is untouched, so the client may go
+            // on in smaller steps on this same session.
+            tracing::debug!(%peer, session = id, "step over the row bound refused");
+            if send(&mut stream, &frame, ctx.write_timeout())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
         if ctx.leaving.load(Ordering::Relaxed) {
             // The client reroutes this step elsewhere; nothing is lost.
             let _ = send(
@@ -202,10 +228,10 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 let gone = read_frame::<_, ClientFrame>(&mut stream, max_frame);
                 tokio::select! {
                     done = step => match done {
-                        Ok((out, took)) => Ok(ServerFrame::result(
-                            encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
-                            took.as_secs_f32() * 1e3,
-                        )),
+                        Ok((mut out, took)) => Ok(ServerFrame::result({
+                            corrupt(ctx.fault, &mut out.data);
+                            encode_tensor(&out.data, &[out.tokens, out.dim], dtype)
+                        }, took.as_secs_f32() * 1e3)),
                         Err(e) => Err(compute_error(e)),
                     },
                     _ = gone => {
@@ -300,11 +326,30 @@ async fn open(
     };
     match ctx.compute.open(blocks.clone(), max_length, peer).await {
         Ok(id) => Ok((
-            ServerFrame::opened(max_length as u32),
+            ServerFrame::opened(
+                max_length as u32,
+                u32::try_from(ctx.max_step_tokens).unwrap_or(u32::MAX),
+            ),
             (id, max_length, dtype, blocks),
         )),
         Err(e) => Err(Some(compute_error(e))),
     }
+}
+
+/// The refusal of a step with more than `max_rows` rows, judged by the shape it declares
+/// before any of its data is decoded. A step whose shape is malformed is left to
+/// [`check_step`], which refuses it as a bad request.
+fn oversized(step: &proto::v1::Step, max_rows: usize) -> Option<ServerFrame> {
+    let rows = *step.hidden.as_ref()?.shape.first()?;
+    (rows > max_rows as u64).then(|| {
+        ServerFrame::error(
+            ErrorCode::StepTooLarge,
+            format!(
+                "a step of {rows} rows exceeds this node's bound of {max_rows} rows per step; \
+                 send them in smaller steps"
+            ),
+        )
+    })
 }
 
 fn check_step(
@@ -350,6 +395,29 @@ mod tests {
     use proto::ErrorAction;
 
     use super::*;
+
+    #[test]
+    fn a_step_over_the_bound_is_the_requests_fault_not_the_nodes() {
+        let step = |rows: usize| proto::v1::Step {
+            position: 0,
+            hidden: Some(encode_tensor(&vec![0.0; rows * 2], &[rows, 2], Dtype::F32)),
+        };
+        assert!(oversized(&step(16), 16).is_none());
+        let frame = oversized(&step(17), 16).expect("17 rows refused");
+        let Some(server_frame::Kind::Error(e)) = frame.kind else {
+            panic!("not an error frame: {frame:?}");
+        };
+        let code = ErrorCode::from_wire(e.code);
+        assert_eq!(code, ErrorCode::StepTooLarge);
+        assert_eq!(code.action(), ErrorAction::Split);
+        assert!(
+            e.message.contains("17 rows") && e.message.contains("16"),
+            "{}",
+            e.message
+        );
+        // No hidden states or no shape: check_step's to refuse as malformed.
+        assert!(oversized(&proto::v1::Step::default(), 16).is_none());
+    }
 
     #[test]
     fn a_full_compute_queue_is_answered_busy_and_the_client_retries() {

@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn server_frames_round_trip() {
         let sent = vec![
-            ServerFrame::opened(512),
+            ServerFrame::opened(512, 64),
             ServerFrame::result(encode_tensor(&[2.0; 8], &[2, 4], Dtype::F16), 1.5),
             ServerFrame::error(ErrorCode::Busy, "try later"),
         ];

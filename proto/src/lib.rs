@@ -11,8 +11,8 @@ mod tensor;
 pub use error::WireError;
 pub use frame::{read_frame, write_frame};
 pub use protocol::{
-    hidden_limits, max_step_frame, DHT_PROTOCOL, IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL,
-    MAX_OPEN_FRAME,
+    hidden_limits, max_step_frame, step_bound, DEFAULT_MAX_STEP_TOKENS, DHT_PROTOCOL,
+    IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL, MAX_OPEN_FRAME,
 };
 pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
 
@@ -39,6 +39,11 @@ pub enum ErrorAction {
     /// The peer says the request itself is wrong, so every server would refuse it. Clients
     /// believe that only when a second peer says so too (one peer could lie to stop them).
     GiveUp,
+    /// The step had more rows than this server takes at once: the request's own fault, so the
+    /// server must not be banned for it. Send the rows again in steps of at most the bound the
+    /// server gave when the session opened (the session stays open). A server that refuses a
+    /// step within its own bound is lying, and a client treats that as a broken peer.
+    Split,
 }
 
 impl ErrorCode {
@@ -52,6 +57,7 @@ impl ErrorCode {
     pub fn action(self) -> ErrorAction {
         match self {
             ErrorCode::Busy => ErrorAction::Retry,
+            ErrorCode::StepTooLarge => ErrorAction::Split,
             ErrorCode::WrongModel
             | ErrorCode::BlocksNotServed
             | ErrorCode::CacheFull
@@ -87,8 +93,11 @@ impl v1::ClientFrame {
 }
 
 impl v1::ServerFrame {
-    pub fn opened(max_length: u32) -> Self {
-        Self::of(server_frame::Kind::Opened(v1::SessionOpened { max_length }))
+    pub fn opened(max_length: u32, max_step_tokens: u32) -> Self {
+        Self::of(server_frame::Kind::Opened(v1::SessionOpened {
+            max_length,
+            max_step_tokens,
+        }))
     }
 
     pub fn result(hidden: v1::Tensor, compute_ms: f32) -> Self {
@@ -128,6 +137,7 @@ mod tests {
             (ErrorCode::BadPosition, GiveUp),
             (ErrorCode::Internal, Reroute),
             (ErrorCode::Busy, Retry),
+            (ErrorCode::StepTooLarge, Split),
         ];
         for (code, action) in expected {
             assert_eq!(code.action(), action, "{code:?}");

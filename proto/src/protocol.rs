@@ -18,6 +18,28 @@ pub const IDENTIFY_PROTOCOL: &str = "/edge-swarm/1.0.0";
 /// Largest first frame of a session: an `OpenSession` is a fingerprint and a few integers.
 pub const MAX_OPEN_FRAME: usize = 4096;
 
+/// Most rows of one step a node takes unless configured otherwise (`join --max-step-tokens`),
+/// and what a client assumes of a node that does not say (`SessionOpened.max_step_tokens` 0).
+///
+/// Why bound a step at all, when the compute thread already cuts long prompts into chunks: a
+/// step is one request-answer exchange, so its whole input and output sit in memory at once on
+/// both sides, its answer is one frame, and the client's step timeout covers all of it. A
+/// 4,000-row step kept a node's thread busy for over a minute in one exchange; at 512 rows the
+/// answer of a 576-wide model is 1.2 MB in f32, and the client's timeout covers one chunk of
+/// work, not a whole prompt. 512 is also the largest chunk the node's scheduler runs in one
+/// iteration, so cutting a prompt into steps of this size adds no iterations on the node, only
+/// one round trip per 512 rows.
+pub const DEFAULT_MAX_STEP_TOKENS: usize = 512;
+
+/// The step bound of a session as its node announced it (`SessionOpened.max_step_tokens`);
+/// 0 means the node did not say, and the protocol default holds.
+pub fn step_bound(announced: u32) -> usize {
+    match announced {
+        0 => DEFAULT_MAX_STEP_TOKENS,
+        n => n as usize,
+    }
+}
+
 /// Room for the protobuf framing around a step's tensor (tags, lengths, position, timing).
 const FRAME_HEADROOM: usize = 64 * 1024;
 

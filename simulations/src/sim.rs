@@ -130,6 +130,7 @@ async fn simulate(
             dim: 1,
             discovery_timeout: Duration::from_secs_f64(cfg.discovery_timeout_s),
             bans: Arc::default(),
+            verify: coordinator::session::VerifyPolicy::OFF,
         });
         let client = Client {
             k,

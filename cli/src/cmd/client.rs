@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
-use coordinator::session::{RouteHop, Timeouts};
+use coordinator::session::{RouteHop, Timeouts, VerifyPolicy};
 use coordinator::{ClientConfig, ClientModel};
 
 use super::MAX_SECS;
@@ -48,7 +48,17 @@ pub struct SwarmArgs {
     /// Key file of a private swarm: the one its nodes were started with.
     #[arg(long, value_name = "FILE")]
     pub swarm_key: Option<PathBuf>,
+    /// Check every peer's outputs on a second peer serving the same blocks, N positions per
+    /// check (0 = off, the default). A peer that disagrees with the majority is banned and the
+    /// text generated again from where it went wrong; text is shown once checked, so up to N
+    /// tokens late. Costs a second copy of the work, batched (see BENCHMARKS.md), and a spare
+    /// peer per span; 8 catches a lying peer within 8 tokens.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_VERIFY_EVERY))]
+    pub verify_every: u64,
 }
+
+/// Largest `--verify-every`: past the longest context we serve, a check would never come.
+const MAX_VERIFY_EVERY: u64 = 1 << 16;
 
 impl SwarmArgs {
     pub fn is_set(&self) -> bool {
@@ -70,6 +80,7 @@ impl SwarmArgs {
                 .as_deref()
                 .map(swarm::swarm_key::load)
                 .transpose()?,
+            verify: VerifyPolicy::every(self.verify_every as usize),
             ..ClientConfig::default()
         })
     }

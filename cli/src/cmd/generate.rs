@@ -119,6 +119,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if let Some(info) = route {
             v["route"] = serde_json::to_value(info.route)?;
             v["reroutes"] = info.reroutes.into();
+            v["caught"] = serde_json::to_value(info.caught)?;
         }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
@@ -191,16 +192,31 @@ async fn swarm_generate(
     let out = args.route.bounded(run).await;
     let route = backend.session.route();
     let reroutes = backend.session.reroutes();
+    let caught = backend
+        .session
+        .caught()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
     if reroutes > 0 {
         log_route(&format!("final route after {reroutes} reroute(s)"), &route);
     }
     backend.session.close().await;
     client.close().await;
-    Ok((out?, Some(SwarmInfo { route, reroutes })))
+    Ok((
+        out?,
+        Some(SwarmInfo {
+            route,
+            reroutes,
+            caught,
+        }),
+    ))
 }
 
 /// What a swarm run adds to the JSON output.
 struct SwarmInfo {
     route: Vec<RouteHop>,
     reroutes: usize,
+    /// Peers caught returning wrong outputs (verification on).
+    caught: Vec<String>,
 }

@@ -66,6 +66,12 @@ pub struct JoinArgs {
     /// (at most a day).
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub idle_timeout: u64,
+    /// Most rows (tokens) one inference step may carry; clients are told when a session opens
+    /// and send longer prompts in steps of at most this many. A larger step is refused with
+    /// STEP_TOO_LARGE, which no client bans a node for.
+    #[arg(long, default_value_t = proto::DEFAULT_MAX_STEP_TOKENS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_TOKENS))]
+    pub max_step_tokens: u64,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -165,8 +171,10 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
         max_sessions_per_peer: args.max_sessions_per_peer.map(saturating_usize),
         cache_tokens_per_peer: args.cache_tokens_per_peer.map(saturating_usize),
         prefill_chunk: args.compute.prefill_chunk(),
+        max_step_tokens: saturating_usize(args.max_step_tokens),
         announce_interval: Duration::from_secs(args.announce_interval.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        fault: node::Fault::None,
     };
     super::runtime()?.block_on(async {
         let shutdown = super::shutdown_on_signal();
@@ -174,6 +182,10 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// Largest `--max-step-tokens`: beyond the context of any model we load, so it never limits a
+/// real step, yet small enough that a typo cannot read as "unbounded".
+const MAX_STEP_TOKENS: u64 = 1 << 20;
 
 /// A count from a flag; past what this machine can address is as good as no limit.
 fn saturating_usize(n: u64) -> usize {

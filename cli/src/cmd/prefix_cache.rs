@@ -69,13 +69,38 @@ impl<F: Backend + Send> Backend for PrefixReuse<F> {
         // Until the step succeeds, only what precedes it is known to be in the backend (also if
         // this future is dropped half-way).
         self.fed.truncate(start);
-        let logits = self.inner.logits(&ids[skip..], pos + skip).await?;
+        let logits = self
+            .inner
+            .logits(&ids[skip..], pos + skip)
+            .await
+            .map_err(|e| self.forget_rewound(e))?;
         self.fed.extend_from_slice(&ids[skip..]);
         self.reused += skip;
         if skip > 0 {
             tracing::debug!(reused = skip, ran = ids.len() - skip, "prefix cache");
         }
         Ok(logits)
+    }
+
+    fn settled(&self) -> usize {
+        self.inner.settled()
+    }
+
+    async fn settle(&mut self) -> Result<(), GenerateError> {
+        self.inner
+            .settle()
+            .await
+            .map_err(|e| self.forget_rewound(e))
+    }
+}
+
+impl<F> PrefixReuse<F> {
+    /// A backend that rolled back no longer holds what it held from there on.
+    fn forget_rewound(&mut self, e: GenerateError) -> GenerateError {
+        if let GenerateError::Rewind { to } = e {
+            self.fed.truncate(to);
+        }
+        e
     }
 }
 

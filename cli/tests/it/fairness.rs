@@ -1,6 +1,7 @@
 //! Peers that take more than their share of a node, written on the project's own crates: one
-//! that opens sessions in a loop, and one that sends a big step and never reads the answer.
-//! Neither keeps the node from an honest client, who is served the local text.
+//! that opens sessions in a loop, one that sends a big step and never reads the answer, and
+//! one that sends more rows in a step than the node takes. None keeps the node from an honest
+//! client, who is served the local text.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use libp2p::{Multiaddr, PeerId};
 use model::fingerprint::Fingerprint;
 use model::{GgufFile, ModelSpec};
 use proto::v1::{server_frame, ClientFrame, Dtype, ErrorCode, OpenSession, ServerFrame};
-use proto::{encode_tensor, read_frame, write_frame, MAX_OPEN_FRAME};
+use proto::{encode_tensor, max_step_frame, read_frame, write_frame, MAX_OPEN_FRAME};
 use swarm::{Host, NetConfig, NetHandle, INFERENCE_STREAM};
 use tokio_util::sync::CancellationToken;
 
@@ -113,7 +114,10 @@ impl Hostile {
             .await
             .expect("the node answers an open within 10 s");
         match reply.kind {
-            Some(server_frame::Kind::Opened(_)) => Ok(stream),
+            Some(server_frame::Kind::Opened(o)) => {
+                assert!(o.max_step_tokens > 0, "the node says its step bound");
+                Ok(stream)
+            }
             Some(server_frame::Kind::Error(e)) => Err(ErrorCode::from_wire(e.code)),
             other => panic!("unexpected answer to an open: {other:?}"),
         }
@@ -199,9 +203,9 @@ fn a_client_that_stops_reading_is_dropped_within_the_idle_timeout() {
     let status = node.wait_line("status page on http://");
     let m = model();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // A step whose answer (about 2.4 MB of f32) is far more than the stream's flow-control
-    // window: unread, it blocks the node's write.
-    let tokens = 1024;
+    // A step whose answer (about 1.2 MB of f32) is far more than the stream's flow-control
+    // window: unread, it blocks the node's write. 512 rows is the most one step may carry.
+    let tokens = 512;
     let (hostile, stream) = rt.block_on(async {
         let hostile = Hostile::connect(&node).await;
         let mut stream = hostile
@@ -250,4 +254,63 @@ fn a_client_that_stops_reading_is_dropped_within_the_idle_timeout() {
     );
     drop(stream);
     rt.block_on(hostile.stop());
+}
+
+/// Sends a step of `rows` rows at `pos` on `stream`; the node's answer.
+async fn step(stream: &mut libp2p::Stream, m: &Model, pos: u32, rows: usize) -> ServerFrame {
+    let hidden = vec![0.01f32; rows * m.dim];
+    let frame = ClientFrame::step(pos, encode_tensor(&hidden, &[rows, m.dim], Dtype::F32));
+    let io = async {
+        write_frame(&mut *stream, &frame)
+            .await
+            .expect("send the step");
+        read_frame::<_, ServerFrame>(&mut *stream, max_step_frame(64, m.dim))
+            .await
+            .expect("read the answer")
+            .expect("an answer, not the end of the stream")
+    };
+    tokio::time::timeout(Duration::from_secs(30), io)
+        .await
+        .expect("the node answers a step within 30 s")
+}
+
+/// A step over `--max-step-tokens` is refused with STEP_TOO_LARGE, the code that says the
+/// request is at fault (clients split, never ban), before anything is computed; the session
+/// stays open and takes the same rows in steps within the bound.
+#[test]
+fn a_step_over_the_bound_is_refused_and_the_session_goes_on() {
+    let boot = bootstrap();
+    let node = node_with("0..2", &boot, &["--max-step-tokens", "16"]);
+    let m = model();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let hostile = Hostile::connect(&node).await;
+        let mut stream = hostile
+            .open(&m, (0, 2), 64)
+            .await
+            .expect("the session opens");
+        match step(&mut stream, &m, 0, 17).await.kind {
+            Some(server_frame::Kind::Error(e)) => {
+                assert_eq!(
+                    ErrorCode::from_wire(e.code),
+                    ErrorCode::StepTooLarge,
+                    "{e:?}"
+                );
+                assert_eq!(ErrorCode::StepTooLarge.action(), proto::ErrorAction::Split);
+                assert!(e.message.contains("bound of 16 rows"), "{}", e.message);
+            }
+            other => panic!("a 17-row step was not refused: {other:?}"),
+        }
+        for (pos, rows) in [(0, 16), (16, 1)] {
+            match step(&mut stream, &m, pos, rows).await.kind {
+                Some(server_frame::Kind::Result(r)) => {
+                    let shape = r.hidden.map(|t| t.shape).unwrap_or_default();
+                    assert_eq!(shape, [rows as u64, m.dim as u64]);
+                }
+                other => panic!("{rows} rows at {pos} not computed: {other:?}"),
+            }
+        }
+        drop(stream);
+        hostile.stop().await;
+    });
 }

@@ -69,9 +69,21 @@ impl Running {
 /// while `signal` hits whichever of the two it uses; the generation must complete with the
 /// local tokens after at least one reroute. Returns the output, the client's log and the victim.
 fn survive(signal: &str, client_args: &[&str]) -> (Value, Vec<String>, Proc) {
+    survive_on(signal, &[], client_args)
+}
+
+/// [`survive`] with `node_args` given to the two nodes of 15..30.
+fn survive_on(
+    signal: &str,
+    node_args: &[&str],
+    client_args: &[&str],
+) -> (Value, Vec<String>, Proc) {
     let boot = bootstrap();
     let _first = node("0..15", &boot);
-    let mut spares = vec![node("15..30", &boot), node("15..30", &boot)];
+    let mut spares = vec![
+        node_with("15..30", &boot, node_args),
+        node_with("15..30", &boot, node_args),
+    ];
     let run = start_client(&boot, client_args);
     std::thread::sleep(Duration::from_millis(800));
     let i = spares
@@ -97,6 +109,16 @@ fn survive(signal: &str, client_args: &[&str]) -> (Value, Vec<String>, Proc) {
 #[test]
 fn kill_9_mid_generation_reroutes_with_identical_tokens() {
     let (v, _, _) = survive("-KILL", &[]);
+    assert_eq!(route_of(&v).concat(), "0..1515..30");
+}
+
+/// The replacement of a killed node rebuilds its cache from a history longer than it takes in
+/// one step (the prompt alone is three times the bound of 4 rows): the replay goes in bounded steps,
+/// and the tokens stay the local ones. Without chunked replays the replacement would refuse
+/// the history and the generation would fail.
+#[test]
+fn a_reroute_replays_a_long_history_in_bounded_steps() {
+    let (v, _, _) = survive_on("-KILL", &["--max-step-tokens", "4"], &[]);
     assert_eq!(route_of(&v).concat(), "0..1515..30");
 }
 

@@ -17,6 +17,7 @@ mod hostile_clients;
 mod kernels;
 mod swarm;
 mod trust;
+mod verification;
 
 fn edge_node(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edge-node"))

@@ -234,6 +234,31 @@ fn three_nodes_give_the_local_tokens_also_to_two_clients_at_once() {
     }
 }
 
+/// A prompt many times longer than the nodes take in one step goes through in bounded steps
+/// (each node's own bound, 16 and 7 rows), and the tokens are still the local ones bit for bit:
+/// blocks are batch-invariant, so how a prompt is cut changes nothing. Without chunking on the
+/// client, both nodes refuse the prompt and the generation fails.
+#[test]
+fn a_long_prompt_in_bounded_steps_gives_the_local_tokens() {
+    let boot = bootstrap();
+    let _a = node_with("0..15", &boot, &["--max-step-tokens", "16"]);
+    let _b = node_with("15..30", &boot, &["--max-step-tokens", "7"]);
+    let prompt = "The history of the city goes back to a fishing village on the river, \
+                  which grew into a market town when the bridge was built, and then into a \
+                  port once the canal reached the sea. Its old quarter";
+    let v = super::json_of(&swarm_command(&boot, prompt, "12").output().unwrap());
+    let local = local(prompt, "12");
+    assert!(
+        local["prompt_tokens"].as_array().unwrap().len() > 3 * 16,
+        "the prompt must span several steps of the larger bound"
+    );
+    assert_eq!(
+        v["tokens"], local["tokens"],
+        "swarm output differs from local"
+    );
+    assert_eq!(route_of(&v), ["0..15", "15..30"]);
+}
+
 #[test]
 fn overlapping_spans_cover_the_model() {
     let boot = bootstrap();

@@ -5,12 +5,13 @@
 pub mod sample;
 pub mod tokenize;
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use model::tokenizer::{StreamDecoder, Tokenizer};
 use model::{LocalModel, ModelError, SessionKv};
 
-pub use sample::{log_prob, Sampler, SamplingOptions};
+pub use sample::{log_prob, Sampler, SamplerCheckpoint, SamplingOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -26,6 +27,10 @@ pub enum GenerateError {
     /// `serve-api --local`, say).
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// The backend found that its results from position `to` on were wrong (a peer caught by
+    /// verification) and forgot them; [`generate`] runs its tokens again from there.
+    #[error("results from position {to} on were wrong and must be computed again")]
+    Rewind { to: usize },
 }
 
 /// Where the blocks run, seen from generation: given token ids at positions `pos..`, the
@@ -37,6 +42,19 @@ pub trait Backend {
         ids: &[u32],
         pos: usize,
     ) -> impl std::future::Future<Output = Result<Vec<f32>, GenerateError>> + Send;
+
+    /// Positions `0..settled()` are final: their results will never be taken back by a
+    /// [`GenerateError::Rewind`]. Generation shows text only for tokens sampled from final
+    /// results. Everything is final unless the backend checks its results after the fact.
+    fn settled(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Makes every position computed so far final (checks what is still unchecked), or
+    /// answers [`GenerateError::Rewind`].
+    fn settle(&mut self) -> impl std::future::Future<Output = Result<(), GenerateError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Every block in this process, with one KV cache.
@@ -115,6 +133,8 @@ impl Generation {
 struct StopFilter<'a> {
     stops: Vec<&'a str>,
     held: String,
+    /// A stop sequence ended the text.
+    hit: bool,
 }
 
 impl<'a> StopFilter<'a> {
@@ -126,6 +146,7 @@ impl<'a> StopFilter<'a> {
                 .filter(|s| !s.is_empty())
                 .collect(),
             held: String::new(),
+            hit: false,
         }
     }
 
@@ -181,9 +202,6 @@ pub async fn generate<F: Backend>(
         });
     }
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut decoder = StreamDecoder::default();
-    let mut stops = StopFilter::new(&opts.stop);
-    let mut history = prompt.clone();
     let mut out = Generation {
         prompt_tokens: prompt,
         tokens: Vec::new(),
@@ -196,49 +214,210 @@ pub async fn generate<F: Backend>(
     if opts.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut emit = |out: &mut Generation, text: &str| {
-        if !text.is_empty() {
-            on_text(text);
-            out.text.push_str(text);
-        }
+    let mut text = TextOut {
+        decoder: StreamDecoder::default(),
+        stops: StopFilter::new(&opts.stop),
+        released: 0,
+        on_text,
     };
+    let mut history = out.prompt_tokens.clone();
+    // The sampler's state before each generated token not yet released, oldest first: a
+    // rollback samples again from the state it had there.
+    let mut checkpoints: VecDeque<SamplerCheckpoint> = VecDeque::new();
+    // The backend runs `history[run_from..]` at `run_from` next.
+    let mut run_from = 0;
     let started = Instant::now();
-    let mut logits = backend.logits(&out.prompt_tokens, 0).await?;
-    out.prefill_time = started.elapsed();
-    let decode_started = Instant::now();
-    let mut stopped = false;
+    let mut decode_started = None;
     loop {
+        let logits = match backend.logits(&history[run_from..], run_from).await {
+            Ok(logits) => logits,
+            Err(GenerateError::Rewind { to }) => {
+                run_from = roll_back(
+                    to,
+                    &mut out,
+                    &mut history,
+                    &mut sampler,
+                    &mut checkpoints,
+                    &text,
+                )?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if decode_started.is_none() {
+            out.prefill_time = started.elapsed();
+            decode_started = Some(Instant::now());
+        }
+        if text.release(
+            &mut out,
+            tokenizer,
+            opts,
+            backend.settled(),
+            &mut checkpoints,
+        ) {
+            break;
+        }
+        checkpoints.push_back(sampler.checkpoint());
         let id = sampler.sample(&logits, &history);
         out.tokens.push(id);
         out.logprobs.push(log_prob(&logits, id));
         history.push(id);
-        if opts.stop_at_eos && tokenizer.is_end_of_generation(id) {
-            out.finish_reason = FinishReason::Stop;
+        run_from = history.len() - 1;
+        if text.release(
+            &mut out,
+            tokenizer,
+            opts,
+            backend.settled(),
+            &mut checkpoints,
+        ) {
             break;
         }
-        let (text, hit) = stops.push(&decoder.push(tokenizer, id));
-        emit(&mut out, &text);
-        if hit {
-            out.finish_reason = FinishReason::Stop;
-            stopped = true;
-            break;
+        let end = if opts.stop_at_eos && tokenizer.is_end_of_generation(id) {
+            Some(FinishReason::Stop)
+        } else if out.tokens.len() >= opts.max_new_tokens || history.len() >= context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let Some(end) = end else { continue };
+        // The last tokens were sampled from results perhaps not checked yet: check them before
+        // they count.
+        match backend.settle().await {
+            Ok(()) => {}
+            Err(GenerateError::Rewind { to }) => {
+                run_from = roll_back(
+                    to,
+                    &mut out,
+                    &mut history,
+                    &mut sampler,
+                    &mut checkpoints,
+                    &text,
+                )?;
+                continue;
+            }
+            Err(e) => return Err(e),
         }
-        if out.tokens.len() >= opts.max_new_tokens || history.len() >= context {
-            break;
+        if !text.release(&mut out, tokenizer, opts, usize::MAX, &mut checkpoints) {
+            out.finish_reason = end;
         }
-        logits = backend.logits(&[id], history.len() - 1).await?;
+        break;
     }
-    out.decode_time = decode_started.elapsed();
-    if !stopped {
-        let (text, hit) = stops.push(&decoder.finish());
-        emit(&mut out, &text);
+    out.decode_time = decode_started.map(|t| t.elapsed()).unwrap_or_default();
+    if !text.stops.hit {
+        text.finish(&mut out);
+    }
+    Ok(out)
+}
+
+/// Where generated text goes: decoded and filtered for stop sequences token by token, but only
+/// for tokens whose results are final, so nothing shown is ever taken back.
+struct TextOut<'a, 'b> {
+    decoder: StreamDecoder,
+    stops: StopFilter<'a>,
+    /// Generated tokens given to the decoder so far.
+    released: usize,
+    on_text: &'b mut (dyn FnMut(&str) + Send),
+}
+
+impl TextOut<'_, '_> {
+    fn emit(&mut self, out: &mut Generation, piece: &str) {
+        if !piece.is_empty() {
+            (self.on_text)(piece);
+            out.text.push_str(piece);
+        }
+    }
+
+    /// Shows the text of every generated token sampled from positions below `settled`. True
+    /// when a stop sequence or an end-of-generation token ended the generation (tokens after
+    /// it are dropped).
+    fn release(
+        &mut self,
+        out: &mut Generation,
+        tokenizer: &Tokenizer,
+        opts: &GenerateOptions,
+        settled: usize,
+        checkpoints: &mut VecDeque<SamplerCheckpoint>,
+    ) -> bool {
+        // Token `g` sits at position `prompt + g` and was sampled from the results of the
+        // positions before it.
+        let prompt = out.prompt_tokens.len();
+        let last = settled
+            .checked_sub(prompt)
+            .map_or(0, |g| g.saturating_add(1))
+            .min(out.tokens.len());
+        while self.released < last {
+            let g = self.released;
+            let id = out.tokens[g];
+            self.released += 1;
+            checkpoints.pop_front();
+            if opts.stop_at_eos && tokenizer.is_end_of_generation(id) {
+                out.tokens.truncate(g + 1);
+                out.logprobs.truncate(g + 1);
+                out.finish_reason = FinishReason::Stop;
+                return true;
+            }
+            let piece = self.decoder.push(tokenizer, id);
+            let (piece, hit) = self.stops.push(&piece);
+            self.emit(out, &piece);
+            if hit {
+                out.tokens.truncate(g + 1);
+                out.logprobs.truncate(g + 1);
+                out.finish_reason = FinishReason::Stop;
+                self.stops.hit = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whatever the decoder and the stop filter still hold, once no more tokens will come.
+    fn finish(&mut self, out: &mut Generation) {
+        let piece = std::mem::take(&mut self.decoder).finish();
+        let (piece, hit) = self.stops.push(&piece);
+        self.emit(out, &piece);
         if hit {
             out.finish_reason = FinishReason::Stop;
         } else {
-            emit(&mut out, &stops.finish());
+            let rest = self.stops.finish();
+            self.emit(out, &rest);
         }
     }
-    Ok(out)
+}
+
+/// Forgets every result from position `to` on: the tokens sampled from them go, the sampler
+/// goes back to where it was before the first of them. Returns where the backend runs from.
+fn roll_back(
+    to: usize,
+    out: &mut Generation,
+    history: &mut Vec<u32>,
+    sampler: &mut Sampler,
+    checkpoints: &mut VecDeque<SamplerCheckpoint>,
+    text: &TextOut<'_, '_>,
+) -> Result<usize, GenerateError> {
+    let prompt = out.prompt_tokens.len();
+    // The token at position `to` was sampled from results before it: it stays.
+    let keep = (to + 1).max(prompt).min(history.len());
+    let generated = keep - prompt;
+    if generated < text.released || to >= history.len() {
+        return Err(GenerateError::Backend(
+            format!("the backend rolled back to position {to}, before results it had called final")
+                .into(),
+        ));
+    }
+    if generated < out.tokens.len() {
+        if let Some(at) = checkpoints.get(generated - text.released).cloned() {
+            sampler.restore(at);
+        }
+        checkpoints.truncate(generated - text.released);
+    }
+    out.tokens.truncate(generated);
+    out.logprobs.truncate(generated);
+    history.truncate(keep);
+    tracing::info!(
+        position = to,
+        "results rolled back; generating again from there"
+    );
+    Ok(to)
 }
 
 #[cfg(test)]

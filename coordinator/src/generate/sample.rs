@@ -41,6 +41,10 @@ impl SamplingOptions {
     }
 }
 
+/// A [`Sampler`]'s state at one point of a generation.
+#[derive(Clone, Debug)]
+pub struct SamplerCheckpoint(rand::rngs::StdRng);
+
 pub struct Sampler {
     opts: SamplingOptions,
     rng: rand::rngs::StdRng,
@@ -54,6 +58,16 @@ impl Sampler {
             opts,
             scratch: Vec::new(),
         }
+    }
+
+    /// The random state before the next draw: restoring it makes the sampler draw again what
+    /// it drew from here (a generation rolled back by a caught peer samples the same way).
+    pub fn checkpoint(&self) -> SamplerCheckpoint {
+        SamplerCheckpoint(self.rng.clone())
+    }
+
+    pub fn restore(&mut self, at: SamplerCheckpoint) {
+        self.rng = at.0;
     }
 
     /// Picks the next token. `history` is every token so far (prompt included), for the penalty.

@@ -7,10 +7,14 @@
 //! replays the kept inputs so the replacements rebuild the KV cache, and retries the step.
 //! Blocks compute the same bits whether positions arrive one by one or in one batch, so the
 //! replacement's cache, and therefore the generated text, is identical to a run without failure.
+//!
+//! A peer that answers, but wrongly, is caught by [`verify`]: a second peer checks every span's
+//! outputs, and a session rolls back to where a wrong answer began.
 
 pub mod bans;
 pub mod network;
 pub mod span;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,6 +31,7 @@ use serde::Serialize;
 pub use bans::Bans;
 pub use network::{Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
+pub use verify::VerifyPolicy;
 
 use swarm::discovery::Server;
 
@@ -53,6 +58,10 @@ pub enum RouteError {
         secs: f64,
         last: Box<RouteError>,
     },
+    /// A peer was caught returning wrong outputs from position `to` on (and banned): every
+    /// span was rolled back to `to`, and the caller must run its tokens again from there.
+    #[error("a peer's outputs were wrong from position {to}; run again from there")]
+    Rewound { to: usize },
 }
 
 /// What a session needs to find and open peers, shared by the client and its sessions.
@@ -65,6 +74,8 @@ pub struct Router<N: Network = Libp2pNetwork> {
     /// Bound on finding a complete route (at open, and again after each failure).
     pub discovery_timeout: Duration,
     pub bans: Arc<Mutex<Bans>>,
+    /// Whether and how often sessions check their peers' outputs on a second peer.
+    pub verify: VerifyPolicy,
 }
 
 /// Round trip the planner assumes for a peer with no measurement. Lookup probes unknown peers
@@ -253,16 +264,41 @@ pub struct OpenSpan<S> {
     pub session: S,
 }
 
-/// A span of the route and the inputs it has been sent (positions `0..len`), kept for replay.
+/// A span of the route and the inputs it has been sent (positions `0..len`), kept for replay
+/// and for checking its outputs on a second peer.
 struct SpanState<S> {
     span: OpenSpan<S>,
     inputs: Vec<f32>,
+    check: verify::Check<S>,
 }
 
 impl<S> SpanState<S> {
+    fn new(span: OpenSpan<S>, inputs: Vec<f32>, dim: usize) -> Self {
+        // What a new span is sent at first is history the session already had checked on
+        // the peers it replaces; its own answers are checked from there on.
+        let check = verify::Check {
+            verified: inputs.len() / dim.max(1),
+            ..Default::default()
+        };
+        Self {
+            span,
+            inputs,
+            check,
+        }
+    }
+
     fn record(&mut self, pos: u32, x: &Hidden) {
         self.inputs.truncate(pos as usize * x.dim);
         self.inputs.extend_from_slice(&x.data);
+    }
+
+    /// The kept inputs of `rows`.
+    fn input_rows(&self, rows: Range<usize>, dim: usize) -> Hidden {
+        Hidden {
+            tokens: rows.len(),
+            dim,
+            data: self.inputs[rows.start * dim..rows.end * dim].to_vec(),
+        }
     }
 }
 
@@ -297,6 +333,8 @@ pub struct InferenceSession<N: Network = Libp2pNetwork> {
     spans: Vec<SpanState<N::Span>>,
     max_length: u32,
     recoveries: Vec<Duration>,
+    /// Peers caught returning wrong outputs (and banned for it).
+    caught: Vec<PeerId>,
 }
 
 impl<N: Network> InferenceSession<N> {
@@ -305,14 +343,12 @@ impl<N: Network> InferenceSession<N> {
         Ok(Self {
             spans: spans
                 .into_iter()
-                .map(|span| SpanState {
-                    span,
-                    inputs: Vec::new(),
-                })
+                .map(|span| SpanState::new(span, Vec::new(), router.dim))
                 .collect(),
             router,
             max_length,
             recoveries: Vec::new(),
+            caught: Vec::new(),
         })
     }
 
@@ -331,6 +367,11 @@ impl<N: Network> InferenceSession<N> {
         self.recoveries.len()
     }
 
+    /// Peers caught returning wrong outputs, in the order they were caught.
+    pub fn caught(&self) -> &[PeerId] {
+        &self.caught
+    }
+
     /// How long each successful replacement took, from the failure to the replayed history;
     /// what users wait on top of the step itself.
     pub fn recoveries(&self) -> &[Duration] {
@@ -338,9 +379,12 @@ impl<N: Network> InferenceSession<N> {
     }
 
     /// Runs positions `pos..pos + x.tokens` through the whole chain, replacing failed peers.
+    /// With verification on, the checks that are due run after the step; one that catches a
+    /// wrong peer rolls the session back and answers [`RouteError::Rewound`].
     pub async fn run_blocks(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
         let mut i = 0;
         let mut refusals = Refusals::default();
+        let verifying = self.router.verify.is_on();
         while i < self.spans.len() {
             let state = &mut self.spans[i];
             match self
@@ -351,6 +395,9 @@ impl<N: Network> InferenceSession<N> {
             {
                 Ok(y) => {
                     state.record(pos, &x);
+                    if verifying {
+                        state.check.record(pos as usize, &y);
+                    }
                     x = y;
                     i += 1;
                 }
@@ -358,13 +405,17 @@ impl<N: Network> InferenceSession<N> {
                 Err(e) => self.replace(i, e).await?,
             }
         }
+        self.verify(false).await?;
         Ok(x)
     }
 
     /// Replaces span `i` (whose peer just failed) by a fresh route over the same blocks and
     /// replays its history there. Bounded by the discovery timeout.
     async fn replace(&mut self, i: usize, error: SessionError) -> Result<(), RouteError> {
-        let failed = self.spans.remove(i);
+        let mut failed = self.spans.remove(i);
+        if let Some(v) = failed.check.verifier.take() {
+            self.router.network.close(v.session).await;
+        }
         let blocks = failed.span.blocks.clone();
         tracing::warn!("{error}; rerouting blocks {}..{}", blocks.start, blocks.end);
         self.router.ban(failed.span.peer);
@@ -411,9 +462,16 @@ impl<N: Network> InferenceSession<N> {
         })
     }
 
-    /// Frees every span's cache on its peer (best effort, bounded).
+    /// Frees every span's cache on its peer, and on its verifier (best effort, bounded).
     pub async fn close(self) {
-        let spans = self.spans.into_iter().map(|s| s.span).collect();
+        let mut verifiers = Vec::new();
+        let mut spans = Vec::new();
+        for s in self.spans {
+            verifiers.extend(s.check.verifier.map(|v| v.session));
+            spans.push(s.span);
+        }
+        let network = &self.router.network;
+        futures::future::join_all(verifiers.into_iter().map(|s| network.close(s))).await;
         self.router.close_all(spans).await;
     }
 }
@@ -438,7 +496,7 @@ async fn replay<N: Network>(
         if tokens > 0 {
             x = network.step(&mut span.session, 0, &x).await?;
         }
-        states.push(SpanState { span, inputs });
+        states.push(SpanState::new(span, inputs, dim));
     }
     Ok(states)
 }
@@ -456,6 +514,8 @@ mod tests {
         liars: Vec<PeerId>,
         /// Refuse every open for want of cache.
         full: Vec<PeerId>,
+        /// Answer every step with wrong values.
+        corrupt: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
     }
 
@@ -468,6 +528,7 @@ mod tests {
                 dies_at: 0,
                 liars: Vec::new(),
                 full: Vec::new(),
+                corrupt: Vec::new(),
                 steps: Mutex::default(),
             }
         }
@@ -538,7 +599,12 @@ mod tests {
             if let Ok(mut s) = self.steps.lock() {
                 s.push((peer, pos, hidden.tokens));
             }
-            let add = blocks.len() as f32;
+            let add = blocks.len() as f32
+                + if self.corrupt.contains(&peer) {
+                    1000.0
+                } else {
+                    0.0
+                };
             let data = hidden.data.iter().map(|v| v + add).collect();
             Ok(Hidden { data, ..*hidden })
         }
@@ -567,6 +633,7 @@ mod tests {
             dies_at: 3,
             liars: Vec::new(),
             full: Vec::new(),
+            corrupt: Vec::new(),
             steps: Mutex::default(),
         };
         let router = Arc::new(Router {
@@ -576,6 +643,7 @@ mod tests {
             dim: 1,
             discovery_timeout: Duration::from_secs(1),
             bans: Arc::default(),
+            verify: VerifyPolicy::OFF,
         });
         let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, fast.to_string());
@@ -606,6 +674,7 @@ mod tests {
             dim: 1,
             discovery_timeout: Duration::from_secs(5),
             bans: Arc::default(),
+            verify: VerifyPolicy::OFF,
         })
     }
 
@@ -677,11 +746,68 @@ mod tests {
             dim: 1,
             discovery_timeout: Duration::from_millis(1500),
             bans: Arc::default(),
+            verify: VerifyPolicy::OFF,
         });
         let Err(e) = InferenceSession::open(router.clone(), 1 << 20).await else {
             panic!("opened without room");
         };
         assert!(e.to_string().contains("no room for"), "{e}");
         assert!(router.bans.lock().unwrap().snapshot().is_empty());
+    }
+
+    fn verifying(network: Fake, every: usize) -> Arc<Router<Fake>> {
+        Arc::new(Router {
+            network,
+            fingerprint: [0; 32],
+            block_count: 6,
+            dim: 1,
+            discovery_timeout: Duration::from_secs(5),
+            bans: Arc::default(),
+            verify: VerifyPolicy::every(every),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_primary_is_caught_banned_and_the_session_rolls_back() {
+        let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = verifying(
+            Fake {
+                corrupt: vec![liar],
+                ..Fake::new(vec![
+                    server(liar, 0..6, 1.0),
+                    server(a, 0..6, 10.0),
+                    server(b, 0..6, 10.0),
+                ])
+            },
+            2,
+        );
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, liar.to_string());
+        // One position waits for its check: the liar's answer comes back, unsettled.
+        let y = session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        assert_eq!(y.data, [1007.0]);
+        assert_eq!(session.settled(), 0);
+        // The second is due for its check, which the liar fails from position 0.
+        let e = session.run_blocks(hidden(&[2.0]), 1).await.unwrap_err();
+        assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
+        assert_eq!(session.caught(), [liar]);
+        assert!(router.bans.lock().unwrap().snapshot().contains_key(&liar));
+        assert_ne!(session.route()[0].peer, liar.to_string());
+        // Run again from there: honest answers, checked.
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        assert_eq!(session.settled(), 2);
+        session.settle().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_a_second_peer_outputs_are_not_checked_and_not_held_back() {
+        let only = PeerId::random();
+        let router = verifying(Fake::new(vec![server(only, 0..6, 1.0)]), 1);
+        let mut session = InferenceSession::open(router, 16).await.unwrap();
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        assert_eq!(session.settled(), 2);
+        assert!(session.caught().is_empty());
     }
 }

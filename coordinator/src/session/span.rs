@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use model::Hidden;
 use proto::v1::{server_frame, ClientFrame, Dtype, ErrorCode, OpenSession, ServerFrame};
-use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame};
+use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, step_bound};
 use proto::{read_frame, write_frame};
 use proto::{ErrorAction, WireError};
 use swarm::discovery::Server;
@@ -85,6 +85,8 @@ pub struct SpanSession {
     stream: libp2p::Stream,
     dim: usize,
     max_length: u32,
+    /// Most rows the peer takes in one step, as it said when the session opened.
+    max_step_tokens: usize,
     dtype: Dtype,
     timeouts: Timeouts,
 }
@@ -129,6 +131,7 @@ impl SpanSession {
             stream,
             dim,
             max_length,
+            max_step_tokens: proto::DEFAULT_MAX_STEP_TOKENS,
             dtype,
             timeouts,
         };
@@ -140,18 +143,68 @@ impl SpanSession {
             wire_dtype: dtype as i32,
         });
         match s.exchange(&open, "session open", timeouts.connect).await? {
-            server_frame::Kind::Opened(_) => Ok(s),
+            server_frame::Kind::Opened(o) => {
+                s.max_step_tokens = step_bound(o.max_step_tokens);
+                Ok(s)
+            }
             other => Err(s.unexpected(other)),
         }
     }
 
-    /// Sends `hidden` for positions `pos..` through this peer's blocks and returns the result.
+    /// Most rows the peer takes in one step.
+    pub fn max_step_tokens(&self) -> usize {
+        self.max_step_tokens
+    }
+
+    /// Sends `hidden` for positions `pos..` through this peer's blocks and returns the result,
+    /// in steps of at most the peer's bound. Blocks compute the same bits however a prompt is
+    /// cut, so the result equals one step of every row.
     pub async fn step(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
+        let bound = self.max_step_tokens.max(1);
+        if hidden.tokens <= bound {
+            return self.step_once(pos, hidden).await;
+        }
+        let mut data = Vec::with_capacity(hidden.tokens * self.dim);
+        let mut at = pos;
+        for rows in hidden.data.chunks(bound * hidden.dim) {
+            let part = Hidden {
+                tokens: rows.len() / hidden.dim,
+                dim: hidden.dim,
+                data: rows.to_vec(),
+            };
+            data.extend_from_slice(&self.step_once(at, &part).await?.data);
+            at += part.tokens as u32;
+        }
+        Ok(Hidden {
+            tokens: hidden.tokens,
+            dim: self.dim,
+            data,
+        })
+    }
+
+    /// One step of at most the peer's bound.
+    async fn step_once(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
         let frame = ClientFrame::step(
             pos,
             encode_tensor(&hidden.data, &[hidden.tokens, hidden.dim], self.dtype),
         );
-        match self.exchange(&frame, "step", self.timeouts.step).await? {
+        let answer = match self.exchange(&frame, "step", self.timeouts.step).await {
+            // We keep to the bound the peer gave; a refusal within it is the peer's lie, not
+            // our fault, and it is treated as any broken peer (rerouted, banned).
+            Err(SessionError::Remote {
+                peer,
+                code: ErrorCode::StepTooLarge,
+                message,
+            }) => return Err(SessionError::Protocol {
+                peer,
+                reason: format!(
+                    "refused a step of {} rows as too large ({message}) after saying it takes {}",
+                    hidden.tokens, self.max_step_tokens
+                ),
+            }),
+            other => other?,
+        };
+        match answer {
             server_frame::Kind::Result(r) => {
                 let peer = self.peer;
                 let t = r.hidden.ok_or(SessionError::Protocol {

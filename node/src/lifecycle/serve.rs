@@ -47,6 +47,14 @@ impl Serving {
         speed: Speed,
         metrics: &Arc<NodeMetrics>,
     ) -> Result<Self, JoinError> {
+        #[cfg(feature = "fault-injection")]
+        let speed = match config.fault {
+            crate::Fault::CorruptOutputs => Speed {
+                decode_ms_per_block: speed.decode_ms_per_block / 10.0,
+                ..speed
+            },
+            crate::Fault::None => speed,
+        };
         let prefill_chunk = config.prefill_chunk.unwrap_or_else(|| {
             ComputeLimits::prefill_chunk_for(measure::prefill_ms_per_row(&speed, range.len()))
         });
@@ -71,6 +79,8 @@ impl Serving {
             context_length: model.spec.context_length,
             compute: compute.clone(),
             idle_timeout: config.idle_timeout,
+            max_step_tokens: config.max_step_tokens,
+            fault: config.fault,
             leaving: AtomicBool::new(false),
         });
         let tasks = TaskTracker::new();

@@ -28,6 +28,11 @@ pub struct BenchArgs {
     /// of TOKENS tokens runs through the same nodes.
     #[arg(long, value_name = "TOKENS", conflicts_with_all = ["recovery", "api"])]
     pub fairness: Option<usize>,
+    /// With --swarm: what checking peers' outputs costs, N positions per check: the same
+    /// generation through two nodes with verification off and on (tokens/s of both).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096),
+          conflicts_with_all = ["recovery", "api", "fairness"])]
+    pub verify_every: Option<u64>,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]

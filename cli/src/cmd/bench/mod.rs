@@ -1,7 +1,8 @@
 //! `edge-node bench`: `--local` times this machine's engine ([`local`]), `--swarm` a swarm of
 //! real processes on 127.0.0.1 against it ([`swarm`]), `--swarm --fairness` one client's
-//! latency under another's long prompt ([`fairness`]). They build on [`args`], [`measure`] and
-//! [`procs`]; none imports another.
+//! latency under another's long prompt ([`fairness`]), `--swarm --verify-every N` what checking
+//! peers' outputs costs ([`verify`]). They build on [`args`], [`measure`] and [`procs`]; none
+//! imports another.
 
 pub mod args;
 mod fairness;
@@ -9,6 +10,7 @@ mod local;
 mod measure;
 mod procs;
 mod swarm;
+mod verify;
 
 use anyhow::bail;
 
@@ -23,11 +25,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {
-        _ if args.swarm => match (args.recovery, args.api, args.fairness) {
-            (Some(history), _, _) => swarm::recovery(&args, threads, history.max(2))?,
-            (None, Some(clients), _) => swarm::api(&args, threads, args.nodes, clients)?,
-            (None, None, Some(long)) => fairness::run(&args, threads, args.nodes, long.max(1))?,
-            (None, None, None) => swarm::run(&args, threads, args.nodes)?,
+        _ if args.swarm => match (args.recovery, args.api, args.fairness, args.verify_every) {
+            (Some(history), ..) => swarm::recovery(&args, threads, history.max(2))?,
+            (None, Some(clients), ..) => swarm::api(&args, threads, args.nodes, clients)?,
+            (None, None, Some(long), _) => fairness::run(&args, threads, args.nodes, long.max(1))?,
+            (None, None, None, Some(every)) => verify::run(&args, threads, every as usize)?,
+            (None, None, None, None) => swarm::run(&args, threads, args.nodes)?,
         },
         None => local::bench_full(&args, threads)?,
         Some(range) => local::bench_slice(&args, threads, range)?,

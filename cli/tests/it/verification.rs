@@ -1,0 +1,138 @@
+//! A peer that computes wrong answers, against clients that check (`--verify-every`) and
+//! clients that do not. The liar is a real node with the test-only fault switch
+//! (`node::Fault::CorruptOutputs`, compiled only with the `fault-injection` feature that these
+//! tests' dev-dependency turns on), run in this process because no flag of the `edge-node`
+//! binary can turn the switch on; the honest nodes are `edge-node` processes.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use node::{BlockChoice, Fault, JoinConfig, NetOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::swarm::{bootstrap, local, node_with, swarm_command, Proc};
+use super::{default_model, TempDir};
+
+/// A node of all 30 blocks that negates every output and announces ten times its speed, so
+/// that clients route through it. Stops when dropped.
+struct Liar {
+    peer: String,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Liar {
+    fn start(boot: &Proc, dir: &TempDir) -> Self {
+        let identity = dir.file("liar.key");
+        let peer = swarm::identity::load_or_create(&identity)
+            .expect("an identity for the liar")
+            .public()
+            .to_peer_id()
+            .to_string();
+        let health = dir.file("liar.health");
+        let config = JoinConfig {
+            model: PathBuf::from(default_model()),
+            blocks: BlockChoice::Fixed(0..30),
+            net: NetOptions {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap: vec![boot.addr.parse().unwrap()],
+                identity: Some(identity),
+                mdns: false,
+                external: Vec::new(),
+                swarm_key: None,
+            },
+            max_sessions: 16,
+            cache_tokens: 16384,
+            max_sessions_per_peer: None,
+            cache_tokens_per_peer: None,
+            prefill_chunk: None,
+            max_step_tokens: proto::DEFAULT_MAX_STEP_TOKENS,
+            announce_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(120),
+            rebalance_interval: None,
+            rebalance_min_gain: 0.2,
+            drain_timeout: Duration::ZERO,
+            health_file: Some(health.clone()),
+            http_listen: None,
+            fault: Fault::CorruptOutputs,
+        };
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime for the liar");
+            if let Err(e) = rt.block_on(node::run_join(config, token)) {
+                eprintln!("the lying node failed: {e}");
+            }
+        });
+        // The health file is touched once the node announces itself as serving.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !health.exists() {
+            assert!(Instant::now() < deadline, "the lying node never served");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            peer,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits (bounded) until `node` has said it serves its blocks.
+fn serving(node: &Proc) {
+    node.wait_line("serving blocks ");
+}
+
+/// Without verification the liar's answers reach the text (so the swarm below really routes
+/// through it, and this test could fail); with `--verify-every 8` the liar is caught by the
+/// honest verifier and the spare tie-breaker, banned, and the text is the local one.
+#[test]
+fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
+    let dir = TempDir::new("verify");
+    let boot = bootstrap();
+    let honest = node_with("0..30", &boot, &[]);
+    let spare = node_with("0..30", &boot, &[]);
+    serving(&honest);
+    serving(&spare);
+    let liar = Liar::start(&boot, &dir);
+    let prompt = "The capital of France is";
+    let reference = local(prompt, "24");
+
+    let unchecked = super::json_of(&swarm_command(&boot, prompt, "24").output().unwrap());
+    assert!(
+        unchecked["route"].to_string().contains(&liar.peer),
+        "the liar (claiming 10x speed) is not in the route: {unchecked}"
+    );
+    assert_ne!(
+        unchecked["tokens"], reference["tokens"],
+        "the liar's outputs did not change the text: nothing for verification to catch"
+    );
+
+    let out = swarm_command(&boot, prompt, "24")
+        .args(["--verify-every", "8"])
+        .output()
+        .unwrap();
+    let checked = super::json_of(&out);
+    assert_eq!(
+        checked["tokens"], reference["tokens"],
+        "verified swarm output differs from local"
+    );
+    assert_eq!(
+        checked["caught"],
+        serde_json::json!([liar.peer]),
+        "the liar must be caught, and nobody else"
+    );
+    assert!(
+        !checked["route"].to_string().contains(&liar.peer),
+        "the liar is still in the final route: {checked}"
+    );
+}
