@@ -245,7 +245,8 @@ fn a_long_prompt_in_bounded_steps_gives_the_local_tokens() {
     let _b = node_with("15..30", &boot, &["--max-step-tokens", "7"]);
     let prompt = "The history of the city goes back to a fishing village on the river, \
                   which grew into a market town when the bridge was built, and then into a \
-                  port once the canal reached the sea. Its old quarter";
+                  port once the canal reached the sea. Merchants from three countries \
+                  settled along the quays, and their warehouses still stand. Its old quarter";
     let v = super::json_of(&swarm_command(&boot, prompt, "12").output().unwrap());
     let local = local(prompt, "12");
     assert!(
