@@ -195,13 +195,15 @@ impl SpanSession {
                 peer,
                 code: ErrorCode::StepTooLarge,
                 message,
-            }) => return Err(SessionError::Protocol {
-                peer,
-                reason: format!(
+            }) if hidden.tokens <= self.max_step_tokens => {
+                return Err(SessionError::Protocol {
+                    peer,
+                    reason: format!(
                     "refused a step of {} rows as too large ({message}) after saying it takes {}",
                     hidden.tokens, self.max_step_tokens
                 ),
-            }),
+                })
+            }
             other => other?,
         };
         match answer {
