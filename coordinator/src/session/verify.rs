@@ -29,16 +29,15 @@
 //!   last one.
 //! * Cost: the verifier runs each position once, in batches of `every` rows, where the primary
 //!   ran it as a one-row decode step. A decode step reads every weight of the span for one
-//!   row; a batch of `every` rows reads them once for all, so its cost per row is a fraction
-//!   of a decode step's. Compute overhead = (time of one `every`-row step) / (`every` × time
-//!   of one decode step). On this project's CPU kernels that ratio is what BENCHMARKS.md
-//!   measures (the `bench --swarm --verify-every` figure); a batch of 8 rows costs about 2-3
-//!   decode steps on the machines we measured, i.e. 25-40% overhead, NOT the 10% the issue
-//!   asks for. Only larger batches get below it (a 64-row batch costs about 10% per row), and
-//!   they delay detection (and the text) to 64 tokens. The prompt is verified the same way,
-//!   at the cost of a second prefill of it. We state the honest figure rather than sample
-//!   less: a sampled scheme cheap enough for 10% would miss a peer that corrupts rarely, and
-//!   would still not reach the detection bound (see above).
+//!   row; a batch of `every` rows reads them once for all, so when reading weights dominates,
+//!   its cost per row is a fraction of a decode step's. Compute overhead = (time of one
+//!   `every`-row step) / (`every` x time of one decode step), plus a second prefill of the
+//!   prompt. That is the best case: it needs weight reads to dominate, and the check to run on
+//!   another machine beside the primary. Measured (BENCHMARKS.md, `bench --swarm
+//!   --verify-every`, 135M model, 2 shared cores, check in the step's critical path) the
+//!   generation is 91% slower at `every = 8` and 69% at 32: the 10% the issue asks for is NOT
+//!   met there. A sampled scheme cheap enough for 10% would miss a peer that corrupts rarely,
+//!   and would still not reach the detection bound (see above), so we do not sample.
 //! * Disagreement: a third peer serving the blocks (a tie-break) replays the span's inputs;
 //!   the peer that differs from the two others is banned. A wrong primary means the text may
 //!   have gone wrong from the first differing position: every span is rolled back to it and
@@ -68,9 +67,9 @@ pub struct VerifyPolicy {
     /// the module documentation for the arithmetic).
     ///
     /// Off by default because it is not free: every span needs a second peer, which holds a
-    /// second copy of the session's KV cache and computes every position again (25-40% more
-    /// compute at 8 positions per batch on the CPUs we measured), and streamed text waits for
-    /// its check (up to `every` tokens). A private swarm (one swarm key, known operators)
+    /// second copy of the session's KV cache and computes every position again (a generation
+    /// 69-91% slower on the 2-core machine of BENCHMARKS.md), and streamed text waits for its
+    /// check (up to `every` tokens). A private swarm (one swarm key, known operators)
     /// gains nothing from it; an open swarm of strangers should turn it on.
     pub every: usize,
 }
