@@ -305,17 +305,15 @@ impl<'a> Activations<'a> {
 
     /// Every row quantized in blocks of `block`, rows in parallel when a prompt has many.
     fn quantize<T: Copy + Default + Send>(&self, block: usize, f: fn(&[f32], &mut [T])) -> Vec<T> {
-        use rayon::prelude::*;
         let n = self.cols / block;
         let mut q = vec![T::default(); self.tokens * n];
         if n == 0 {
             return q;
         }
-        if self.tokens >= 16 && rayon::current_num_threads() > 1 {
-            self.x
-                .par_chunks_exact(self.cols)
-                .zip(q.par_chunks_exact_mut(n))
-                .for_each(|(row, out)| f(row, out));
+        if self.tokens >= 16 && crate::team::threads() > 1 {
+            crate::team::run_chunks(&mut q, n, &|t, out| {
+                f(&self.x[t * self.cols..(t + 1) * self.cols], out)
+            });
         } else {
             for (row, out) in self.x.chunks_exact(self.cols).zip(q.chunks_exact_mut(n)) {
                 f(row, out);

@@ -67,18 +67,18 @@ fn swiglu_rows(gate: &mut [f32], up: &[f32], width: usize) {
 }
 
 /// Runs `f` on matching row blocks of `a` (written) and `b` (read), rows of `width`, on the
-/// rayon pool when there are enough rows to pay for it.
+/// compute threads when there are enough rows to pay for it.
 pub fn par_rows(a: &mut [f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
-    use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 8;
     let rows = a.len() / width.max(1);
-    if rows < 2 * ROWS_PER_TASK || rayon::current_num_threads() == 1 {
+    if rows < 2 * ROWS_PER_TASK || crate::team::threads() == 1 {
         return f(a, b);
     }
     let chunk = width * ROWS_PER_TASK;
-    a.par_chunks_mut(chunk)
-        .zip(b.par_chunks(chunk))
-        .for_each(|(a, b)| f(a, b));
+    crate::team::run_chunks(a, chunk, &|i, a| {
+        let start = (i * chunk).min(b.len());
+        f(a, &b[start..(start + a.len()).min(b.len())])
+    });
 }
 
 /// [`swiglu_body`] with AVX2 and FMA: eight lanes of ggml's `expf` at a time (as its AVX2
