@@ -10,8 +10,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use crate::activation::{add_bias, geglu, scale};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -496,9 +494,12 @@ impl DecoderBlock {
             attend(qh, keys, values, dot_scale, m.softcap, scratch, o);
         };
         if work > 1 << 16 {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each_init(AttendScratch::default, one);
+            thread_local! {
+                static SCRATCH: std::cell::RefCell<AttendScratch> = Default::default();
+            }
+            crate::team::run_chunks(out, hd, &|i, o| {
+                SCRATCH.with(|s| one(&mut s.borrow_mut(), (i, o)))
+            });
         } else {
             let mut scratch = AttendScratch::default();
             out.chunks_mut(hd)

@@ -67,25 +67,73 @@ fn swiglu_rows(gate: &mut [f32], up: &[f32], width: usize) {
 }
 
 /// Runs `f` on matching row blocks of `a` (written) and `b` (read), rows of `width`, on the
-/// rayon pool when there are enough rows to pay for it.
+/// compute threads when there are enough rows to pay for it.
 pub fn par_rows(a: &mut [f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
-    use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 8;
     let rows = a.len() / width.max(1);
-    if rows < 2 * ROWS_PER_TASK || rayon::current_num_threads() == 1 {
+    if rows < 2 * ROWS_PER_TASK || crate::team::threads() == 1 {
         return f(a, b);
     }
     let chunk = width * ROWS_PER_TASK;
-    a.par_chunks_mut(chunk)
-        .zip(b.par_chunks(chunk))
-        .for_each(|(a, b)| f(a, b));
+    crate::team::run_chunks(a, chunk, &|i, a| {
+        let start = (i * chunk).min(b.len());
+        f(a, &b[start..(start + a.len()).min(b.len())])
+    });
 }
 
-/// The same code with hardware FMA, so `mul_add` is one instruction instead of a libm call.
+/// [`swiglu_body`] with AVX2 and FMA: eight lanes of ggml's `expf` at a time (as its AVX2
+/// build), lanes that need its slow path (`|n| > 126` or NaN) through the scalar twin, which
+/// computes the same bits. Scalar, SiLU took 6% of a prompt's time against llama.cpp's 0.7%.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32], width: usize) {
-    swiglu_body(gate, up, width)
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    let vec_end = width - width % 8;
+    let one = _mm256_set1_ps(1.0);
+    for (g_row, u_row) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
+        for i in (0..vec_end).step_by(8) {
+            let x = _mm256_loadu_ps(g_row.as_ptr().add(i));
+            let neg = _mm256_sub_ps(_mm256_setzero_ps(), x);
+            let r = c(0x4b40_0000);
+            let z = _mm256_fmadd_ps(neg, c(0x3fb8_aa3b), r);
+            let n = _mm256_sub_ps(z, r);
+            let abs = _mm256_and_ps(n, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)));
+            let e = if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(abs, _mm256_set1_ps(126.0)))
+                == 0
+            {
+                let b =
+                    _mm256_fnmadd_ps(n, c(0x35bf_be8e), _mm256_fnmadd_ps(n, c(0x3f31_7200), neg));
+                let k = _mm256_castsi256_ps(_mm256_add_epi32(
+                    _mm256_slli_epi32::<23>(_mm256_castps_si256(z)),
+                    _mm256_set1_epi32(1f32.to_bits() as i32),
+                ));
+                let u = _mm256_mul_ps(b, b);
+                let j = _mm256_fmadd_ps(
+                    _mm256_fmadd_ps(
+                        _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                        u,
+                        _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+                    ),
+                    u,
+                    _mm256_mul_ps(c(0x3f7f_fff6), b),
+                );
+                _mm256_fmadd_ps(j, k, k)
+            } else {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), neg);
+                let lanes = lanes.map(expf_ggml);
+                _mm256_loadu_ps(lanes.as_ptr())
+            };
+            let u = _mm256_loadu_ps(u_row.as_ptr().add(i));
+            let out = _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), u);
+            _mm256_storeu_ps(g_row.as_mut_ptr().add(i), out);
+        }
+        for i in vec_end..width {
+            let g = g_row[i];
+            g_row[i] = g / (1.0 + exp::expf(-g)) * u_row[i];
+        }
+    }
 }
 
 #[inline(always)]
@@ -307,14 +355,27 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_is_the_same_with_and_without_hardware_fma() {
-        let gate: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.173).collect();
-        let up: Vec<f32> = (0..300).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
+    fn swiglu_is_the_same_with_and_without_simd() {
+        // Values reaching `expf`'s slow path (|x| above 126 ln 2, about 87), NaN and
+        // infinities, in rows whose width leaves a scalar tail.
+        let mut gate: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.173).collect();
+        gate.extend((0..300).map(|i| (i as f32 - 150.0) * 1.37));
+        gate.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e-40,
+            -1e-40,
+        ]);
+        gate.resize(700, 0.5);
+        let up: Vec<f32> = (0..700).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
         let mut a = gate.clone();
         swiglu(&mut a, &up, 100);
         let mut b = gate.clone();
         swiglu_body(&mut b, &up, 100);
-        assert_eq!(a, b);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
     }
 
     #[test]
