@@ -417,6 +417,47 @@ impl Quant for Q6K {
         Q6Parts { parts: p, zero }
     }
 
+    /// [`Quant::weights`] and [`Quant::int`] in one pass, each quant vector multiplied as soon
+    /// as it is made: eight vectors and their scales held at once spilled in decode.
+    #[inline(always)]
+    unsafe fn lane_int<S: Simd>(
+        blk: *const u8,
+        b: usize,
+        l: usize,
+        sc: &[S::I32],
+        a: &ActQ8K,
+    ) -> S::I32 {
+        let half = l / 4;
+        let mut sum = [S::zero_i32(); 2];
+        for n in 0..2 {
+            let wa = S::load_u8(blk.add(64 * (16 * n + l)));
+            let wb = S::load_u8(blk.add(64 * (16 * n + 8 + l)));
+            let h = S::load_u8(blk.add(2048 + 64 * (8 * n + l)));
+            let q = [
+                S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30)),
+                S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30)),
+                S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30)),
+                S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30)),
+            ];
+            for part in 0..4 {
+                let s = *sc.get_unchecked(b * 16 + 8 * n + 2 * part + half);
+                let word = 32 * n + 8 * part + l;
+                sum[part % 2] = S::dot_u_scaled(sum[part % 2], q[part], a.word(word), s);
+            }
+        }
+        let sum = S::add_i32(sum[0], sum[1]);
+        let z = S::madd16(
+            S::madd16(
+                S::zero_i32(),
+                S::splat_i32(a.bsums[2 * l]),
+                *sc.get_unchecked(b * 16 + 2 * l),
+            ),
+            S::splat_i32(a.bsums[2 * l + 1]),
+            *sc.get_unchecked(b * 16 + 2 * l + 1),
+        );
+        S::sub_i32(sum, S::shl_i32(z, 5))
+    }
+
     #[inline(always)]
     unsafe fn int<S: Simd>(w: &Q6Parts<S>, l: usize, a: &ActQ8K) -> S::I32 {
         let word = |k: usize| 32 * (k / 4) + 8 * (k % 4) + l;

@@ -144,6 +144,23 @@ pub(crate) trait Quant {
     /// The CPU runs `S`.
     unsafe fn int<S: Simd>(w: &Self::W<S>, l: usize, a: &Self::Act) -> S::I32;
 
+    /// Lane `l`'s integer for one token straight from the block: what decode runs, where no
+    /// other token reuses the unpacked weights. A format whose [`Quant::W`] spans many vectors
+    /// overrides it to consume each vector as soon as it is unpacked; the integer is the same.
+    ///
+    /// # Safety
+    /// As for [`Quant::weights`].
+    #[inline(always)]
+    unsafe fn lane_int<S: Simd>(
+        blk: *const u8,
+        b: usize,
+        l: usize,
+        scratch: &[S::I32],
+        a: &Self::Act,
+    ) -> S::I32 {
+        Self::int::<S>(&Self::weights::<S>(blk, b, l, scratch), l, a)
+    }
+
     /// Block-sum formats: the integer a block's sum starts from (its zero-point term).
     ///
     /// # Safety
@@ -285,6 +302,13 @@ pub(crate) unsafe fn quant_tile<S: Simd, K: Quant, const TT: usize, const LG: us
             }
             for li in 0..LG {
                 let l = g + li;
+                if TT == 1 {
+                    let a = at(&acts, 0, b);
+                    let x = K::before::<S>(blk, b, l, a, scratch, acc[li][0]);
+                    let int = K::lane_int::<S>(blk, b, l, scratch, a);
+                    acc[li][0] = S::fma_f32(dd[0], S::to_f32(int), x);
+                    continue;
+                }
                 let w = K::weights::<S>(blk, b, l, scratch);
                 for t in 0..TT {
                     let a = at(&acts, t, b);
