@@ -360,6 +360,21 @@ impl<const BLOCK: usize, const QH: usize, const QS: usize> Quant for K4<BLOCK, Q
 /// 8-bit scales; quants are stored `+ 32`, subtracted per pair of sub-blocks as ggml does.
 pub(crate) struct Q6K;
 
+/// The four quant vectors of lane `l` in half `n` of a Q6_K tile block: low nibbles and their
+/// two high bits joined.
+#[inline(always)]
+unsafe fn q6_parts<S: Simd>(blk: *const u8, n: usize, l: usize) -> [S::U8; 4] {
+    let wa = S::load_u8(blk.add(64 * (16 * n + l)));
+    let wb = S::load_u8(blk.add(64 * (16 * n + 8 + l)));
+    let h = S::load_u8(blk.add(2048 + 64 * (8 * n + l)));
+    [
+        S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30)),
+        S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30)),
+        S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30)),
+        S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30)),
+    ]
+}
+
 /// A Q6_K lane: its eight quant vectors and scales, plus the two scales of the zero-point term.
 #[derive(Clone, Copy)]
 pub(crate) struct Q6Parts<S: Simd> {
@@ -399,13 +414,7 @@ impl Quant for Q6K {
             sc: [S::zero_i32(); 8],
         };
         for n in 0..2 {
-            let wa = S::load_u8(blk.add(64 * (16 * n + l)));
-            let wb = S::load_u8(blk.add(64 * (16 * n + 8 + l)));
-            let h = S::load_u8(blk.add(2048 + 64 * (8 * n + l)));
-            p.q[4 * n] = S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30));
-            p.q[4 * n + 1] = S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30));
-            p.q[4 * n + 2] = S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30));
-            p.q[4 * n + 3] = S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30));
+            p.q[4 * n..4 * n + 4].copy_from_slice(&q6_parts::<S>(blk, n, l));
             for part in 0..4 {
                 p.sc[4 * n + part] = *sc.get_unchecked(b * 16 + 8 * n + 2 * part + half);
             }
@@ -430,15 +439,7 @@ impl Quant for Q6K {
         let half = l / 4;
         let mut sum = [S::zero_i32(); 2];
         for n in 0..2 {
-            let wa = S::load_u8(blk.add(64 * (16 * n + l)));
-            let wb = S::load_u8(blk.add(64 * (16 * n + 8 + l)));
-            let h = S::load_u8(blk.add(2048 + 64 * (8 * n + l)));
-            let q = [
-                S::or_u8(S::and_u8(wa, 0x0F), S::shl_u8(h, 4, 0x30)),
-                S::or_u8(S::and_u8(wb, 0x0F), S::shl_u8(h, 2, 0x30)),
-                S::or_u8(S::shr_u8(wa, 4, 0x0F), S::and_u8(h, 0x30)),
-                S::or_u8(S::shr_u8(wb, 4, 0x0F), S::shr_u8(h, 2, 0x30)),
-            ];
+            let q = q6_parts::<S>(blk, n, l);
             for part in 0..4 {
                 let s = *sc.get_unchecked(b * 16 + 8 * n + 2 * part + half);
                 let word = 32 * n + 8 * part + l;
