@@ -332,10 +332,16 @@ fn through_the_gateway(reference: &Value) -> anyhow::Result<String> {
     ))
 }
 
+/// How long after the route is known a fault is injected: long enough for the victim to hold
+/// a cache worth rebuilding, short enough that the 300-token generation is still running when
+/// the fault lands. At 1 s, a decode of 150 tokens/s plus a `docker kill` that took most of a
+/// second on a busy VM left the kill after the last token ("the kill went unnoticed").
+const FAULT_AFTER: Duration = Duration::from_millis(400);
+
 fn node_loss(cluster: &Cluster, reference: &Value) -> Outcome {
     let g = generate(&SWARM, 300)?;
     let victim = second_half_in_route(cluster, &g.route_line()?)?;
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(FAULT_AFTER);
     docker(&["kill", &container(victim)?])?;
     let (v, log) = g.finish()?;
     let reroutes = v["reroutes"].as_u64().unwrap_or(0);
@@ -380,7 +386,7 @@ fn partition(cluster: &Cluster, reference: &Value) -> Outcome {
     };
     let id = container(victim)?;
     let net = network_of(&id)?;
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(FAULT_AFTER);
     docker(&["network", "disconnect", &net, &id])?;
     let (v, log) = g.finish()?;
     anyhow::ensure!(
