@@ -240,19 +240,13 @@ pub(crate) unsafe fn mv<S: Simd>(x: S::U8, from: u32, to: u32, mask: u8) -> S::U
 /// Every lane of every token has been written.
 #[inline(always)]
 unsafe fn hsum8<S: Simd, const TT: usize>(l: &[[MaybeUninit<S::F32>; TT]; 8]) -> [S::F32; TT] {
-    let l = |i: usize| -> &[MaybeUninit<S::F32>; TT] { &l[i] };
     let mut out = [S::zero_f32(); TT];
     for (t, o) in out.iter_mut().enumerate() {
-        let l: [S::F32; 8] = [
-            l(0)[t].assume_init(),
-            l(1)[t].assume_init(),
-            l(2)[t].assume_init(),
-            l(3)[t].assume_init(),
-            l(4)[t].assume_init(),
-            l(5)[t].assume_init(),
-            l(6)[t].assume_init(),
-            l(7)[t].assume_init(),
-        ];
+        let mut lane = [S::zero_f32(); 8];
+        for (i, v) in lane.iter_mut().enumerate() {
+            *v = l[i][t].assume_init();
+        }
+        let l = lane;
         *o = S::add_f32(
             S::add_f32(S::add_f32(l[4], l[0]), S::add_f32(l[6], l[2])),
             S::add_f32(S::add_f32(l[5], l[1]), S::add_f32(l[7], l[3])),
