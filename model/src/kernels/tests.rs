@@ -153,6 +153,8 @@ fn every_path_equals_the_reference_bit_for_bit() {
             (7, 1, 2),
             (83, 2, 1),
             (40, 2, 11),
+            // Prefill runs blocks in chunks of 16 on some paths: two chunk boundaries.
+            (20, 37, 5),
         ] {
             for fl in [Flavour::Random, Flavour::Extreme] {
                 let cols = be * blocks;
