@@ -11,6 +11,7 @@ use node::{BlockChoice, Fault, JoinConfig, NetOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::swarm::{bootstrap, local, node_with, swarm_command, Proc};
+use super::chat::{chat, TURNS};
 use super::{default_model, TempDir};
 
 /// A node of all 30 blocks that negates every output and announces ten times its speed, so
@@ -134,5 +135,39 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
     assert!(
         !checked["route"].to_string().contains(&liar.peer),
         "the liar is still in the final route: {checked}"
+    );
+}
+
+/// `chat` keeps one session over several turns (later turns reuse the cached conversation):
+/// with verification on, the liar is caught in the first turn and the whole conversation is
+/// the one process's.
+#[test]
+fn a_chat_with_verification_is_the_local_conversation() {
+    let dir = TempDir::new("verify-chat");
+    let boot = bootstrap();
+    let honest = node_with("0..30", &boot, &[]);
+    let spare = node_with("0..30", &boot, &[]);
+    serving(&honest);
+    serving(&spare);
+    let liar = Liar::start(&boot, &dir);
+    let route = [
+        "--bootstrap",
+        &boot.addr,
+        "--discovery-timeout",
+        "60",
+        "--verify-every",
+        "16",
+    ];
+    let swarm = chat(&route, &TURNS, Duration::ZERO);
+    let local = chat(&["--local"], &TURNS, Duration::ZERO);
+    let stderr = String::from_utf8_lossy(&swarm.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&swarm.stdout),
+        String::from_utf8_lossy(&local.stdout),
+        "the verified conversation differs from the local one: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{} disagrees with", liar.peer)),
+        "the liar was not caught: {stderr}"
     );
 }
