@@ -119,8 +119,11 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
     };
     let (mut off_tps, mut on_tps, mut off_total, mut on_total) = (vec![], vec![], vec![], vec![]);
     let (mut off_cpu, mut on_cpu, mut verifier_cpu, mut share) = (vec![], vec![], vec![], vec![]);
+    // What the second node spends while it has nothing to do (the generation without
+    // verification): its network task, announcements, idle threads.
+    let mut idle_cpu = vec![];
     for run in 0..=args.repeats {
-        let (a, a_total, a_cpu, _) = generate(&plain)?;
+        let (a, a_total, a_cpu, a_idle) = generate(&plain)?;
         let (b, b_total, b_cpu, b_verifier) = generate(&checked)?;
         ensure!(a.tokens == b.tokens, "verification changed the tokens");
         // The first run of each warms connections and caches.
@@ -130,6 +133,7 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
             off_total.push(a_total);
             on_total.push(b_total);
             off_cpu.push(a_cpu);
+            idle_cpu.push(a_idle);
             on_cpu.push(b_cpu);
             verifier_cpu.push(b_verifier);
             share.push(b_verifier / b_cpu.max(1e-9));
@@ -159,5 +163,6 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
         "primary_cpu_s_on": median(on_cpu),
         "verifier_cpu_s": median(verifier_cpu),
         "verifier_cpu_share": median(share),
+        "idle_node_cpu_s_off": median(idle_cpu),
     }))
 }
