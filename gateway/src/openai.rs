@@ -17,12 +17,12 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use swarm::page::ClientAddr;
 use coordinator::generate::FinishReason;
 use futures::{stream, Stream, StreamExt};
 use model::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use swarm::page::ClientAddr;
 
 use crate::engine::{Event, Job, Outcome, Prompt, Running};
 use crate::error::{ApiError, ErrorKind};

@@ -88,8 +88,9 @@ impl SwarmArgs {
                 .map(swarm::swarm_key::load)
                 .transpose()?,
             verify: match self.verify_first {
-                Some(first) => VerifyPolicy::every(self.verify_every as usize)
-                    .first_within(first as usize),
+                Some(first) => {
+                    VerifyPolicy::every(self.verify_every as usize).first_within(first as usize)
+                }
                 None => VerifyPolicy::every(self.verify_every as usize),
             },
             ..ClientConfig::default()

@@ -212,9 +212,7 @@ async fn claim_speed(
         .collect();
     let value = BlockRecord { servers }.encode_to_vec();
     for b in blocks {
-        let _ = net
-            .put_record(block_key(fp, b), value.clone(), WAIT)
-            .await;
+        let _ = net.put_record(block_key(fp, b), value.clone(), WAIT).await;
     }
 }
 
@@ -255,7 +253,9 @@ fn claimed_speeds_do_not_move_honest_nodes() {
         .unwrap();
         let net = host.handle.clone();
         wait_online(&net, &fp, 30, 2).await;
-        let live = rx.recv_timeout(Duration::from_secs(10)).expect("an address");
+        let live = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an address");
         // Nothing listens on port 1 of the loopback.
         let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
         let liars = [(&ghost, nowhere), (&attacker, live)];
@@ -294,7 +294,11 @@ fn with_other_rope_base(dir: &super::TempDir) -> String {
         .expect("the model has a rope.freq_base key")
         + key.len();
     // GGUF: the key, then its value type (6 = f32), then the value.
-    assert_eq!(bytes[at..at + 4], 6u32.to_le_bytes(), "rope.freq_base is an f32");
+    assert_eq!(
+        bytes[at..at + 4],
+        6u32.to_le_bytes(),
+        "rope.freq_base is an f32"
+    );
     assert_eq!(bytes[at + 4..at + 8], 100_000f32.to_le_bytes());
     bytes[at + 4..at + 8].copy_from_slice(&10_000f32.to_le_bytes());
     let path = dir.file("other-rope.gguf");
@@ -314,7 +318,11 @@ fn a_file_differing_only_in_rope_base_is_never_mixed_in() {
     let other = with_other_rope_base(&dir);
     let real = default_model();
     let fp = |p: &str| model::fingerprint::fingerprint(&GgufFile::open(p).unwrap()).unwrap();
-    assert_ne!(fp(&real), fp(&other), "the fingerprint misses rope.freq_base");
+    assert_ne!(
+        fp(&real),
+        fp(&other),
+        "the fingerprint misses rope.freq_base"
+    );
 
     let boot = bootstrap();
     let _odd = super::swarm::node_of(&other, "0..30", &boot, &[]);

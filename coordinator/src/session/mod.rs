@@ -31,8 +31,8 @@ use serde::Serialize;
 pub use bans::Bans;
 pub use network::{Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
-pub use verify::VerifyPolicy;
 use verify::first_difference as verify_diff;
+pub use verify::VerifyPolicy;
 
 use swarm::discovery::Server;
 
@@ -906,7 +906,10 @@ mod tests {
         assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
         assert_ne!(session.route()[0].peer, liar.to_string());
         assert_eq!(session.settled(), 0);
-        assert!(session.caught().is_empty(), "nobody was caught lying by a check");
+        assert!(
+            session.caught().is_empty(),
+            "nobody was caught lying by a check"
+        );
         let y = session
             .run_blocks(hidden(&[1.0, 2.0, 3.0]), 0)
             .await

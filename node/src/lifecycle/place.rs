@@ -9,9 +9,9 @@ use swarm::NetHandle;
 
 use super::ModelFile;
 use crate::announce::{served, Evidence};
-use crate::probe::Probes;
 use crate::config::{BlockChoice, JoinConfig};
 use crate::error::JoinError;
+use crate::probe::Probes;
 
 pub async fn initial(
     config: &JoinConfig,

@@ -8,8 +8,8 @@ use swarm::placement::should_move;
 
 use super::ModelFile;
 use crate::announce::{served, Announcer, Evidence};
-use crate::probe::Probes;
 use crate::config::JoinConfig;
+use crate::probe::Probes;
 
 /// When to check next. Checks are staggered so servers of the same range do not all move at
 /// once: a random extra of up to half the period. Any period is safe here (the flag is bounded

@@ -49,11 +49,11 @@ impl Serving {
     ) -> Result<Self, JoinError> {
         #[cfg(feature = "fault-injection")]
         let speed = match config.fault {
-            crate::Fault::CorruptOutputs => Speed {
+            crate::Fault::None => speed,
+            _ => Speed {
                 decode_ms_per_block: speed.decode_ms_per_block / 10.0,
                 ..speed
             },
-            crate::Fault::None => speed,
         };
         let prefill_chunk = config.prefill_chunk.unwrap_or_else(|| {
             ComputeLimits::prefill_chunk_for(measure::prefill_ms_per_row(&speed, range.len()))

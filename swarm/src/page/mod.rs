@@ -284,19 +284,20 @@ pub async fn serve_with(
         let busy_tx = Arc::new(busy_tx);
         let inner = TowerToHyperService::new(router.clone());
         let client = ClientAddr(client_key(peer.ip()));
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            use hyper::service::Service;
-            req.extensions_mut().insert(client);
-            let in_flight = InFlight::start(&busy_tx);
-            let response = inner.call(req);
-            async move {
-                let response = response.await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                }))
-            }
-        });
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                use hyper::service::Service;
+                req.extensions_mut().insert(client);
+                let in_flight = InFlight::start(&busy_tx);
+                let response = inner.call(req);
+                async move {
+                    let response = response.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                        body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
