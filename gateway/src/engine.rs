@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::blocks::{Session, SessionBackend};
 use crate::error::{ApiError, ErrorKind};
+use crate::per_client::ClientSlot;
 use crate::Gateway;
 
 /// What to continue: plain text, or a conversation for the chat template.
@@ -29,6 +30,8 @@ pub struct Job {
     pub max_tokens: Option<usize>,
     pub sampling: generate::SamplingOptions,
     pub stop: Vec<String>,
+    /// Where the request came from, for the per-client limit (`None`: not limited).
+    pub client: Option<std::net::IpAddr>,
 }
 
 const MAX_STOPS: usize = 16;
@@ -84,7 +87,13 @@ impl Job {
                 ..generate::SamplingOptions::default()
             },
             stop,
+            client: None,
         })
+    }
+
+    /// The same job, counted against `client`'s share of the generation slots.
+    pub fn from_client(self, client: Option<std::net::IpAddr>) -> Self {
+        Self { client, ..self }
     }
 }
 
@@ -185,7 +194,7 @@ impl Gateway {
             .unwrap_or(self.config.default_max_tokens)
             .min(context - prompt_tokens);
 
-        let permit = self.admit().await?;
+        let (permit, client_slot) = self.admit(job.client).await?;
         let max_length = (prompt_tokens + max_tokens) as u32;
         let started = Instant::now();
         let session = self
@@ -196,7 +205,7 @@ impl Gateway {
         let (tx, events) = mpsc::unbounded_channel();
         let gw = self.clone();
         let task = tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, client_slot);
             gw.metrics.active.inc();
             // Also when the task is aborted because the client went away.
             let _active = scopeguard(|| {
@@ -212,9 +221,22 @@ impl Gateway {
         })
     }
 
-    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        if let Ok(p) = self.permits.clone().try_acquire_owned() {
-            return Ok(p);
+    /// A generation slot, and one of `client`'s share of them: at once if both are free,
+    /// else after waiting in the bounded queue (429 when it is full or the wait too long).
+    async fn admit(
+        &self,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<ClientSlot>), ApiError> {
+        let limit = self.config.per_client_limit();
+        let mut slot = match client {
+            Some(ip) => self.per_client.try_take(ip, limit).map(Some),
+            None => Some(None),
+        };
+        if let Some(s) = slot.take() {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(p) => return Ok((p, s)),
+                Err(_) => slot = Some(s),
+            }
         }
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         let _undo = scopeguard(|| {
@@ -229,13 +251,28 @@ impl Gateway {
                 ),
             ));
         }
-        match tokio::time::timeout(
-            self.config.queue_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => Ok(p),
+        let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
+        let waited = || self.config.queue_timeout.as_secs_f64();
+        let slot = match (slot, client) {
+            (Some(s), _) => s,
+            (None, Some(ip)) => {
+                match tokio::time::timeout_at(deadline, self.per_client.take(ip, limit)).await {
+                    Ok(s) => Some(s),
+                    Err(_) => {
+                        return Err(ApiError::new(
+                            ErrorKind::Overloaded,
+                            format!(
+                                "this client address runs {limit} generations at once already; waited {:.0} s for one of them to end",
+                                waited()
+                            ),
+                        ))
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok((p, slot)),
             Ok(Err(_)) => Err(ApiError::new(
                 ErrorKind::SwarmUnavailable,
                 "the gateway is shutting down",
@@ -244,7 +281,7 @@ impl Gateway {
                 ErrorKind::Overloaded,
                 format!(
                     "waited {:.0} s for a free generation slot; try again later",
-                    self.config.queue_timeout.as_secs_f64()
+                    waited()
                 ),
             )),
         }

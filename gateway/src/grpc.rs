@@ -74,7 +74,11 @@ impl GatewayService for Grpc {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let gw = &self.0;
-        match self.start(request.into_inner()).await {
+        let client = request
+            .extensions()
+            .get::<swarm::page::ClientAddr>()
+            .map(|c| c.0);
+        match self.start(request.into_inner(), client).await {
             Ok(running) => {
                 gw.metrics.request("grpc_generate", "ok");
                 Ok(Response::new(Box::pin(responses(running))))
@@ -129,7 +133,11 @@ impl GatewayService for Grpc {
 }
 
 impl Grpc {
-    async fn start(&self, r: pb::GenerateRequest) -> Result<Running, ApiError> {
+    async fn start(
+        &self,
+        r: pb::GenerateRequest,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Running, ApiError> {
         let gw = &self.0;
         let prompt = match (r.prompt.is_empty(), r.messages.is_empty()) {
             (false, true) => gw.prompt_ids(Prompt::Text(r.prompt)).await?,
@@ -162,7 +170,7 @@ impl Grpc {
         };
         let max_tokens = (r.max_tokens > 0).then_some(r.max_tokens as usize);
         let job = Job::new(prompt, max_tokens, r.temperature, r.top_p, r.seed, r.stop)?;
-        gw.run(job).await
+        gw.run(job.from_client(client)).await
     }
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod openai;
+pub mod per_client;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -43,6 +44,20 @@ pub struct GatewayConfig {
     pub status_interval: Duration,
     /// With keys, every OpenAI and gRPC request must present one (see [`auth`]).
     pub api_keys: Option<ApiKeys>,
+    /// Generations one client address runs at once (IPv6 by /64); its further requests wait
+    /// for one of its own slots. 0: three quarters of `max_concurrent` (at least one), as a
+    /// node gives one peer three quarters of its sessions.
+    pub max_per_client: usize,
+}
+
+impl GatewayConfig {
+    /// [`GatewayConfig::max_per_client`], with 0 resolved.
+    pub fn per_client_limit(&self) -> usize {
+        match self.max_per_client {
+            0 => (self.max_concurrent.max(1) * 3).div_ceil(4),
+            n => n,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -55,6 +70,7 @@ impl Default for GatewayConfig {
             generation_timeout: Duration::from_secs(600),
             status_interval: Duration::from_secs(3),
             api_keys: None,
+            max_per_client: 0,
         }
     }
 }
@@ -67,6 +83,7 @@ pub struct Gateway {
     model: Arc<ClientModel>,
     swarm: watch::Receiver<SwarmSnapshot>,
     permits: Arc<Semaphore>,
+    per_client: Arc<per_client::PerClient>,
     waiting: AtomicUsize,
     rate: RateMeter,
     /// Unix seconds when the gateway started (the model's `created` in the OpenAI API).
@@ -86,6 +103,7 @@ impl Gateway {
         let swarm = blocks.watch(&model, &info, config.status_interval, shutdown);
         Arc::new(Self {
             permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            per_client: Arc::default(),
             config,
             info,
             metrics: GatewayMetrics::default(),

@@ -16,12 +16,13 @@ use axum::http::{Method, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use coordinator::generate::FinishReason;
 use futures::{stream, Stream, StreamExt};
 use model::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use swarm::page::ClientAddr;
 
 use crate::engine::{Event, Job, Outcome, Prompt, Running};
 use crate::error::{ApiError, ErrorKind};
@@ -262,7 +263,14 @@ fn messages(msgs: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
 
 // ---- handlers ----
 
-async fn chat(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
+/// The address a request came from, when it came through `swarm::page::serve_with`.
+type Client = Option<Extension<ClientAddr>>;
+
+fn client_ip(client: Client) -> Option<std::net::IpAddr> {
+    client.map(|Extension(ClientAddr(ip))| ip)
+}
+
+async fn chat(State(gw): State<Arc<Gateway>>, client: Client, body: Body) -> Response {
     let result = async {
         let req: ChatRequest = parse(body)?;
         if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
@@ -270,14 +278,14 @@ async fn chat(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
         }
         let prompt = gw.prompt_ids(Prompt::Chat(messages(req.messages)?)).await?;
         let job = req.common.job(&gw, prompt, None)?;
-        let running = gw.run(job).await?;
+        let running = gw.run(job.from_client(client_ip(client))).await?;
         Ok((req.common, running))
     }
     .await;
     respond(&gw, Kind::Chat, result).await
 }
 
-async fn completions(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
+async fn completions(State(gw): State<Arc<Gateway>>, client: Client, body: Body) -> Response {
     let result = async {
         let req: CompletionRequest = parse(body)?;
         if req.echo == Some(true) {
@@ -293,7 +301,7 @@ async fn completions(State(gw): State<Arc<Gateway>>, body: Body) -> Response {
         let prompt = gw.prompt_ids(Prompt::Text(prompts.remove(0))).await?;
         // OpenAI's default for this endpoint.
         let job = req.common.job(&gw, prompt, Some(16))?;
-        let running = gw.run(job).await?;
+        let running = gw.run(job.from_client(client_ip(client))).await?;
         Ok((req.common, running))
     }
     .await;

@@ -7,11 +7,12 @@ use std::time::Duration;
 use libp2p::Multiaddr;
 use model::fingerprint::Fingerprint;
 use proto::v1::{ServerRecord, ServerState};
-use swarm::discovery::{self, now_ms};
+use swarm::discovery::{self, now_ms, Server};
 use swarm::placement::{span_throughput, Served};
 use swarm::NetHandle;
 
 use crate::host::ListenAddrs;
+use crate::probe::{Probes, MAX_PROBES};
 
 /// A node's measured speed: milliseconds per block of one decode step and of a prefill.
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,29 +83,72 @@ impl Announcer {
 /// starting together still see each other's choices.
 const JOINING_DECODE_MS: f32 = 1.0;
 
-/// The swarm's servers of this model as the balancing logic sees them.
+/// Which servers balancing counts besides this node (see [`crate::probe`] for why).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// Placing a joining node: servers this node measured, and servers still joining that
+    /// answer a connection (at a typical speed), so that nodes starting together spread out.
+    /// A peer claiming to join forever can at worst steer where a new node sits.
+    Join,
+    /// Deciding to move: only servers this node measured. A move leaves blocks behind, so it
+    /// must not rest on anything a peer merely claims.
+    Move,
+}
+
+/// The swarm's servers of this model as the balancing logic sees them: this node at the speed
+/// it measured itself; every other server only on evidence checked from here, at the slower of
+/// its claim and this node's measurement of it.
 pub async fn served(
     net: &NetHandle,
     fp: &Fingerprint,
     block_count: u32,
+    dim: usize,
+    probes: &mut Probes,
+    evidence: Evidence,
 ) -> Vec<Served<libp2p::PeerId>> {
     let servers = discovery::lookup(net, fp, block_count)
         .await
         .unwrap_or_default();
-    servers
-        .into_iter()
-        .filter(|s| matches!(s.state, ServerState::Online | ServerState::Joining))
-        .map(|s| {
-            let ms = if s.decode_ms_per_block > 0.0 {
-                s.decode_ms_per_block
-            } else {
-                JOINING_DECODE_MS
-            };
-            Served {
-                throughput: span_throughput(ms, s.blocks.len() as u32),
-                peer: s.peer,
-                blocks: s.blocks,
-            }
+    let me = net.peer_id();
+    let online: Vec<&Server> = servers
+        .iter()
+        .filter(|s| s.peer != me && s.state == ServerState::Online)
+        .collect();
+    let measured = probes.measure(net, fp, dim, &online).await;
+    let mut out = Vec::with_capacity(servers.len());
+    let mut count = |s: &Server, ms: f32| {
+        out.push(Served {
+            throughput: span_throughput(ms, s.blocks.len() as u32),
+            peer: s.peer,
+            blocks: s.blocks.clone(),
         })
-        .collect()
+    };
+    for (s, ms) in online.iter().zip(measured) {
+        if let Some(ms) = ms {
+            count(s, ms.max(s.decode_ms_per_block));
+        }
+    }
+    if let Some(mine) = servers.iter().find(|s| s.peer == me) {
+        let ms = mine.decode_ms_per_block;
+        count(mine, if ms > 0.0 { ms } else { JOINING_DECODE_MS });
+    }
+    if evidence == Evidence::Join {
+        let joining: Vec<&Server> = servers
+            .iter()
+            .filter(|s| s.peer != me && s.state == ServerState::Joining)
+            .take(MAX_PROBES)
+            .collect();
+        let live = futures::future::join_all(
+            joining
+                .iter()
+                .map(|s| net.dial(s.peer, s.addrs.clone(), Duration::from_secs(3))),
+        )
+        .await;
+        for (s, r) in joining.iter().zip(live) {
+            if r.is_ok() {
+                count(s, JOINING_DECODE_MS);
+            }
+        }
+    }
+    out
 }

@@ -40,6 +40,10 @@ pub enum Fault {
     /// speed ten times the measured one, as an attacker would to draw clients to itself.
     #[cfg(feature = "fault-injection")]
     CorruptOutputs,
+    /// Answer every step with BAD_REQUEST (a lie: the request is fine), and announce ten times
+    /// the measured speed, to draw clients that would give up on such an answer.
+    #[cfg(feature = "fault-injection")]
+    RefuseSteps,
 }
 
 pub struct JoinConfig {

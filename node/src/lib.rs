@@ -12,6 +12,7 @@ pub mod health;
 pub mod host;
 pub mod lifecycle;
 pub mod metrics;
+pub mod probe;
 pub mod progress;
 pub mod server;
 pub mod status_page;

@@ -129,7 +129,19 @@ fn corrupt(fault: crate::Fault, _hidden: &mut [f32]) {
         crate::Fault::None => {}
         #[cfg(feature = "fault-injection")]
         crate::Fault::CorruptOutputs => _hidden.iter_mut().for_each(|v| *v = -*v),
+        #[cfg(feature = "fault-injection")]
+        crate::Fault::RefuseSteps => {}
     }
+}
+
+/// The refusal a node told to lie about every step sends instead of computing it (test builds
+/// only).
+fn refusal(_fault: crate::Fault) -> Option<ServerFrame> {
+    #[cfg(feature = "fault-injection")]
+    if _fault == crate::Fault::RefuseSteps {
+        return Some(ServerFrame::error(ErrorCode::BadRequest, "malformed step"));
+    }
+    None
 }
 
 /// Frees the session's cache however the task ends.
@@ -218,9 +230,13 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             .await;
             return;
         }
-        let answer = match check_step(&step, &limits, ctx.dim, max_length) {
-            Err(frame) => Err(frame),
-            Ok(hidden) => {
+        let answer = match (
+            refusal(ctx.fault),
+            check_step(&step, &limits, ctx.dim, max_length),
+        ) {
+            (Some(lie), _) => Err(lie),
+            (None, Err(frame)) => Err(frame),
+            (None, Ok(hidden)) => {
                 // The client sends nothing while its step runs, so anything read meanwhile (end
                 // of stream, a reset, a frame out of turn) means it has gone or broken the
                 // protocol: the step is dropped at once, and with it its queued rows.

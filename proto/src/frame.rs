@@ -265,10 +265,50 @@ mod tests {
         assert!(matches!(err, WireError::Decode(_)), "{err:?}");
     }
 
+    /// Reads frames of type `M` from `bytes` until the end or the first error, and decodes
+    /// every tensor in them under a session's bounds, as the node and the client do.
+    fn read_and_decode<M: prost::Message + Default>(
+        bytes: &[u8],
+        max_len: usize,
+        tensor: impl Fn(&M) -> Option<&crate::v1::Tensor>,
+    ) {
+        let mut r = Cursor::new(bytes);
+        for _ in 0..bytes.len() + 1 {
+            match block_on(read_frame::<_, M>(&mut r, max_len)) {
+                Ok(Some(frame)) => {
+                    if let Some(t) = tensor(&frame) {
+                        let _ = crate::decode_tensor(t, &crate::hidden_limits(8, 16));
+                    }
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = read_all(bytes, 64);
+        }
+
+        /// The frame decoder as a fuzz target: arbitrary bytes, read as either side's frames
+        /// with a session's frame bound, and every tensor in them decoded: an error or a
+        /// value, never a panic or an allocation past the bound.
+        #[test]
+        fn arbitrary_bytes_as_either_sides_frames_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            use crate::v1::{client_frame, server_frame};
+            read_and_decode::<ClientFrame>(&bytes, 4096, |f| match &f.kind {
+                Some(client_frame::Kind::Step(s)) => s.hidden.as_ref(),
+                _ => None,
+            });
+            read_and_decode::<ServerFrame>(&bytes, 4096, |f| match &f.kind {
+                Some(server_frame::Kind::Result(r)) => r.hidden.as_ref(),
+                _ => None,
+            });
         }
     }
 }

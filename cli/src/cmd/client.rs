@@ -48,13 +48,20 @@ pub struct SwarmArgs {
     /// Key file of a private swarm: the one its nodes were started with.
     #[arg(long, value_name = "FILE")]
     pub swarm_key: Option<PathBuf>,
-    /// Check every peer's outputs on a second peer serving the same blocks, N positions per
-    /// check (0 = off, the default). A peer that disagrees with the majority is banned and the
-    /// text generated again from where it went wrong; text is shown once checked, so up to N
-    /// tokens late. Costs a second copy of the work, batched (see BENCHMARKS.md), and a spare
-    /// peer per span; 8 catches a lying peer within 8 tokens.
+    /// Check every peer's outputs on a second peer serving the same blocks, in batches of N
+    /// positions (0 = off, the default). The checks run beside generation; a peer that
+    /// disagrees with the majority is banned and the text generated again from where it went
+    /// wrong. Text is shown once checked, so up to about 2N tokens late. Costs a spare peer
+    /// per span and a second, batched copy of the work (see BENCHMARKS.md); 32 or 64 suit a
+    /// long generation.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_VERIFY_EVERY))]
     pub verify_every: u64,
+    /// With --verify-every: the first check (prompt and first generated token) must come back
+    /// before the peers run N more positions, else the client waits for it; a peer that
+    /// corrupts every step is caught before N + 2 tokens are sampled. Default: 6, or
+    /// --verify-every if smaller.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_VERIFY_EVERY))]
+    pub verify_first: Option<u64>,
 }
 
 /// Largest `--verify-every`: past the longest context we serve, a check would never come.
@@ -80,7 +87,12 @@ impl SwarmArgs {
                 .as_deref()
                 .map(swarm::swarm_key::load)
                 .transpose()?,
-            verify: VerifyPolicy::every(self.verify_every as usize),
+            verify: match self.verify_first {
+                Some(first) => {
+                    VerifyPolicy::every(self.verify_every as usize).first_within(first as usize)
+                }
+                None => VerifyPolicy::every(self.verify_every as usize),
+            },
             ..ClientConfig::default()
         })
     }

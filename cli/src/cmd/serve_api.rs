@@ -67,6 +67,11 @@ pub struct ServeApiArgs {
     /// as one address: raise this behind one).
     #[arg(long, default_value_t = swarm::page::MAX_CONNECTIONS_PER_IP as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_ip: u64,
+    /// Generations one client address runs at once (IPv6 by /64); its further requests wait
+    /// in the queue for one of its own. Default: three quarters of --max-concurrent (at least
+    /// one), so one client cannot take every slot, even over one HTTP/2 connection.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_generations_per_ip: Option<u64>,
 }
 
 pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
@@ -103,6 +108,9 @@ pub fn run(args: ServeApiArgs) -> anyhow::Result<()> {
             queue_timeout: Duration::from_secs(args.queue_timeout),
             generation_timeout: Duration::from_secs(args.generation_timeout.max(1)),
             api_keys,
+            max_per_client: args
+                .max_generations_per_ip
+                .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
             ..GatewayConfig::default()
         };
         let id = args

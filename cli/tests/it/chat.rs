@@ -8,10 +8,10 @@ use std::time::Duration;
 use super::swarm::{bootstrap, node_with};
 use super::{assert_clean_error, default_model, edge_node};
 
-const TURNS: [&str; 2] = ["What is the capital of France?", "And of Germany?"];
+pub const TURNS: [&str; 2] = ["What is the capital of France?", "And of Germany?"];
 
 /// Runs `chat`, writing the lines of `turns` with `pause` between them.
-fn chat(route: &[&str], turns: &[&str], pause: Duration) -> Output {
+pub fn chat(route: &[&str], turns: &[&str], pause: Duration) -> Output {
     let model = default_model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-node"))
         .args(["chat", "--model", &model, "--temperature", "0"])

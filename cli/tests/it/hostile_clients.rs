@@ -350,3 +350,76 @@ fn max_tokens_of_1e12_is_answered_and_starves_nobody() {
     drop(stream);
     drop(node);
 }
+
+/// One address may run only its share of the generation slots (here 1 of 2). Its second
+/// request waits for a slot of its own and, past the queue timeout, gets 429 naming the limit;
+/// another address is served meanwhile from the free slot. Before, one client (one HTTP/2
+/// connection was enough) could hold every slot.
+#[test]
+fn one_address_runs_only_its_share_of_the_generations() {
+    let api = local_gateway(&[
+        "--max-concurrent",
+        "2",
+        "--max-generations-per-ip",
+        "1",
+        "--queue-timeout",
+        "1",
+    ]);
+    let completion = |max_tokens: usize, stream: bool| {
+        json!({
+            "model": MODEL_ID,
+            "prompt": "Once upon a time",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    // A long streamed generation from 127.0.0.1, held open while the others ask.
+    let mut long = connect_from("127.0.0.1", &api.addr).unwrap();
+    let body = completion(4000, true);
+    write!(
+        long,
+        "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        api.addr,
+        body.len()
+    )
+    .unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = long.read(&mut buf).expect("the long generation streams");
+        assert!(n > 0 && seen.len() < 1 << 20, "no token streamed: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+
+    let same = connect_from("127.0.0.1", &api.addr).unwrap();
+    let (status, text) = http_on(
+        same,
+        &api.addr,
+        "POST",
+        "/v1/completions",
+        completion(4, false).as_bytes(),
+        &[],
+    );
+    assert_eq!(status, 429, "{text}");
+    assert!(
+        text.contains("this client address runs 1 generations at once already"),
+        "{text}"
+    );
+
+    let other = connect_from("127.0.0.2", &api.addr).unwrap();
+    let (status, text) = http_on(
+        other,
+        &api.addr,
+        "POST",
+        "/v1/completions",
+        completion(4, false).as_bytes(),
+        &[],
+    );
+    assert_eq!(status, 200, "another address must be served: {text}");
+    drop(long);
+}

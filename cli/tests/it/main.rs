@@ -227,6 +227,23 @@ fn user_mistakes_are_one_line_errors() {
     std::fs::write(&truncated, &real[..real.len() / 2]).unwrap();
     assert_clean_error(&run(&truncated, &[]), "truncated");
 
+    // A header claiming 2^60 tensors, and the truncated file, with RUST_BACKTRACE=1: these
+    // once printed a 45-line backtrace from inside the parser; still one line.
+    let huge = dir.file("huge-count.gguf");
+    let mut header = real[..1 << 20].to_vec();
+    header[8..16].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    std::fs::write(&huge, &header).unwrap();
+    for file in [&huge, &truncated] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edge-node"))
+            .args(["generate", "--local", "--model", file.to_str().unwrap()])
+            .args(["--prompt", "hi"])
+            .env("RUST_LOG", "warn")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert_clean_error(&out, "error: ");
+    }
+
     let mamba = dir.file("mamba.gguf");
     SyntheticModel {
         architecture: "mamba".into(),

@@ -178,3 +178,171 @@ fn a_private_swarm_admits_only_peers_with_its_key() {
         );
     }
 }
+
+/// Signed entries claiming `blocks` at 1e-6 ms per block: one of a peer that does not exist
+/// (its key signs, nobody answers at its address) and one of the attacker's own live peer,
+/// which answers connections but serves no blocks.
+async fn claim_speed(
+    net: &NetHandle,
+    fp: &[u8; 32],
+    blocks: std::ops::Range<u32>,
+    liars: &[(&Keypair, Multiaddr)],
+) {
+    let now = now_ms();
+    let servers: Vec<ServerRecord> = liars
+        .iter()
+        .map(|(key, addr)| {
+            let mut r = ServerRecord {
+                peer_id: key.public().to_peer_id().to_bytes(),
+                addrs: vec![addr.to_vec()],
+                fingerprint: fp.to_vec(),
+                start_block: blocks.start,
+                end_block: blocks.end,
+                state: ServerState::Online as i32,
+                decode_ms_per_block: 1e-6,
+                prefill_ms_per_block: 1e-6,
+                free_cache_tokens: 1 << 20,
+                announced_at_ms: now,
+                expires_at_ms: now + 30_000,
+                ..Default::default()
+            };
+            swarm::record::sign(&mut r, key).unwrap();
+            r
+        })
+        .collect();
+    let value = BlockRecord { servers }.encode_to_vec();
+    for b in blocks {
+        let _ = net.put_record(block_key(fp, b), value.clone(), WAIT).await;
+    }
+}
+
+/// Placement that trusted announced speeds let such claims move an honest node off 0..15
+/// within 18 s, and clients then found nobody for those blocks. Nodes now count another server
+/// only at a speed they measured themselves by timing a step through it: the two honest nodes,
+/// checking every 2 s, stay where they are while the claims are renewed, and the client is
+/// served the local text.
+#[test]
+fn claimed_speeds_do_not_move_honest_nodes() {
+    let boot = bootstrap();
+    let fast = ["--rebalance-interval", "2", "--announce-interval", "1"];
+    let a = node_with("0..15", &boot, &fast);
+    let b = node_with("15..30", &boot, &fast);
+    let model = default_model();
+    let fp = model::fingerprint::fingerprint(&GgufFile::open(&model).unwrap()).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let attacker = Keypair::generate_ed25519();
+        let ghost = Keypair::generate_ed25519();
+        let (tx, rx) = std::sync::mpsc::channel::<Multiaddr>();
+        let host = swarm::host::start(
+            NetConfig {
+                keypair: attacker.clone(),
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().unwrap()],
+                bootstrap: vec![boot.addr.parse().unwrap()],
+                mdns: false,
+                dht_server: true,
+                on_listen: Some(Box::new(move |a: &Multiaddr| {
+                    let _ = tx.send(a.clone());
+                })),
+                swarm_key: None,
+            },
+            shutdown.clone(),
+        )
+        .unwrap();
+        let net = host.handle.clone();
+        wait_online(&net, &fp, 30, 2).await;
+        let live = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an address");
+        // Nothing listens on port 1 of the loopback.
+        let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let liars = [(&ghost, nowhere), (&attacker, live)];
+        claim_speed(&net, &fp, 0..15, &liars).await;
+        // The claims are in the DHT: readers see two more servers online.
+        wait_online(&net, &fp, 30, 4).await;
+        // Six rebalancing checks of each node at least, the claims renewed meanwhile.
+        let until = Instant::now() + Duration::from_secs(16);
+        while Instant::now() < until {
+            claim_speed(&net, &fp, 0..15, &liars).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        shutdown.cancel();
+        let _ = host.task.await;
+    });
+
+    for (node, range) in [(&a, "0..15"), (&b, "15..30")] {
+        let history = node.serving.lock().unwrap().clone();
+        assert_eq!(history, [range], "the node moved on claims: {history:?}");
+    }
+    let prompt = "The capital of France is";
+    let v = super::json_of(&swarm_command(&boot, prompt, "12").output().unwrap());
+    assert_eq!(v["tokens"], local(prompt, "12")["tokens"]);
+    assert_eq!(route_of(&v), ["0..15", "15..30"]);
+}
+
+/// A copy of the default model whose only difference is `rope.freq_base` (100000 -> 10000):
+/// the header's f32 is rewritten in place, so every tensor byte and offset is the same.
+fn with_other_rope_base(dir: &super::TempDir) -> String {
+    let mut bytes = std::fs::read(default_model()).unwrap();
+    let key = b"llama.rope.freq_base";
+    let at = bytes
+        .windows(key.len())
+        .take(1 << 20)
+        .position(|w| w == key)
+        .expect("the model has a rope.freq_base key")
+        + key.len();
+    // GGUF: the key, then its value type (6 = f32), then the value.
+    assert_eq!(
+        bytes[at..at + 4],
+        6u32.to_le_bytes(),
+        "rope.freq_base is an f32"
+    );
+    assert_eq!(bytes[at + 4..at + 8], 100_000f32.to_le_bytes());
+    bytes[at + 4..at + 8].copy_from_slice(&10_000f32.to_le_bytes());
+    let path = dir.file("other-rope.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// A node whose file differs from the real one only in `rope.freq_base` once had the same
+/// fingerprint, and a client routed through it and printed other text. Here it serves all 30
+/// blocks in one hop, which a client would prefer to two honest nodes' two hops if it could
+/// see it: it cannot (different fingerprint, different DHT keys), so the text is the local
+/// one. A client of the other file is served by that node, with that file's own text, which
+/// differs: the change does alter the math.
+#[test]
+fn a_file_differing_only_in_rope_base_is_never_mixed_in() {
+    let dir = super::TempDir::new("rope");
+    let other = with_other_rope_base(&dir);
+    let real = default_model();
+    let fp = |p: &str| model::fingerprint::fingerprint(&GgufFile::open(p).unwrap()).unwrap();
+    assert_ne!(
+        fp(&real),
+        fp(&other),
+        "the fingerprint misses rope.freq_base"
+    );
+
+    let boot = bootstrap();
+    let _odd = super::swarm::node_of(&other, "0..30", &boot, &[]);
+    let _a = node_with("0..15", &boot, &[]);
+    let _b = node_with("15..30", &boot, &[]);
+    let prompt = "The capital of France is";
+    let v = super::json_of(&swarm_command(&boot, prompt, "12").output().unwrap());
+    assert_eq!(v["tokens"], local(prompt, "12")["tokens"]);
+    assert_eq!(route_of(&v), ["0..15", "15..30"]);
+
+    let w = super::json_of(
+        &super::swarm::swarm_command_of(&other, &boot, prompt, "12")
+            .output()
+            .unwrap(),
+    );
+    let theirs = super::swarm::local_of(&other, prompt, "12");
+    assert_eq!(w["tokens"], theirs["tokens"]);
+    assert_eq!(route_of(&w), ["0..30"]);
+    assert_ne!(
+        theirs["tokens"], v["tokens"],
+        "the rope base did not change the text: this test shows nothing"
+    );
+}

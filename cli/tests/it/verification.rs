@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use node::{BlockChoice, Fault, JoinConfig, NetOptions};
 use tokio_util::sync::CancellationToken;
 
+use super::chat::{chat, TURNS};
 use super::swarm::{bootstrap, local, node_with, swarm_command, Proc};
 use super::{default_model, TempDir};
 
-/// A node of all 30 blocks that negates every output and announces ten times its speed, so
-/// that clients route through it. Stops when dropped.
+/// A node of all 30 blocks with a fault (negated outputs, or every step refused as malformed)
+/// that announces ten times its speed, so that clients route through it. Stops when dropped.
 struct Liar {
     peer: String,
     stop: CancellationToken,
@@ -22,7 +23,7 @@ struct Liar {
 }
 
 impl Liar {
-    fn start(boot: &Proc, dir: &TempDir) -> Self {
+    fn start(boot: &Proc, dir: &TempDir, fault: Fault) -> Self {
         let identity = dir.file("liar.key");
         let peer = swarm::identity::load_or_create(&identity)
             .expect("an identity for the liar")
@@ -54,7 +55,7 @@ impl Liar {
             drain_timeout: Duration::ZERO,
             health_file: Some(health.clone()),
             http_listen: None,
-            fault: Fault::CorruptOutputs,
+            fault,
         };
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -103,7 +104,7 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
     let spare = node_with("0..30", &boot, &[]);
     serving(&honest);
     serving(&spare);
-    let liar = Liar::start(&boot, &dir);
+    let liar = Liar::start(&boot, &dir, Fault::CorruptOutputs);
     let prompt = "The capital of France is";
     let reference = local(prompt, "24");
 
@@ -135,4 +136,60 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
         !checked["route"].to_string().contains(&liar.peer),
         "the liar is still in the final route: {checked}"
     );
+}
+
+/// `chat` keeps one session over several turns (later turns reuse the cached conversation):
+/// with verification on, the liar is caught in the first turn and the whole conversation is
+/// the one process's.
+#[test]
+fn a_chat_with_verification_is_the_local_conversation() {
+    let dir = TempDir::new("verify-chat");
+    let boot = bootstrap();
+    let honest = node_with("0..30", &boot, &[]);
+    let spare = node_with("0..30", &boot, &[]);
+    serving(&honest);
+    serving(&spare);
+    let liar = Liar::start(&boot, &dir, Fault::CorruptOutputs);
+    let route = [
+        "--bootstrap",
+        &boot.addr,
+        "--discovery-timeout",
+        "60",
+        "--verify-every",
+        "16",
+    ];
+    let swarm = chat(&route, &TURNS, Duration::ZERO);
+    let local = chat(&["--local"], &TURNS, Duration::ZERO);
+    let stderr = String::from_utf8_lossy(&swarm.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&swarm.stdout),
+        String::from_utf8_lossy(&local.stdout),
+        "the verified conversation differs from the local one: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{} disagrees with", liar.peer)),
+        "the liar was not caught: {stderr}"
+    );
+}
+
+/// A node that answers every step with BAD_REQUEST, the request's fault by its word: clients
+/// used to give up on it. One peer's word is not believed: the client bans it, reroutes to the
+/// honest node and prints the local text.
+#[test]
+fn a_peer_calling_every_step_malformed_is_routed_around() {
+    let dir = TempDir::new("refuse");
+    let boot = bootstrap();
+    let honest = node_with("0..30", &boot, &[]);
+    serving(&honest);
+    let liar = Liar::start(&boot, &dir, Fault::RefuseSteps);
+    let prompt = "The capital of France is";
+    let out = swarm_command(&boot, prompt, "12").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v = super::json_of(&out);
+    assert_eq!(v["tokens"], local(prompt, "12")["tokens"], "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} refused: malformed step", liar.peer)),
+        "the client never tried the liar, so this shows nothing: {stderr}"
+    );
+    assert!(v["route"].to_string().contains(honest.peer_id()), "{v}");
 }

@@ -31,6 +31,7 @@ use serde::Serialize;
 pub use bans::Bans;
 pub use network::{Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
+use verify::first_difference as verify_diff;
 pub use verify::VerifyPolicy;
 
 use swarm::discovery::Server;
@@ -273,17 +274,12 @@ struct SpanState<S> {
 }
 
 impl<S> SpanState<S> {
-    fn new(span: OpenSpan<S>, inputs: Vec<f32>, dim: usize) -> Self {
-        // What a new span is sent at first is history the session already had checked on
-        // the peers it replaces; its own answers are checked from there on.
-        let check = verify::Check {
-            verified: inputs.len() / dim.max(1),
-            ..Default::default()
-        };
+    /// A span sent `inputs` so far, whose outputs for positions `0..verified` need no check.
+    fn new(span: OpenSpan<S>, inputs: Vec<f32>, verified: usize) -> Self {
         Self {
             span,
             inputs,
-            check,
+            check: verify::Check::new(verified),
         }
     }
 
@@ -343,7 +339,7 @@ impl<N: Network> InferenceSession<N> {
         Ok(Self {
             spans: spans
                 .into_iter()
-                .map(|span| SpanState::new(span, Vec::new(), router.dim))
+                .map(|span| SpanState::new(span, Vec::new(), 0))
                 .collect(),
             router,
             max_length,
@@ -379,9 +375,11 @@ impl<N: Network> InferenceSession<N> {
     }
 
     /// Runs positions `pos..pos + x.tokens` through the whole chain, replacing failed peers.
-    /// With verification on, the checks that are due run after the step; one that catches a
-    /// wrong peer rolls the session back and answers [`RouteError::Rewound`].
+    /// With verification on, checks that are due start after the step and run beside the next
+    /// ones; one that catches a wrong peer rolls the session back and a later call answers
+    /// [`RouteError::Rewound`].
     pub async fn run_blocks(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
+        self.checks_before_step(pos as usize).await?;
         let mut i = 0;
         let mut refusals = Refusals::default();
         let verifying = self.router.verify.is_on();
@@ -405,16 +403,24 @@ impl<N: Network> InferenceSession<N> {
                 Err(e) => self.replace(i, e).await?,
             }
         }
-        self.verify(false).await?;
+        self.checks_after_step().await?;
         Ok(x)
     }
 
     /// Replaces span `i` (whose peer just failed) by a fresh route over the same blocks and
     /// replays its history there. Bounded by the discovery timeout.
+    ///
+    /// With verification on, the replacement's answers for the replayed positions not checked
+    /// yet are checked like any others; where they differ from the failed peer's, which the
+    /// session has already used, the failed peer was wrong (or the replacement is, and its
+    /// check will say so): the session rolls back there and answers [`RouteError::Rewound`].
     async fn replace(&mut self, i: usize, error: SessionError) -> Result<(), RouteError> {
         let mut failed = self.spans.remove(i);
-        if let Some(v) = failed.check.verifier.take() {
-            self.router.network.close(v.session).await;
+        let verified = self.router.verify.is_on().then_some(failed.check.verified);
+        let old_outputs = std::mem::take(&mut failed.check.outputs);
+        let check = std::mem::replace(&mut failed.check, verify::Check::new(0));
+        if let Some(v) = check.into_verifier() {
+            self.router.network.close(v).await;
         }
         let blocks = failed.span.blocks.clone();
         tracing::warn!("{error}; rerouting blocks {}..{}", blocks.start, blocks.end);
@@ -434,8 +440,8 @@ impl<N: Network> InferenceSession<N> {
                     continue;
                 }
             };
-            match replay(&self.router.network, spans, &history, dim).await {
-                Ok(states) => {
+            match replay(&self.router.network, spans, &history, dim, verified).await {
+                Ok((states, y)) => {
                     self.recoveries.push(started.elapsed());
                     tracing::info!(
                         "blocks {}..{} rerouted in {:.0} ms ({} positions replayed)",
@@ -445,6 +451,21 @@ impl<N: Network> InferenceSession<N> {
                         history.len() / dim
                     );
                     self.spans.splice(i..i, states);
+                    let Some(from) = verified else {
+                        return Ok(());
+                    };
+                    let theirs = y.data.get(from * dim..).unwrap_or_default();
+                    let n = theirs.len().min(old_outputs.len());
+                    if let Some(row) = verify_diff(&old_outputs[..n], &theirs[..n], dim) {
+                        let to = from + row;
+                        tracing::warn!(
+                            "blocks {}..{}: the replacement's outputs differ from the failed peer's unchecked ones from position {to}; generating again from there",
+                            blocks.start,
+                            blocks.end
+                        );
+                        self.rewind(to);
+                        return Err(RouteError::Rewound { to });
+                    }
                     return Ok(());
                 }
                 Err(e) => {
@@ -467,7 +488,7 @@ impl<N: Network> InferenceSession<N> {
         let mut verifiers = Vec::new();
         let mut spans = Vec::new();
         for s in self.spans {
-            verifiers.extend(s.check.verifier.map(|v| v.session));
+            verifiers.extend(s.check.into_verifier());
             spans.push(s.span);
         }
         let network = &self.router.network;
@@ -477,13 +498,17 @@ impl<N: Network> InferenceSession<N> {
 }
 
 /// Sends the kept inputs through the new spans in order, so each rebuilds its cache; each new
-/// span's own history is what it was just sent.
+/// span's own history is what it was just sent. With `verified` (verification on, the
+/// positions the replaced span had checked), each new span's answers from there on wait for
+/// its own check: a replacement's word is worth no more than any other peer's. Returns the
+/// states and the last span's answer.
 async fn replay<N: Network>(
     network: &N,
     spans: Vec<OpenSpan<N::Span>>,
     history: &[f32],
     dim: usize,
-) -> Result<Vec<SpanState<N::Span>>, SessionError> {
+    verified: Option<usize>,
+) -> Result<(Vec<SpanState<N::Span>>, Hidden), SessionError> {
     let tokens = history.len() / dim;
     let mut x = Hidden {
         tokens,
@@ -496,9 +521,13 @@ async fn replay<N: Network>(
         if tokens > 0 {
             x = network.step(&mut span.session, 0, &x).await?;
         }
-        states.push(SpanState::new(span, inputs, dim));
+        let mut state = SpanState::new(span, inputs, verified.unwrap_or(tokens));
+        if let Some(from) = verified {
+            state.check.outputs = x.data.get(from * dim..).unwrap_or_default().to_vec();
+        }
+        states.push(state);
     }
-    Ok(states)
+    Ok((states, x))
 }
 
 #[cfg(test)]
@@ -514,8 +543,10 @@ mod tests {
         liars: Vec<PeerId>,
         /// Refuse every open for want of cache.
         full: Vec<PeerId>,
-        /// Answer every step with wrong values.
+        /// Answer every step with wrong values, each its own.
         corrupt: Vec<PeerId>,
+        /// Take 20 ms per step.
+        slow: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
     }
 
@@ -529,6 +560,7 @@ mod tests {
                 liars: Vec::new(),
                 full: Vec::new(),
                 corrupt: Vec::new(),
+                slow: Vec::new(),
                 steps: Mutex::default(),
             }
         }
@@ -599,12 +631,11 @@ mod tests {
             if let Ok(mut s) = self.steps.lock() {
                 s.push((peer, pos, hidden.tokens));
             }
-            let add = blocks.len() as f32
-                + if self.corrupt.contains(&peer) {
-                    1000.0
-                } else {
-                    0.0
-                };
+            if self.slow.contains(&peer) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let lie = self.corrupt.iter().position(|&p| p == peer);
+            let add = blocks.len() as f32 + lie.map_or(0.0, |k| 1000.0 * (k + 1) as f32);
             let data = hidden.data.iter().map(|v| v + add).collect();
             Ok(Hidden { data, ..*hidden })
         }
@@ -634,6 +665,7 @@ mod tests {
             liars: Vec::new(),
             full: Vec::new(),
             corrupt: Vec::new(),
+            slow: Vec::new(),
             steps: Mutex::default(),
         };
         let router = Arc::new(Router {
@@ -756,6 +788,10 @@ mod tests {
     }
 
     fn verifying(network: Fake, every: usize) -> Arc<Router<Fake>> {
+        verifying_with(network, VerifyPolicy::every(every))
+    }
+
+    fn verifying_with(network: Fake, verify: VerifyPolicy) -> Arc<Router<Fake>> {
         Arc::new(Router {
             network,
             fingerprint: [0; 32],
@@ -763,7 +799,7 @@ mod tests {
             dim: 1,
             discovery_timeout: Duration::from_secs(5),
             bans: Arc::default(),
-            verify: VerifyPolicy::every(every),
+            verify,
         })
     }
 
@@ -783,20 +819,137 @@ mod tests {
         );
         let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, liar.to_string());
-        // One position waits for its check: the liar's answer comes back, unsettled.
+        // The liar's answers come back, unsettled: their check runs beside the session.
         let y = session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
-        assert_eq!(y.data, [1007.0]);
+        assert_eq!(y.data, [1006.0 + 1.0]);
         assert_eq!(session.settled(), 0);
-        // The second is due for its check, which the liar fails from position 0.
-        let e = session.run_blocks(hidden(&[2.0]), 1).await.unwrap_err();
-        assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
+        let caught = match session.run_blocks(hidden(&[2.0]), 1).await {
+            Ok(_) => session.settle().await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(matches!(caught, RouteError::Rewound { to: 0 }), "{caught}");
         assert_eq!(session.caught(), [liar]);
         assert!(router.bans.lock().unwrap().snapshot().contains_key(&liar));
         assert_ne!(session.route()[0].peer, liar.to_string());
         // Run again from there: honest answers, checked.
         let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
         assert_eq!(y.data, [7.0, 8.0]);
+        session.settle().await.unwrap();
         assert_eq!(session.settled(), 2);
+    }
+
+    /// The primary answers at once, the honest peers slowly: the first check comes back late,
+    /// and the session must wait for it rather than run on past `first` positions.
+    #[tokio::test]
+    async fn the_first_check_lands_within_first_positions_even_when_the_verifier_is_slow() {
+        let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let first = 3;
+        let router = verifying_with(
+            Fake {
+                corrupt: vec![liar],
+                slow: vec![a, b],
+                ..Fake::new(vec![
+                    server(liar, 0..6, 1.0),
+                    server(a, 0..6, 10.0),
+                    server(b, 0..6, 10.0),
+                ])
+            },
+            VerifyPolicy::every(32).first_within(first),
+        );
+        let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
+        let prompt = 4;
+        session
+            .run_blocks(hidden(&[1.0, 2.0, 3.0, 4.0]), 0)
+            .await
+            .unwrap();
+        let mut caught_at = None;
+        for pos in prompt..prompt + 20 {
+            match session.run_blocks(hidden(&[5.0]), pos as u32).await {
+                Ok(_) => {}
+                Err(e) => {
+                    assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
+                    caught_at = Some(pos);
+                    break;
+                }
+            }
+        }
+        // The first check covers the prompt and position `prompt`; the step at
+        // `prompt + 1 + first` may not start before it is read.
+        let caught_at = caught_at.expect("the liar was never caught");
+        assert!(caught_at <= prompt + 1 + first, "caught at {caught_at}");
+        assert_eq!(session.caught(), [liar]);
+    }
+
+    /// A liar that dies before its outputs are checked: the replacement replays the history,
+    /// and its answers (not the dead liar's, which the session used) decide.
+    #[tokio::test]
+    async fn positions_a_replacement_replays_are_not_taken_as_checked() {
+        let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = verifying_with(
+            Fake {
+                corrupt: vec![liar],
+                dead: liar,
+                dies_at: 2,
+                ..Fake::new(vec![
+                    server(liar, 0..6, 1.0),
+                    server(a, 0..6, 10.0),
+                    server(b, 0..6, 10.0),
+                ])
+            },
+            VerifyPolicy::every(32).first_within(32),
+        );
+        let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
+        session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        // The liar dies at its second step, before any check started: only the replacement's
+        // replay can show that its two answers were wrong.
+        let e = session.run_blocks(hidden(&[3.0]), 2).await.unwrap_err();
+        assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
+        assert_ne!(session.route()[0].peer, liar.to_string());
+        assert_eq!(session.settled(), 0);
+        assert!(
+            session.caught().is_empty(),
+            "nobody was caught lying by a check"
+        );
+        let y = session
+            .run_blocks(hidden(&[1.0, 2.0, 3.0]), 0)
+            .await
+            .unwrap();
+        assert_eq!(y.data, [7.0, 8.0, 9.0]);
+        session.settle().await.unwrap();
+        assert_eq!(session.settled(), 3);
+    }
+
+    /// Three peers of the whole span, three different answers: no majority, so none of them is
+    /// kept (the tie-break peer does not become the primary, as it once did). Two honest peers
+    /// of half the span each cannot check it, but can take it over.
+    #[tokio::test]
+    async fn three_different_answers_trust_none_of_them() {
+        let [x, y, z, h1, h2] = [(); 5].map(|_| PeerId::random());
+        let router = verifying(
+            Fake {
+                corrupt: vec![x, y, z],
+                ..Fake::new(vec![
+                    server(x, 0..6, 1.0),
+                    server(y, 0..6, 10.0),
+                    server(z, 0..6, 10.0),
+                    server(h1, 0..3, 20.0),
+                    server(h2, 3..6, 20.0),
+                ])
+            },
+            8,
+        );
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, x.to_string());
+        session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        let e = session.settle().await.unwrap_err();
+        assert!(matches!(e, RouteError::Rewound { to: 0 }), "{e}");
+        assert!(session.caught().is_empty(), "{:?}", session.caught());
+        let route: Vec<_> = session.route().into_iter().map(|h| h.peer).collect();
+        assert_eq!(route, [h1.to_string(), h2.to_string()]);
+        let bans = router.bans.lock().unwrap().snapshot();
+        assert!([x, y, z].iter().all(|p| bans.contains_key(p)), "{bans:?}");
+        let out = session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        assert_eq!(out.data, [7.0]);
         session.settle().await.unwrap();
     }
 
@@ -807,6 +960,7 @@ mod tests {
         let mut session = InferenceSession::open(router, 16).await.unwrap();
         let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
         assert_eq!(y.data, [7.0, 8.0]);
+        session.settle().await.unwrap();
         assert_eq!(session.settled(), 2);
         assert!(session.caught().is_empty());
     }

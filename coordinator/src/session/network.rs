@@ -25,9 +25,11 @@ use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
 
 /// Everything a session needs from the swarm. Futures are `Send` so that sessions can run on
 /// any runtime; a simulation backs them with virtual time.
-pub trait Network: Send + Sync {
+///
+/// `'static` because verification runs a check in a task of its own, beside the session.
+pub trait Network: Send + Sync + 'static {
     /// An open session on one peer for one span of blocks.
-    type Span: Send;
+    type Span: Send + 'static;
 
     /// Milliseconds since the Unix epoch (or any fixed origin), for bans and record expiry.
     fn now_ms(&self) -> u64;

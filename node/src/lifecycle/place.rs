@@ -8,9 +8,10 @@ use swarm::placement::{block_throughput, choose_blocks};
 use swarm::NetHandle;
 
 use super::ModelFile;
-use crate::announce::served;
+use crate::announce::{served, Evidence};
 use crate::config::{BlockChoice, JoinConfig};
 use crate::error::JoinError;
+use crate::probe::Probes;
 
 pub async fn initial(
     config: &JoinConfig,
@@ -25,7 +26,17 @@ pub async fn initial(
     let jitter = rand::random_range(0..=config.announce_interval.as_millis().min(3000) as u64);
     tokio::time::sleep(Duration::from_millis(jitter)).await;
     let block_count = model.spec.block_count as u32;
-    let swarm = served(net, &model.fingerprint, block_count).await;
+    let dim = model.spec.embedding_length;
+    let mut probes = Probes::default();
+    let swarm = served(
+        net,
+        &model.fingerprint,
+        block_count,
+        dim,
+        &mut probes,
+        Evidence::Join,
+    )
+    .await;
     let throughput = block_throughput(&swarm, block_count);
     let r =
         choose_blocks(&throughput, model.count as u32).ok_or(model.bad_range(0, model.count))?;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use swarm::placement::should_move;
 
 use super::ModelFile;
-use crate::announce::{served, Announcer};
+use crate::announce::{served, Announcer, Evidence};
 use crate::config::JoinConfig;
+use crate::probe::Probes;
 
 /// When to check next. Checks are staggered so servers of the same range do not all move at
 /// once: a random extra of up to half the period. Any period is safe here (the flag is bounded
@@ -19,14 +20,25 @@ pub fn next_check(every: Duration) -> tokio::time::Instant {
     swarm::deadline::after(every.saturating_add(Duration::from_millis(jitter)))
 }
 
-/// The range to move to, if moving is worth it now.
+/// The range to move to, if moving is worth it now. Other servers count only as measured from
+/// here (`probes` keeps the measurements between checks).
 pub async fn better_range(
     config: &JoinConfig,
     model: &ModelFile,
     announcer: &Announcer,
+    probes: &mut Probes,
 ) -> Option<Range<usize>> {
     let block_count = model.spec.block_count as u32;
-    let swarm = served(&announcer.net, &announcer.fp, block_count).await;
+    let dim = model.spec.embedding_length;
+    let swarm = served(
+        &announcer.net,
+        &announcer.fp,
+        block_count,
+        dim,
+        probes,
+        Evidence::Move,
+    )
+    .await;
     let me = announcer.net.peer_id();
     let m = should_move(&swarm, &me, block_count, config.rebalance_min_gain)?;
     tracing::info!(

@@ -49,11 +49,11 @@ impl Serving {
     ) -> Result<Self, JoinError> {
         #[cfg(feature = "fault-injection")]
         let speed = match config.fault {
-            crate::Fault::CorruptOutputs => Speed {
+            crate::Fault::None => speed,
+            _ => Speed {
                 decode_ms_per_block: speed.decode_ms_per_block / 10.0,
                 ..speed
             },
-            crate::Fault::None => speed,
         };
         let prefill_chunk = config.prefill_chunk.unwrap_or_else(|| {
             ComputeLimits::prefill_chunk_for(measure::prefill_ms_per_row(&speed, range.len()))
@@ -135,6 +135,7 @@ impl Serving {
         let far = Duration::from_secs(365 * 24 * 3600);
         let every = config.rebalance_interval.unwrap_or(far);
         let mut check_at = rebalance::next_check(every);
+        let mut probes = crate::probe::Probes::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Outcome::Shutdown,
@@ -147,7 +148,7 @@ impl Serving {
                 _ = tokio::time::sleep_until(check_at), if config.rebalance_interval.is_some() => {
                     check_at = rebalance::next_check(every);
                     enter(Phase::Rebalance, &self.range);
-                    if let Some(to) = rebalance::better_range(config, model, announcer).await {
+                    if let Some(to) = rebalance::better_range(config, model, announcer, &mut probes).await {
                         return Outcome::Move(to);
                     }
                 }

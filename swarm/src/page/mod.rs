@@ -283,18 +283,21 @@ pub async fn serve_with(
         let (busy_tx, busy) = watch::channel(0usize);
         let busy_tx = Arc::new(busy_tx);
         let inner = TowerToHyperService::new(router.clone());
-        let service = hyper::service::service_fn(move |req| {
-            use hyper::service::Service;
-            let in_flight = InFlight::start(&busy_tx);
-            let response = inner.call(req);
-            async move {
-                let response = response.await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                }))
-            }
-        });
+        let client = ClientAddr(client_key(peer.ip()));
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                use hyper::service::Service;
+                req.extensions_mut().insert(client);
+                let in_flight = InFlight::start(&busy_tx);
+                let response = inner.call(req);
+                async move {
+                    let response = response.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                        body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -404,6 +407,12 @@ impl hyper::body::Body for Tracked {
 /// Connections held per client address.
 #[derive(Default)]
 struct PerIp(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+/// The address a request came from, as its connection counts against the per-address limits
+/// (IPv6 by /64): a request extension, for limits on what one client may hold beyond its
+/// connections (one HTTP/2 connection carries any number of requests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub IpAddr);
 
 /// One connection's share of its address's allowance, given back when dropped.
 struct IpSlot {

@@ -33,6 +33,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096),
           conflicts_with_all = ["recovery", "api", "fairness"])]
     pub verify_every: Option<u64>,
+    /// With --verify-every: positions the primary may run past a span's first check before
+    /// the client waits for it (the client's `--verify-first`).
+    #[arg(long, value_name = "N", requires = "verify_every")]
+    pub verify_first: Option<u64>,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
