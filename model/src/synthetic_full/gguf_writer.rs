@@ -110,7 +110,10 @@ mod tests {
     #[test]
     fn header_parses_back() {
         let md = vec![
-            ("general.architecture".to_string(), Meta::Str("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Meta::Str("llama".into()),
+            ),
             ("llama.block_count".to_string(), Meta::U32(2)),
             ("t.scores".to_string(), Meta::F32s(vec![0.0, -1.0])),
         ];

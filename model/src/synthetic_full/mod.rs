@@ -102,6 +102,8 @@ pub const HEADS: usize = 32;
 pub const VOCAB: usize = 32000;
 pub const CONTEXT: usize = 4096;
 const HEAD_DIM: usize = DIM / HEADS;
+/// Gain of the matrices that add to the residual stream (see `plan`).
+const RESIDUAL_GAIN: f32 = 0.3;
 
 /// The file a spec is written to, and the parameters that decide its bytes.
 #[derive(Clone, Debug)]
@@ -196,20 +198,43 @@ impl FullSizeModel {
             add(n("attn_q"), vec![DIM, DIM], base, 1.5 * fan(DIM), 0.0);
             add(n("attn_k"), vec![kvd, DIM], base, 1.5 * fan(DIM), 0.0);
             add(n("attn_v"), vec![kvd, DIM], wide, fan(DIM), 0.0);
-            add(n("attn_output"), vec![DIM, DIM], base, fan(DIM), 0.0);
+            // The two matrices that write into the residual stream are damped: with unit gain a
+            // random 32-block network is chaotic, and the last-bit differences between two
+            // correct implementations (summation order, a Q8 rounding of an activation) grow
+            // through the blocks until their greedy tokens part. Trained networks also add
+            // small updates to a larger residual.
+            add(
+                n("attn_output"),
+                vec![DIM, DIM],
+                base,
+                RESIDUAL_GAIN * fan(DIM),
+                0.0,
+            );
             add(n("ffn_norm"), vec![DIM], Format::F32, 0.1, 1.0);
             add(n("ffn_gate"), vec![ff, DIM], base, fan(DIM), 0.0);
             add(n("ffn_up"), vec![ff, DIM], base, fan(DIM), 0.0);
-            add(n("ffn_down"), vec![DIM, ff], wide, fan(ff), 0.0);
+            add(
+                n("ffn_down"),
+                vec![DIM, ff],
+                wide,
+                RESIDUAL_GAIN * fan(ff),
+                0.0,
+            );
         }
-        add("output_norm.weight".into(), vec![DIM], Format::F32, 0.1, 1.0);
-        // Logits of spread ~6: clear winners, so greedy choices are not near-ties that the
-        // last bits of two implementations could flip.
+        add(
+            "output_norm.weight".into(),
+            vec![DIM],
+            Format::F32,
+            0.1,
+            1.0,
+        );
+        // Logits of spread ~10: clear winners, so greedy choices are rarely near-ties that
+        // the last bits of two implementations could flip.
         add(
             "output.weight".into(),
             vec![VOCAB, DIM],
             Format::Q6K,
-            6.0 * fan(DIM),
+            10.0 * fan(DIM),
             0.0,
         );
         out
@@ -223,9 +248,16 @@ impl FullSizeModel {
             ("general.architecture".into(), Meta::Str("llama".into())),
             (
                 "general.name".into(),
-                Meta::Str(format!("synthetic {} {}", self.shape.name(), self.quant.name())),
+                Meta::Str(format!(
+                    "synthetic {} {}",
+                    self.shape.name(),
+                    self.quant.name()
+                )),
             ),
-            ("general.file_type".into(), Meta::U32(self.quant.file_type())),
+            (
+                "general.file_type".into(),
+                Meta::U32(self.quant.file_type()),
+            ),
             ("general.quantization_version".into(), Meta::U32(2)),
             (k("block_count"), u(BLOCKS)),
             (k("context_length"), u(CONTEXT)),
@@ -250,8 +282,14 @@ impl FullSizeModel {
                 "tokenizer.ggml.token_type".into(),
                 Meta::I32s(pieces.iter().map(|p| p.kind).collect()),
             ),
-            ("tokenizer.ggml.bos_token_id".into(), Meta::U32(vocab::BOS_ID)),
-            ("tokenizer.ggml.eos_token_id".into(), Meta::U32(vocab::EOS_ID)),
+            (
+                "tokenizer.ggml.bos_token_id".into(),
+                Meta::U32(vocab::BOS_ID),
+            ),
+            (
+                "tokenizer.ggml.eos_token_id".into(),
+                Meta::U32(vocab::EOS_ID),
+            ),
             (
                 "tokenizer.ggml.unknown_token_id".into(),
                 Meta::U32(vocab::UNK_ID),

@@ -168,11 +168,7 @@ mod tests {
     /// mean near zero in every format.
     #[test]
     fn blocks_have_the_asked_spread() {
-        for (format, ty) in [
-            (Format::Q4_0, 2u32),
-            (Format::Q4K, 12),
-            (Format::Q6K, 14),
-        ] {
+        for (format, ty) in [(Format::Q4_0, 2u32), (Format::Q4K, 12), (Format::Q6K, 14)] {
             let mut rng = Rng::new(7);
             let blocks = 4096;
             let mut bytes = vec![0u8; blocks * format.block_bytes()];

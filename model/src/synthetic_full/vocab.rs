@@ -97,8 +97,18 @@ mod tests {
         assert_eq!(v.len(), 32000);
         let texts: std::collections::HashSet<&str> = v.iter().map(|p| p.text.as_str()).collect();
         assert_eq!(texts.len(), v.len(), "every piece is distinct");
-        let normal: Vec<f32> = v.iter().filter(|p| p.kind == NORMAL).map(|p| p.score).collect();
-        assert!(normal.windows(2).all(|w| w[0] > w[1]), "scores strictly fall");
-        assert!(texts.contains("\u{2581}the"), "common words are single pieces");
+        let normal: Vec<f32> = v
+            .iter()
+            .filter(|p| p.kind == NORMAL)
+            .map(|p| p.score)
+            .collect();
+        assert!(
+            normal.windows(2).all(|w| w[0] > w[1]),
+            "scores strictly fall"
+        );
+        assert!(
+            texts.contains("\u{2581}the"),
+            "common words are single pieces"
+        );
     }
 }

@@ -21,8 +21,9 @@ const NODES: [&str; 4] = ["big-node-a", "big-node-b", "big-node-c", "big-node-d"
 /// What the scenario generates: long enough that every node's KV cache grows through several
 /// pages while the limit holds.
 const TOKENS: usize = 512;
-const PROMPT: &str = "The history of the city begins with a small settlement on the river, \
-                      where farmers and traders met to exchange grain, salt and news";
+/// The first prompt of `model/tests/data/synthetic-7b.reference.json`, so the local run is
+/// also checked against llama.cpp's greedy tokens.
+const PROMPT: &str = "The history of the city begins with a small settlement on the river,";
 
 fn spec() -> FullSizeModel {
     FullSizeModel::new(Shape::Mistral7B, Quant::Q4_0)
@@ -77,8 +78,13 @@ fn wait_healthy(service: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         let id = container(service)?;
-        let state = docker(&["inspect", "-f", "{{.State.Status}} {{.State.Health.Status}}", &id])
-            .unwrap_or_default();
+        let state = docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.Health.Status}}",
+            &id,
+        ])
+        .unwrap_or_default();
         match state.split_whitespace().collect::<Vec<_>>()[..] {
             [_, "healthy"] => return Ok(()),
             [status, _] if status != "running" && status != "created" => {
@@ -88,7 +94,11 @@ fn wait_healthy(service: &str, within: Duration) -> anyhow::Result<()> {
             _ => {}
         }
         if Instant::now() > deadline {
-            bail!("{service} not healthy within {} s ({})", within.as_secs(), state.trim());
+            bail!(
+                "{service} not healthy within {} s ({})",
+                within.as_secs(),
+                state.trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -98,7 +108,15 @@ fn wait_healthy(service: &str, within: Duration) -> anyhow::Result<()> {
 fn generate(extra: &[&str]) -> anyhow::Result<Value> {
     let model = model_in_container();
     let tokens = TOKENS.to_string();
-    let mut args = vec!["run", "--rm", "-T", "big-client", "generate", "--model", &model];
+    let mut args = vec![
+        "run",
+        "--rm",
+        "-T",
+        "big-client",
+        "generate",
+        "--model",
+        &model,
+    ];
     args.extend(["--prompt", PROMPT, "--max-new-tokens", &tokens, "--json"]);
     args.extend(extra);
     let out = run(big_compose().args(&args))?;
@@ -153,7 +171,9 @@ pub fn big_model() -> Outcome {
     let path = ensure_model()?;
     let file_bytes = std::fs::metadata(&path)?.len();
     let written = started.elapsed().as_secs_f64();
-    let _ = big_compose().args(["down", "-v", "--remove-orphans"]).output();
+    let _ = big_compose()
+        .args(["down", "-v", "--remove-orphans"])
+        .output();
     let cluster = BigCluster;
     // The reference first, alone: one process with the whole file and no limit.
     let local = generate(&["--local"])?;
@@ -184,6 +204,7 @@ pub fn big_model() -> Outcome {
     if let Some(i) = (0..TOKENS).find(|&i| tokens(&swarm).get(i) != tokens(&local).get(i)) {
         bail!("the swarm's token {i} differs from the local run");
     }
+    let llama = against_llama_cpp(&local)?;
     let route = swarm["route"].as_array().cloned().unwrap_or_default();
     let peers: std::collections::HashSet<String> =
         route.iter().map(|h| h["peer"].to_string()).collect();
@@ -194,11 +215,19 @@ pub fn big_model() -> Outcome {
     let mut memory = Vec::new();
     for n in NODES {
         let id = container(n)?;
-        let state = docker(&["inspect", "-f", "{{.State.Status}} {{.State.OOMKilled}} {{.HostConfig.Memory}}", &id])?;
+        let state = docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.OOMKilled}} {{.HostConfig.Memory}}",
+            &id,
+        ])?;
         let [status, oom, limit] = state.split_whitespace().collect::<Vec<_>>()[..] else {
             bail!("{n}: unexpected inspect output {state:?}");
         };
-        anyhow::ensure!(status == "running" && oom == "false", "{n} is {status}, OOM-killed: {oom}");
+        anyhow::ensure!(
+            status == "running" && oom == "false",
+            "{n} is {status}, OOM-killed: {oom}"
+        );
         let limit: u64 = limit.parse().context("memory limit")?;
         anyhow::ensure!(
             limit > 0 && limit < file_bytes,
@@ -223,11 +252,55 @@ pub fn big_model() -> Outcome {
     drop(cluster);
     Ok(format!(
         "{TOKENS} tokens identical to local through 4 nodes ({:.2} tokens/s; local {:.2}); \
-         file {:.2} GiB ({written:.0} s to write or check); {gateway}; {}",
+         {llama}; file {:.2} GiB ({written:.0} s to write or check); {gateway}; {}",
         swarm["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
         local["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
         file_bytes as f64 / (1u64 << 30) as f64,
         memory.join("; ")
+    ))
+}
+
+/// The local run's first tokens against llama.cpp's greedy tokens on the same file (committed
+/// reference data, `model/tests/data/synthetic-7b.reference.json`): equal up to the first
+/// position where llama.cpp's top two were within 0.2 nats, where the last bits of two
+/// implementations may rightly choose differently.
+fn against_llama_cpp(local: &Value) -> anyhow::Result<String> {
+    let path = root().join("model/tests/data/synthetic-7b.reference.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    anyhow::ensure!(
+        reference["model"] == spec().file_name().as_str(),
+        "{} is about {}, not {}",
+        path.display(),
+        reference["model"],
+        spec().file_name()
+    );
+    let case = &reference["generations"][0];
+    anyhow::ensure!(
+        case["prompt"] == PROMPT,
+        "the reference's first prompt is not this scenario's"
+    );
+    let want = case["generated_token_ids"]
+        .as_array()
+        .context("reference tokens")?;
+    let sure = case["near_tie_index"]
+        .as_u64()
+        .map_or(want.len(), |n| n as usize);
+    let got = local["tokens"].as_array().context("local tokens")?;
+    anyhow::ensure!(
+        local["prompt_tokens"].as_u64()
+            == case["prompt_token_ids"].as_array().map(|p| p.len() as u64),
+        "prompt of {} tokens, llama.cpp's {}",
+        local["prompt_tokens"],
+        case["prompt_token_ids"].as_array().map_or(0, Vec::len)
+    );
+    anyhow::ensure!(
+        got.len() >= sure && got[..sure] == want[..sure],
+        "the local run's first {sure} tokens differ from llama.cpp's"
+    );
+    let agree = got.iter().zip(want).take_while(|(a, b)| a == b).count();
+    Ok(format!(
+        "local equals llama.cpp for {agree} of its {} tokens (its first near-tie at {sure})",
+        want.len()
     ))
 }
 

@@ -657,7 +657,11 @@ fn main() -> anyhow::Result<()> {
     };
     // The scenarios of the small model share one cluster; the big model runs on its own,
     // after that cluster is gone.
-    let small: Vec<&str> = names.iter().copied().filter(|n| *n != "big-model").collect();
+    let small: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != "big-model")
+        .collect();
     if !small.is_empty() {
         let cluster = Cluster::start()?;
         let reference = reference(300)?;
