@@ -119,6 +119,19 @@ struct Planned {
     format: Format,
     std: f32,
     center: f32,
+    /// Leading bytes written with a hundredth of `std` (the head's rows of the control tokens).
+    quiet_bytes: usize,
+}
+
+impl Planned {
+    /// Fills `out` with the tensor's bytes from `offset` on, continuing `rng`'s stream (the
+    /// caller goes through the tensor in order, so any prefix can be regenerated alone).
+    fn fill(&self, rng: &mut Rng, offset: usize, out: &mut [u8]) {
+        let quiet = self.quiet_bytes.saturating_sub(offset).min(out.len());
+        let (head, rest) = out.split_at_mut(quiet);
+        fill_blocks(self.format, rng, self.std / 100.0, self.center, head);
+        fill_blocks(self.format, rng, self.std, self.center, rest);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +193,7 @@ impl FullSizeModel {
                 format,
                 std,
                 center,
+                quiet_bytes: 0,
             });
         };
         // Unit-scale embeddings: each block then adds contributions of about its own size, so
@@ -237,6 +251,12 @@ impl FullSizeModel {
             10.0 * fan(DIM),
             0.0,
         );
+        // `<unk>`, `<s>` and `</s>` get logits near 0 against winners near +40: a random model
+        // would otherwise end a text with `</s>` now and then, and a run asked for 512 tokens
+        // would stop early.
+        if let Some(head) = out.last_mut() {
+            head.quiet_bytes = 3 * DIM / Format::Q6K.block_elems() * Format::Q6K.block_bytes();
+        }
         out
     }
 
@@ -382,7 +402,7 @@ impl FullSizeModel {
             let mut left = t.entry.bytes as usize;
             while left > 0 {
                 let n = left.min(per_chunk);
-                fill_blocks(t.format, &mut rng, t.std, t.center, &mut buf[..n]);
+                t.fill(&mut rng, t.entry.bytes as usize - left, &mut buf[..n]);
                 f.write_all(&buf[..n]).map_err(io)?;
                 left -= n;
                 done += n as u64;
@@ -421,7 +441,7 @@ impl FullSizeModel {
         for (i, t) in plan.iter().enumerate() {
             let bb = t.format.block_bytes();
             let n = (t.entry.bytes as usize).min(CHECK_BYTES / bb * bb);
-            fill_blocks(t.format, &mut self.rng(i), t.std, t.center, &mut want[..n]);
+            t.fill(&mut self.rng(i), 0, &mut want[..n]);
             f.seek(SeekFrom::Start(offset)).map_err(io)?;
             f.read_exact(&mut got[..n]).map_err(io)?;
             if want[..n] != got[..n] {
