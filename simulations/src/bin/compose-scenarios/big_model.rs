@@ -287,11 +287,11 @@ fn against_llama_cpp(local: &Value) -> anyhow::Result<String> {
         .as_array()
         .context("reference margins")?;
     let got = local["tokens"].as_array().context("local tokens")?;
-    let prompt_len = case["prompt_token_ids"].as_array().map_or(0, Vec::len) as u64;
     anyhow::ensure!(
-        local["prompt_tokens"].as_u64() == Some(prompt_len),
-        "prompt of {} tokens, llama.cpp's {prompt_len}",
-        local["prompt_tokens"]
+        local["prompt_tokens"] == case["prompt_token_ids"],
+        "prompt ids {} differ from llama.cpp's {}",
+        local["prompt_tokens"],
+        case["prompt_token_ids"]
     );
     let agree = got.iter().zip(want).take_while(|(a, b)| a == b).count();
     if agree < want.len() {
