@@ -3,10 +3,9 @@
 //! It hashes what determines the numbers a block computes: the architecture, every
 //! hyperparameter the math reads (RoPE bases and scaling, norm epsilon, window and its layers,
 //! soft-caps, scales; see [`math_parameters`]) and the name, type, shape and bytes of every
-//! tensor. Metadata that does not change the math (names, licences, tokenizer extras, the
-//! context length) is left out, so re-packaging the same weights keeps the fingerprint.
-
-use std::io::{Read, Seek, SeekFrom};
+//! tensor (all bytes of small tensors, sampled windows of large ones: see [`fingerprint`]).
+//! Metadata that does not change the math (names, licences, tokenizer extras, the context
+//! length) is left out, so re-packaging the same weights keeps the fingerprint.
 
 use sha2::{Digest, Sha256};
 
@@ -16,17 +15,33 @@ use crate::spec::ModelSpec;
 
 pub type Fingerprint = [u8; 32];
 
-/// Computes the fingerprint with ordinary reads rather than through the memory map: a node that
-/// serves ten blocks must hash all of them, and reading keeps those pages out of its resident
-/// memory.
+/// Tensors up to this size (norms, biases, every tensor of the small test models) are hashed
+/// whole.
+const WHOLE_TENSOR_BYTES: usize = 1 << 20;
+/// Larger tensors are hashed through this many windows spread evenly over their bytes ...
+const SAMPLE_WINDOWS: usize = 16;
+/// ... of this many bytes each.
+const WINDOW_BYTES: usize = 1024;
+
+/// Computes the fingerprint by reading the header, every small tensor whole and sampled windows
+/// of every large one, with positioned reads and no read-ahead.
+///
+/// Why sampled: every peer must compute the same fingerprint, so it cannot cover only the
+/// node's own blocks; and hashing the whole file would make a node serving a quarter of a 4 GB
+/// model read all 4 GB at start, through a page cache its memory limit is charged for. What the
+/// fingerprint is for is keeping honest peers with different files apart: another quantization
+/// changes the types, another fine-tune or seed changes every window. (A dishonest peer can
+/// announce any fingerprint; spot checks of outputs deal with those.) The windows cost about
+/// 16 pages per large tensor, dropped from the page cache again after reading.
 pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
     let io = |reason| ModelError::Open {
         path: file.path().to_path_buf(),
         reason,
     };
-    let mut f = std::fs::File::open(file.path()).map_err(io)?;
+    let f = std::fs::File::open(file.path()).map_err(io)?;
+    advise(&f, 0, 0, Advice::Random);
     let mut h = Sha256::new();
-    h.update(b"edge-swarm fingerprint v2\0");
+    h.update(b"edge-swarm fingerprint v3\0");
     let arch = match file.metadata().get("general.architecture") {
         Some(candle_core::quantized::gguf_file::Value::String(s)) => s.clone(),
         _ => return Err(ModelError::MissingKey("general.architecture".into())),
@@ -45,17 +60,76 @@ pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
         for d in &view.dims {
             h.update((*d as u64).to_le_bytes());
         }
-        let range = view.byte_range();
-        f.seek(SeekFrom::Start(range.start as u64)).map_err(io)?;
-        let mut left = range.len();
-        while left > 0 {
-            let n = left.min(buf.len());
-            f.read_exact(&mut buf[..n]).map_err(io)?;
-            h.update(&buf[..n]);
-            left -= n;
+        for window in windows(view.byte_range()) {
+            let mut at = window.start;
+            while at < window.end {
+                let n = (window.end - at).min(buf.len());
+                read_at(&f, &mut buf[..n], at as u64).map_err(io)?;
+                h.update(&buf[..n]);
+                at += n;
+            }
+            advise(&f, window.start, window.len(), Advice::DontNeed);
         }
     }
     Ok(h.finalize().into())
+}
+
+/// The byte ranges of a tensor at `range` that go into the fingerprint.
+fn windows(range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    if range.len() <= WHOLE_TENSOR_BYTES {
+        return vec![range];
+    }
+    let span = range.len() - WINDOW_BYTES;
+    (0..SAMPLE_WINDOWS)
+        .map(|k| {
+            let start = range.start + span / (SAMPLE_WINDOWS - 1) * k;
+            start..start + WINDOW_BYTES
+        })
+        .collect()
+}
+
+fn read_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(f, buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = f;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
+    }
+}
+
+enum Advice {
+    /// No read-ahead: a window read must not pull in the megabytes after it.
+    Random,
+    /// Done with these pages.
+    DontNeed,
+}
+
+/// Page-cache advice; only advice, so a failure changes memory use, never the result.
+fn advise(f: &std::fs::File, start: usize, len: usize, advice: Advice) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let advice = match advice {
+            Advice::Random => libc::POSIX_FADV_RANDOM,
+            Advice::DontNeed => libc::POSIX_FADV_DONTNEED,
+        };
+        // SAFETY: advice on a descriptor we own; no memory is touched.
+        let _ = unsafe {
+            libc::posix_fadvise(
+                f.as_raw_fd(),
+                start as libc::off_t,
+                len as libc::off_t,
+                advice,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, start, len, advice);
 }
 
 /// Every hyperparameter that changes what the blocks, the embedding or the head compute, in a
@@ -106,6 +180,20 @@ pub fn short_hex(fp: &Fingerprint) -> String {
 mod tests {
     use super::*;
     use crate::synthetic::SyntheticModel;
+
+    /// Large tensors are sampled from their first to their last byte, inside their bounds;
+    /// small ones are read whole.
+    #[test]
+    fn windows_span_the_tensor() {
+        let small = windows(100..100 + WHOLE_TENSOR_BYTES);
+        assert_eq!(small, vec![100..100 + WHOLE_TENSOR_BYTES]);
+        let big = 4096..4096 + 50 * WHOLE_TENSOR_BYTES + 3;
+        let w = windows(big.clone());
+        assert_eq!(w.len(), SAMPLE_WINDOWS);
+        assert_eq!(w[0].start, big.start);
+        assert!(w.iter().all(|r| r.start >= big.start && r.end <= big.end));
+        assert!(big.end - w[SAMPLE_WINDOWS - 1].end < SAMPLE_WINDOWS);
+    }
 
     #[test]
     fn same_weights_same_fingerprint_other_weights_other_fingerprint() {

@@ -17,7 +17,7 @@ use crate::gguf_header::{self, HeaderError, TensorInfo, TensorType};
 /// An opened model file. Cheap to clone views from; the mapping lives as long as any view.
 pub struct GgufFile {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<Mapped>,
     metadata: HashMap<String, Value>,
     /// Tensor directory by name (every entry's byte range already checked against the file).
     tensors: HashMap<String, TensorInfo>,
@@ -30,8 +30,22 @@ pub struct TensorView {
     pub dtype: TensorType,
     /// Dimensions outermost first, e.g. `[rows, cols]` for a matrix (GGUF stores them reversed).
     pub dims: Vec<usize>,
-    map: Arc<Mmap>,
+    map: Arc<Mapped>,
     range: Range<usize>,
+}
+
+/// The mapping and the open file behind it: the file is kept to drop pages from the page
+/// cache once copied (see [`TensorView::release`]).
+struct Mapped {
+    map: Mmap,
+    file: std::fs::File,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
 }
 
 impl GgufFile {
@@ -61,7 +75,7 @@ impl GgufFile {
             .collect();
         Ok(Self {
             path,
-            map: Arc::new(map),
+            map: Arc::new(Mapped { map, file }),
             metadata: header.metadata,
             tensors,
         })
@@ -173,11 +187,28 @@ impl TensorView {
         // SAFETY: the mapping is read-only and private, so discarding its pages loses nothing:
         // the next access re-reads the same bytes from the file.
         unsafe {
-            let _ = self.map.unchecked_advise_range(
+            let _ = self.map.map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
                 self.range.start,
                 self.range.len(),
             );
+        }
+        // Unmapped, the pages still sit in the page cache, and a memory cgroup (a container's
+        // limit) counts the page cache it filled: a node would be charged its slice twice, the
+        // packed copy and the file pages. Dropping them keeps the charge at the copy. Advice
+        // only: a failure costs memory that the kernel can still reclaim, not correctness.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain advice on a file descriptor this struct owns; no memory is touched.
+            let _ = unsafe {
+                libc::posix_fadvise(
+                    self.map.file.as_raw_fd(),
+                    self.range.start as libc::off_t,
+                    self.range.len() as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
         }
     }
 }

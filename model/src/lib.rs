@@ -19,6 +19,7 @@ pub mod matrix;
 pub mod numerics;
 pub mod spec;
 pub mod synthetic;
+pub mod synthetic_full;
 pub mod team;
 pub mod tokenizer;
 

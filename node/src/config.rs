@@ -20,12 +20,12 @@ pub struct NetOptions {
 }
 
 /// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as
-/// many as fit in a memory budget, placed the same way.
+/// many as fit in [`JoinConfig::max_memory_bytes`], placed the same way.
 #[derive(Clone, Debug)]
 pub enum BlockChoice {
     Fixed(Range<usize>),
     Count(usize),
-    Auto { max_memory_bytes: u64 },
+    Auto,
 }
 
 /// Misbehaviour a node simulates. Outside builds with the `fault-injection` feature (which only
@@ -49,6 +49,9 @@ pub enum Fault {
 pub struct JoinConfig {
     pub model: PathBuf,
     pub blocks: BlockChoice,
+    /// Memory budget for weights, KV cache and overhead: sizes [`BlockChoice::Auto`], and a
+    /// fixed range or count that does not fit is refused before anything is loaded.
+    pub max_memory_bytes: Option<u64>,
     pub net: NetOptions,
     pub max_sessions: usize,
     pub cache_tokens: usize,

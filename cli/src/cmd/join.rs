@@ -27,7 +27,9 @@ pub struct JoinArgs {
     /// Serve this many blocks, placed where the swarm is weakest.
     #[arg(long)]
     pub num_blocks: Option<usize>,
-    /// Memory budget for `--blocks auto`: weights plus KV cache (e.g. 512M, 2G).
+    /// Memory budget: weights plus KV cache of --cache-tokens positions plus 64 MiB for the
+    /// process (e.g. 512M, 2G). Sizes `--blocks auto`; with a range or --num-blocks, a count
+    /// that does not fit is refused before loading.
     #[arg(long, value_parser = parse_bytes)]
     pub max_memory: Option<u64>,
     /// Seconds between checks whether moving to other blocks would strengthen the swarm (at
@@ -150,7 +152,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     let blocks = match (&args.blocks, args.num_blocks, args.max_memory) {
         (Some(Blocks::Range(r)), None, _) => BlockChoice::Fixed(r.clone()),
-        (Some(Blocks::Auto), None, Some(max_memory_bytes)) => BlockChoice::Auto { max_memory_bytes },
+        (Some(Blocks::Auto), None, Some(_)) => BlockChoice::Auto,
         (Some(Blocks::Auto), None, None) => anyhow::bail!("--blocks auto needs --max-memory (e.g. 512M)"),
         (None, Some(n), _) => BlockChoice::Count(n),
         _ => anyhow::bail!("say which blocks to serve: --blocks START..END, --num-blocks N, or --blocks auto --max-memory SIZE"),
@@ -159,6 +161,7 @@ pub fn run_join_cmd(args: JoinArgs) -> anyhow::Result<()> {
     let config = JoinConfig {
         model: args.model,
         blocks,
+        max_memory_bytes: args.max_memory,
         rebalance_interval: (!args.no_rebalance)
             .then(|| Duration::from_secs(args.rebalance_interval)),
         rebalance_min_gain: args.rebalance_min_gain,

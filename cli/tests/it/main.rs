@@ -289,6 +289,30 @@ fn user_mistakes_are_one_line_errors() {
 
 /// A number of seconds past a day is a usage error that names the flag (clap's exit code 2),
 /// where it used to reach `Instant + Duration` and panic with an overflow.
+/// `--max-memory` is checked against the file's tensor directory before any weight is read: a
+/// budget that holds no block, or fewer blocks than a range or count asks for, is one line
+/// naming the numbers, and the node exits.
+#[test]
+fn memory_budgets_that_do_not_fit_are_refused_before_loading() {
+    let model = default_model();
+    let join = |extra: &[&str]| {
+        let mut args = vec!["join", "--model", &model, "--no-mdns"];
+        args.extend(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        args.extend(extra);
+        edge_node(&args)
+    };
+    let out = join(&["--blocks", "auto", "--max-memory", "1M"]);
+    assert_clean_error(&out, "--max-memory 1.0 MiB cannot hold even one block");
+    assert_clean_error(&out, "MiB of weights + ");
+    for ask in [&["--blocks", "0..30"][..], &["--num-blocks", "30"]] {
+        let mut args = ask.to_vec();
+        args.extend(["--max-memory", "300M"]);
+        let out = join(&args);
+        assert_clean_error(&out, "not the 30 asked for");
+        assert_clean_error(&out, "(--cache-tokens 16384)");
+    }
+}
+
 #[test]
 fn durations_are_bounded_where_they_are_parsed() {
     let huge = "18446744073709551615";

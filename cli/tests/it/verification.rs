@@ -34,6 +34,7 @@ impl Liar {
         let config = JoinConfig {
             model: PathBuf::from(default_model()),
             blocks: BlockChoice::Fixed(0..30),
+            max_memory_bytes: None,
             net: NetOptions {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
                 bootstrap: vec![boot.addr.parse().unwrap()],

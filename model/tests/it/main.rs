@@ -4,5 +4,6 @@ mod common;
 mod families;
 mod reference;
 mod synthetic;
+mod synthetic_7b;
 mod synthetic_families;
 mod tokenizer;

@@ -13,6 +13,10 @@ pub struct BenchArgs {
     /// Benchmark a swarm of real processes on 127.0.0.1 against the local run, in one run.
     #[arg(long)]
     pub swarm: bool,
+    /// Benchmark a swarm already running (reached through this bootstrap peer; repeatable):
+    /// time to first token and per-token decode latency through it, nothing started here.
+    #[arg(long, value_name = "MULTIADDR", conflicts_with_all = ["local", "swarm"])]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
     /// Nodes of the benchmark swarm; the blocks are split evenly between them.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,

@@ -1,7 +1,8 @@
 //! `edge-node bench`: `--local` times this machine's engine ([`local`]), `--swarm` a swarm of
 //! real processes on 127.0.0.1 against it ([`swarm`]), `--swarm --fairness` one client's
 //! latency under another's long prompt ([`fairness`]), `--swarm --verify-every N` what checking
-//! peers' outputs costs ([`verify`]). They build on [`args`], [`measure`] and [`procs`]; none
+//! peers' outputs costs ([`verify`]), `--bootstrap ADDR` a swarm running elsewhere
+//! ([`remote`]). They build on [`args`], [`measure`] and [`procs`]; none
 //! imports another.
 
 pub mod args;
@@ -9,6 +10,7 @@ mod fairness;
 mod local;
 mod measure;
 mod procs;
+mod remote;
 mod swarm;
 mod verify;
 
@@ -17,11 +19,16 @@ use anyhow::bail;
 pub use args::{parse_block_range, BenchArgs};
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if !args.local && !args.swarm {
-        bail!("say what to benchmark: --local, or --swarm (a 127.0.0.1 swarm against local)");
+    if !args.local && !args.swarm && args.bootstrap.is_empty() {
+        bail!("say what to benchmark: --local, --swarm (a 127.0.0.1 swarm against local), or --bootstrap ADDR (a running swarm)");
     }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
+    }
+    if !args.bootstrap.is_empty() {
+        let report = remote::run(&args, &args.bootstrap)?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
     }
     let threads = super::init_threads(args.threads)?;
     let report = match args.blocks.clone() {

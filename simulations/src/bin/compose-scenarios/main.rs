@@ -18,13 +18,21 @@ const PROJECT: &str = "edgeswarm-scenarios";
 const MODEL: &str = "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 const NODES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
     "steady",
     "node-loss",
     "partition",
     "slow-link",
     "rolling-restart",
+    "big-model",
 ];
+
+mod big_model;
+
+/// The edge-node image the scenarios run (`EDGE_IMAGE`, as in docker-compose.yml).
+fn image() -> String {
+    std::env::var("EDGE_IMAGE").unwrap_or_else(|_| "edge-swarm/edge-node:latest".into())
+}
 
 fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -126,10 +134,7 @@ impl Drop for Cluster {
 impl Cluster {
     fn start() -> anyhow::Result<Self> {
         run(Command::new("bash").arg(root().join("scripts/fetch-model.sh")))?;
-        if docker(&["image", "inspect", "edge-swarm/edge-node:latest"]).is_err() {
-            println!("building the edge-node image...");
-            run(Command::new("bash").arg(root().join("deploy/build-image.sh")))?;
-        }
+        big_model::ensure_image()?;
         let _ = compose().args(["down", "-v", "--remove-orphans"]).output();
         let cluster = Cluster;
         run(compose().args(["up", "-d"]))?;
@@ -462,6 +467,7 @@ fn slow_link(cluster: &Cluster, reference: &Value) -> Outcome {
     let models = root().join("models");
     let models = format!("{}:/models:ro", models.canonicalize()?.display());
     let (slow, relay) = (format!("{PROJECT}-slow"), format!("{PROJECT}-slow-relay"));
+    let image = image();
     let extra = Extra(vec![slow.clone(), relay.clone()]);
     let netem = have_netem();
     let listen = if netem {
@@ -480,7 +486,7 @@ fn slow_link(cluster: &Cluster, reference: &Value) -> Outcome {
         "slow",
         "-v",
         &models,
-        "edge-swarm/edge-node:latest",
+        &image,
         "join",
         "--model",
         MODEL,
@@ -638,18 +644,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         bail!("unknown scenario `{name}`; one of {SCENARIOS:?} or all");
     };
-    let cluster = Cluster::start()?;
-    let reference = reference(300)?;
     let mut failures = 0;
-    for n in names {
-        let started = Instant::now();
-        let outcome = match n {
-            "steady" => steady(&cluster, &reference),
-            "node-loss" => node_loss(&cluster, &reference),
-            "partition" => partition(&cluster, &reference),
-            "slow-link" => slow_link(&cluster, &reference),
-            _ => rolling_restart(&cluster, &reference),
-        };
+    let mut report = |n: &str, started: Instant, outcome: Outcome| {
         let secs = started.elapsed().as_secs_f64();
         match outcome {
             Ok(figures) => println!("PASS {n} ({secs:.0} s): {figures}"),
@@ -658,8 +654,35 @@ fn main() -> anyhow::Result<()> {
                 println!("FAIL {n} ({secs:.0} s): {e:#}");
             }
         }
+    };
+    // The scenarios of the small model share one cluster; the big model runs on its own,
+    // after that cluster is gone.
+    let small: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != "big-model")
+        .collect();
+    if !small.is_empty() {
+        let cluster = Cluster::start()?;
+        let reference = reference(300)?;
+        for n in small {
+            let started = Instant::now();
+            let outcome = match n {
+                "steady" => steady(&cluster, &reference),
+                "node-loss" => node_loss(&cluster, &reference),
+                "partition" => partition(&cluster, &reference),
+                "slow-link" => slow_link(&cluster, &reference),
+                _ => rolling_restart(&cluster, &reference),
+            };
+            report(n, started, outcome);
+        }
+        drop(cluster);
     }
-    drop(cluster);
+    if names.contains(&"big-model") {
+        let started = Instant::now();
+        let outcome = big_model::ensure_image().and_then(|()| big_model::big_model());
+        report("big-model", started, outcome);
+    }
     if failures > 0 {
         bail!("{failures} scenario(s) failed");
     }
