@@ -377,7 +377,15 @@ impl FullSizeModel {
             move |source| SyntheticError::Io { path: p, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let tmp = dir.join(format!("{}.partial", self.file_name()));
+        // A name of its own per writer: tests run in parallel threads and may both find the
+        // file missing; each writes the same bytes and the last rename wins.
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            "{}.partial-{}-{n}",
+            self.file_name(),
+            std::process::id()
+        ));
         self.write(&tmp, progress)?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(path)

@@ -84,7 +84,8 @@ fn a_changed_file_is_not_taken_for_the_model() {
             .map(|t| t.byte_range().start)
             .min()
             .unwrap();
-        let mut regions = vec![0..data_start];
+        let mut regions = Vec::new();
+        regions.push(0..data_start);
         for t in g.tensors().unwrap() {
             let r = t.byte_range();
             regions.push(r.start..r.end.min(r.start + (64 << 10)));
