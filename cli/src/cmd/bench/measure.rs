@@ -10,6 +10,39 @@ do arithmetic faster and more reliably. Early mechanical calculators gave way to
 vacuum tubes, transistors and integrated circuits. Each step made computers smaller and cheaper, \
 until a phone in a pocket held more power than the rooms of machines that sent people to the moon. ";
 
+/// One swarm run through `client`: the prompt's prefill (up to its first token's logits), then
+/// `steps` greedy decode steps; their durations and the route taken.
+pub async fn time_swarm(
+    client: &coordinator::SwarmClient,
+    model: &coordinator::ClientModel,
+    prompt: &[u32],
+    steps: usize,
+) -> anyhow::Result<(
+    std::time::Duration,
+    std::time::Duration,
+    Vec<coordinator::session::RouteHop>,
+)> {
+    let mut session = client
+        .open_session(model, (prompt.len() + steps) as u32)
+        .await?;
+    let route = session.route();
+    let t = Instant::now();
+    let x = model.embedding.embed(prompt)?;
+    let y = session.run_blocks(x, 0).await?;
+    let logits = model.head.last_logits(&y)?;
+    let prefill = t.elapsed();
+    let mut next = argmax(logits.iter().copied());
+    let t = Instant::now();
+    for i in 0..steps {
+        let x = model.embedding.embed(&[next])?;
+        let y = session.run_blocks(x, (prompt.len() + i) as u32).await?;
+        next = argmax(model.head.last_logits(&y)?.iter().copied());
+    }
+    let decode = t.elapsed();
+    session.close().await;
+    Ok((prefill, decode, route))
+}
+
 /// One local run: the prompt's prefill, then `steps` greedy decode steps; their durations.
 pub fn time_local(
     model: &model::LocalModel,

@@ -4,19 +4,15 @@
 //! holds no blocks itself, so it also works for a model this machine's client could never
 //! load whole: only the embeddings and head are opened.
 
-use std::time::Instant;
-
-use coordinator::generate::sample::argmax;
 use coordinator::{ClientConfig, ClientModel, SwarmClient};
 
 use super::args::BenchArgs;
-use super::measure::{median, prompt_of};
+use super::measure::{median, prompt_of, time_swarm};
 use crate::cmd::runtime;
 
 pub fn run(args: &BenchArgs, bootstrap: &[libp2p::Multiaddr]) -> anyhow::Result<serde_json::Value> {
     let client_model = ClientModel::open(&args.model, &mut |_, _| {})?;
     let prompt = prompt_of(&client_model.tokenizer, args.prompt_tokens)?;
-    let max_len = (args.prompt_tokens + args.gen_tokens) as u32;
     let rt = runtime()?;
     let client = rt.block_on(SwarmClient::connect(ClientConfig {
         bootstrap: bootstrap.to_vec(),
@@ -27,24 +23,9 @@ pub fn run(args: &BenchArgs, bootstrap: &[libp2p::Multiaddr]) -> anyhow::Result<
     let mut route = Vec::new();
     // One untimed warm-up run first: connections, first page faults, allocator.
     for run in 0..=args.repeats {
-        let (first, steps) = rt.block_on(async {
-            let mut session = client.open_session(&client_model, max_len).await?;
-            route = session.route();
-            let t = Instant::now();
-            let x = client_model.embedding.embed(&prompt)?;
-            let y = session.run_blocks(x, 0).await?;
-            let mut next = argmax(client_model.head.last_logits(&y)?.iter().copied());
-            let first = t.elapsed();
-            let t = Instant::now();
-            for i in 0..args.gen_tokens {
-                let x = client_model.embedding.embed(&[next])?;
-                let y = session.run_blocks(x, (prompt.len() + i) as u32).await?;
-                next = argmax(client_model.head.last_logits(&y)?.iter().copied());
-            }
-            let steps = t.elapsed();
-            session.close().await;
-            anyhow::Ok((first, steps))
-        })?;
+        let (first, steps, hops) =
+            rt.block_on(time_swarm(&client, &client_model, &prompt, args.gen_tokens))?;
+        route = hops;
         if run > 0 {
             ttft.push(first.as_secs_f64() * 1e3);
             step.push(steps.as_secs_f64() * 1e3 / args.gen_tokens as f64);

@@ -13,7 +13,7 @@ use coordinator::ClientModel;
 use model::GgufFile;
 
 use super::args::BenchArgs;
-use super::measure::{median, prompt_of, time_local};
+use super::measure::{median, prompt_of, time_local, time_swarm};
 use super::procs::{connect, peak_rss_mib, spawn_bootstrap, spawn_node, spawn_swarm, spawn_until};
 use crate::cmd::{open_local, runtime};
 
@@ -38,7 +38,6 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     let local = open_local(&args.model)?;
     let spec = local.spec().clone();
     let prompt = prompt_of(&local.tokenizer, args.prompt_tokens)?;
-    let max_len = args.prompt_tokens + args.gen_tokens;
 
     let (boot, peers) = spawn_swarm(&model_path, spec.block_count, nodes, threads)?;
 
@@ -52,25 +51,9 @@ pub fn run(args: &BenchArgs, threads: usize, nodes: usize) -> anyhow::Result<ser
     for run in 0..=args.repeats {
         // Local, then swarm, alternating, so drifts of the machine hit both alike.
         let (prefill, steps) = time_local(&local, &prompt, args.gen_tokens)?;
-        let (s_prefill, s_steps) = rt.block_on(async {
-            let mut session = client.open_session(&client_model, max_len as u32).await?;
-            route = session.route();
-            let t = Instant::now();
-            let x = client_model.embedding.embed(&prompt)?;
-            let y = session.run_blocks(x, 0).await?;
-            let logits = client_model.head.last_logits(&y)?;
-            let prefill = t.elapsed();
-            let mut next = argmax(logits.iter().copied());
-            let t = Instant::now();
-            for i in 0..args.gen_tokens {
-                let x = client_model.embedding.embed(&[next])?;
-                let y = session.run_blocks(x, (prompt.len() + i) as u32).await?;
-                next = argmax(client_model.head.last_logits(&y)?.iter().copied());
-            }
-            let steps = t.elapsed();
-            session.close().await;
-            anyhow::Ok((prefill, steps))
-        })?;
+        let (s_prefill, s_steps, hops) =
+            rt.block_on(time_swarm(&client, &client_model, &prompt, args.gen_tokens))?;
+        route = hops;
         if run > 0 {
             local_prefill.push(prefill.as_secs_f64() * 1e3);
             local_step.push(steps.as_secs_f64() * 1e3 / args.gen_tokens as f64);
