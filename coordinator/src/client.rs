@@ -22,6 +22,7 @@ use swarm::discovery::{self, Server};
 use swarm::{host, NetConfig, NetError, NetHandle};
 
 use crate::generate::{Backend, GenerateError};
+use crate::route::Routing;
 use crate::session::{
     Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts, VerifyPolicy,
 };
@@ -90,6 +91,8 @@ pub struct ClientConfig {
     /// Whether sessions check their peers' outputs on second peers (off by default; see
     /// [`VerifyPolicy::every`] for the cost).
     pub verify: VerifyPolicy,
+    /// How routes are chosen (see [`Routing`]).
+    pub routing: Routing,
 }
 
 impl Default for ClientConfig {
@@ -102,6 +105,7 @@ impl Default for ClientConfig {
             discovery_timeout: Duration::from_secs(20),
             swarm_key: None,
             verify: VerifyPolicy::OFF,
+            routing: Routing::default(),
         }
     }
 }
@@ -193,6 +197,7 @@ impl SwarmClient {
                 dim: model.spec.embedding_length,
                 dtype: self.config.wire_dtype,
                 timeouts: self.config.timeouts,
+                routing: self.config.routing,
             },
             fingerprint: model.fingerprint,
             block_count,

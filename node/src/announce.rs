@@ -8,6 +8,7 @@ use libp2p::Multiaddr;
 use model::fingerprint::Fingerprint;
 use proto::v1::{ServerRecord, ServerState};
 use swarm::discovery::{self, now_ms, Server};
+use swarm::load::Load;
 use swarm::placement::{span_throughput, Served};
 use swarm::NetHandle;
 
@@ -37,6 +38,7 @@ impl Announcer {
         state: ServerState,
         speed: Speed,
         free_cache_tokens: u64,
+        load: Load,
     ) {
         let now = now_ms();
         let mut addrs = self.addrs.lock().map(|v| v.clone()).unwrap_or_default();
@@ -73,6 +75,9 @@ impl Announcer {
             // Filled in by `discovery::announce`, which signs with this peer's key.
             public_key: Vec::new(),
             signature: Vec::new(),
+            sessions: load.sessions,
+            max_sessions: load.max_sessions,
+            waiting_steps: load.waiting_steps,
         };
         let failed = discovery::announce(&self.net, &self.fp, &record).await;
         tracing::debug!(?state, failed, "announced");

@@ -20,6 +20,7 @@ use proto::v1::{BlockRecord, ServerRecord, ServerState};
 use sha2::{Digest, Sha256};
 
 use crate::host::{NetError, NetHandle};
+use crate::load::Load;
 use crate::record::{self, Checker};
 
 /// How long one DHT query may take before its answer is used as it is.
@@ -52,6 +53,8 @@ pub struct Server {
     pub free_cache_tokens: u64,
     pub version: String,
     pub announced_at_ms: u64,
+    /// The load it announced, bounded (a claim: see [`crate::load`]).
+    pub load: Load,
 }
 
 impl Server {
@@ -92,6 +95,7 @@ impl Server {
             free_cache_tokens: r.free_cache_tokens,
             version: r.version.chars().take(64).collect(),
             announced_at_ms: r.announced_at_ms,
+            load: Load::from_record(r),
         })
     }
 }

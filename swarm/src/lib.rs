@@ -10,6 +10,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod host;
 pub mod identity;
+pub mod load;
 pub mod page;
 pub mod placement;
 pub mod record;

@@ -170,6 +170,7 @@ mod tests {
             free_cache_tokens: 100,
             version: "t".into(),
             announced_at_ms: 900,
+            load: Default::default(),
         }
     }
 

@@ -26,6 +26,8 @@ use std::hash::Hash;
 use std::iter::Sum;
 use std::ops::{Add, Range};
 
+use swarm::load::Load;
+
 /// Charged per span on top of its round trip. Every extra span is another session to open and
 /// another peer that can fail mid-generation, which latency estimates do not capture; the
 /// charge makes near-ties go to the route with fewer spans.
@@ -52,6 +54,9 @@ pub struct ServerInfo<P> {
     pub rtt_ms: Option<f32>,
     /// Announced free KV-cache capacity, in tokens.
     pub free_cache_tokens: u64,
+    /// Announced load, bounded. [`plan_route`] ignores it (it prices servers as if each
+    /// client were alone); [`plan_load_aware`](super::load_aware::plan_load_aware) does not.
+    pub load: Load,
 }
 
 impl<P: Eq + Hash> ServerInfo<P> {
@@ -400,6 +405,7 @@ mod tests {
             decode_ms_per_block,
             rtt_ms: Some(rtt_ms),
             free_cache_tokens: 10_000,
+            load: Load::default(),
         }
     }
 
@@ -686,6 +692,7 @@ mod tests {
                             decode_ms_per_block: f32::from(decode) / 2.0,
                             rtt_ms: rtt.map(f32::from),
                             free_cache_tokens: free,
+                            load: Load::default(),
                         }
                     })
                     .collect();

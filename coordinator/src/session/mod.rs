@@ -118,21 +118,21 @@ impl<N: Network> Router<N> {
     ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
         loop {
             let servers = self.network.lookup().await?;
-            let mut infos = Vec::with_capacity(servers.len());
-            for s in &servers {
-                infos.push(ServerInfo {
+            let peers: Vec<PeerId> = servers.iter().map(|s| s.peer).collect();
+            let rtts = self.network.rtts(&peers).await;
+            let infos: Vec<ServerInfo<PeerId>> = servers
+                .iter()
+                .zip(rtts)
+                .map(|(s, rtt)| ServerInfo {
                     peer: s.peer,
                     blocks: s.blocks.clone(),
                     online: s.state == ServerState::Online,
                     decode_ms_per_block: s.decode_ms_per_block,
-                    rtt_ms: self
-                        .network
-                        .rtt(s.peer)
-                        .await
-                        .map(|d| d.as_secs_f32() * 1e3),
+                    rtt_ms: rtt.map(|d| d.as_secs_f32() * 1e3),
                     free_cache_tokens: s.free_cache_tokens,
-                });
-            }
+                    load: s.load,
+                })
+                .collect();
             for i in &infos {
                 tracing::debug!(peer = %i.peer, blocks = ?i.blocks, rtt_ms = ?i.rtt_ms, decode_ms = i.decode_ms_per_block, "candidate");
             }
@@ -177,6 +177,24 @@ impl<N: Network> Router<N> {
         blocks: Range<u32>,
         max_length: u32,
     ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
+        self.open_within(blocks, max_length, None).await
+    }
+
+    /// [`Router::open`], giving the first route's peers at most `first_connect` each to open
+    /// (later routes get the network's own timeout).
+    ///
+    /// A reroute is already late, and the peer it tries first is often one the DHT still lists
+    /// but that is gone (records outlive a crash by up to three announce intervals): waiting
+    /// the full connect timeout on it is most of a slow recovery. A live peer opens in a few
+    /// round trips; one that does not within `first_connect` is banned like any failed peer,
+    /// and the next route is planned without it. A peer that is merely slow to reach (behind a
+    /// relay) still gets the full timeout on a later route if nothing else serves its blocks.
+    async fn open_within(
+        &self,
+        blocks: Range<u32>,
+        max_length: u32,
+        mut first_connect: Option<Duration>,
+    ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
         let deadline = swarm::deadline::after(self.discovery_timeout);
         let mut refusals = Refusals::default();
         let mut full: HashMap<PeerId, u64> = HashMap::new();
@@ -200,10 +218,21 @@ impl<N: Network> Router<N> {
                 let Some(server) = servers.iter().find(|s| s.peer == hop.peer) else {
                     continue;
                 };
-                let opened = self
-                    .network
-                    .open(server, hop.blocks.clone(), max_length)
-                    .await;
+                let opening = self.network.open(server, hop.blocks.clone(), max_length);
+                let opened = match first_connect {
+                    None => opening.await,
+                    Some(within) => {
+                        tokio::time::timeout(within, opening)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(SessionError::Timeout {
+                                    peer: hop.peer,
+                                    what: "stream open on reroute",
+                                    secs: within.as_secs_f64(),
+                                })
+                            })
+                    }
+                };
                 match opened {
                     Ok(session) => spans.push(OpenSpan {
                         peer: hop.peer,
@@ -219,6 +248,7 @@ impl<N: Network> Router<N> {
             let Some(e) = failure else {
                 return Ok(spans);
             };
+            first_connect = None;
             self.close_all(spans).await;
             if refusals.agree(&e) || tokio::time::Instant::now() >= deadline {
                 return Err(e.into());
@@ -242,6 +272,11 @@ impl<N: Network> Router<N> {
         futures::future::join_all(spans.into_iter().map(|s| self.network.close(s.session))).await;
     }
 }
+
+/// How long the first peers tried on a reroute get to open (see [`Router::open_within`]):
+/// several round trips of the slowest links the simulator models (100 ms each way), well
+/// short of the 10 s the network allows a first connection.
+pub const REROUTE_CONNECT: Duration = Duration::from_millis(1_500);
 
 /// How long a peer that refused a session for want of room is left out of that request's
 /// routes before it is asked again (sessions end and free their room all the time).
@@ -432,7 +467,11 @@ impl<N: Network> InferenceSession<N> {
         drop(failed.span);
         let mut last: RouteError = error.into();
         while tokio::time::Instant::now() < deadline {
-            let spans = match self.router.open(blocks.clone(), self.max_length).await {
+            let spans = match self
+                .router
+                .open_within(blocks.clone(), self.max_length, Some(REROUTE_CONNECT))
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     last = e;
@@ -577,6 +616,7 @@ mod tests {
             free_cache_tokens: 1 << 20,
             version: String::new(),
             announced_at_ms: 0,
+            load: Default::default(),
         }
     }
 

@@ -21,7 +21,9 @@ use swarm::discovery::{self, Server};
 use swarm::NetHandle;
 
 use super::span::{SessionError, SpanSession, Timeouts};
-use crate::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
+use crate::route::{
+    plan_load_aware, plan_route, PlanError, PlanRequest, Routing, ServerInfo, Span,
+};
 
 /// Everything a session needs from the swarm. Futures are `Send` so that sessions can run on
 /// any runtime; a simulation backs them with virtual time.
@@ -39,6 +41,18 @@ pub trait Network: Send + Sync + 'static {
 
     /// The measured round trip to `peer`, if there is one.
     fn rtt(&self, peer: PeerId) -> impl Future<Output = Option<Duration>> + Send;
+
+    /// The measured round trips of `peers`, in order. One call per plan rather than one per
+    /// server: a swarm of thousands of servers is looked at on every plan.
+    fn rtts(&self, peers: &[PeerId]) -> impl Future<Output = Vec<Option<Duration>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(peers.len());
+            for &p in peers {
+                out.push(self.rtt(p).await);
+            }
+            out
+        }
+    }
 
     /// Chooses a route; the real planner unless a simulation compares it with other policies.
     fn plan(
@@ -77,6 +91,7 @@ pub struct Libp2pNetwork {
     pub dim: usize,
     pub dtype: Dtype,
     pub timeouts: Timeouts,
+    pub routing: Routing,
 }
 
 /// Most peers measured before one plan, and how long their measurements may take.
@@ -134,6 +149,17 @@ impl Network for Libp2pNetwork {
 
     async fn rtt(&self, peer: PeerId) -> Option<Duration> {
         self.net.rtt(peer).await
+    }
+
+    fn plan(
+        &self,
+        servers: &[ServerInfo<PeerId>],
+        req: &PlanRequest<'_, PeerId>,
+    ) -> Result<Vec<Span<PeerId>>, PlanError> {
+        match self.routing {
+            Routing::Planner => plan_route(servers, req),
+            Routing::LoadAware => plan_load_aware(servers, req, &mut rand::rng()),
+        }
     }
 
     async fn open(

@@ -151,6 +151,8 @@ pub struct ComputeStats {
     pub used_cache_tokens: AtomicU64,
     pub sessions: AtomicU64,
     pub steps: AtomicU64,
+    /// Sessions with a step received and not answered yet, after the last iteration.
+    pub waiting_steps: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -244,6 +246,16 @@ impl ComputeHandle {
     pub fn close(&self, id: SessionId) {
         if self.closes.send(id).is_ok() {
             let _ = self.tx.try_send(Job::Closed);
+        }
+    }
+
+    /// What this node announces about its load (see `swarm::load`).
+    pub fn load(&self) -> swarm::load::Load {
+        let count = |a: &AtomicU64| u32::try_from(a.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        swarm::load::Load {
+            sessions: count(&self.stats.sessions),
+            max_sessions: u32::try_from(self.limits.max_sessions).unwrap_or(u32::MAX),
+            waiting_steps: count(&self.stats.waiting_steps),
         }
     }
 

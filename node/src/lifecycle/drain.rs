@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use proto::v1::ServerState;
+use swarm::load::Load;
 
 use super::serve::Serving;
 use crate::announce::Announcer;
@@ -25,7 +26,13 @@ pub async fn drain(serving: Serving, config: &JoinConfig, announcer: &Announcer)
     serving.ctx.leaving.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(
         OFFLINE_ANNOUNCE_TIMEOUT,
-        announcer.announce(range, ServerState::Offline, serving.speed, 0),
+        announcer.announce(
+            range,
+            ServerState::Offline,
+            serving.speed,
+            0,
+            Load::default(),
+        ),
     )
     .await;
     let drained = swarm::deadline::after(config.drain_timeout);

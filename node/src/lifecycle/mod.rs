@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use model::fingerprint::short_hex;
 use proto::v1::ServerState;
+use swarm::load::Load;
 use swarm::status::ModelInfo;
 use tokio_util::sync::CancellationToken;
 
@@ -154,7 +155,13 @@ async fn serve_range(
     metrics.block_end.set(0);
     enter(Phase::Announce, range);
     announcer
-        .announce(range, ServerState::Joining, Speed::default(), 0)
+        .announce(
+            range,
+            ServerState::Joining,
+            Speed::default(),
+            0,
+            Load::default(),
+        )
         .await;
     enter(Phase::Load, range);
     let stack = load::blocks(model, range)?;

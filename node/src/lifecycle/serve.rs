@@ -110,6 +110,7 @@ impl Serving {
                 ServerState::Online,
                 self.speed,
                 self.compute.free_cache_tokens(),
+                self.compute.load(),
             )
             .await;
         {
@@ -141,7 +142,7 @@ impl Serving {
                 _ = shutdown.cancelled() => return Outcome::Shutdown,
                 _ = refresh.tick() => {
                     announcer
-                        .announce(&self.range, ServerState::Online, self.speed, self.compute.free_cache_tokens())
+                        .announce(&self.range, ServerState::Online, self.speed, self.compute.free_cache_tokens(), self.compute.load())
                         .await;
                     crate::health::touch(config.health_file.as_deref());
                 }

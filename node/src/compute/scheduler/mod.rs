@@ -572,6 +572,10 @@ impl Scheduler {
         self.stats
             .sessions
             .store(sessions as u64, Ordering::Relaxed);
+        let waiting = self.sessions.values().filter(|s| s.step.is_some()).count();
+        self.stats
+            .waiting_steps
+            .store(waiting as u64, Ordering::Relaxed);
         self.metrics.sessions.set(sessions as i64);
         self.metrics.kv_cache_bytes.set(bytes as i64);
         self.metrics.kv_cache_reserved_tokens.set(self.used as i64);
