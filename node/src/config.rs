@@ -68,7 +68,9 @@ pub struct JoinConfig {
     pub idle_timeout: Duration,
     /// How often to check whether moving would help the swarm; `None` never moves.
     pub rebalance_interval: Option<Duration>,
-    /// Move only if the swarm's weakest block gets this much faster (0.2 = 20%).
+    /// Move only if the swarm's weakest block gets this much faster (0.2 = 20%), or if the move
+    /// gives this share of the node's throughput to blocks below the mean (see
+    /// `swarm::placement::should_move`).
     pub rebalance_min_gain: f64,
     /// How long a leaving node waits for its sessions to move elsewhere.
     pub drain_timeout: Duration,

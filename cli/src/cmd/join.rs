@@ -39,7 +39,8 @@ pub struct JoinArgs {
     /// Never move to other blocks.
     #[arg(long)]
     pub no_rebalance: bool,
-    /// Move only if the swarm's weakest block gets at least this much faster (0.2 = 20%).
+    /// Move only if the swarm's weakest block gets at least this much faster (0.2 = 20%), or
+    /// if the move gives this share of the node's throughput to blocks below the mean.
     #[arg(long, default_value_t = 0.2)]
     pub rebalance_min_gain: f64,
     /// Seconds a leaving node waits for its sessions to move elsewhere (0 = leave at once; at
