@@ -9,6 +9,8 @@
 //! clients generate through `InferenceSession`, whose planning, bans and replay are the
 //! client's own, behind the `Network` seam. Only compute and links are modelled.
 
+pub mod compute;
+pub mod network;
 pub mod plot;
 pub mod profiles;
 pub mod report;
@@ -23,9 +25,10 @@ pub use report::Report;
 pub use scenario::Config;
 pub use sim::Policy;
 
+use network::RoutePolicy;
 use profiles::{parse_links, ProfileError, LINKS_TXT};
-use report::PolicyReport;
-use scenario::Schedule;
+use report::{PlacementStudy, PolicyReport};
+use scenario::{Scenario, Schedule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -39,6 +42,11 @@ pub enum SimError {
     Panicked(String),
 }
 
+/// Mean peer lifetime in the skewed-join study, whatever the main run's churn: the study asks
+/// whether rebalancing evens the blocks out, and with heavy churn arrivals choosing the weakest
+/// blocks would do it for static placement too.
+pub const SKEWED_JOIN_LIFETIME_MIN: f64 = 120.0;
+
 /// A finished run: the report, as it is written, and the plots.
 pub struct Output {
     pub report: Report,
@@ -46,34 +54,52 @@ pub struct Output {
     pub plots: Vec<(&'static str, String)>,
 }
 
-/// Runs every policy of `policies` on the scenario of `cfg`, each on its own thread (they share
-/// nothing but the drawn scenario, so the results do not depend on scheduling).
+/// Runs every policy of `policies` on the scenario of `cfg`, and both placements on the
+/// skewed-join scenario of the same swarm without clients (placement does not depend on them),
+/// each on its own thread: they share nothing but the drawn scenarios, so the results do not
+/// depend on scheduling.
 pub fn run(cfg: &Config, policies: &[Policy]) -> Result<Output, SimError> {
     let links = parse_links(LINKS_TXT)?;
     let schedule = Arc::new(Schedule::draw(cfg, &links)?);
-    let raws = std::thread::scope(|scope| {
-        let handles: Vec<_> = policies
+    let mut skewed_cfg = cfg.clone();
+    skewed_cfg.scenario = Scenario::SkewedJoin;
+    skewed_cfg.clients = 0;
+    skewed_cfg.mean_lifetime_min = SKEWED_JOIN_LIFETIME_MIN;
+    let skewed = Arc::new(Schedule::draw(&skewed_cfg, &links)?);
+    let placements = [true, false].map(|rebalance| Policy {
+        route: RoutePolicy::Planner,
+        rebalance,
+    });
+    let jobs: Vec<(&Config, &Arc<Schedule>, Policy)> = policies
+        .iter()
+        .map(|&p| (cfg, &schedule, p))
+        .chain(placements.iter().map(|&p| (&skewed_cfg, &skewed, p)))
+        .collect();
+    let mut raws = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
             .iter()
-            .map(|&policy| {
+            .map(|&(cfg, schedule, policy)| {
                 let (links, schedule) = (&links, schedule.clone());
                 scope.spawn(move || sim::run_policy(cfg, links, schedule, policy))
             })
             .collect();
         handles
             .into_iter()
-            .zip(policies)
-            .map(|(h, p)| match h.join() {
+            .zip(&jobs)
+            .map(|(h, (_, _, p))| match h.join() {
                 Ok(r) => Ok(r?),
                 Err(_) => Err(SimError::Panicked(p.name())),
             })
             .collect::<Result<Vec<_>, SimError>>()
     })?;
+    let placement_raws = raws.split_off(policies.len());
     let reports = policies
         .iter()
         .zip(&raws)
         .map(|(&p, raw)| PolicyReport::new(p, raw))
         .collect();
-    let report = Report::new(cfg, &links, &schedule, reports);
+    let study = PlacementStudy::new(&placement_raws[0], &placement_raws[1]);
+    let report = Report::new(cfg, &links, &schedule, reports, study);
     let json = serde_json::to_string_pretty(&report)?;
     let plots = report::plots(&report, &raws);
     Ok(Output {

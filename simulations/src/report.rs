@@ -2,11 +2,11 @@
 
 use serde::Serialize;
 
+use crate::network::RoutePolicy;
 use crate::plot::{bar_chart, line_chart, Series};
 use crate::profiles::LinkProfile;
 use crate::scenario::{Config, Device, Leave, Schedule, DEVICES};
 use crate::sim::{Policy, Raw, Sample};
-use crate::world::RoutePolicy;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -16,6 +16,74 @@ pub struct Report {
     pub devices: Vec<Device>,
     pub swarm: SwarmSummary,
     pub policies: Vec<PolicyReport>,
+    /// The same swarm after a skewed join, without clients: rebalancing against static
+    /// placement.
+    pub skewed_join: PlacementStudy,
+}
+
+/// Weakest block over mean block throughput that a placement should reach.
+pub const EVEN_TARGET: f64 = 0.8;
+
+/// How quickly placement recovers from [`crate::scenario::Scenario::SkewedJoin`].
+#[derive(Debug, Serialize)]
+pub struct PlacementStudy {
+    pub target: f64,
+    pub rebalance: PlacementRun,
+    #[serde(rename = "static")]
+    pub fixed: PlacementRun,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlacementRun {
+    pub moves: u64,
+    /// First sample at which the weakest block reached `target` of the mean, if any.
+    pub minutes_to_target: Option<f64>,
+    /// Weakest over mean block throughput at the first sample and at the last.
+    pub evenness_start: f64,
+    pub evenness_end: f64,
+    pub samples: Vec<Sample>,
+}
+
+fn evenness(s: &Sample) -> f64 {
+    if s.mean > 0.0 {
+        s.weakest / s.mean
+    } else {
+        0.0
+    }
+}
+
+impl PlacementRun {
+    fn new(raw: &Raw) -> Self {
+        Self {
+            moves: raw.moves,
+            minutes_to_target: raw
+                .samples
+                .iter()
+                .find(|s| evenness(s) >= EVEN_TARGET)
+                .map(|s| round(s.minute)),
+            evenness_start: round(raw.samples.first().map_or(0.0, evenness)),
+            evenness_end: round(raw.samples.last().map_or(0.0, evenness)),
+            samples: raw.samples.iter().map(rounded).collect(),
+        }
+    }
+}
+
+impl PlacementStudy {
+    pub fn new(rebalance: &Raw, fixed: &Raw) -> Self {
+        Self {
+            target: EVEN_TARGET,
+            rebalance: PlacementRun::new(rebalance),
+            fixed: PlacementRun::new(fixed),
+        }
+    }
+}
+
+fn rounded(s: &Sample) -> Sample {
+    Sample {
+        minute: round(s.minute),
+        weakest: round(s.weakest),
+        mean: round(s.mean),
+    }
 }
 
 /// The churn every policy faced.
@@ -165,15 +233,7 @@ impl PolicyReport {
                 weakest_mean: round(weakest.iter().sum::<f64>() / weakest.len().max(1) as f64),
                 evenness: round(evenness),
                 uncovered_samples: weakest.iter().filter(|&&w| w <= 0.0).count(),
-                samples: raw
-                    .samples
-                    .iter()
-                    .map(|s| Sample {
-                        minute: round(s.minute),
-                        weakest: round(s.weakest),
-                        mean: round(s.mean),
-                    })
-                    .collect(),
+                samples: raw.samples.iter().map(rounded).collect(),
             },
             moves: raw.moves,
         }
@@ -186,6 +246,7 @@ impl Report {
         links: &[LinkProfile],
         schedule: &Schedule,
         policies: Vec<PolicyReport>,
+        skewed_join: PlacementStudy,
     ) -> Self {
         let leaves = |kind| {
             schedule
@@ -208,6 +269,7 @@ impl Report {
                 freezes: leaves(Leave::Freeze),
             },
             policies,
+            skewed_join,
         }
     }
 }
@@ -215,6 +277,7 @@ impl Report {
 fn color(route: RoutePolicy) -> &'static str {
     match route {
         RoutePolicy::Planner => "#1f77b4",
+        RoutePolicy::LoadAware => "#9467bd",
         RoutePolicy::FewestHops => "#ff7f0e",
         RoutePolicy::Random => "#2ca02c",
     }
@@ -281,7 +344,33 @@ pub fn plots(report: &Report, raws: &[Raw]) -> Vec<(&'static str, String)> {
         "{} peers, {} blocks, seed {}",
         report.config.peers, report.config.blocks, report.seed
     );
+    let skewed: Vec<Series> = [
+        ("rebalance", "#1f77b4", false, &report.skewed_join.rebalance),
+        ("static", "#d62728", true, &report.skewed_join.fixed),
+    ]
+    .into_iter()
+    .map(|(name, color, dashed, run)| Series {
+        name: name.into(),
+        color,
+        dashed,
+        points: run
+            .samples
+            .iter()
+            .map(|s| (s.minute, evenness(s)))
+            .collect(),
+    })
+    .collect();
     vec![
+        (
+            "skewed_join.svg",
+            line_chart(
+                &format!("Weakest block / mean block after a skewed join ({title})"),
+                "simulated minutes",
+                "weakest / mean block throughput",
+                &skewed,
+                false,
+            ),
+        ),
         (
             "latency_cdf.svg",
             line_chart(

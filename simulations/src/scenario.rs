@@ -46,6 +46,50 @@ pub struct Config {
     pub hidden_bytes_per_token: u32,
     /// Compute of one prefill position relative to one decode step.
     pub prefill_cost: f64,
+    /// Peers re-announce (and so publish their load) this often, as the node does.
+    pub announce_s: f64,
+    /// Clients arrive over this long at the start (a steady swarm's clients do not all start
+    /// in the same second).
+    pub ramp_s: f64,
+    pub scenario: Scenario,
+}
+
+/// What happens to the swarm besides the steady churn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Churn only; clients arrive over the ramp and stay.
+    #[default]
+    Steady,
+    /// A quarter of the clients steady; the rest arrive within one minute a third of the way
+    /// in and leave two thirds of the way in.
+    FlashCrowd,
+    /// Every peer behind the `wan-100ms` link (a far region) crashes at once half way through.
+    RegionOutage,
+    /// [`SKEWED_SHARE`] of the peers present at the start took the first blocks (say, all
+    /// configured by hand with the same range) instead of choosing.
+    SkewedJoin,
+}
+
+/// Share of the initial peers that take the first blocks in [`Scenario::SkewedJoin`].
+pub const SKEWED_SHARE: f64 = 0.8;
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Self::Steady,
+        Self::FlashCrowd,
+        Self::RegionOutage,
+        Self::SkewedJoin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Steady => "steady",
+            Self::FlashCrowd => "flash-crowd",
+            Self::RegionOutage => "region-outage",
+            Self::SkewedJoin => "skewed-join",
+        }
+    }
 }
 
 impl Config {
@@ -70,6 +114,9 @@ impl Config {
             sample_s: 60.0,
             hidden_bytes_per_token: 8192,
             prefill_cost: 0.1,
+            announce_s: 10.0,
+            ramp_s: 300.0,
+            scenario: Scenario::Steady,
         }
     }
 
@@ -78,7 +125,8 @@ impl Config {
     }
 }
 
-/// A kind of home device: how fast it runs one block and how many blocks its memory holds.
+/// A kind of home device: how fast it runs one block, how many blocks its memory holds, and
+/// how it batches.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Device {
     pub name: &'static str,
@@ -86,32 +134,52 @@ pub struct Device {
     pub max_blocks: u32,
     /// Fraction of peers of this kind.
     pub share: f64,
+    /// Cost of each extra row of a batched iteration, relative to a lone step (see
+    /// [`crate::compute`]). CPUs: 0.46, measured. GPUs: assumed 0.1, as decode there is bound
+    /// by reading the weights, which a batch reads once.
+    pub batch_slope: f64,
+    /// Sessions it accepts at once (the node's `max_sessions`).
+    pub max_sessions: u32,
+    /// KV-cache positions it holds for all sessions together.
+    pub cache_tokens: u64,
 }
 
-pub const DEVICES: [Device; 4] = [
+pub static DEVICES: [Device; 4] = [
     Device {
         name: "gpu-desktop",
         decode_ms_per_block: 1.5,
         max_blocks: 20,
         share: 0.10,
+        batch_slope: 0.1,
+        max_sessions: 64,
+        cache_tokens: 16_384,
     },
     Device {
         name: "laptop",
         decode_ms_per_block: 4.0,
         max_blocks: 10,
         share: 0.30,
+        batch_slope: 0.46,
+        max_sessions: 16,
+        cache_tokens: 2_048,
     },
     Device {
         name: "mini-pc",
         decode_ms_per_block: 12.0,
         max_blocks: 4,
         share: 0.40,
+        batch_slope: 0.46,
+        max_sessions: 8,
+        cache_tokens: 1_536,
     },
     Device {
         name: "phone",
         decode_ms_per_block: 30.0,
         max_blocks: 2,
         share: 0.20,
+        batch_slope: 0.46,
+        max_sessions: 4,
+        cache_tokens: 768,
     },
 ];
 
@@ -147,12 +215,18 @@ pub struct PeerSpec {
     pub linger_ms: u64,
     /// Offset of this peer's first rebalancing check.
     pub check_phase_ms: u64,
+    /// Offset of this peer's announcements within the announce period.
+    pub announce_phase_ms: u64,
+    /// Takes the first blocks at join instead of choosing ([`Scenario::SkewedJoin`]).
+    pub skewed: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct ClientSpec {
     pub link: usize,
     pub start_ms: u64,
+    /// Starts no generation after this.
+    pub stop_ms: u64,
     pub seed: u64,
 }
 
@@ -215,6 +289,9 @@ impl Schedule {
             joins.push(t);
             t += exponential(&mut rng, life_ms / cfg.peers.max(1) as f64);
         }
+        let far = find(links, "wan-100ms")?;
+        let outage = end / 2.0;
+        let announce_ms = cfg.announce_s * 1000.0;
         let peers = joins
             .into_iter()
             .enumerate()
@@ -227,7 +304,15 @@ impl Schedule {
                     x if x < 0.8 => Leave::Crash,
                     _ => Leave::Freeze,
                 };
-                let leave = (join + stay < end).then_some(((join + stay) as u64, kind));
+                let mut leave = (join + stay < end).then_some(((join + stay) as u64, kind));
+                let skew_draw = rng.random::<f64>();
+                if cfg.scenario == Scenario::RegionOutage
+                    && link == far
+                    && join < outage
+                    && leave.is_none_or(|(at, _)| at as f64 > outage)
+                {
+                    leave = Some((outage as u64, Leave::Crash));
+                }
                 PeerSpec {
                     id: peer_id(n),
                     device,
@@ -236,14 +321,30 @@ impl Schedule {
                     leave,
                     linger_ms: (cfg.record_ttl_s * 1000.0 * rng.random_range(0.34..1.0)) as u64,
                     check_phase_ms: (check_ms * rng.random::<f64>()) as u64,
+                    announce_phase_ms: (announce_ms * rng.random::<f64>()) as u64,
+                    skewed: cfg.scenario == Scenario::SkewedJoin
+                        && join == 0.0
+                        && skew_draw < SKEWED_SHARE,
                 }
             })
             .collect();
+        let ramp_ms = (cfg.ramp_s * 1000.0).max(1.0) as u64;
         let clients = (0..cfg.clients)
-            .map(|_| ClientSpec {
-                link: client_links[pick(&mut rng, &client_links, |l| l.1)].0,
-                start_ms: rng.random_range(0..30_000),
-                seed: rng.random(),
+            .map(|k| {
+                let link = client_links[pick(&mut rng, &client_links, |l| l.1)].0;
+                let (start_ms, stop_ms) = match cfg.scenario {
+                    Scenario::FlashCrowd if k % 4 != 0 => {
+                        let at = end / 3.0 + rng.random_range(0.0..60_000.0);
+                        (at as u64, (2.0 * end / 3.0) as u64)
+                    }
+                    _ => (rng.random_range(0..ramp_ms), end as u64),
+                };
+                ClientSpec {
+                    link,
+                    start_ms,
+                    stop_ms,
+                    seed: rng.random(),
+                }
             })
             .collect();
         Ok(Self { peers, clients })

@@ -11,9 +11,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::time::{sleep, sleep_until, Instant};
 
+use crate::network::{RoutePolicy, SimNetwork};
 use crate::profiles::LinkProfile;
 use crate::scenario::{ClientSpec, Config, Schedule};
-use crate::world::{RoutePolicy, SimNetwork, World};
+use crate::world::World;
 
 /// How often peers' rebalancing checks are looked at; each peer's own period is longer
 /// (`Config::rebalance_check_min`) and jittered.
@@ -103,7 +104,10 @@ async fn simulate(
         client_busy_ms: vec![0.0; schedule.clients.len()],
         ..Raw::default()
     }));
-    let end = lock(&world).at(cfg.duration_ms());
+    let (t0, end) = {
+        let w = lock(&world);
+        (w.at(0), w.at(cfg.duration_ms()))
+    };
 
     tokio::spawn(churn(world.clone(), schedule.clone()));
     if policy.rebalance {
@@ -138,7 +142,7 @@ async fn simulate(
             raw: raw.clone(),
             cfg: cfg.clone(),
         };
-        tokio::spawn(client.run(spec.clone(), end));
+        tokio::spawn(client.run(spec.clone(), t0, end));
     }
     sleep_until(end).await;
     // A last sample at the end, so the series spans the whole run.
@@ -201,12 +205,16 @@ enum Ending {
 }
 
 impl Client {
-    async fn run(self, spec: ClientSpec, end: Instant) {
+    async fn run(self, spec: ClientSpec, t0: Instant, end: Instant) {
         let mut rng = StdRng::seed_from_u64(spec.seed.rotate_left(17));
-        sleep(Duration::from_millis(spec.start_ms)).await;
-        while Instant::now() < end {
+        sleep_until(t0 + Duration::from_millis(spec.start_ms)).await;
+        let stop = end.min(t0 + Duration::from_millis(spec.stop_ms));
+        while Instant::now() < stop {
             lock(&self.raw).started += 1;
-            let (ending, rerouted) = self.generate().await;
+            // Generation lengths vary: exponential around the configured mean, bounded.
+            let mean = f64::from(self.cfg.new_tokens);
+            let tokens = (-mean * (1.0 - rng.random::<f64>()).ln()).clamp(8.0, 4.0 * mean) as u32;
+            let (ending, rerouted) = self.generate(tokens).await;
             {
                 let mut raw = lock(&self.raw);
                 match ending {
@@ -229,11 +237,10 @@ impl Client {
 
     /// One generation: open, prefill the prompt, decode token by token. Returns how it ended
     /// and whether a peer had to be replaced on the way.
-    async fn generate(&self) -> (Ending, bool) {
+    async fn generate(&self, new_tokens: u32) -> (Ending, bool) {
         let prompt = self.cfg.prompt_tokens;
         let t = Instant::now();
-        let opened =
-            InferenceSession::open(self.router.clone(), prompt + self.cfg.new_tokens).await;
+        let opened = InferenceSession::open(self.router.clone(), prompt + new_tokens).await;
         let Ok(mut session) = opened else {
             self.busy(t);
             return (Ending::Failed, false);
@@ -246,7 +253,7 @@ impl Client {
         let mut ok = session.run_blocks(x, 0).await.is_ok();
         self.busy(t);
         let mut seen = self.recoveries(&session, 0);
-        for i in 0..self.cfg.new_tokens {
+        for i in 0..new_tokens {
             if !ok {
                 break;
             }

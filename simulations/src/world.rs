@@ -1,85 +1,100 @@
-//! One policy's simulated swarm: peers with their blocks and queues, the DHT's (stale) view of
-//! them, and the [`Network`] through which the real client code talks to them.
+//! One policy's simulated swarm: peers with their blocks, sessions and batches, and the DHT's
+//! (stale) view of them. Clients reach it through [`crate::network::SimNetwork`].
 //!
 //! Only compute and links are modelled. Which blocks a peer takes, whether it moves, which route
 //! a client plans and how it recovers are decided by the project's own code.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator::route::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
-use coordinator::session::{Network, SessionError};
 use libp2p::PeerId;
-use model::Hidden;
 use proto::v1::{ErrorCode, ServerState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 use swarm::discovery::Server;
+use swarm::load::Load;
 use swarm::placement::{block_throughput, choose_blocks, should_move, span_throughput, Served};
+use swarm::record::MAX_SERVERS_PER_BLOCK;
 use tokio::time::Instant;
 
+use crate::compute::Batcher;
 use crate::profiles::LinkProfile;
-use crate::scenario::{Config, Leave, Schedule, DEVICES};
+use crate::scenario::{Config, Device, Leave, Schedule, DEVICES};
 
 /// Added to simulated time for `Network::now_ms`, so ban times look like wall-clock times.
-const EPOCH_MS: u64 = 1_700_000_000_000;
-/// A lost packet costs a retransmission timeout on top of the round trip.
-const RTO_MS: f64 = 200.0;
+pub const EPOCH_MS: u64 = 1_700_000_000_000;
 
-/// How clients choose routes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RoutePolicy {
-    /// The project's planner, `plan_route`.
-    Planner,
-    /// Fewest spans, whatever their latency: the naive choice.
-    FewestHops,
-    /// Any peer that serves the next block, chosen at random.
-    Random,
-}
-
-impl RoutePolicy {
-    pub const ALL: [RoutePolicy; 3] = [Self::Planner, Self::FewestHops, Self::Random];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Planner => "planner",
-            Self::FewestHops => "fewest-hops",
-            Self::Random => "random",
-        }
-    }
-}
+/// How stale the DHT view a lookup returns may be, at most. Lookups are the simulator's
+/// hottest path (every client plans over every peer), and a real lookup's answer is itself
+/// collected over a second or more; loads in it are as old as each peer's last announcement
+/// anyway.
+const VIEW_REFRESH_MS: f64 = 1_000.0;
 
 /// What a peer is doing at some moment.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum State {
+pub enum State {
     Absent,
     Loading,
     Online,
     Gone(Leave, u64),
 }
 
-struct Peer {
+pub struct Peer {
     joined: bool,
-    blocks: Range<u32>,
+    pub blocks: Range<u32>,
     /// End of loading the current blocks.
-    online_at_ms: u64,
+    pub online_at_ms: u64,
     /// Bumped by each move, so sessions opened on the old blocks fail.
-    generation: u32,
-    /// The peer computes one request at a time, in arrival order.
-    busy_until_ms: f64,
+    pub generation: u32,
+    pub batch: Batcher,
+    /// Sessions open on the current blocks and the cache they reserved.
+    pub sessions: u32,
+    pub cache_used: u64,
     next_check_ms: u64,
+    /// The load in the peer's last announcement, when that was, and when it announces next.
+    announced: Load,
+    announced_free_cache: u64,
+    last_announce_ms: f64,
+    next_announce_ms: f64,
 }
 
+/// Hashes peer ids by their last eight bytes, which are key material: a plan looks up every
+/// server of the swarm, and SipHash over the whole id was a visible share of the run time.
+#[derive(Default)]
+pub struct TailHasher(u64);
+
+impl Hasher for TailHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+}
+
+pub type PeerIndex = HashMap<PeerId, u32, BuildHasherDefault<TailHasher>>;
+
 pub struct World {
-    cfg: Config,
+    pub cfg: Config,
     links: Vec<LinkProfile>,
-    schedule: Arc<Schedule>,
-    peers: Vec<Peer>,
-    index: HashMap<PeerId, u32>,
+    pub schedule: Arc<Schedule>,
+    pub peers: Vec<Peer>,
+    pub index: PeerIndex,
+    /// Peer numbers in the order of their ids: the order lookups list servers in, which is
+    /// the planner's canonical order, so its sort finds them sorted.
+    by_id: Vec<u32>,
+    view: Arc<Vec<Server>>,
+    view_at_ms: f64,
+    view_dirty: bool,
     t0: Instant,
     rng: StdRng,
     pub moves: u64,
@@ -87,7 +102,8 @@ pub struct World {
 
 impl World {
     /// The swarm at time 0: every initial peer joined, one after another, with the real
-    /// `choose_blocks` on the throughput the earlier ones announced.
+    /// `choose_blocks` on the throughput the earlier ones announced (or, for a skewed peer,
+    /// on the first blocks).
     pub fn new(cfg: &Config, links: &[LinkProfile], schedule: Arc<Schedule>) -> Self {
         let mut throughput = vec![0.0; cfg.blocks as usize];
         let peers = schedule
@@ -99,7 +115,11 @@ impl World {
                 if joined {
                     let device = &DEVICES[spec.device];
                     let n = device.max_blocks.min(cfg.blocks);
-                    blocks = choose_blocks(&throughput, n).unwrap_or(0..n);
+                    blocks = if spec.skewed {
+                        0..n
+                    } else {
+                        choose_blocks(&throughput, n).unwrap_or(0..n)
+                    };
                     let rate = span_throughput(device.decode_ms_per_block, n);
                     for t in &mut throughput[blocks.start as usize..blocks.end as usize] {
                         *t += rate;
@@ -110,8 +130,14 @@ impl World {
                     blocks,
                     online_at_ms: 0,
                     generation: 0,
-                    busy_until_ms: 0.0,
+                    batch: Batcher::default(),
+                    sessions: 0,
+                    cache_used: 0,
                     next_check_ms: spec.check_phase_ms,
+                    announced: Load::default(),
+                    announced_free_cache: DEVICES[spec.device].cache_tokens,
+                    last_announce_ms: 0.0,
+                    next_announce_ms: spec.announce_phase_ms as f64,
                 }
             })
             .collect();
@@ -121,12 +147,18 @@ impl World {
             .enumerate()
             .map(|(i, s)| (s.id, i as u32))
             .collect();
+        let mut by_id: Vec<u32> = (0..schedule.peers.len() as u32).collect();
+        by_id.sort_by_key(|&i| schedule.peers[i as usize].id);
         Self {
             cfg: cfg.clone(),
             links: links.to_vec(),
             schedule,
             peers,
             index,
+            by_id,
+            view: Arc::default(),
+            view_at_ms: f64::NEG_INFINITY,
+            view_dirty: true,
             t0: Instant::now(),
             rng: StdRng::seed_from_u64(cfg.seed ^ 0x05ee_d0f3_011d),
             moves: 0,
@@ -141,7 +173,7 @@ impl World {
         self.t0 + Duration::from_millis(ms)
     }
 
-    fn state(&self, i: usize, now: f64) -> State {
+    pub fn state(&self, i: usize, now: f64) -> State {
         let p = &self.peers[i];
         if !p.joined {
             return State::Absent;
@@ -165,8 +197,12 @@ impl World {
             }
     }
 
-    fn decode_ms(&self, i: usize) -> f32 {
-        DEVICES[self.schedule.peers[i].device].decode_ms_per_block
+    pub fn device(&self, i: usize) -> &'static Device {
+        &DEVICES[self.schedule.peers[i].device]
+    }
+
+    pub fn decode_ms(&self, i: usize) -> f32 {
+        self.device(i).decode_ms_per_block
     }
 
     /// What balancing sees in the DHT: listed peers, joining ones included (as the balance
@@ -189,14 +225,15 @@ impl World {
     pub fn join(&mut self, i: usize) {
         let now = self.now_ms();
         let throughput = block_throughput(&self.dht_view(now), self.cfg.blocks);
-        let n = DEVICES[self.schedule.peers[i].device]
-            .max_blocks
-            .min(self.cfg.blocks);
+        let n = self.device(i).max_blocks.min(self.cfg.blocks);
         let p = &mut self.peers[i];
         p.joined = true;
         p.blocks = choose_blocks(&throughput, n).unwrap_or(0..n);
         p.online_at_ms = now as u64 + (self.cfg.load_s * 1000.0) as u64;
         p.next_check_ms += now as u64;
+        p.next_announce_ms += now;
+        p.last_announce_ms = now;
+        self.view_dirty = true;
     }
 
     /// Every online peer whose check is due asks `should_move`, one after another, each seeing
@@ -225,8 +262,13 @@ impl World {
             let p = &mut self.peers[i];
             p.blocks = m.to;
             p.generation += 1;
+            p.sessions = 0;
+            p.cache_used = 0;
+            p.batch.reset();
             p.online_at_ms = now as u64 + (self.cfg.load_s * 1000.0) as u64;
+            p.last_announce_ms = now;
             self.moves += 1;
+            self.view_dirty = true;
         }
     }
 
@@ -245,372 +287,116 @@ impl World {
         block_throughput(&live, self.cfg.blocks)
     }
 
-    fn servers(&self) -> Vec<Server> {
+    /// Every server the DHT lists now, as a lookup returns them: at most
+    /// [`VIEW_REFRESH_MS`] old, each peer's load as of its last announcement.
+    pub fn servers(&mut self) -> Arc<Vec<Server>> {
         let now = self.now_ms();
-        (0..self.peers.len())
-            .filter(|&i| self.listed(i, now))
-            .map(|i| {
-                let p = &self.peers[i];
-                let decode = self.decode_ms(i);
-                Server {
-                    peer: self.schedule.peers[i].id,
-                    addrs: Vec::new(),
-                    blocks: p.blocks.clone(),
-                    state: if now < p.online_at_ms as f64 {
-                        ServerState::Joining
-                    } else {
-                        ServerState::Online
-                    },
-                    decode_ms_per_block: decode,
-                    prefill_ms_per_block: decode * self.cfg.prefill_cost as f32,
-                    free_cache_tokens: 1 << 20,
-                    version: String::new(),
-                    announced_at_ms: EPOCH_MS,
-                }
-            })
-            .collect()
-    }
-
-    fn link(&self, i: usize) -> &LinkProfile {
-        &self.links[self.schedule.peers[i].link]
-    }
-}
-
-/// An open session on a simulated peer.
-pub struct SimSpan {
-    peer: u32,
-    generation: u32,
-    blocks: u32,
-}
-
-/// One client's view of a simulated swarm.
-pub struct SimNetwork {
-    world: Arc<Mutex<World>>,
-    link: LinkProfile,
-    policy: RoutePolicy,
-    rng: Mutex<StdRng>,
-}
-
-/// How the simulated call ends, and after how long.
-type Outcome<T> = (f64, Result<T, SessionError>);
-
-impl SimNetwork {
-    pub fn new(
-        world: Arc<Mutex<World>>,
-        link: LinkProfile,
-        policy: RoutePolicy,
-        seed: u64,
-    ) -> Self {
-        Self {
-            world,
-            link,
-            policy,
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        if self.view_dirty || now - self.view_at_ms >= VIEW_REFRESH_MS {
+            self.view = Arc::new(self.build_view(now));
+            self.view_at_ms = now;
+            self.view_dirty = false;
         }
+        self.view.clone()
     }
 
-    fn world(&self) -> MutexGuard<'_, World> {
-        // A panic elsewhere already fails the run; the data itself stays usable.
-        self.world.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn rng(&self) -> MutexGuard<'_, StdRng> {
-        self.rng.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn base_rtt_ms(&self, peer: &LinkProfile) -> f64 {
-        2.0 * (self.link.delay_ms + peer.delay_ms)
-    }
-
-    /// One direction between this client and `peer`, carrying `bytes`.
-    fn one_way_ms(&self, peer: &LinkProfile, bytes: f64) -> f64 {
-        let mut rng = self.rng();
-        let base = self.link.delay_ms + peer.delay_ms;
-        let jitter = (self.link.jitter_ms + peer.jitter_ms) * rng.random_range(-1.0..1.0);
-        let rate_bits_per_ms = self.link.rate_mbit.min(peer.rate_mbit) * 1e3;
-        let transfer = bytes * 8.0 / rate_bits_per_ms;
-        let delivered = (1.0 - self.link.loss_pct / 100.0) * (1.0 - peer.loss_pct / 100.0);
-        let lost = rng.random::<f64>() >= delivered;
-        let retransmit = if lost { RTO_MS + 2.0 * base } else { 0.0 };
-        (base + jitter).max(0.0) + transfer + retransmit
-    }
-
-    fn step_now(&self, span: &SimSpan, hidden: &Hidden) -> Outcome<Hidden> {
-        let mut w = self.world();
-        let now = w.now_ms();
-        let i = span.peer as usize;
-        let id = w.schedule.peers[i].id;
-        let link = w.link(i).clone();
-        let timeout = w.cfg.step_timeout_s * 1000.0;
-        let timed_out = || SessionError::Timeout {
-            peer: id,
-            what: "step",
-            secs: timeout / 1000.0,
-        };
-        match w.state(i, now) {
-            State::Gone(Leave::Freeze, _) => return (timeout, Err(timed_out())),
-            State::Gone(_, _) | State::Absent => {
-                return (
-                    self.one_way_ms(&link, 0.0),
-                    Err(SessionError::Closed { peer: id }),
-                )
+    /// Live peers announce when their period comes round; then each block's record keeps
+    /// its [`MAX_SERVERS_PER_BLOCK`] freshest entries, as the DHT's merge does, and a lookup
+    /// returns every peer some record still holds, in id order. A dead peer stops announcing,
+    /// so its entry is the first to be pushed out of a full record.
+    fn build_view(&mut self, now: f64) -> Vec<Server> {
+        let period = self.cfg.announce_s * 1000.0;
+        let mut records: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.cfg.blocks as usize];
+        for i in 0..self.peers.len() {
+            if !self.listed(i, now) {
+                continue;
             }
-            _ if w.peers[i].generation != span.generation => {
-                let rtt = self.base_rtt_ms(&link);
-                return (
-                    rtt,
-                    Err(SessionError::Remote {
-                        peer: id,
-                        code: ErrorCode::BlocksNotServed,
-                        message: "moved to other blocks".into(),
-                    }),
-                );
-            }
-            _ => {}
-        }
-        let bytes = hidden.tokens as f64 * f64::from(w.cfg.hidden_bytes_per_token);
-        let up = self.one_way_ms(&link, bytes);
-        let down = self.one_way_ms(&link, bytes);
-        let positions = 1.0 + (hidden.tokens as f64 - 1.0) * w.cfg.prefill_cost;
-        let compute = f64::from(w.decode_ms(i)) * f64::from(span.blocks) * positions;
-        let peer = &mut w.peers[i];
-        let start = (now + up).max(peer.busy_until_ms);
-        peer.busy_until_ms = start + compute;
-        let done = start + compute + down;
-        match w.schedule.peers[i].leave {
-            Some((at, Leave::Freeze)) if (at as f64) < done => (timeout, Err(timed_out())),
-            Some((at, _)) if (at as f64) < done => (
-                (at as f64 - now).max(0.0) + down,
-                Err(SessionError::Closed { peer: id }),
-            ),
-            _ if done - now > timeout => (timeout, Err(timed_out())),
-            _ => (done - now, Ok(hidden.clone())),
-        }
-    }
-
-    fn open_now(&self, server: &Server, blocks: &Range<u32>) -> Outcome<SimSpan> {
-        let w = self.world();
-        let now = w.now_ms();
-        let peer = server.peer;
-        let Some(&i) = w.index.get(&peer) else {
-            let e = SessionError::Stream {
-                peer,
-                reason: "unknown peer".into(),
-            };
-            return (0.0, Err(e));
-        };
-        let link = w.link(i as usize).clone();
-        let rtt = self.base_rtt_ms(&link);
-        let p = &w.peers[i as usize];
-        match w.state(i as usize, now) {
-            State::Gone(Leave::Freeze, _) => {
-                let secs = w.cfg.connect_timeout_s;
-                let e = SessionError::Timeout {
-                    peer,
-                    what: "stream open",
-                    secs,
+            let alive = !matches!(self.state(i, now), State::Gone(..));
+            let device = self.device(i);
+            let p = &mut self.peers[i];
+            if alive && now >= p.next_announce_ms {
+                p.announced = Load {
+                    sessions: p.sessions,
+                    max_sessions: device.max_sessions,
+                    waiting_steps: p.batch.waiting(now),
                 };
-                (secs * 1000.0, Err(e))
+                p.announced_free_cache = device.cache_tokens.saturating_sub(p.cache_used);
+                let missed = ((now - p.next_announce_ms) / period).floor();
+                p.last_announce_ms = p.next_announce_ms + missed * period;
+                p.next_announce_ms = p.last_announce_ms + period;
             }
-            State::Gone(_, _) | State::Absent => {
-                let e = SessionError::Stream {
-                    peer,
-                    reason: "connection refused".into(),
-                };
-                (rtt, Err(e))
-            }
-            State::Loading => (rtt * 2.0, Err(refused(peer, ErrorCode::BlocksNotServed))),
-            State::Online if p.blocks.start > blocks.start || blocks.end > p.blocks.end => {
-                (rtt * 2.0, Err(refused(peer, ErrorCode::BlocksNotServed)))
-            }
-            State::Online => {
-                // Dial plus the open exchange: two round trips.
-                let span = SimSpan {
-                    peer: i,
-                    generation: p.generation,
-                    blocks: blocks.len() as u32,
-                };
-                (self.one_way_ms(&link, 0.0) * 4.0, Ok(span))
+            let end = p.blocks.end.min(self.cfg.blocks);
+            for b in p.blocks.start.min(end)..end {
+                records[b as usize].push((p.last_announce_ms as u64, i as u32));
             }
         }
-    }
-}
-
-fn refused(peer: PeerId, code: ErrorCode) -> SessionError {
-    SessionError::Remote {
-        peer,
-        code,
-        message: "not serving those blocks".into(),
-    }
-}
-
-async fn after<T>(ms: f64, r: T) -> T {
-    tokio::time::sleep(Duration::from_micros((ms.max(0.0) * 1e3) as u64)).await;
-    r
-}
-
-impl Network for SimNetwork {
-    type Span = SimSpan;
-
-    fn now_ms(&self) -> u64 {
-        EPOCH_MS + self.world().now_ms() as u64
-    }
-
-    async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
-        // A Kademlia lookup: a few round trips to DHT peers somewhere on the internet.
-        let ms = 3.0 * 2.0 * (self.link.delay_ms + 20.0);
-        tokio::time::sleep(Duration::from_micros((ms * 1e3) as u64)).await;
-        Ok(self.world().servers())
-    }
-
-    async fn rtt(&self, peer: PeerId) -> Option<Duration> {
-        let w = self.world();
-        let i = *w.index.get(&peer)?;
-        let ms = self.base_rtt_ms(w.link(i as usize));
-        Some(Duration::from_secs_f64(ms / 1e3))
-    }
-
-    fn plan(
-        &self,
-        servers: &[ServerInfo<PeerId>],
-        req: &PlanRequest<'_, PeerId>,
-    ) -> Result<Vec<Span<PeerId>>, PlanError> {
-        match self.policy {
-            RoutePolicy::Planner => plan_route(servers, req),
-            RoutePolicy::FewestHops => walk(servers, req, |c| {
-                let end = req.blocks.end;
-                c.iter()
-                    .copied()
-                    .max_by_key(|s| (s.blocks.end.min(end), std::cmp::Reverse(s.peer)))
-            }),
-            RoutePolicy::Random => {
-                let mut rng = self.rng();
-                walk(servers, req, |c| {
-                    (!c.is_empty()).then(|| c[rng.random_range(0..c.len())])
-                })
+        let mut kept = vec![false; self.peers.len()];
+        for record in &mut records {
+            if record.len() > MAX_SERVERS_PER_BLOCK {
+                // Freshest first; among equally fresh entries the lower peer number.
+                record.select_nth_unstable_by(MAX_SERVERS_PER_BLOCK - 1, |a, b| {
+                    b.0.cmp(&a.0).then(a.1.cmp(&b.1))
+                });
+                record.truncate(MAX_SERVERS_PER_BLOCK);
+            }
+            for &(_, i) in record.iter() {
+                kept[i as usize] = true;
             }
         }
-    }
-
-    async fn open(
-        &self,
-        server: &Server,
-        blocks: Range<u32>,
-        _max_length: u32,
-    ) -> Result<SimSpan, SessionError> {
-        let (ms, r) = self.open_now(server, &blocks);
-        after(ms, r).await
-    }
-
-    async fn step(
-        &self,
-        span: &mut SimSpan,
-        _pos: u32,
-        hidden: &Hidden,
-    ) -> Result<Hidden, SessionError> {
-        let (ms, r) = self.step_now(span, hidden);
-        after(ms, r).await
-    }
-
-    async fn close(&self, _span: SimSpan) {}
-}
-
-/// A baseline route: from the first block on, take the peer `choose` picks among the usable
-/// servers of the next block, as far as it goes.
-fn walk<'a>(
-    servers: &'a [ServerInfo<PeerId>],
-    req: &PlanRequest<'_, PeerId>,
-    mut choose: impl FnMut(&[&'a ServerInfo<PeerId>]) -> Option<&'a ServerInfo<PeerId>>,
-) -> Result<Vec<Span<PeerId>>, PlanError> {
-    if req.blocks.is_empty() {
-        return Err(PlanError::EmptyRequest);
-    }
-    let usable: Vec<&ServerInfo<PeerId>> = servers.iter().filter(|s| s.is_usable(req)).collect();
-    let mut at = req.blocks.start;
-    let mut route = Vec::new();
-    while at < req.blocks.end {
-        let here: Vec<&ServerInfo<PeerId>> = usable
-            .iter()
-            .copied()
-            .filter(|s| s.blocks.contains(&at))
-            .collect();
-        let Some(s) = choose(&here) else {
-            return Err(PlanError::Uncovered {
-                missing: at..at + 1,
+        let mut out = Vec::new();
+        for &i in &self.by_id {
+            let i = i as usize;
+            if !kept[i] {
+                continue;
+            }
+            let device = self.device(i);
+            let p = &self.peers[i];
+            let decode = device.decode_ms_per_block;
+            out.push(Server {
+                peer: self.schedule.peers[i].id,
+                addrs: Vec::new(),
+                blocks: p.blocks.clone(),
+                state: if now < p.online_at_ms as f64 {
+                    ServerState::Joining
+                } else {
+                    ServerState::Online
+                },
+                decode_ms_per_block: decode,
+                prefill_ms_per_block: decode * self.cfg.prefill_cost as f32,
+                free_cache_tokens: p.announced_free_cache,
+                version: String::new(),
+                announced_at_ms: EPOCH_MS + p.last_announce_ms as u64,
+                load: p.announced,
             });
-        };
-        let end = s.blocks.end.min(req.blocks.end);
-        route.push(Span {
-            peer: s.peer,
-            blocks: at..end,
-        });
-        at = end;
+        }
+        out
     }
-    Ok(route)
-}
 
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
+    /// Peer `i` takes a session of `tokens` cache positions, or says why not (as the node's
+    /// scheduler does: the session count first, then the cache).
+    pub fn admit(&mut self, i: usize, tokens: u64) -> Result<(), ErrorCode> {
+        let device = self.device(i);
+        let p = &mut self.peers[i];
+        if p.sessions >= device.max_sessions {
+            return Err(ErrorCode::TooManySessions);
+        }
+        if p.cache_used + tokens > device.cache_tokens {
+            return Err(ErrorCode::CacheFull);
+        }
+        p.sessions += 1;
+        p.cache_used += tokens;
+        Ok(())
+    }
 
-    use super::*;
-
-    fn server(n: u8, blocks: Range<u32>, ms: f32) -> ServerInfo<PeerId> {
-        let mut secret = [n; 32];
-        secret[31] = 1;
-        let id = libp2p::identity::Keypair::ed25519_from_bytes(secret)
-            .unwrap()
-            .public()
-            .to_peer_id();
-        ServerInfo {
-            peer: id,
-            blocks,
-            online: true,
-            decode_ms_per_block: ms,
-            rtt_ms: Some(10.0),
-            free_cache_tokens: 1 << 20,
+    /// A session of `tokens` positions opened on generation `generation` of peer `i` ends.
+    pub fn release(&mut self, i: usize, generation: u32, tokens: u64) {
+        let p = &mut self.peers[i];
+        if p.generation == generation {
+            p.sessions = p.sessions.saturating_sub(1);
+            p.cache_used = p.cache_used.saturating_sub(tokens);
         }
     }
 
-    #[test]
-    fn fewest_hops_takes_the_longest_reach_and_chains_the_blocks() {
-        let servers = vec![
-            server(1, 0..4, 1.0),
-            server(2, 0..8, 50.0),
-            server(3, 4..12, 1.0),
-            server(4, 8..12, 50.0),
-        ];
-        let banned = HashMap::new();
-        let req = PlanRequest {
-            blocks: 0..12,
-            cache_tokens: 10,
-            now_ms: 0,
-            banned_until_ms: &banned,
-            default_rtt_ms: 20.0,
-        };
-        let end = req.blocks.end;
-        let route = walk(&servers, &req, |c| {
-            c.iter()
-                .copied()
-                .max_by_key(|s| (s.blocks.end.min(end), std::cmp::Reverse(s.peer)))
-        })
-        .unwrap();
-        assert_eq!(route.len(), 2);
-        assert_eq!(route[0].peer, servers[1].peer);
-        assert_eq!(route[0].blocks, 0..8);
-        assert_eq!(route[1].blocks, 8..12);
-        // The planner prefers the fast peers despite the extra hop.
-        let planned = plan_route(&servers, &req).unwrap();
-        assert_eq!(planned.len(), 2);
-        assert_eq!(planned[0].peer, servers[0].peer);
-
-        let uncovered = PlanRequest {
-            blocks: 0..13,
-            ..req.clone()
-        };
-        assert!(matches!(
-            walk(&servers, &uncovered, |c| c.first().copied()),
-            Err(PlanError::Uncovered { missing }) if missing == (12..13)
-        ));
+    pub fn link(&self, i: usize) -> &LinkProfile {
+        &self.links[self.schedule.peers[i].link]
     }
 }

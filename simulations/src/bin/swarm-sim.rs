@@ -6,7 +6,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use simulations::network::RoutePolicy;
+use simulations::scenario::Scenario;
 use simulations::{run, Config, Policy};
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    Scenario::ALL
+        .into_iter()
+        .find(|x| x.name() == s)
+        .ok_or_else(|| format!("unknown scenario {s:?}"))
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Seeded, deterministic simulation of an edge-swarm under churn")]
@@ -29,6 +38,13 @@ struct Args {
     /// `should_move`'s minimum gain (the node's default is 0.2).
     #[arg(long, default_value_t = 0.2)]
     rebalance_min_gain: f64,
+    /// What happens besides churn: steady, flash-crowd, region-outage or skewed-join.
+    #[arg(long, default_value = "steady", value_parser = parse_scenario)]
+    scenario: Scenario,
+    /// Also run every route policy with static placement (placement alone is compared on the
+    /// skewed join in every run).
+    #[arg(long)]
+    with_static: bool,
     /// Directory for report.json and the plots.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -44,9 +60,21 @@ fn main() -> anyhow::Result<()> {
     cfg.clients = args.clients;
     cfg.mean_lifetime_min = args.mean_lifetime_min;
     cfg.rebalance_min_gain = args.rebalance_min_gain;
+    cfg.scenario = args.scenario;
 
+    let policies: Vec<Policy> = if args.with_static {
+        Policy::all()
+    } else {
+        RoutePolicy::ALL
+            .into_iter()
+            .map(|route| Policy {
+                route,
+                rebalance: true,
+            })
+            .collect()
+    };
     let started = Instant::now();
-    let out = run(&cfg, &Policy::all())?;
+    let out = run(&cfg, &policies)?;
     out.write(&args.out)
         .with_context(|| format!("writing to {}", args.out.display()))?;
     println!(
@@ -73,6 +101,18 @@ fn main() -> anyhow::Result<()> {
             p.recovery.recovery_ms.p50,
             p.generations.failed,
             p.block_throughput.weakest_mean,
+        );
+    }
+    let study = &out.report.skewed_join;
+    for (name, r) in [("rebalance", &study.rebalance), ("static", &study.fixed)] {
+        println!(
+            "skewed join, {name}: weakest/mean {:.2} -> {:.2}, {} moves, {} reached {:.0}% of the mean",
+            r.evenness_start,
+            r.evenness_end,
+            r.moves,
+            r.minutes_to_target
+                .map_or("never".to_string(), |m| format!("at minute {m:.0}")),
+            study.target * 100.0
         );
     }
     println!(

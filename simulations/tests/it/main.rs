@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
+use simulations::network::RoutePolicy;
 use simulations::report::PolicyReport;
-use simulations::world::RoutePolicy;
 use simulations::{run, Config, Output, Policy};
 
 fn small(seed: u64) -> Config {
@@ -11,9 +11,8 @@ fn small(seed: u64) -> Config {
     cfg.clients = 8;
     // Peers stay 15 minutes on average, so failures happen within the ten.
     cfg.mean_lifetime_min = 15.0;
-    // Any strict gain: with a few hundred peers a single move never raises the weakest block
-    // by the node's 20%, and the comparison would be empty.
-    cfg.rebalance_min_gain = 0.0;
+    // The node's default gain (0.2): rebalancing has to fire with it.
+    cfg.ramp_s = 30.0;
     cfg
 }
 
@@ -61,6 +60,21 @@ fn the_planner_is_no_slower_than_random_routes() {
         );
         assert!(planner.tokens >= random.tokens);
     }
+}
+
+#[test]
+fn after_a_skewed_join_rebalancing_evens_the_blocks_within_ten_minutes_and_static_does_not() {
+    let study = &output().report.skewed_join;
+    let reached = study.rebalance.minutes_to_target;
+    assert!(
+        reached.is_some_and(|m| m <= 10.0),
+        "rebalance: {:?}",
+        study.rebalance
+    );
+    assert!(study.rebalance.moves > 0);
+    assert_eq!(study.fixed.moves, 0);
+    assert!(study.fixed.minutes_to_target.is_none(), "{:?}", study.fixed);
+    assert!(study.fixed.evenness_end < study.target);
 }
 
 #[test]
