@@ -16,7 +16,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swarm::discovery::Server;
 use swarm::load::Load;
-use swarm::placement::{block_throughput, choose_blocks, should_move, span_throughput, Served};
+use swarm::placement::{
+    block_throughput, choose_blocks, should_move_without, span_throughput, Served,
+};
 use swarm::record::MAX_SERVERS_PER_BLOCK;
 use tokio::time::Instant;
 
@@ -237,27 +239,52 @@ impl World {
     }
 
     /// Every online peer whose check is due asks `should_move`, one after another, each seeing
-    /// the moves before it (as staggered checks do through the DHT).
+    /// the moves before it (as staggered checks do through the DHT). The swarm's per-block
+    /// totals are kept up to date across the round rather than summed again for each peer.
     pub fn rebalance_round(&mut self) {
         let now = self.now_ms();
-        let mut view = self.dht_view(now);
+        let blocks = self.cfg.blocks as usize;
+        let mut totals = vec![0.0; blocks];
+        let mut servers = vec![0u32; blocks];
+        for s in self.dht_view(now) {
+            let end = (s.blocks.end as usize).min(blocks);
+            for b in (s.blocks.start as usize).min(end)..end {
+                totals[b] += s.throughput;
+                servers[b] += 1;
+            }
+        }
         let period = self.cfg.rebalance_check_min * 60_000.0;
+        let mut without_me = vec![0.0; blocks];
         for i in 0..self.peers.len() {
             if self.peers[i].next_check_ms as f64 > now || self.state(i, now) != State::Online {
                 continue;
             }
             let jitter = self.rng.random_range(0.5..1.5);
             self.peers[i].next_check_ms = (now + period * jitter) as u64;
-            let Some(m) = should_move(
-                &view,
-                &(i as u32),
-                self.cfg.blocks,
-                self.cfg.rebalance_min_gain,
-            ) else {
+            let from = self.peers[i].blocks.clone();
+            let rate = span_throughput(self.decode_ms(i), from.len() as u32);
+            without_me.copy_from_slice(&totals);
+            for b in from.start as usize..(from.end as usize).min(blocks) {
+                // Exactly nothing where this peer is alone, whatever the rounding.
+                without_me[b] = if servers[b] <= 1 {
+                    0.0
+                } else {
+                    totals[b] - rate
+                };
+            }
+            let Some(m) =
+                should_move_without(&without_me, &from, rate, self.cfg.rebalance_min_gain)
+            else {
                 continue;
             };
-            if let Ok(k) = view.binary_search_by_key(&(i as u32), |s| s.peer) {
-                view[k].blocks = m.to.clone();
+            let mine = from.start as usize..(from.end as usize).min(blocks);
+            totals[mine.clone()].copy_from_slice(&without_me[mine.clone()]);
+            for n in &mut servers[mine] {
+                *n -= 1;
+            }
+            for b in m.to.start as usize..(m.to.end as usize).min(blocks) {
+                totals[b] += rate;
+                servers[b] += 1;
             }
             let p = &mut self.peers[i];
             p.blocks = m.to;

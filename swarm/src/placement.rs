@@ -143,7 +143,28 @@ pub fn should_move<P: PartialEq>(
             add_span(&mut without_me, &server.blocks, server.throughput);
         }
     }
-    let rate = sane(current.throughput);
+    should_move_without(&without_me, &current.blocks, current.throughput, min_gain)
+}
+
+/// [`should_move`] for a server of `throughput` on `current_blocks`, given what every other
+/// server adds to each block (`without_me`, one entry per block of the model). For callers
+/// that judge many servers of one swarm: they can keep per-block totals up to date instead of
+/// summing the whole swarm again for each server.
+pub fn should_move_without(
+    without_me: &[f64],
+    current_blocks: &Range<u32>,
+    throughput: f64,
+    min_gain: f64,
+) -> Option<Rebalance> {
+    let block_count = u32::try_from(without_me.len()).ok()?;
+    let n = current_blocks
+        .end
+        .saturating_sub(current_blocks.start)
+        .min(block_count);
+    if n == 0 {
+        return None;
+    }
+    let rate = sane(throughput);
     let with_me_on = |run: &Range<u32>, block: u32, t: f64| -> f64 {
         if run.contains(&block) {
             t + rate
@@ -153,7 +174,7 @@ pub fn should_move<P: PartialEq>(
     };
     let min_with_me_on = |run: &Range<u32>| -> f64 {
         (0..block_count)
-            .zip(&without_me)
+            .zip(without_me)
             .map(|(block, &t)| with_me_on(run, block, t))
             .fold(f64::INFINITY, f64::min)
     };
@@ -161,17 +182,17 @@ pub fn should_move<P: PartialEq>(
     let mean = (without_me.iter().sum::<f64>() + rate * f64::from(n)) / f64::from(block_count);
     let shortfall_with_me_on = |run: &Range<u32>| -> f64 {
         (0..block_count)
-            .zip(&without_me)
+            .zip(without_me)
             .map(|(block, &t)| (mean - with_me_on(run, block, t)).max(0.0))
             .sum()
     };
     let uncovers = |run: &Range<u32>| -> bool {
         (0..block_count)
-            .zip(&without_me)
-            .any(|(block, &t)| t <= 0.0 && current.blocks.contains(&block) && !run.contains(&block))
+            .zip(without_me)
+            .any(|(block, &t)| t <= 0.0 && current_blocks.contains(&block) && !run.contains(&block))
     };
-    let min_before = min_with_me_on(&current.blocks);
-    let shortfall_before = shortfall_with_me_on(&current.blocks);
+    let min_before = min_with_me_on(current_blocks);
+    let shortfall_before = shortfall_with_me_on(current_blocks);
 
     let gain = if min_gain.is_nan() {
         0.0
@@ -190,11 +211,11 @@ pub fn should_move<P: PartialEq>(
 
     let (to, min_after, shortfall_after, _) = (0..=block_count - n)
         .map(|start| start..start + n)
-        .filter(|run| *run != current.blocks)
+        .filter(|run| run != current_blocks)
         .map(|run| {
             let min_after = min_with_me_on(&run);
             let shortfall_after = shortfall_with_me_on(&run);
-            let load = window_sum(&without_me, run.start as usize, n as usize);
+            let load = window_sum(without_me, run.start as usize, n as usize);
             (run, min_after, shortfall_after, load)
         })
         .filter(|(run, min_after, shortfall_after, _)| {
@@ -211,7 +232,7 @@ pub fn should_move<P: PartialEq>(
                 .then(a.3.total_cmp(&b.3))
         })?;
     Some(Rebalance {
-        from: current.blocks.clone(),
+        from: current_blocks.clone(),
         to,
         min_before,
         min_after,

@@ -122,3 +122,38 @@ fn plots_are_written_as_svg() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Many clients on a small swarm, with the two planners only: the plain planner sends every
+/// client onto the same fastest peers, the load-aware one spreads them.
+fn loaded() -> &'static Output {
+    static OUT: OnceLock<Output> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let mut cfg = Config::new(200, 16, 10.0 / 60.0, 5);
+        cfg.clients = 150;
+        cfg.ramp_s = 30.0;
+        let policies = [RoutePolicy::Planner, RoutePolicy::LoadAware].map(|route| Policy {
+            route,
+            rebalance: true,
+        });
+        run(&cfg, &policies).expect("simulation runs")
+    })
+}
+
+#[test]
+fn under_load_load_aware_routes_at_least_halve_the_planners_per_token_latency() {
+    let [planner, aware] = [RoutePolicy::Planner, RoutePolicy::LoadAware].map(|route| {
+        loaded()
+            .report
+            .policies
+            .iter()
+            .find(|p| p.policy.route == route)
+            .expect("both policies ran")
+    });
+    assert!(
+        aware.token_latency_ms.p50 <= 0.5 * planner.token_latency_ms.p50,
+        "load-aware {:?} vs planner {:?}",
+        aware.token_latency_ms,
+        planner.token_latency_ms
+    );
+    assert!(aware.tokens > planner.tokens);
+}
