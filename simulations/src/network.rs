@@ -130,7 +130,9 @@ impl SimNetwork {
         let now = w.now_ms();
         let i = span.peer as usize;
         let id = w.schedule.peers[i].id;
-        let link = w.link(i).clone();
+        // Borrowed, not cloned: this runs once per span and token, and a profile's clone
+        // allocates its name.
+        let link = w.link(i);
         let timeout = w.cfg.step_timeout_s * 1000.0;
         let timed_out = || SessionError::Timeout {
             peer: id,
@@ -141,12 +143,12 @@ impl SimNetwork {
             State::Gone(Leave::Freeze, _) => return (timeout, Err(timed_out())),
             State::Gone(_, _) | State::Absent => {
                 return (
-                    self.one_way_ms(&link, 0.0),
+                    self.one_way_ms(link, 0.0),
                     Err(SessionError::Closed { peer: id }),
                 )
             }
             _ if w.peers[i].generation != span.generation => {
-                let rtt = self.base_rtt_ms(&link);
+                let rtt = self.base_rtt_ms(link);
                 return (
                     rtt,
                     Err(SessionError::Remote {
@@ -159,8 +161,8 @@ impl SimNetwork {
             _ => {}
         }
         let bytes = hidden.tokens as f64 * f64::from(w.cfg.hidden_bytes_per_token);
-        let up = self.one_way_ms(&link, bytes);
-        let down = self.one_way_ms(&link, bytes);
+        let up = self.one_way_ms(link, bytes);
+        let down = self.one_way_ms(link, bytes);
         let positions = 1.0 + (hidden.tokens as f64 - 1.0) * w.cfg.prefill_cost;
         let compute = f64::from(w.decode_ms(i)) * f64::from(span.blocks) * positions;
         let device = w.device(i);
