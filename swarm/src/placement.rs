@@ -457,6 +457,41 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_leaves_crowded_blocks_even_when_the_minimum_cannot_rise() {
+        // Ten servers crowd blocks 0..2; one each holds 2..4, 4..6 and 6..8. No single move
+        // lifts the weakest block (three runs are equally weak), but moving one of the ten
+        // gives all its throughput to blocks below the mean (3.25).
+        let mut swarm: Vec<Served<u32>> = (0..10).map(|p| served_n(p, 0..2)).collect();
+        for (p, start) in [(10, 2), (11, 4), (12, 6)] {
+            swarm.push(served_n(p, start..start + 2));
+        }
+        let mv = should_move(&swarm, &0, 8, 0.2).expect("worth moving");
+        assert_eq!((mv.from, mv.to.clone()), (0..2, 2..4));
+        assert_eq!((mv.min_before, mv.min_after), (1.0, 1.0));
+        assert_eq!(mv.shortfall_before - mv.shortfall_after, 2.0);
+        // All of the mover's 2 tokens/s·blocks go below the mean: a threshold above 100% is
+        // not met.
+        assert_eq!(should_move(&swarm, &0, 8, 1.5), None);
+        // The single servers stay: leaving would uncover their blocks.
+        for p in 10..13 {
+            assert_eq!(should_move(&swarm, &p, 8, 0.2), None, "{p}");
+        }
+        // After the move, the next crowded server goes to the next weak run, not back.
+        let after = moved(&swarm, &0, mv.to);
+        let next = should_move(&after, &1, 8, 0.2).expect("still worth moving");
+        assert_eq!(next.to, 4..6);
+        assert_eq!(should_move(&after, &0, 8, 0.2), None);
+    }
+
+    fn served_n(peer: u32, blocks: Range<u32>) -> Served<u32> {
+        Served {
+            peer,
+            blocks,
+            throughput: 1.0,
+        }
+    }
+
+    #[test]
     fn a_gap_next_to_a_busy_block_still_gets_covered() {
         // Without `m`: [0, 10, 3, 3]. The least-loaded pair is 2..4, where `m` already is;
         // only 0..2 covers block 0.
@@ -571,7 +606,7 @@ mod tests {
         }
 
         #[test]
-        fn moves_raise_the_minimum_and_keep_coverage(
+        fn moves_never_lower_the_minimum_and_keep_coverage(
             (block_count, servers) in swarm(24, 8),
             me in 0u8..8,
             min_gain in 0.0f64..1.0,
