@@ -6,6 +6,7 @@
 #
 #   bash scripts/make-synthetic-7b.sh            # both, ~4.1 and ~4.4 GB
 #   bash scripts/make-synthetic-7b.sh Q4_0
+#   bash scripts/make-synthetic-7b.sh --shape llama2-7b Q4_0   # Llama-2-7B: 32 KV heads, FFN 11008
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec cargo run --release --locked -q -p model --example synthetic_7b -- models/synthetic "$@"
