@@ -90,6 +90,11 @@ pub struct ClientConfig {
     /// Whether sessions check their peers' outputs on second peers (off by default; see
     /// [`VerifyPolicy::every`] for the cost).
     pub verify: VerifyPolicy,
+    /// Whether hidden states go node to node (server-to-server push) when verification is
+    /// off, instead of back through the client after every span. On by default: N + 1 one-way
+    /// trips per step through N nodes instead of 2N; the client relays a span itself wherever
+    /// a push fails.
+    pub push: bool,
 }
 
 impl Default for ClientConfig {
@@ -102,6 +107,7 @@ impl Default for ClientConfig {
             discovery_timeout: Duration::from_secs(20),
             swarm_key: None,
             verify: VerifyPolicy::OFF,
+            push: true,
         }
     }
 }
@@ -193,6 +199,7 @@ impl SwarmClient {
                 dim: model.spec.embedding_length,
                 dtype: self.config.wire_dtype,
                 timeouts: self.config.timeouts,
+                push: self.config.push,
             },
             fingerprint: model.fingerprint,
             block_count,
