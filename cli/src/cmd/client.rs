@@ -126,7 +126,6 @@ impl SwarmArgs {
             },
             push: !self.no_push,
             wire_dtype: self.wire_dtype.dtype(),
-            ..ClientConfig::default()
         })
     }
 }

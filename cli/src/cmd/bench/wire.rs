@@ -50,21 +50,21 @@ impl<'a> Pipeline<'a> {
         }
     }
 
-    fn wire(&self, x: &Hidden) -> anyhow::Result<Hidden> {
-        let t = encode_tensor(&x.data, &[x.tokens, x.dim], self.dtype);
-        let d = decode_tensor(&t, &hidden_limits(x.tokens, x.dim))?;
-        Ok(Hidden::new(x.tokens, x.dim, d.values)?)
-    }
-
     fn run(&mut self, x: Hidden, pos: usize) -> anyhow::Result<Hidden> {
-        let mut x = self.wire(&x)?;
-        for i in 0..self.spans.len() {
-            let (span, kv) = &mut self.spans[i];
+        let mut x = wire(self.dtype, &x)?;
+        for (span, kv) in &mut self.spans {
             self.stack.forward_span(span.clone(), &mut x, kv, pos)?;
-            x = self.wire(&x)?;
+            x = wire(self.dtype, &x)?;
         }
         Ok(x)
     }
+}
+
+/// `x` as it arrives after crossing the wire in `dtype`.
+fn wire(dtype: Dtype, x: &Hidden) -> anyhow::Result<Hidden> {
+    let t = encode_tensor(&x.data, &[x.tokens, x.dim], dtype);
+    let d = decode_tensor(&t, &hidden_limits(x.tokens, x.dim))?;
+    Ok(Hidden::new(x.tokens, x.dim, d.values)?)
 }
 
 fn argmax(v: &[f32]) -> usize {
