@@ -20,6 +20,9 @@
 #
 # What it does not do: NAT traversal. A node is reachable because its router forwards one port
 # (through the relay); there is no circuit relay, hole punching or AutoNAT here yet.
+#
+# STATUS: does not pass yet (see simulations/README.md): the nodes' DHT puts time out behind the
+# NATs, so the client finds no route.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
