@@ -93,6 +93,11 @@ pub struct ClientConfig {
     pub verify: VerifyPolicy,
     /// How routes are chosen (see [`Routing`]).
     pub routing: Routing,
+    /// Whether hidden states go node to node (server-to-server push) when verification is
+    /// off, instead of back through the client after every span. On by default: N + 1 one-way
+    /// trips per step through N nodes instead of 2N; the client relays a span itself wherever
+    /// a push fails.
+    pub push: bool,
 }
 
 impl Default for ClientConfig {
@@ -106,6 +111,7 @@ impl Default for ClientConfig {
             swarm_key: None,
             verify: VerifyPolicy::OFF,
             routing: Routing::default(),
+            push: true,
         }
     }
 }
@@ -198,6 +204,7 @@ impl SwarmClient {
                 dtype: self.config.wire_dtype,
                 timeouts: self.config.timeouts,
                 routing: self.config.routing,
+                push: self.config.push,
             },
             fingerprint: model.fingerprint,
             block_count,

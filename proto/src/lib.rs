@@ -6,6 +6,7 @@
 mod error;
 mod frame;
 mod protocol;
+mod push;
 mod tensor;
 
 pub use error::WireError;
@@ -13,6 +14,9 @@ pub use frame::{read_frame, write_frame};
 pub use protocol::{
     hidden_limits, max_step_frame, step_bound, DEFAULT_MAX_STEP_TOKENS, DHT_PROTOCOL,
     IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL, MAX_OPEN_FRAME,
+};
+pub use push::{
+    check_hops, MAX_HOPS, MAX_HOP_ADDRS, MAX_HOP_ADDR_BYTES, PUSH_PROTOCOL, PUSH_TOKEN_LEN,
 };
 pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
 
@@ -80,7 +84,13 @@ impl v1::ClientFrame {
         Self::of(client_frame::Kind::Step(v1::Step {
             position,
             hidden: Some(hidden),
+            ..v1::Step::default()
         }))
+    }
+
+    /// A step with every field set by the caller (step id, hops to push along).
+    pub fn step_of(step: v1::Step) -> Self {
+        Self::of(client_frame::Kind::Step(step))
     }
 
     pub fn close() -> Self {
@@ -97,6 +107,7 @@ impl v1::ServerFrame {
         Self::of(server_frame::Kind::Opened(v1::SessionOpened {
             max_length,
             max_step_tokens,
+            push_token: Vec::new(),
         }))
     }
 
@@ -104,7 +115,13 @@ impl v1::ServerFrame {
         Self::of(server_frame::Kind::Result(v1::StepResult {
             hidden: Some(hidden),
             compute_ms,
+            ..v1::StepResult::default()
         }))
+    }
+
+    /// A step's answer with every field set by the caller (step id, forward outcome).
+    pub fn step_result(result: v1::StepResult) -> Self {
+        Self::of(server_frame::Kind::Result(result))
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {

@@ -21,12 +21,55 @@ pub struct DecodedTensor {
     pub values: Vec<f32>,
 }
 
-/// Bytes per element, or `None` for dtypes that carry no data layout.
+/// Bytes per element, or `None` for dtypes that carry no fixed per-element layout
+/// (unspecified, and Q8_ROW whose rows also carry a scale: see [`data_len`]).
 pub fn element_size(dtype: Dtype) -> Option<usize> {
     match dtype {
         Dtype::F32 => Some(4),
         Dtype::F16 | Dtype::Bf16 => Some(2),
-        Dtype::Unspecified => None,
+        Dtype::Q8Row | Dtype::Unspecified => None,
+    }
+}
+
+/// Rows and columns as Q8_ROW sees a shape: the last dimension is a row, everything before it
+/// counts rows (a scalar or an empty shape is one row of one element).
+fn q8_rows(shape: &[u64], elements: usize) -> (usize, usize) {
+    let cols = shape.last().map_or(1, |&c| c as usize);
+    if cols == 0 {
+        return (0, 0);
+    }
+    (elements / cols, cols)
+}
+
+/// Bytes of data a tensor of `dtype` with this shape (and `elements` elements) must carry;
+/// `None` on overflow or a dtype without a layout.
+fn data_len(dtype: Dtype, shape: &[u64], elements: usize) -> Option<usize> {
+    match dtype {
+        Dtype::Q8Row => {
+            let (rows, cols) = q8_rows(shape, elements);
+            rows.checked_mul(cols.checked_add(4)?)
+        }
+        other => elements.checked_mul(element_size(other)?),
+    }
+}
+
+/// One row as Q8_ROW: scale = largest magnitude / 127, each value rounded to the nearest
+/// multiple of it. Non-finite values do not set the scale and are sent as 0 (hidden states are
+/// finite; this only keeps a bad value from spoiling its whole row).
+fn encode_q8_row(row: &[f32], out: &mut Vec<u8>) {
+    let max = row
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    let scale = max / 127.0;
+    out.extend_from_slice(&scale.to_le_bytes());
+    for &v in row {
+        let q = if scale > 0.0 && v.is_finite() {
+            (v / scale).round().clamp(-127.0, 127.0) as i8
+        } else {
+            0
+        };
+        out.push(q as u8);
     }
 }
 
@@ -49,6 +92,15 @@ pub fn encode_tensor(values: &[f32], shape: &[usize], dtype: Dtype) -> Tensor {
     let size = element_size(dtype).unwrap_or(4);
     let mut data = Vec::with_capacity(values.len() * size);
     match dtype {
+        Dtype::Q8Row => {
+            let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+            let (_, cols) = q8_rows(&dims, values.len());
+            if cols > 0 {
+                for row in values.chunks(cols) {
+                    encode_q8_row(row, &mut data);
+                }
+            }
+        }
         Dtype::F16 => {
             for &v in values {
                 data.extend_from_slice(&f16::from_f32(v).to_le_bytes());
@@ -83,7 +135,6 @@ pub fn decode_tensor(t: &Tensor, limits: &TensorLimits) -> Result<DecodedTensor,
         Ok(dtype) => dtype,
         Err(_) => return bad(format!("unknown dtype {}", t.dtype)),
     };
-    let size = element_size(dtype).unwrap_or(4);
     if t.shape.len() > limits.max_rank {
         return bad(format!(
             "rank {} exceeds the limit of {}",
@@ -100,16 +151,34 @@ pub fn decode_tensor(t: &Tensor, limits: &TensorLimits) -> Result<DecodedTensor,
             t.shape, limits.max_elements
         ));
     }
-    let expected = elements.checked_mul(size);
+    let expected = data_len(dtype, &t.shape, elements);
     if expected != Some(t.data.len()) {
+        let needs = match (dtype, element_size(dtype)) {
+            (_, Some(size)) => format!("{elements} x {size}"),
+            _ => {
+                let (rows, cols) = q8_rows(&t.shape, elements);
+                format!("{rows} rows x (4 + {cols})")
+            }
+        };
         return bad(format!(
-            "data is {} bytes but shape {:?} of {} needs {elements} x {size}",
+            "data is {} bytes but shape {:?} of {} needs {needs}",
             t.data.len(),
             t.shape,
             dtype.as_str_name()
         ));
     }
     let values = match dtype {
+        Dtype::Q8Row => {
+            let (_, cols) = q8_rows(&t.shape, elements);
+            let mut values = Vec::with_capacity(elements);
+            if cols > 0 {
+                for row in t.data.chunks_exact(cols + 4) {
+                    let scale = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+                    values.extend(row[4..].iter().map(|&q| f32::from(q as i8) * scale));
+                }
+            }
+            values
+        }
         Dtype::F16 => t
             .data
             .chunks_exact(2)
@@ -223,6 +292,53 @@ mod tests {
     }
 
     #[test]
+    fn q8_rows_keep_each_value_within_half_a_step_of_their_row_scale() {
+        let values: Vec<f32> = (0..48)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.8)
+            .collect();
+        let mut values = values;
+        values[16..32].iter_mut().for_each(|v| *v *= 1000.0);
+        let t = encode_tensor(&values, &[3, 16], Dtype::Q8Row);
+        assert_eq!(t.data.len(), 3 * (4 + 16));
+        let d = decode_tensor(&t, &LIMITS).unwrap();
+        assert_eq!(d.shape, vec![3, 16]);
+        for (row_in, row_out) in values.chunks(16).zip(d.values.chunks(16)) {
+            let step = row_in.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in row_in.iter().zip(row_out) {
+                assert!(
+                    (a - b).abs() <= step * 0.5 + 1e-6,
+                    "{a} vs {b} (step {step})"
+                );
+            }
+        }
+        // A row of zeros has scale 0 and comes back as zeros.
+        let z = round_trip(&[0.0; 8], &[2, 4], Dtype::Q8Row);
+        assert_eq!(z.values, vec![0.0; 8]);
+    }
+
+    #[test]
+    fn q8_rows_are_checked_against_the_shape() {
+        let mut t = encode_tensor(&[1.0; 8], &[2, 4], Dtype::Q8Row);
+        t.data.pop();
+        let msg = bad_tensor_message(&t, &LIMITS);
+        assert!(msg.contains("2 rows x (4 + 4)"), "{msg}");
+        let t = Tensor {
+            dtype: Dtype::Q8Row as i32,
+            shape: vec![u64::MAX / 2, 2],
+            data: vec![],
+        };
+        let unlimited = TensorLimits {
+            max_elements: usize::MAX,
+            max_rank: 8,
+        };
+        assert!(decode_tensor(&t, &unlimited).is_err());
+        // Non-finite values do not spoil the row.
+        let d = round_trip(&[f32::NAN, 1.0, f32::INFINITY, -2.0], &[1, 4], Dtype::Q8Row);
+        assert_eq!(d.values[0], 0.0);
+        assert!((d.values[3] + 2.0).abs() < 0.01, "{:?}", d.values);
+    }
+
+    #[test]
     fn empty_tensor_is_valid() {
         let d = round_trip(&[], &[0, 16], Dtype::F16);
         assert_eq!(d.shape, vec![0, 16]);
@@ -311,7 +427,7 @@ mod tests {
 
         #[test]
         fn decode_never_panics(
-            dtype in -2i32..6,
+            dtype in -2i32..7,
             shape in proptest::collection::vec(any::<u64>(), 0..6),
             data in proptest::collection::vec(any::<u8>(), 0..64),
         ) {

@@ -17,4 +17,4 @@ pub mod record;
 pub mod status;
 pub mod swarm_key;
 
-pub use host::{Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM};
+pub use host::{Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM, PUSH_STREAM};

@@ -62,6 +62,57 @@ pub struct SwarmArgs {
     /// --verify-every if smaller.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_VERIFY_EVERY))]
     pub verify_first: Option<u64>,
+    /// Relay hidden states through this client after every span, instead of node to node.
+    /// By default each node forwards its output to the next span's node and the client waits
+    /// only for the last: N + 1 one-way trips per token through N nodes instead of 2N. Nodes
+    /// still answer the client with every output, so a failure is rerouted and replayed alike.
+    #[arg(long)]
+    pub no_push: bool,
+    /// Element type of hidden states on the wire: f32 (bit-exact, the default), f16 or bf16
+    /// (half the bytes), q8 (int8 with a scale per row, about a quarter). Each node sends its
+    /// output in it, to this client and to the next node alike. See BENCHMARKS.md for what each
+    /// costs in agreement with f32.
+    #[arg(long, value_enum, default_value_t = WireDtype::F32)]
+    pub wire_dtype: WireDtype,
+    /// How routes are chosen: `planner`, the cheapest route for a client alone (reproducible:
+    /// the same swarm gives the same route), or `load-aware`, priced at the load each node
+    /// announces with near-equal routes chosen at random, so that many clients spread out.
+    #[arg(long, value_enum, default_value_t = RoutingArg::Planner)]
+    pub routing: RoutingArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoutingArg {
+    Planner,
+    LoadAware,
+}
+
+impl RoutingArg {
+    pub fn routing(self) -> coordinator::route::Routing {
+        match self {
+            RoutingArg::Planner => coordinator::route::Routing::Planner,
+            RoutingArg::LoadAware => coordinator::route::Routing::LoadAware,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireDtype {
+    F32,
+    F16,
+    Bf16,
+    Q8,
+}
+
+impl WireDtype {
+    pub fn dtype(self) -> proto::v1::Dtype {
+        match self {
+            WireDtype::F32 => proto::v1::Dtype::F32,
+            WireDtype::F16 => proto::v1::Dtype::F16,
+            WireDtype::Bf16 => proto::v1::Dtype::Bf16,
+            WireDtype::Q8 => proto::v1::Dtype::Q8Row,
+        }
+    }
 }
 
 /// Largest `--verify-every`: past the longest context we serve, a check would never come.
@@ -93,7 +144,9 @@ impl SwarmArgs {
                 }
                 None => VerifyPolicy::every(self.verify_every as usize),
             },
-            ..ClientConfig::default()
+            push: !self.no_push,
+            wire_dtype: self.wire_dtype.dtype(),
+            routing: self.routing.routing(),
         })
     }
 }

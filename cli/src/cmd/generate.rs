@@ -120,6 +120,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             v["route"] = serde_json::to_value(info.route)?;
             v["reroutes"] = info.reroutes.into();
             v["caught"] = serde_json::to_value(info.caught)?;
+            v["pushed_spans"] = info.hops.0.into();
+            v["relayed_spans"] = info.hops.1.into();
         }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
@@ -192,6 +194,7 @@ async fn swarm_generate(
     let out = args.route.bounded(run).await;
     let route = backend.session.route();
     let reroutes = backend.session.reroutes();
+    let hops = backend.session.hops();
     let caught = backend
         .session
         .caught()
@@ -209,6 +212,7 @@ async fn swarm_generate(
             route,
             reroutes,
             caught,
+            hops,
         }),
     ))
 }
@@ -219,4 +223,6 @@ struct SwarmInfo {
     reroutes: usize,
     /// Peers caught returning wrong outputs (verification on).
     caught: Vec<String>,
+    /// Span steps pushed node to node, and span steps the client relayed.
+    hops: (usize, usize),
 }

@@ -122,6 +122,34 @@ fn a_reroute_replays_a_long_history_in_bounded_steps() {
     assert_eq!(route_of(&v).concat(), "0..1515..30");
 }
 
+/// Three spans pushing node to node; the middle node is killed: the first node's forward fails
+/// or the client's wait for the middle answer does, the client reroutes the middle span and
+/// replays it from the answers it kept, and the text is the local one.
+#[test]
+fn kill_9_of_a_middle_node_with_push_reroutes_with_identical_tokens() {
+    let boot = bootstrap();
+    let _first = node("0..10", &boot);
+    let _last = node("20..30", &boot);
+    let mut middles = vec![node("10..20", &boot), node("10..20", &boot)];
+    let run = start_client(&boot, &[]);
+    std::thread::sleep(Duration::from_millis(800));
+    let i = middles
+        .iter()
+        .position(|p| run.uses(p))
+        .expect("a 10..20 node is in the route");
+    let victim = middles.swap_remove(i);
+    victim.signal("-KILL");
+    let (out, _) = run.finish();
+    let v = super::json_of(&out);
+    assert!(v["reroutes"].as_u64().unwrap() >= 1, "no reroute: {v}");
+    assert!(
+        v["pushed_spans"].as_u64().unwrap() > 0,
+        "nothing pushed: {v}"
+    );
+    assert_eq!(route_of(&v).concat(), "0..1010..2020..30");
+    assert_eq!(v["tokens"], local(PROMPT, TOKENS)["tokens"]);
+}
+
 #[test]
 fn a_frozen_node_is_detected_by_timeout_and_routed_around() {
     let started = Instant::now();

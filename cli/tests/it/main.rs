@@ -15,6 +15,7 @@ mod families;
 mod faults;
 mod hostile_clients;
 mod kernels;
+mod push;
 mod swarm;
 mod trust;
 mod verification;

@@ -13,6 +13,7 @@
 
 pub mod bans;
 pub mod network;
+pub mod push;
 pub mod span;
 pub mod verify;
 
@@ -366,6 +367,10 @@ pub struct InferenceSession<N: Network = Libp2pNetwork> {
     recoveries: Vec<Duration>,
     /// Peers caught returning wrong outputs (and banned for it).
     caught: Vec<PeerId>,
+    /// Span steps that came node to node, and span steps this client relayed itself
+    /// (replays not counted).
+    pushed_spans: usize,
+    relayed_spans: usize,
 }
 
 impl<N: Network> InferenceSession<N> {
@@ -380,6 +385,8 @@ impl<N: Network> InferenceSession<N> {
             max_length,
             recoveries: Vec::new(),
             caught: Vec::new(),
+            pushed_spans: 0,
+            relayed_spans: 0,
         })
     }
 
@@ -391,6 +398,12 @@ impl<N: Network> InferenceSession<N> {
                 blocks: format!("{}..{}", s.span.blocks.start, s.span.blocks.end),
             })
             .collect()
+    }
+
+    /// Span steps that came node to node (server-to-server push) and span steps this client
+    /// relayed itself, so far; replays are not counted.
+    pub fn hops(&self) -> (usize, usize) {
+        (self.pushed_spans, self.relayed_spans)
     }
 
     /// How many times a failed span was replaced.
@@ -413,11 +426,35 @@ impl<N: Network> InferenceSession<N> {
     /// With verification on, checks that are due start after the step and run beside the next
     /// ones; one that catches a wrong peer rolls the session back and a later call answers
     /// [`RouteError::Rewound`].
+    ///
+    /// Without verification the step is first pushed node to node where the network can (see
+    /// [`push`]); the spans it did not get through are then run one by one from where it
+    /// stopped, exactly as if the client had relayed every span. With verification on, every
+    /// span is relayed by the client: a node could forward one thing and tell the client
+    /// another, and the check of the next span would then blame the wrong peer.
     pub async fn run_blocks(&mut self, mut x: Hidden, pos: u32) -> Result<Hidden, RouteError> {
         self.checks_before_step(pos as usize).await?;
         let mut i = 0;
         let mut refusals = Refusals::default();
         let verifying = self.router.verify.is_on();
+        if !verifying {
+            let sessions = self.spans.iter_mut().map(|s| &mut s.span.session).collect();
+            let pushed = self.router.network.push(sessions, pos, &x).await;
+            self.pushed_spans += pushed.outputs.len();
+            for y in pushed.outputs {
+                self.spans[i].record(pos, &x);
+                x = y;
+                i += 1;
+            }
+            match pushed.stop {
+                None => {}
+                Some(push::PushStop::NotForwarded(reason)) => {
+                    tracing::info!("push stopped at span {i} ({reason}); relaying the rest");
+                }
+                Some(push::PushStop::Failed(e)) if refusals.agree(&e) => return Err(e.into()),
+                Some(push::PushStop::Failed(e)) => self.replace(i, e).await?,
+            }
+        }
         while i < self.spans.len() {
             let state = &mut self.spans[i];
             match self
@@ -427,6 +464,7 @@ impl<N: Network> InferenceSession<N> {
                 .await
             {
                 Ok(y) => {
+                    self.relayed_spans += 1;
                     state.record(pos, &x);
                     if verifying {
                         state.check.record(pos as usize, &y);
@@ -587,6 +625,10 @@ mod tests {
         /// Take 20 ms per step.
         slow: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
+        /// Push steps node to node; `Some(k)`: the node of span k cannot forward its output.
+        push: Option<Option<usize>>,
+        /// Spans run by pushes.
+        pushed: Mutex<usize>,
     }
 
     impl Fake {
@@ -601,6 +643,8 @@ mod tests {
                 corrupt: Vec::new(),
                 slow: Vec::new(),
                 steps: Mutex::default(),
+                push: None,
+                pushed: Mutex::default(),
             }
         }
     }
@@ -681,6 +725,37 @@ mod tests {
         }
 
         async fn close(&self, _span: Self::Span) {}
+
+        async fn push(
+            &self,
+            spans: Vec<&mut Self::Span>,
+            pos: u32,
+            hidden: &Hidden,
+        ) -> push::Pushed {
+            let mut out = push::Pushed::default();
+            let Some(unforwarded) = self.push else {
+                return out;
+            };
+            let mut x = hidden.clone();
+            for (i, span) in spans.into_iter().enumerate() {
+                match Network::step(self, span, pos, &x).await {
+                    Ok(y) => {
+                        *self.pushed.lock().unwrap() += 1;
+                        x = y.clone();
+                        out.outputs.push(y);
+                        if unforwarded == Some(i) {
+                            out.stop = Some(push::PushStop::NotForwarded("unreachable".into()));
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        out.stop = Some(push::PushStop::Failed(e));
+                        break;
+                    }
+                }
+            }
+            out
+        }
     }
 
     fn hidden(values: &[f32]) -> Hidden {
@@ -707,6 +782,8 @@ mod tests {
             corrupt: Vec::new(),
             slow: Vec::new(),
             steps: Mutex::default(),
+            push: None,
+            pushed: Mutex::default(),
         };
         let router = Arc::new(Router {
             network,
@@ -1003,5 +1080,67 @@ mod tests {
         session.settle().await.unwrap();
         assert_eq!(session.settled(), 2);
         assert!(session.caught().is_empty());
+    }
+
+    fn three_spans(push: Option<usize>) -> (Fake, [PeerId; 4]) {
+        let [a, b, c, spare] = [(); 4].map(|_| PeerId::random());
+        let fake = Fake {
+            push: Some(push),
+            ..Fake::new(vec![
+                server(a, 0..2, 1.0),
+                server(b, 2..4, 1.0),
+                server(c, 4..6, 1.0),
+                server(spare, 2..4, 10.0),
+            ])
+        };
+        (fake, [a, b, c, spare])
+    }
+
+    #[tokio::test]
+    async fn a_pushed_step_gives_the_relayed_answer_and_keeps_every_spans_inputs() {
+        let (fake, [_, b, _, spare]) = three_spans(None);
+        let router = router_of(Fake {
+            dead: b,
+            dies_at: 3,
+            ..fake
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        assert_eq!(*router.network.pushed.lock().unwrap(), 3);
+        let y = session.run_blocks(hidden(&[3.0]), 2).await.unwrap();
+        assert_eq!(y.data, [9.0]);
+        // b dies inside the push at position 3: the spare replays b's inputs as the client
+        // got them from a's answers, then the rest of the step is relayed.
+        let y = session.run_blocks(hidden(&[4.0]), 3).await.unwrap();
+        assert_eq!(y.data, [10.0]);
+        assert_eq!(session.reroutes(), 1);
+        assert_eq!(session.route()[1].peer, spare.to_string());
+        let steps = router.network.steps.lock().unwrap().clone();
+        let on_spare: Vec<_> = steps.iter().filter(|s| s.0 == spare).collect();
+        assert_eq!(on_spare, [&(spare, 0, 3), &(spare, 3, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_push_that_cannot_be_forwarded_is_relayed_from_where_it_stopped() {
+        let (fake, [a, b, c, _]) = three_spans(Some(0));
+        let router = router_of(fake);
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        let y = session.run_blocks(hidden(&[1.0, 2.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0, 8.0]);
+        assert_eq!(session.reroutes(), 0, "a failed forward bans nobody");
+        assert_eq!(*router.network.pushed.lock().unwrap(), 1);
+        let steps = router.network.steps.lock().unwrap().clone();
+        assert_eq!(steps, [(a, 0, 2), (b, 0, 2), (c, 0, 2)]);
+    }
+
+    #[tokio::test]
+    async fn with_verification_on_steps_are_relayed_not_pushed() {
+        let (fake, _) = three_spans(None);
+        let router = verifying(fake, 4);
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        let y = session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        assert_eq!(y.data, [7.0]);
+        assert_eq!(*router.network.pushed.lock().unwrap(), 0);
     }
 }

@@ -20,6 +20,7 @@ use proto::v1::{Dtype, ServerState};
 use swarm::discovery::{self, Server};
 use swarm::NetHandle;
 
+use super::push::{push_through, pushable, Pushed};
 use super::span::{SessionError, SpanSession, Timeouts};
 use crate::route::{
     plan_load_aware, plan_route, PlanError, PlanRequest, Routing, ServerInfo, Span,
@@ -81,6 +82,19 @@ pub trait Network: Send + Sync + 'static {
 
     /// Frees the span on its peer; best effort, bounded.
     fn close(&self, span: Self::Span) -> impl Future<Output = ()> + Send;
+
+    /// Runs positions `pos..pos + hidden.tokens` through `spans` node to node (see
+    /// [`super::push`]), when this network can. Nothing pushed (no outputs, no stop) tells the
+    /// caller to relay every span itself, which is what a network without push does.
+    fn push(
+        &self,
+        spans: Vec<&mut Self::Span>,
+        pos: u32,
+        hidden: &Hidden,
+    ) -> impl Future<Output = Pushed> + Send {
+        let _ = (spans, pos, hidden);
+        async { Pushed::default() }
+    }
 }
 
 /// The real swarm: DHT discovery and span sessions over libp2p streams.
@@ -92,6 +106,9 @@ pub struct Libp2pNetwork {
     pub dtype: Dtype,
     pub timeouts: Timeouts,
     pub routing: Routing,
+    /// Whether steps go node to node (server-to-server push) where every peer of the route
+    /// takes pushes, instead of back through this client after every span.
+    pub push: bool,
 }
 
 /// Most peers measured before one plan, and how long their measurements may take.
@@ -192,5 +209,12 @@ impl Network for Libp2pNetwork {
 
     async fn close(&self, span: SpanSession) {
         span.close().await;
+    }
+
+    async fn push(&self, mut spans: Vec<&mut SpanSession>, pos: u32, hidden: &Hidden) -> Pushed {
+        if !self.push || !pushable(&spans, hidden) {
+            return Pushed::default();
+        }
+        push_through(&mut spans, pos, hidden).await
     }
 }

@@ -1,12 +1,15 @@
 //! One peer's part of a route: an open session on `blocks` of that peer, over one stream.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use model::fingerprint::Fingerprint;
 use model::Hidden;
-use proto::v1::{server_frame, ClientFrame, Dtype, ErrorCode, OpenSession, ServerFrame};
+use proto::v1::{
+    server_frame, ClientFrame, Dtype, ErrorCode, Hop, OpenSession, ServerFrame, Step, StepResult,
+};
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, step_bound};
 use proto::{read_frame, write_frame};
 use proto::{ErrorAction, WireError};
@@ -79,9 +82,25 @@ impl SessionError {
     }
 }
 
+/// Step ids increase across every session of this process, so each node sees them increase
+/// whichever route a step took to it (sent by this client, or pushed by another node).
+static NEXT_STEP_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn next_step_id() -> u64 {
+    NEXT_STEP_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Most answers to older steps read before the one awaited. Each push this client gave up on
+/// can leave one answer behind on a stream; more than this is a peer making answers up.
+const MAX_STALE_ANSWERS: usize = 4;
+
 pub struct SpanSession {
     pub peer: PeerId,
     pub blocks: Range<u32>,
+    /// Where the peer said it can be reached, for nodes that forward to it.
+    addrs: Vec<Multiaddr>,
+    /// The token other nodes push this session's steps with; empty if the peer takes none.
+    push_token: Vec<u8>,
     stream: libp2p::Stream,
     dim: usize,
     max_length: u32,
@@ -128,6 +147,8 @@ impl SpanSession {
         let mut s = Self {
             peer,
             blocks: blocks.clone(),
+            addrs: server.addrs.clone(),
+            push_token: Vec::new(),
             stream,
             dim,
             max_length,
@@ -142,9 +163,15 @@ impl SpanSession {
             max_length,
             wire_dtype: dtype as i32,
         });
-        match s.exchange(&open, "session open", timeouts.connect).await? {
+        match s
+            .exchange(&open, "session open", timeouts.connect, 0)
+            .await?
+        {
             server_frame::Kind::Opened(o) => {
                 s.max_step_tokens = step_bound(o.max_step_tokens);
+                if o.push_token.len() == proto::PUSH_TOKEN_LEN {
+                    s.push_token = o.push_token;
+                }
                 Ok(s)
             }
             other => Err(s.unexpected(other)),
@@ -184,11 +211,21 @@ impl SpanSession {
 
     /// One step of at most the peer's bound.
     async fn step_once(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
-        let frame = ClientFrame::step(
-            pos,
-            encode_tensor(&hidden.data, &[hidden.tokens, hidden.dim], self.dtype),
-        );
-        let answer = match self.exchange(&frame, "step", self.timeouts.step).await {
+        let step_id = next_step_id();
+        let frame = ClientFrame::step_of(Step {
+            position: pos,
+            hidden: Some(encode_tensor(
+                &hidden.data,
+                &[hidden.tokens, hidden.dim],
+                self.dtype,
+            )),
+            step_id,
+            next: Vec::new(),
+        });
+        let answer = match self
+            .exchange(&frame, "step", self.timeouts.step, step_id)
+            .await
+        {
             // We keep to the bound the peer gave; a refusal within it is the peer's lie, not
             // our fault, and it is treated as any broken peer (rerouted, banned).
             Err(SessionError::Remote {
@@ -207,31 +244,110 @@ impl SpanSession {
             other => other?,
         };
         match answer {
-            server_frame::Kind::Result(r) => {
-                let peer = self.peer;
-                let t = r.hidden.ok_or(SessionError::Protocol {
-                    peer,
-                    reason: "step result without hidden states".into(),
-                })?;
-                let limits = hidden_limits(hidden.tokens, self.dim);
-                let d = decode_tensor(&t, &limits)
-                    .map_err(|source| SessionError::Wire { peer, source })?;
-                if d.shape != [hidden.tokens, self.dim] {
-                    return Err(SessionError::Protocol {
-                        peer,
-                        reason: format!(
-                            "answered shape {:?} for {}x{}",
-                            d.shape, hidden.tokens, self.dim
-                        ),
-                    });
-                }
-                Hidden::new(hidden.tokens, self.dim, d.values).map_err(|e| SessionError::Protocol {
-                    peer,
-                    reason: e.to_string(),
-                })
+            server_frame::Kind::Result(r) => self.decode_result(r, hidden.tokens),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// This span as a hop the previous span's node can forward to; `None` when its peer takes
+    /// no pushes.
+    pub fn hop(&self) -> Option<Hop> {
+        if self.push_token.is_empty() {
+            return None;
+        }
+        Some(Hop {
+            peer_id: self.peer.to_bytes(),
+            addrs: self
+                .addrs
+                .iter()
+                .map(|a| a.to_vec())
+                .filter(|a| a.len() <= proto::MAX_HOP_ADDR_BYTES)
+                .take(proto::MAX_HOP_ADDRS)
+                .collect(),
+            push_token: self.push_token.clone(),
+            start_block: self.blocks.start,
+            end_block: self.blocks.end,
+        })
+    }
+
+    /// Sends a step of at most the peer's bound whose output the peer forwards along `next`;
+    /// each span's answer is then read from its own session with [`SpanSession::pushed_answer`].
+    pub async fn send_pushed(
+        &mut self,
+        pos: u32,
+        hidden: &Hidden,
+        step_id: u64,
+        next: Vec<Hop>,
+    ) -> Result<(), SessionError> {
+        let peer = self.peer;
+        let frame = ClientFrame::step_of(Step {
+            position: pos,
+            hidden: Some(encode_tensor(
+                &hidden.data,
+                &[hidden.tokens, hidden.dim],
+                self.dtype,
+            )),
+            step_id,
+            next,
+        });
+        let limit = self.timeouts.step;
+        tokio::time::timeout(limit, write_frame(&mut self.stream, &frame))
+            .await
+            .map_err(|_| SessionError::Timeout {
+                peer,
+                what: "pushed step",
+                secs: limit.as_secs_f64(),
+            })?
+            .map_err(|source| SessionError::Wire { peer, source })
+    }
+
+    /// This span's answer to the pushed step `step_id` of `tokens` rows, and the reason its peer
+    /// gave for not forwarding the output (empty if it did, or had nothing to forward to).
+    pub async fn pushed_answer(
+        &mut self,
+        step_id: u64,
+        tokens: usize,
+    ) -> Result<(Hidden, String), SessionError> {
+        let limit = self.timeouts.step;
+        let peer = self.peer;
+        let answer = tokio::time::timeout(limit, self.answer(step_id))
+            .await
+            .map_err(|_| SessionError::Timeout {
+                peer,
+                what: "pushed step",
+                secs: limit.as_secs_f64(),
+            })??;
+        match answer {
+            server_frame::Kind::Result(mut r) => {
+                let forward_error: String = std::mem::take(&mut r.forward_error)
+                    .chars()
+                    .take(500)
+                    .collect();
+                Ok((self.decode_result(r, tokens)?, forward_error))
             }
             other => Err(self.unexpected(other)),
         }
+    }
+
+    /// The hidden states of an answer to `tokens` rows, checked against the session's shape.
+    fn decode_result(&self, r: StepResult, tokens: usize) -> Result<Hidden, SessionError> {
+        let peer = self.peer;
+        let t = r.hidden.ok_or(SessionError::Protocol {
+            peer,
+            reason: "step result without hidden states".into(),
+        })?;
+        let limits = hidden_limits(tokens, self.dim);
+        let d = decode_tensor(&t, &limits).map_err(|source| SessionError::Wire { peer, source })?;
+        if d.shape != [tokens, self.dim] {
+            return Err(SessionError::Protocol {
+                peer,
+                reason: format!("answered shape {:?} for {}x{}", d.shape, tokens, self.dim),
+            });
+        }
+        Hidden::new(tokens, self.dim, d.values).map_err(|e| SessionError::Protocol {
+            peer,
+            reason: e.to_string(),
+        })
     }
 
     /// Tells the peer to free the session; best effort, bounded.
@@ -243,35 +359,67 @@ impl SpanSession {
         .await;
     }
 
+    /// Sends `frame` and reads its answer (for a step, the answer to `step_id`), all within
+    /// `limit`.
     async fn exchange(
         &mut self,
         frame: &ClientFrame,
         what: &'static str,
         limit: Duration,
+        step_id: u64,
     ) -> Result<server_frame::Kind, SessionError> {
         let peer = self.peer;
-        let max = max_step_frame(self.max_length as usize, self.dim);
         let io = async {
-            write_frame(&mut self.stream, frame).await?;
-            read_frame::<_, ServerFrame>(&mut self.stream, max).await
+            write_frame(&mut self.stream, frame)
+                .await
+                .map_err(|source| SessionError::Wire { peer, source })?;
+            self.answer(step_id).await
         };
-        let reply = tokio::time::timeout(limit, io)
+        tokio::time::timeout(limit, io)
             .await
             .map_err(|_| SessionError::Timeout {
                 peer,
                 what,
                 secs: limit.as_secs_f64(),
             })?
-            .map_err(|source| SessionError::Wire { peer, source })?;
-        match reply.and_then(|f| f.kind) {
-            None => Err(SessionError::Closed { peer }),
-            Some(server_frame::Kind::Error(e)) => Err(SessionError::Remote {
-                peer,
-                code: ErrorCode::from_wire(e.code),
-                message: e.message.chars().take(500).collect(),
-            }),
-            Some(kind) => Ok(kind),
+    }
+
+    /// Reads the next answer, dropping answers to steps older than `step_id`: a step pushed
+    /// to this peer that the client then sent again itself (after a failed push) is answered
+    /// twice, and the first answer is of no use any more.
+    async fn answer(&mut self, step_id: u64) -> Result<server_frame::Kind, SessionError> {
+        let peer = self.peer;
+        let max = max_step_frame(self.max_length as usize, self.dim);
+        for _ in 0..=MAX_STALE_ANSWERS {
+            let reply = read_frame::<_, ServerFrame>(&mut self.stream, max)
+                .await
+                .map_err(|source| SessionError::Wire { peer, source })?;
+            match reply.and_then(|f| f.kind) {
+                None => return Err(SessionError::Closed { peer }),
+                Some(server_frame::Kind::Error(e)) => {
+                    return Err(SessionError::Remote {
+                        peer,
+                        code: ErrorCode::from_wire(e.code),
+                        message: e.message.chars().take(500).collect(),
+                    })
+                }
+                Some(server_frame::Kind::Result(r)) if r.step_id != step_id => {
+                    if r.step_id < step_id {
+                        tracing::debug!(%peer, "dropped the answer to step {}, sent again since", r.step_id);
+                        continue;
+                    }
+                    return Err(SessionError::Protocol {
+                        peer,
+                        reason: format!("answered step {} when asked step {step_id}", r.step_id),
+                    });
+                }
+                Some(kind) => return Ok(kind),
+            }
         }
+        Err(SessionError::Protocol {
+            peer,
+            reason: format!("sent more than {MAX_STALE_ANSWERS} answers to old steps"),
+        })
     }
 
     fn unexpected(&self, kind: server_frame::Kind) -> SessionError {

@@ -18,7 +18,7 @@ use crate::compute::{fair_share, ComputeHandle, ComputeLimits};
 use crate::config::JoinConfig;
 use crate::error::JoinError;
 use crate::metrics::NodeMetrics;
-use crate::server::{accept_loop, ServeContext};
+use crate::server::{accept_loop, accept_push_loop, Inboxes, ServeContext};
 
 /// What one peer may hold of `total`: as configured (never more than the whole), or else its
 /// fair share.
@@ -82,10 +82,18 @@ impl Serving {
             max_step_tokens: config.max_step_tokens,
             fault: config.fault,
             leaving: AtomicBool::new(false),
+            net: announcer.net.clone(),
+            inboxes: Inboxes::default(),
         });
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
         tasks.spawn(accept_loop(
+            announcer.net.stream_control(),
+            ctx.clone(),
+            tasks.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(accept_push_loop(
             announcer.net.stream_control(),
             ctx.clone(),
             tasks.clone(),

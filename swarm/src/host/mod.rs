@@ -29,6 +29,8 @@ use event_loop::EventLoop;
 /// The inference data plane as a libp2p protocol: [`proto::INFERENCE_PROTOCOL`], typed for
 /// stream controls.
 pub const INFERENCE_STREAM: StreamProtocol = StreamProtocol::new(proto::INFERENCE_PROTOCOL);
+/// Server-to-server push ([`proto::PUSH_PROTOCOL`]): a node forwards its output to the next span.
+pub const PUSH_STREAM: StreamProtocol = StreamProtocol::new(proto::PUSH_PROTOCOL);
 const DHT_STREAM: StreamProtocol = StreamProtocol::new(proto::DHT_PROTOCOL);
 /// A block's record lists every server of that block; a few hundred fit in this.
 const MAX_RECORD_BYTES: usize = 256 * 1024;

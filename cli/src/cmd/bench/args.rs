@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// the client waits for it (the client's `--verify-first`).
     #[arg(long, value_name = "N", requires = "verify_every")]
     pub verify_first: Option<u64>,
+    /// With --local: what each wire dtype of hidden states (f16, bf16, q8) costs in agreement
+    /// with f32, the model split into --nodes spans, over --gen-tokens tokens of a few prompts.
+    #[arg(long, requires = "local")]
+    pub wire_agreement: bool,
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]

@@ -2,7 +2,8 @@
 //! real processes on 127.0.0.1 against it ([`swarm`]), `--swarm --fairness` one client's
 //! latency under another's long prompt ([`fairness`]), `--swarm --verify-every N` what checking
 //! peers' outputs costs ([`verify`]), `--bootstrap ADDR` a swarm running elsewhere
-//! ([`remote`]). They build on [`args`], [`measure`] and [`procs`]; none
+//! ([`remote`]), `--local --wire-agreement` what lossy wire dtypes cost in agreement with
+//! f32 ([`wire`]). They build on [`args`], [`measure`] and [`procs`]; none
 //! imports another.
 
 pub mod args;
@@ -13,6 +14,7 @@ mod procs;
 mod remote;
 mod swarm;
 mod verify;
+mod wire;
 
 use anyhow::bail;
 
@@ -39,6 +41,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (None, None, None, Some(every)) => verify::run(&args, threads, every as usize)?,
             (None, None, None, None) => swarm::run(&args, threads, args.nodes)?,
         },
+        _ if args.wire_agreement => wire::run(&args, threads)?,
         None => local::bench_full(&args, threads)?,
         Some(range) => local::bench_slice(&args, threads, range)?,
     };

@@ -14,13 +14,20 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use model::Hidden;
-use proto::v1::{client_frame, ClientFrame, Dtype, ErrorCode, ServerFrame};
+use proto::v1::{
+    client_frame, server_frame, ClientFrame, Dtype, ErrorCode, ServerFrame, StepResult,
+};
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, TensorLimits};
 use proto::{read_frame, write_frame, WireError, MAX_OPEN_FRAME};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::compute::{ComputeError, ComputeHandle};
+
+mod push_in;
+mod push_out;
+
+pub use push_in::{accept_loop as accept_push_loop, Inboxes};
 
 /// Everything a session task needs to know about this node.
 pub struct ServeContext {
@@ -37,6 +44,10 @@ pub struct ServeContext {
     pub fault: crate::Fault,
     /// Set when the node is leaving: new sessions are refused with SHUTTING_DOWN.
     pub leaving: AtomicBool,
+    /// This node's host, to forward outputs to the next span's node.
+    pub net: swarm::NetHandle,
+    /// The open sessions other nodes may push steps into, by token.
+    pub inboxes: Inboxes,
 }
 
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,8 +120,8 @@ impl ServeContext {
 
 /// Writes `frame`, giving up after `limit` (the stream is then useless: the task ends and the
 /// session with it).
-async fn send(
-    stream: &mut libp2p::Stream,
+async fn send<W: futures::io::AsyncWrite + Unpin>(
+    stream: &mut W,
     frame: &ServerFrame,
     limit: Duration,
 ) -> Result<(), WireError> {
@@ -152,6 +163,33 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// Where a step came from: the session's own client, or the node of the previous span.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Client,
+    Pushed,
+}
+
+/// The client's frames as a stream: reading one is cancel-safe (a partly read frame stays in the
+/// stream's state), so a session can wait for its client and for pushes at once. Ends after EOF
+/// or the first error.
+fn client_frames<R>(
+    r: R,
+    max_frame: usize,
+) -> impl futures::Stream<Item = Result<ClientFrame, WireError>>
+where
+    R: futures::io::AsyncRead + Unpin,
+{
+    futures::stream::unfold(Some(r), move |r| async move {
+        let mut r = r?;
+        match read_frame::<_, ClientFrame>(&mut r, max_frame).await {
+            Ok(Some(f)) => Some((Ok(f), Some(r))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
 async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
     let (reply, session) = match open(&mut stream, &ctx, peer).await {
         Ok(ok) => ok,
@@ -163,6 +201,8 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     };
     let (id, max_length, dtype, blocks) = session;
     let _guard = CloseOnDrop(ctx.compute.clone(), id);
+    let (token, mut inbox, _listed) = ctx.inboxes.register(blocks.clone());
+    let reply = with_push_token(reply, &token);
     if send(&mut stream, &reply, ctx.write_timeout())
         .await
         .is_err()
@@ -172,18 +212,28 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     tracing::debug!(%peer, session = id, blocks = ?blocks, max_length, "session opened");
     let max_frame = max_step_frame(max_length, ctx.dim);
     let limits = hidden_limits(max_length, ctx.dim);
+    let end_block = u32::try_from(blocks.end).unwrap_or(u32::MAX);
+    let (reader, mut stream) = futures::io::AsyncReadExt::split(stream);
+    let mut frames = Box::pin(client_frames(reader, max_frame));
+    let mut forwarder = push_out::Forwarder::new(ctx.net.clone());
+    // Highest step id run so far: a push older than that is a leftover of a step the client
+    // has since sent again itself, and running it would roll the cache back.
+    let mut last_step_id = 0u64;
     loop {
-        let frame = match tokio::time::timeout(
-            ctx.idle_timeout,
-            read_frame::<_, ClientFrame>(&mut stream, max_frame),
-        )
-        .await
-        {
+        let next = tokio::time::timeout(ctx.idle_timeout, async {
+            tokio::select! {
+                f = frames.next() => Err(f),
+                Some(p) = inbox.recv() => Ok(p),
+            }
+        })
+        .await;
+        let (step, origin) = match next {
             Err(_) => {
                 tracing::info!(%peer, session = id, "session idle for {:?}, closing", ctx.idle_timeout);
                 return;
             }
-            Ok(Err(e)) => {
+            Ok(Err(None)) => return,
+            Ok(Err(Some(Err(e)))) => {
                 let _ = send(
                     &mut stream,
                     &ServerFrame::error(ErrorCode::BadRequest, e.to_string()),
@@ -192,43 +242,66 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 .await;
                 return;
             }
-            Ok(Ok(None)) => return,
-            Ok(Ok(Some(f))) => f,
+            Ok(Err(Some(Ok(frame)))) => match frame.kind {
+                Some(client_frame::Kind::Step(s)) => (s, Origin::Client),
+                Some(client_frame::Kind::Close(_)) => return,
+                _ => {
+                    let _ = send(
+                        &mut stream,
+                        &ServerFrame::error(
+                            ErrorCode::BadRequest,
+                            "expected a step or close frame",
+                        ),
+                        ctx.write_timeout(),
+                    )
+                    .await;
+                    return;
+                }
+            },
+            Ok(Ok(pushed)) => match take_push(&ctx, &pushed.step, last_step_id, end_block) {
+                Ok(()) => {
+                    let _ = pushed.taken.send(Ok(()));
+                    (pushed.step, Origin::Pushed)
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, session = id, "push refused: {}", e.message);
+                    let _ = pushed.taken.send(Err(e));
+                    continue;
+                }
+            },
         };
-        let step = match frame.kind {
-            Some(client_frame::Kind::Step(s)) => s,
-            Some(client_frame::Kind::Close(_)) => return,
-            _ => {
+        if origin == Origin::Client {
+            if let Some(frame) = oversized(&step, ctx.max_step_tokens) {
+                // Nothing was computed and the session's cache is untouched, so the client may
+                // go on in smaller steps on this same session.
+                tracing::debug!(%peer, session = id, "step over the row bound refused");
+                if send(&mut stream, &frame, ctx.write_timeout())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            if ctx.leaving.load(Ordering::Relaxed) {
+                // The client reroutes this step elsewhere; nothing is lost.
                 let _ = send(
                     &mut stream,
-                    &ServerFrame::error(ErrorCode::BadRequest, "expected a step or close frame"),
+                    &ServerFrame::error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
                     ctx.write_timeout(),
                 )
                 .await;
                 return;
             }
-        };
-        if let Some(frame) = oversized(&step, ctx.max_step_tokens) {
-            // Nothing was computed and the session's cache is untouched, so the client may go
-            // on in smaller steps on this same session.
-            tracing::debug!(%peer, session = id, "step over the row bound refused");
-            if send(&mut stream, &frame, ctx.write_timeout())
-                .await
-                .is_err()
-            {
+            if let Err(e) = proto::check_hops(&step, end_block) {
+                let _ = send(
+                    &mut stream,
+                    &ServerFrame::error(ErrorCode::BadRequest, e),
+                    ctx.write_timeout(),
+                )
+                .await;
                 return;
             }
-            continue;
-        }
-        if ctx.leaving.load(Ordering::Relaxed) {
-            // The client reroutes this step elsewhere; nothing is lost.
-            let _ = send(
-                &mut stream,
-                &ServerFrame::error(ErrorCode::ShuttingDown, "this node is leaving the swarm"),
-                ctx.write_timeout(),
-            )
-            .await;
-            return;
         }
         let answer = match (
             refusal(ctx.fault),
@@ -237,40 +310,104 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             (Some(lie), _) => Err(lie),
             (None, Err(frame)) => Err(frame),
             (None, Ok(hidden)) => {
-                // The client sends nothing while its step runs, so anything read meanwhile (end
-                // of stream, a reset, a frame out of turn) means it has gone or broken the
-                // protocol: the step is dropped at once, and with it its queued rows.
-                let step = ctx.compute.step(id, step.position as usize, hidden);
-                let gone = read_frame::<_, ClientFrame>(&mut stream, max_frame);
-                tokio::select! {
-                    done = step => match done {
-                        Ok((mut out, took)) => Ok(ServerFrame::result({
-                            corrupt(ctx.fault, &mut out.data);
-                            encode_tensor(&out.data, &[out.tokens, out.dim], dtype)
-                        }, took.as_secs_f32() * 1e3)),
-                        Err(e) => Err(compute_error(e)),
+                let compute = ctx.compute.step(id, step.position as usize, hidden);
+                let done = match origin {
+                    // The client sends nothing while its step runs, so anything read meanwhile
+                    // (end of stream, a reset, a frame out of turn) means it has gone or broken
+                    // the protocol: the step is dropped at once, and with it its queued rows.
+                    Origin::Client => tokio::select! {
+                        done = compute => done,
+                        _ = frames.next() => {
+                            tracing::debug!(%peer, session = id, "stream ended during a step; step withdrawn");
+                            return;
+                        }
                     },
-                    _ = gone => {
-                        tracing::debug!(%peer, session = id, "stream ended during a step; step withdrawn");
-                        return;
+                    // A client that falls back after a failed push may send this step again
+                    // while the push runs: its frame waits for the next turn.
+                    Origin::Pushed => compute.await,
+                };
+                match done {
+                    Ok((mut out, took)) => {
+                        corrupt(ctx.fault, &mut out.data);
+                        Ok((
+                            encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
+                            took.as_secs_f32() * 1e3,
+                        ))
                     }
+                    Err(e) => Err(compute_error(e)),
                 }
             }
         };
-        match answer {
-            Ok(frame) => {
-                if let Err(e) = send(&mut stream, &frame, ctx.write_timeout()).await {
-                    tracing::info!(%peer, session = id, "answer not delivered ({e}), closing");
-                    return;
-                }
-            }
+        let (hidden, compute_ms) = match answer {
+            Ok(ok) => ok,
             Err(frame) => {
                 tracing::debug!(%peer, session = id, "step refused");
                 let _ = send(&mut stream, &frame, ctx.write_timeout()).await;
                 return;
             }
+        };
+        last_step_id = last_step_id.max(step.step_id);
+        // The output goes on before the client hears of it: the next node's work is what the
+        // client waits for. The client gets the very same bytes, for its replay history.
+        let forward_error = match forwarder.forward(&step, &hidden).await {
+            Ok(()) => String::new(),
+            Err(e) => {
+                tracing::info!(%peer, session = id, "{e}; the client sends the next span itself");
+                e
+            }
+        };
+        let frame = ServerFrame::step_result(StepResult {
+            hidden: Some(hidden),
+            compute_ms,
+            step_id: step.step_id,
+            forward_error,
+        });
+        if let Err(e) = send(&mut stream, &frame, ctx.write_timeout()).await {
+            tracing::info!(%peer, session = id, "answer not delivered ({e}), closing");
+            return;
         }
     }
+}
+
+/// Whether the session takes a step pushed by the previous span's node: it must be newer than
+/// every step run so far, fit the node's step bound and carry well-formed hops, and the node
+/// must not be leaving. The push is acknowledged with this answer before anything is computed.
+fn take_push(
+    ctx: &ServeContext,
+    step: &proto::v1::Step,
+    last_step_id: u64,
+    end_block: u32,
+) -> Result<(), proto::v1::Error> {
+    if step.step_id == 0 || step.step_id <= last_step_id {
+        return Err(push_in::refusal(
+            ErrorCode::BadRequest,
+            format!(
+                "step {} is not newer than step {last_step_id}, already run",
+                step.step_id
+            ),
+        ));
+    }
+    if ctx.leaving.load(Ordering::Relaxed) {
+        return Err(push_in::refusal(
+            ErrorCode::ShuttingDown,
+            "this node is leaving the swarm",
+        ));
+    }
+    if let Some(ServerFrame {
+        kind: Some(server_frame::Kind::Error(e)),
+    }) = oversized(step, ctx.max_step_tokens)
+    {
+        return Err(e);
+    }
+    proto::check_hops(step, end_block).map_err(|e| push_in::refusal(ErrorCode::BadRequest, e))
+}
+
+/// The session-opened answer, naming the token other nodes push into this session with.
+fn with_push_token(mut frame: ServerFrame, token: &[u8]) -> ServerFrame {
+    if let Some(server_frame::Kind::Opened(o)) = &mut frame.kind {
+        o.push_token = token.to_vec();
+    }
+    frame
 }
 
 type Opened = (u64, usize, Dtype, Range<usize>);
@@ -332,7 +469,7 @@ async fn open(
         )));
     }
     let dtype = match Dtype::try_from(open.wire_dtype) {
-        Ok(d @ (Dtype::F32 | Dtype::F16 | Dtype::Bf16)) => d,
+        Ok(d @ (Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::Q8Row)) => d,
         _ => {
             return Err(Some(ServerFrame::error(
                 ErrorCode::BadRequest,
@@ -407,7 +544,6 @@ fn check_step(
 
 #[cfg(test)]
 mod tests {
-    use proto::v1::server_frame;
     use proto::ErrorAction;
 
     use super::*;
@@ -417,6 +553,7 @@ mod tests {
         let step = |rows: usize| proto::v1::Step {
             position: 0,
             hidden: Some(encode_tensor(&vec![0.0; rows * 2], &[rows, 2], Dtype::F32)),
+            ..proto::v1::Step::default()
         };
         assert!(oversized(&step(16), 16).is_none());
         let frame = oversized(&step(17), 16).expect("17 rows refused");

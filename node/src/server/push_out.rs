@@ -1,0 +1,128 @@
+//! Forwarding a step's output to the next span's node (server-to-server push), so hidden states
+//! go node to node instead of back through the client: N + 1 one-way trips per token through N
+//! nodes instead of 2N.
+//!
+//! The forward is best effort and bounded: whatever goes wrong (the peer cannot be reached, it
+//! does not serve the next blocks, it does not take the step within [`FORWARD_TIMEOUT`]) comes
+//! back as a one-line reason, which the node puts in its answer to the client; the client then
+//! sends the next span this output itself. A stream is kept per session and next peer, and
+//! dropped on any error.
+
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use proto::v1::{ErrorCode, PushAck, PushStep, Step, Tensor};
+use proto::{read_frame, write_frame};
+use swarm::{NetHandle, PUSH_STREAM};
+
+/// Longest a forward may take, from dialling to the acknowledgement. Well under a client's step
+/// timeout (30 s by default), so the client hears about a failed forward before it gives up on
+/// this node.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// An acknowledgement is a step id and at most a short error.
+const MAX_ACK_FRAME: usize = 4096;
+
+pub struct Forwarder {
+    net: NetHandle,
+    stream: Option<(PeerId, libp2p::Stream)>,
+}
+
+impl Forwarder {
+    pub fn new(net: NetHandle) -> Self {
+        Self { net, stream: None }
+    }
+
+    /// Sends `output`, the answer to `step`, to the first of `step.next` with the rest of the
+    /// route. The hops were checked when the step arrived ([`proto::check_hops`]).
+    pub async fn forward(&mut self, step: &Step, output: &Tensor) -> Result<(), String> {
+        let Some(hop) = step.next.first() else {
+            return Ok(());
+        };
+        let push = PushStep {
+            push_token: hop.push_token.clone(),
+            start_block: hop.start_block,
+            end_block: hop.end_block,
+            step: Some(Step {
+                position: step.position,
+                hidden: Some(output.clone()),
+                step_id: step.step_id,
+                next: step.next[1..].to_vec(),
+            }),
+        };
+        let peer =
+            PeerId::from_bytes(&hop.peer_id).map_err(|e| format!("bad next peer id: {e}"))?;
+        let addrs = hop
+            .addrs
+            .iter()
+            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+            .collect();
+        let sent = tokio::time::timeout(FORWARD_TIMEOUT, self.send(peer, addrs, &push)).await;
+        let result = match sent {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "{peer} did not take the forwarded step within {FORWARD_TIMEOUT:?}"
+            )),
+        };
+        if result.is_err() {
+            self.stream = None;
+        }
+        result.map_err(|e| {
+            format!(
+                "forward to blocks {}..{}: {e}",
+                hop.start_block, hop.end_block
+            )
+        })
+    }
+
+    async fn send(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        push: &PushStep,
+    ) -> Result<(), String> {
+        if peer == self.net.peer_id() {
+            return Err("the next span is on this node itself".into());
+        }
+        let reuse = matches!(&self.stream, Some((p, _)) if *p == peer);
+        if !reuse {
+            self.stream = None;
+            self.net
+                .dial(peer, addrs, FORWARD_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = self
+                .net
+                .stream_control()
+                .open_stream(peer, PUSH_STREAM)
+                .await
+                .map_err(|e| format!("opening a push stream to {peer}: {e}"))?;
+            self.stream = Some((peer, s));
+        }
+        let Some((_, stream)) = self.stream.as_mut() else {
+            return Err("no push stream".into());
+        };
+        write_frame(stream, push)
+            .await
+            .map_err(|e| format!("sending to {peer}: {e}"))?;
+        let ack = read_frame::<_, PushAck>(stream, MAX_ACK_FRAME)
+            .await
+            .map_err(|e| format!("reading {peer}'s acknowledgement: {e}"))?
+            .ok_or_else(|| format!("{peer} closed the push stream"))?;
+        let step_id = push.step.as_ref().map_or(0, |s| s.step_id);
+        if ack.step_id != step_id {
+            return Err(format!(
+                "{peer} acknowledged step {} instead of {step_id}",
+                ack.step_id
+            ));
+        }
+        match ack.error {
+            None => Ok(()),
+            Some(e) => Err(format!(
+                "{peer} refused: {} ({:?})",
+                e.message.chars().take(200).collect::<String>(),
+                ErrorCode::from_wire(e.code)
+            )),
+        }
+    }
+}
