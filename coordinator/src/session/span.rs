@@ -209,10 +209,10 @@ impl SpanSession {
         })
     }
 
-    /// One step of at most the peer's bound.
-    async fn step_once(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
-        let step_id = next_step_id();
-        let frame = ClientFrame::step_of(Step {
+    /// The frame of a step at `pos`, in this session's wire dtype; `next` is the rest of the
+    /// route for a pushed step, empty for one the client relays itself.
+    fn step_frame(&self, pos: u32, hidden: &Hidden, step_id: u64, next: Vec<Hop>) -> ClientFrame {
+        ClientFrame::step_of(Step {
             position: pos,
             hidden: Some(encode_tensor(
                 &hidden.data,
@@ -220,8 +220,14 @@ impl SpanSession {
                 self.dtype,
             )),
             step_id,
-            next: Vec::new(),
-        });
+            next,
+        })
+    }
+
+    /// One step of at most the peer's bound.
+    async fn step_once(&mut self, pos: u32, hidden: &Hidden) -> Result<Hidden, SessionError> {
+        let step_id = next_step_id();
+        let frame = self.step_frame(pos, hidden, step_id, Vec::new());
         let answer = match self
             .exchange(&frame, "step", self.timeouts.step, step_id)
             .await
@@ -280,16 +286,7 @@ impl SpanSession {
         next: Vec<Hop>,
     ) -> Result<(), SessionError> {
         let peer = self.peer;
-        let frame = ClientFrame::step_of(Step {
-            position: pos,
-            hidden: Some(encode_tensor(
-                &hidden.data,
-                &[hidden.tokens, hidden.dim],
-                self.dtype,
-            )),
-            step_id,
-            next,
-        });
+        let frame = self.step_frame(pos, hidden, step_id, next);
         let limit = self.timeouts.step;
         tokio::time::timeout(limit, write_frame(&mut self.stream, &frame))
             .await
