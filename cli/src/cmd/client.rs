@@ -62,6 +62,13 @@ pub struct SwarmArgs {
     /// --verify-every if smaller.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_VERIFY_EVERY))]
     pub verify_first: Option<u64>,
+    /// With --verify-every: the share of spans (0 to 1) that stay under check after their
+    /// first check agreed; the others release text at once and free their spare. The first
+    /// check, which catches a peer that corrupts every step, always runs. Default 1: every
+    /// position is checked. Lower costs the spare less (see BENCHMARKS.md) and catches a peer
+    /// that corrupts only later positions in that share of sessions.
+    #[arg(long, value_name = "SHARE", default_value_t = 1.0, value_parser = parse_share)]
+    pub verify_sample: f64,
     /// Relay hidden states through this client after every span, instead of node to node.
     /// By default each node forwards its output to the next span's node and the client waits
     /// only for the last: N + 1 one-way trips per token through N nodes instead of 2N. Nodes
@@ -115,6 +122,14 @@ impl WireDtype {
     }
 }
 
+/// A share from 0 to 1, as `--verify-sample` takes it.
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share from 0 to 1")),
+    }
+}
+
 /// Largest `--verify-every`: past the longest context we serve, a check would never come.
 const MAX_VERIFY_EVERY: u64 = 1 << 16;
 
@@ -143,7 +158,8 @@ impl SwarmArgs {
                     VerifyPolicy::every(self.verify_every as usize).first_within(first as usize)
                 }
                 None => VerifyPolicy::every(self.verify_every as usize),
-            },
+            }
+            .audit_share(self.verify_sample),
             push: !self.no_push,
             wire_dtype: self.wire_dtype.dtype(),
             routing: self.routing.routing(),

@@ -622,6 +622,8 @@ mod tests {
         full: Vec<PeerId>,
         /// Answer every step with wrong values, each its own.
         corrupt: Vec<PeerId>,
+        /// The `corrupt` peers answer honestly before this position.
+        corrupt_from: u32,
         /// Take 20 ms per step.
         slow: Vec<PeerId>,
         steps: Mutex<Vec<(PeerId, u32, usize)>>,
@@ -641,6 +643,7 @@ mod tests {
                 liars: Vec::new(),
                 full: Vec::new(),
                 corrupt: Vec::new(),
+                corrupt_from: 0,
                 slow: Vec::new(),
                 steps: Mutex::default(),
                 push: None,
@@ -719,8 +722,16 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let lie = self.corrupt.iter().position(|&p| p == peer);
-            let add = blocks.len() as f32 + lie.map_or(0.0, |k| 1000.0 * (k + 1) as f32);
-            let data = hidden.data.iter().map(|v| v + add).collect();
+            let data = hidden
+                .data
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let row = pos + (i / hidden.dim) as u32;
+                    let wrong = lie.filter(|_| row >= self.corrupt_from);
+                    v + blocks.len() as f32 + wrong.map_or(0.0, |k| 1000.0 * (k + 1) as f32)
+                })
+                .collect();
             Ok(Hidden { data, ..*hidden })
         }
 
@@ -780,6 +791,7 @@ mod tests {
             liars: Vec::new(),
             full: Vec::new(),
             corrupt: Vec::new(),
+            corrupt_from: 0,
             slow: Vec::new(),
             steps: Mutex::default(),
             push: None,
@@ -953,6 +965,92 @@ mod tests {
         assert_eq!(y.data, [7.0, 8.0]);
         session.settle().await.unwrap();
         assert_eq!(session.settled(), 2);
+    }
+
+    /// A generation of `tokens` positions after a 4-token prompt, one position per step,
+    /// stopping at the first rollback. Returns where the session was rolled back, if it was.
+    async fn run_until_caught(session: &mut InferenceSession<Fake>, tokens: u32) -> Option<u32> {
+        let prompt = session.run_blocks(hidden(&[1.0, 2.0, 3.0, 4.0]), 0).await;
+        if let Err(RouteError::Rewound { .. }) = prompt {
+            return Some(0);
+        }
+        prompt.unwrap();
+        for pos in 4..4 + tokens {
+            match session.run_blocks(hidden(&[5.0]), pos).await {
+                Ok(_) => {}
+                Err(RouteError::Rewound { .. }) => return Some(pos),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        match session.settle().await {
+            Ok(()) => None,
+            Err(RouteError::Rewound { .. }) => Some(4 + tokens),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Auditing no span past its first check still catches a peer that corrupts every step,
+    /// within the first check's window.
+    #[tokio::test]
+    async fn without_audits_a_peer_corrupting_every_step_is_caught_by_the_first_check() {
+        let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let first = 6;
+        let router = verifying_with(
+            Fake {
+                corrupt: vec![liar],
+                ..Fake::new(vec![
+                    server(liar, 0..6, 1.0),
+                    server(a, 0..6, 10.0),
+                    server(b, 0..6, 10.0),
+                ])
+            },
+            VerifyPolicy::every(32).first_within(first).audit_share(0.0),
+        );
+        let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
+        let caught = run_until_caught(&mut session, 20).await;
+        let caught = caught.expect("the liar was never caught");
+        assert!(caught as usize <= 4 + 1 + first, "caught at {caught}");
+        assert_eq!(session.caught(), [liar]);
+    }
+
+    /// A span not drawn for auditing stops using its verifier after the first check and takes
+    /// every later output as final at once; one that is drawn keeps checking, and so catches a
+    /// peer that turns bad only after the first check. This is the price of sampling.
+    #[tokio::test]
+    async fn an_unaudited_span_stops_checking_after_its_first_check() {
+        let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let fake = || Fake {
+            corrupt: vec![liar],
+            corrupt_from: 16,
+            ..Fake::new(vec![
+                server(liar, 0..6, 1.0),
+                server(a, 0..6, 10.0),
+                server(b, 0..6, 10.0),
+            ])
+        };
+        let policy = VerifyPolicy::every(4).first_within(2);
+
+        let router = verifying_with(fake(), policy.audit_share(0.0));
+        let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
+        assert_eq!(session.route()[0].peer, liar.to_string());
+        assert_eq!(run_until_caught(&mut session, 24).await, None);
+        assert_eq!(session.settled(), 28);
+        let verifier_steps: Vec<(u32, usize)> = router
+            .network
+            .steps
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| *p != liar)
+            .map(|&(_, pos, n)| (pos, n))
+            .collect();
+        // One check: the prompt and the first position, in one step.
+        assert_eq!(verifier_steps, [(0, 5)]);
+
+        let router = verifying_with(fake(), policy.audit_share(1.0));
+        let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
+        assert!(run_until_caught(&mut session, 24).await.is_some());
+        assert_eq!(session.caught(), [liar]);
     }
 
     /// The primary answers at once, the honest peers slowly: the first check comes back late,

@@ -45,6 +45,13 @@
 //!   against memory-bound), so the verifier spends 59-65% of the primary's CPU time and the
 //!   10% the issue asks for is not met there (BENCHMARKS.md, "Verification beside the
 //!   primary"); devices with more arithmetic per byte of memory bandwidth save far more.
+//! * Sampling ([`VerifyPolicy::audit_per_mille`]): every span gets its first check, which is
+//!   what catches a peer that corrupts every step; past it, only a random share of spans stay
+//!   under check (all of them by default). An unaudited span closes its verifier, and its text
+//!   is released as it comes. The spare then pays for the prompt and a few positions, batched,
+//!   plus the audited share of the rest (BENCHMARKS.md measures both ends); a peer that
+//!   corrupts only later positions is caught in the audited share of its sessions, and banned
+//!   for good by each client that catches it.
 //! * Disagreement: a third peer serving the blocks (a tie-break) replays the span's inputs;
 //!   the peer that differs from the two others is banned. A wrong primary means the text may
 //!   have gone wrong from the first differing position: every span is rolled back to it and
@@ -84,26 +91,55 @@ pub struct VerifyPolicy {
     /// generated position) before the session waits for it: a peer that corrupts every step
     /// is caught before `first + 2` tokens are sampled.
     pub first: usize,
+    /// Of the spans whose first check agreed, the share (per mille) that stay under check to
+    /// the end; the others close their verifier and release text unchecked from there.
+    ///
+    /// The first check is what catches a peer that corrupts every step, and it is cheap next
+    /// to a whole generation (the prompt and a few positions, batched). Checking the rest
+    /// costs the spare about 60% of the primary's compute on a CPU (module docs); auditing a
+    /// random share of spans divides that by the share, while a peer that corrupts only later
+    /// steps is still caught in that share of its sessions, and banned, so cheating across
+    /// many sessions does not pay. 1000 (everything, the default of [`VerifyPolicy::every`])
+    /// is the exact guarantee.
+    pub audit_per_mille: u16,
 }
 
 /// [`VerifyPolicy::first`] unless set: caught within 8 tokens, under the issue's 10.
 pub const DEFAULT_FIRST: usize = 6;
 
 impl VerifyPolicy {
-    pub const OFF: Self = Self { every: 0, first: 0 };
+    pub const OFF: Self = Self {
+        every: 0,
+        first: 0,
+        audit_per_mille: 0,
+    };
 
     /// Later checks every `every` positions, the first one within [`DEFAULT_FIRST`] (or
-    /// `every`, if smaller).
+    /// `every`, if smaller), every span audited to the end.
     pub fn every(every: usize) -> Self {
         Self {
             every,
             first: every.min(DEFAULT_FIRST),
+            audit_per_mille: 1000,
         }
     }
 
     /// The same policy with the first check due within `first` positions.
     pub fn first_within(self, first: usize) -> Self {
         Self { first, ..self }
+    }
+
+    /// The same policy auditing `share` (0 to 1) of the spans past their first check.
+    pub fn audit_share(self, share: f64) -> Self {
+        Self {
+            audit_per_mille: (share.clamp(0.0, 1.0) * 1000.0).round() as u16,
+            ..self
+        }
+    }
+
+    /// Draws whether a span whose first check agreed stays under check.
+    fn keeps_auditing(&self) -> bool {
+        self.audit_per_mille >= 1000 || rand::random_range(0..1000u16) < self.audit_per_mille
     }
 
     pub fn is_on(&self) -> bool {
@@ -125,6 +161,9 @@ pub(super) struct Check<S> {
     /// Steps the span has run, counted until its first check starts.
     steps: usize,
     first_started: bool,
+    /// The first check agreed and this span was not drawn for auditing
+    /// ([`VerifyPolicy::audit_per_mille`]): its outputs are final as they come.
+    unaudited: bool,
     /// Checks in a row that failed on the verifier's side; at [`OPEN_ATTEMPTS`] the waiting
     /// positions are given up as not checkable.
     failures: usize,
@@ -183,6 +222,7 @@ impl<S> Check<S> {
             running: None,
             steps: 0,
             first_started: false,
+            unaudited: false,
             failures: 0,
         }
     }
@@ -193,6 +233,15 @@ impl<S> Check<S> {
         self.rewind(pos, y.dim);
         self.outputs.extend_from_slice(&y.data);
         self.steps += 1;
+        if self.unaudited {
+            self.release_all(y.dim);
+        }
+    }
+
+    /// Takes every output held as final, unchecked (the span is not audited).
+    fn release_all(&mut self, dim: usize) {
+        self.verified += self.outputs.len() / dim.max(1);
+        self.outputs.clear();
     }
 
     /// Forgets everything from position `to` on.
@@ -460,7 +509,18 @@ impl<N: Network> InferenceSession<N> {
                         verifier.peer
                     );
                     check.settle_range(from, valid_to, dim);
-                    check.verifier = Some(verifier);
+                    if running.first && !self.router.verify.keeps_auditing() {
+                        tracing::debug!(
+                            "blocks {}..{}: first check of {primary} agreed; not audited further",
+                            blocks.start,
+                            blocks.end
+                        );
+                        check.unaudited = true;
+                        check.release_all(dim);
+                        self.router.network.close(verifier.session).await;
+                    } else {
+                        check.verifier = Some(verifier);
+                    }
                     return Ok(());
                 };
                 let theirs = theirs.to_vec();

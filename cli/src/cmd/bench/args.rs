@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// the client waits for it (the client's `--verify-first`).
     #[arg(long, value_name = "N", requires = "verify_every")]
     pub verify_first: Option<u64>,
+    /// With --verify-every: the share of spans audited past their first check (the client's
+    /// `--verify-sample`).
+    #[arg(long, value_name = "SHARE", requires = "verify_every", default_value_t = 1.0,
+          value_parser = crate::cmd::client::parse_share)]
+    pub verify_sample: f64,
     /// With --local: what each wire dtype of hidden states (f16, bf16, q8) costs in agreement
     /// with f32, the model split into --nodes spans, over --gen-tokens tokens of a few prompts.
     #[arg(long, requires = "local")]

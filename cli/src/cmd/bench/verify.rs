@@ -70,7 +70,8 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
     let policy = match args.verify_first {
         Some(first) => VerifyPolicy::every(every).first_within(first as usize),
         None => VerifyPolicy::every(every),
-    };
+    }
+    .audit_share(args.verify_sample);
     let checked = connect(policy)?;
     let opts = GenerateOptions {
         max_new_tokens: args.gen_tokens,
@@ -153,6 +154,7 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
         "gen_tokens": args.gen_tokens,
         "verify_every": policy.every,
         "verify_first": policy.first,
+        "verify_sample": f64::from(policy.audit_per_mille) / 1000.0,
         "decode_tokens_per_s_off": off,
         "decode_tokens_per_s_on": on,
         "generation_s_off": off_s,
@@ -162,6 +164,9 @@ pub fn run(args: &BenchArgs, threads: usize, every: usize) -> anyhow::Result<ser
         "primary_cpu_s_off": median(off_cpu),
         "primary_cpu_s_on": median(on_cpu),
         "verifier_cpu_s": median(verifier_cpu),
+        // With --verify-sample below 1 a run either audits its span or not: the mean over
+        // runs is what a spare pays on average.
+        "verifier_cpu_share_mean": share.iter().sum::<f64>() / share.len().max(1) as f64,
         "verifier_cpu_share": median(share),
         "idle_node_cpu_s_off": median(idle_cpu),
     }))
