@@ -5,7 +5,8 @@
 //!
 //! Nothing here trusts the sender: the token must name a live session, the span the sender was
 //! told must be exactly that session's, frames are bounded by the node's step bound, every read
-//! and write has a timeout, and at most [`MAX_PUSH_STREAMS`] push streams are served at once.
+//! and write has a timeout, and at most [`MAX_PUSH_STREAMS`] push streams are served at once,
+//! [`MAX_PUSH_STREAMS_PER_PEER`] of them from any one peer.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -25,6 +26,48 @@ use super::ServeContext;
 /// Most push streams served at once; more are dropped as they arrive. Honest routes need one
 /// per session whose predecessor is on another node.
 pub const MAX_PUSH_STREAMS: usize = 64;
+
+/// Most push streams one peer may hold open: an honest predecessor needs one per session it
+/// serves for clients routed on through here (16 sessions by default), and a peer holding more
+/// would only crowd others' pushes out (they would fall back to client relaying, not fail).
+pub const MAX_PUSH_STREAMS_PER_PEER: usize = 16;
+
+/// Push streams open per peer; a [`PeerSlot`] gives its place back when dropped.
+#[derive(Default)]
+struct PerPeer(Mutex<HashMap<PeerId, usize>>);
+
+struct PeerSlot {
+    counts: Arc<PerPeer>,
+    peer: PeerId,
+}
+
+impl PerPeer {
+    fn take(self: &Arc<Self>, peer: PeerId) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let n = counts.entry(peer).or_default();
+        if *n >= MAX_PUSH_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.0.lock() {
+            if let Some(n) = counts.get_mut(&self.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.peer);
+                }
+            }
+        }
+    }
+}
 
 /// How long a sender waits for the receiving session to take a step: the session is idle
 /// whenever its client waits on a push, so this only runs out when something is wrong.
@@ -131,11 +174,16 @@ pub async fn accept_loop(
         }
     };
     let slots = Arc::new(Semaphore::new(MAX_PUSH_STREAMS));
+    let per_peer = Arc::new(PerPeer::default());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             next = incoming.next() => match next {
                 Some((peer, stream)) => {
+                    let Some(peer_slot) = per_peer.take(peer) else {
+                        tracing::debug!(%peer, "push stream refused: {MAX_PUSH_STREAMS_PER_PEER} already open from this peer");
+                        continue;
+                    };
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         tracing::debug!(%peer, "push stream refused: {MAX_PUSH_STREAMS} already open");
                         continue;
@@ -143,7 +191,7 @@ pub async fn accept_loop(
                     let ctx = ctx.clone();
                     let stop = shutdown.clone();
                     tasks.spawn(async move {
-                        let _slot = slot;
+                        let _slots = (slot, peer_slot);
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = serve_pushes(peer, stream, ctx) => {}
@@ -207,6 +255,24 @@ async fn deliver(ctx: &ServeContext, push: PushStep) -> Result<(), proto::v1::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_of_push_streams_and_gets_them_back() {
+        let per_peer = Arc::new(PerPeer::default());
+        let (greedy, other) = (PeerId::random(), PeerId::random());
+        let held: Vec<PeerSlot> = (0..MAX_PUSH_STREAMS_PER_PEER)
+            .map(|_| per_peer.take(greedy).expect("within the share"))
+            .collect();
+        assert!(per_peer.take(greedy).is_none());
+        assert!(per_peer.take(other).is_some());
+        drop(held);
+        assert!(per_peer.take(greedy).is_some());
+        assert_eq!(
+            per_peer.0.lock().unwrap().len(),
+            0,
+            "dropped slots leave no entries"
+        );
+    }
 
     #[test]
     fn a_push_reaches_only_the_session_of_its_token_and_span() {
