@@ -138,7 +138,9 @@ start_bootstrap() {
 # node I BLOCKS: a node in home I, listening only inside its home.
 start_node() {
   local i=$1 blocks=$2
-  in_ns $P-h$i "$BIN/edge-node" join --model $MODEL --blocks "$blocks" \
+  # Started directly (not through a shell function), so $! is the node's own pid (ip and env
+  # exec it): the test kills exactly that process. WAN_NODE_LOG sets the nodes' RUST_LOG.
+  ip netns exec $P-h$i env ${WAN_NODE_LOG:+RUST_LOG=$WAN_NODE_LOG} "$BIN/edge-node" join --model $MODEL --blocks "$blocks" \
     --listen /ip4/10.$i.0.2/tcp/31330 --listen /ip4/10.$i.0.2/udp/31330/quic-v1 \
     --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --no-mdns --threads 1 --announce-interval 2 \
     >"$LOG/node$i.out" 2>"$LOG/node$i.err" &

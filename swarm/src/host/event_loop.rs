@@ -307,7 +307,16 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
-                tracing::info!(%address, "external address confirmed: reachable directly");
+                if nat::is_relayed(&address) {
+                    tracing::info!(%address, "reachable through a relay");
+                } else {
+                    tracing::info!(%address, "external address confirmed: reachable directly");
+                    if self.nat.relay_server == nat::RelayServer::Auto {
+                        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+                            relay.set_status(Some(relay::Status::Enable));
+                        }
+                    }
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -370,6 +379,13 @@ impl EventLoop {
                 new,
             })) => {
                 tracing::info!(?old, ?new, "AutoNAT: reachability changed");
+                if self.nat.relay_server == nat::RelayServer::Auto
+                    && new == autonat::NatStatus::Private
+                {
+                    if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+                        relay.set_status(Some(relay::Status::Disable));
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,

@@ -92,10 +92,14 @@ fn make_behaviour(
     };
     let relay = (relay_server != RelayServer::Off).then(|| {
         let mut server = relay::Behaviour::new(peer_id, nat::relay_config());
-        if relay_server == RelayServer::On {
-            // Otherwise it turns itself on when an external address is confirmed.
-            server.set_status(Some(relay::Status::Enable));
-        }
+        // Not libp2p's automatic status: that turns the relay on for any confirmed external
+        // address, relayed ones included, so a node behind NAT would offer to relay. `Auto`
+        // is turned on by the event loop when a direct address is confirmed.
+        server.set_status(Some(if relay_server == RelayServer::On {
+            relay::Status::Enable
+        } else {
+            relay::Status::Disable
+        }));
         server
     });
     Ok(Behaviour {
