@@ -108,6 +108,12 @@ home() {
   in_ns "$r" iptables -t nat -A POSTROUTING -o ${P}x$i -j MASQUERADE
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -j DROP
+  # Unsolicited packets to the router itself are dropped too, as a home router's firewall does.
+  # Besides, a packet accepted here would leave a conntrack entry for its flow, and the NAT
+  # would then map the home host's answer in that flow to another port, which defeats a hole
+  # punch whose first packet from the far side arrives a little early.
+  in_ns "$r" iptables -A INPUT -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+  in_ns "$r" iptables -A INPUT -i ${P}x$i -j DROP
 }
 
 # world DELAY_MS HOMES...: the internet and the listed homes.
