@@ -79,8 +79,8 @@ pub(super) struct EventLoop {
     relays: HashMap<ListenerId, PeerId>,
     /// The direct address this peer dialled each peer on: where to reach it as a relay.
     dialled: HashMap<PeerId, Multiaddr>,
-    /// Open connections per peer, and whether each goes through a relay.
-    conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// Open connections per peer: whether each goes through a relay, and its remote address.
+    conns: HashMap<PeerId, HashMap<ConnectionId, (bool, Multiaddr)>>,
     /// Peers reached only through a relay, since when: a hole punch is (probably) under way,
     /// and dials wait for it (up to [`nat::PUNCH_WAIT`]) so streams start on the direct path.
     punching: HashMap<PeerId, Instant>,
@@ -269,8 +269,11 @@ impl EventLoop {
                     }
                 }
                 let conns = self.conns.entry(peer_id).or_default();
-                let direct_before = conns.values().any(|r| !r);
-                conns.insert(connection_id, relayed);
+                let direct_before = conns.values().any(|(r, _)| !r);
+                conns.insert(
+                    connection_id,
+                    (relayed, endpoint.get_remote_address().clone()),
+                );
                 if relayed {
                     tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected through a relay");
                     if !direct_before {
@@ -456,14 +459,20 @@ impl EventLoop {
         let waited = self.punching.remove(&peer).is_some();
         match result {
             Ok(direct) => {
-                tracing::info!(%peer, "hole punch succeeded: direct connection");
+                let addr = self
+                    .conns
+                    .get(&peer)
+                    .and_then(|c| c.get(&direct))
+                    .map(|(_, a)| a.to_string())
+                    .unwrap_or_default();
+                tracing::info!(%peer, %addr, "hole punch succeeded: direct connection");
                 if waited {
                     let relayed: Vec<ConnectionId> = self
                         .conns
                         .get(&peer)
                         .into_iter()
                         .flatten()
-                        .filter(|(id, relayed)| **relayed && **id != direct)
+                        .filter(|(id, (relayed, _))| *relayed && **id != direct)
                         .map(|(id, _)| *id)
                         .collect();
                     for id in relayed {
@@ -486,7 +495,7 @@ impl EventLoop {
         let relayed_left = self
             .conns
             .get(&peer)
-            .is_some_and(|c| c.values().any(|r| *r));
+            .is_some_and(|c| c.values().any(|(r, _)| *r));
         if self.punching.contains_key(&peer)
             || (self.leaving_relay.contains_key(&peer) && relayed_left)
         {
