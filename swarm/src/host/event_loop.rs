@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, Quorum, Record};
-use libp2p::core::transport::ListenerId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{autonat, dcutr, identify, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
@@ -357,7 +357,9 @@ impl EventLoop {
                 relay::Event::ReservationReqAccepted {
                     src_peer_id,
                     renewed: false,
-                } => tracing::info!(peer = %src_peer_id, "relaying for a peer: reservation accepted"),
+                } => {
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer: reservation accepted")
+                }
                 relay::Event::ReservationReqDenied {
                     src_peer_id,
                     status,
@@ -370,7 +372,9 @@ impl EventLoop {
                     src_peer_id,
                     dst_peer_id,
                     status,
-                } => tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied"),
+                } => {
+                    tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied")
+                }
                 other => tracing::debug!(?other, "relay server"),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {

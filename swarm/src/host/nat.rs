@@ -245,7 +245,11 @@ mod relayed {
         let client = host(vec![relay_addr], NatOptions::default(), &stop);
         client
             .handle
-            .dial(node.handle.peer_id(), vec![circuit], Duration::from_secs(15))
+            .dial(
+                node.handle.peer_id(),
+                vec![circuit],
+                Duration::from_secs(15),
+            )
             .await
             .unwrap();
         stop.cancel();
