@@ -243,6 +243,15 @@ mod relayed {
         );
         // A client that knows only the relayed address reaches the node.
         let client = host(vec![relay_addr], NatOptions::default(), &stop);
+        // As a real client does (`SwarmClient::connect`): join through the bootstrap first. A
+        // circuit dialled while the connection to its relay is still being made is refused by
+        // libp2p's relay client ("Response from behaviour was canceled").
+        for _ in 0..200 {
+            if client.handle.connected_peers().await > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         client
             .handle
             .dial(
