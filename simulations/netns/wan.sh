@@ -59,7 +59,11 @@ teardown() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
-  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do ip netns del "$ns"; done
+  # Anything left inside our namespaces (a process whose pid we did not hold) goes too.
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$ns"
+  done
 }
 cleanup() {
   local rc=$?
@@ -135,7 +139,9 @@ wait_for() {
 }
 
 start_bootstrap() {
-  in_ns $P-wan "$BIN/edge-node" bootstrap --listen $BOOT_TCP --listen $BOOT_QUIC --no-mdns \
+  # Background processes are started directly, never through a shell function, so that $! is
+  # the process itself (ip exec's it) and teardown's kill reaches it.
+  ip netns exec $P-wan "$BIN/edge-node" bootstrap --listen $BOOT_TCP --listen $BOOT_QUIC --no-mdns \
     >"$LOG/boot.out" 2>"$LOG/boot.err" &
   PIDS+=($!)
   wait_for "$LOG/boot.out" "listening on"
@@ -208,7 +214,9 @@ if [ "$MODE" = test ]; then
   long="Once upon a time, in a small village by the sea,"
   want=$("$BIN/edge-node" generate --local --model $MODEL --prompt "$long" --max-new-tokens 120 \
     --json --threads 1 | json_field '["tokens"]')
-  RUST_LOG=info generate --prompt "$long" --max-new-tokens 120 >"$LOG/client2.out" 2>"$LOG/client2.err" &
+  ip netns exec $P-h4 env RUST_LOG=info "$BIN/edge-node" generate --model $MODEL \
+    --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --json --threads 1 --discovery-timeout 60 \
+    --prompt "$long" --max-new-tokens 120 >"$LOG/client2.out" 2>"$LOG/client2.err" &
   client=$!
   PIDS+=($client)
   wait_for "$LOG/client2.err" "route: "

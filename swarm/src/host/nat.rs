@@ -148,8 +148,8 @@ mod tests {
         assert_eq!(c.reservation_rate_limiters.len(), 2);
         assert_eq!(c.circuit_src_rate_limiters.len(), 2);
         // Finite, and far from "unlimited".
-        assert!(MAX_CIRCUIT_BYTES <= 1 << 30);
-        assert!(MAX_CIRCUIT_DURATION <= Duration::from_secs(3600));
+        const { assert!(MAX_CIRCUIT_BYTES <= 1 << 30) };
+        assert!(c.max_circuit_duration <= Duration::from_secs(3600));
     }
 
     #[test]
