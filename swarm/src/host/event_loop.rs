@@ -305,8 +305,12 @@ impl EventLoop {
                 ..
             } => {
                 if let Some(relay) = self.relays.remove(&listener_id) {
-                    // Asked for again the next time identify hears from a relay.
-                    tracing::warn!(%relay, ?reason, "lost the relayed address through a relay");
+                    // Asked for again the next time identify hears from a relay. A listener
+                    // closed without error is this peer stopping (or the relay leaving cleanly).
+                    match reason {
+                        Ok(()) => tracing::debug!(%relay, "relayed address closed"),
+                        Err(e) => tracing::warn!(%relay, "lost the relayed address: {e}"),
+                    }
                 }
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
