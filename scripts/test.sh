@@ -47,6 +47,12 @@ done
 stage "aarch64 tests under qemu"
 bash scripts/test-aarch64.sh
 
+# Homes behind NAT routers in network namespaces (issue 16): nodes reachable only through the
+# circuit relay and hole punching, delayed access links; the edge-node binary the workspace test
+# build above made. Prints SKIPPED where namespaces cannot be made.
+stage "NAT traversal in network namespaces"
+bash simulations/netns/wan.sh test target/debug
+
 # Fault scenarios against the docker-compose cluster, where a Docker engine is reachable. The
 # image is made from the binaries the workspace test build above already made (dependencies and
 # model math are optimised there too), so nothing is compiled again here.

@@ -17,6 +17,11 @@ pub struct NetOptions {
     pub external: Vec<Multiaddr>,
     /// A private swarm's key file (`swarm::swarm_key`): only peers holding it connect.
     pub swarm_key: Option<PathBuf>,
+    /// Whether this peer relays circuits for peers behind NAT (see `swarm::host::nat`).
+    pub relay: swarm::host::RelayServer,
+    /// Whether to reserve, and announce, a relayed address through relays it connects to, so
+    /// it can be dialled from outside its NAT.
+    pub relay_listen: bool,
 }
 
 /// Which blocks a node serves: a fixed range, a count placed where the swarm is weakest, or as

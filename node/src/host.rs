@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use libp2p::Multiaddr;
+use swarm::host::NatOptions;
 use swarm::{host, identity, swarm_key, Host, NetConfig, OnListen};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,8 @@ fn print_listen() -> (ListenAddrs, OnListen) {
 }
 
 /// Starts the host as a DHT server; returns it with the addresses to announce (the
-/// `--external` ones when given, else those it listens on).
+/// `--external` ones when given, else those it listens on, relayed ones included once a relay
+/// has accepted a reservation).
 pub fn start(
     opts: &NetOptions,
     shutdown: &CancellationToken,
@@ -41,7 +43,13 @@ pub fn start(
     } else {
         Arc::new(Mutex::new(opts.external.clone()))
     };
-    let host = host::start(
+    let nat = NatOptions {
+        relay_server: opts.relay,
+        // A node with a port forward is dialled there; it needs no relay.
+        relay_listen: opts.relay_listen && opts.external.is_empty(),
+        external: opts.external.clone(),
+    };
+    let host = host::start_with(
         NetConfig {
             keypair: identity::load_or_generate(opts.identity.as_deref())?,
             listen: opts.listen.clone(),
@@ -51,6 +59,7 @@ pub fn start(
             on_listen: Some(on_listen),
             swarm_key: opts.swarm_key.as_deref().map(swarm_key::load).transpose()?,
         },
+        nat,
         shutdown.clone(),
     )?;
     tracing::info!(peer = %host.handle.peer_id(), "network started");

@@ -4,25 +4,27 @@
 #   simulations/netns/wan.sh test  [BIN_DIR]   # text through 3 NATed nodes equals local; a killed
 #                                              # node behind NAT is rerouted around
 #   simulations/netns/wan.sh bench [BIN_DIR]   # per-token decode latency through 3 nodes at
-#                                              # 0/5/25/50 ms one-way: relayed by the client vs push
+#                                              # 5/25/50 ms one-way: relayed by the client vs push
 #
-# BIN_DIR holds edge-node and link-delay (default target/release). Needs root (ip netns,
-# iptables); prints one SKIPPED line and exits 0 where namespaces cannot be made.
+# BIN_DIR holds edge-node (default target/release). Needs root (ip netns, iptables, /dev/net/tun)
+# and python3; prints one SKIPPED line and exits 0 where namespaces cannot be made.
 #
-# Topology: namespace <P>-wan is the internet; it holds the bootstrap peer at 100.64.0.1. Home i
-# is a router <P>-ri (WAN 100.64.i.2, LAN 10.i.0.1, iptables MASQUERADE out, new connections in
-# dropped) and a host <P>-hi (10.i.0.2) behind it. Homes 1..3 (and 5 in `test`) run a node, home
-# 4 the client. The only way into a home is the user-space delay relay (link-delay) on its
-# router, 100.64.i.2:31330 -> 10.i.0.2:31330, which the node announces as its address
-# (--external-address): every connection to a node pays the relay's one-way delay each way, and
-# no loopback or bridge path can bypass it (each home's 10.i/24 has no route from the WAN).
-# tc netem would be the kernel's way; this machine's kernel has no sch_netem.
+# Topology: namespace <P>-wan is the internet; it holds the bootstrap peer at 100.64.0.1, which
+# is also the circuit relay (v2). Home i is a router <P>-ri (WAN 100.64.i.2 on a veth to the
+# internet, LAN 10.i.0.1; iptables MASQUERADE out, new connections in dropped, no port
+# forwarded) and a host <P>-hi (10.i.0.2) behind it. Homes 1..3 (and 5 in `test`) run a node,
+# home 4 the client. The access link between host and router is a pair of TUN devices joined by
+# tun-delay.py (beside this script), which holds every packet, TCP or UDP, for the link's
+# one-way delay in each direction: it is the home's only way in or out, so nothing bypasses the
+# delay. (tc netem would be the kernel's way; this machine's kernel has no sch_netem. The
+# link-delay TCP relay cannot be used here: it is a port forward, which would make a node
+# reachable without NAT traversal, and it carries no UDP.)
 #
-# What it does not do: NAT traversal. A node is reachable because its router forwards one port
-# (through the relay); there is no circuit relay, hole punching or AutoNAT here yet.
-#
-# STATUS: does not pass yet (see simulations/README.md): the nodes' DHT puts time out behind the
-# NATs, so the client finds no route.
+# Nodes are not reachable from outside their home: each reserves a slot on the relay and
+# announces the relayed address (/p2p/<relay>/p2p-circuit); peers that dial it are relayed, then
+# DCUtR tries to punch through both NATs (the node listens on a fixed QUIC and TCP port, Linux
+# MASQUERADE keeps the source port, and conntrack lets the answer to an outgoing packet in). The
+# test says from the logs whether the connections ended up direct or relayed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -30,14 +32,18 @@ MODE=${1:-test}
 BIN=${2:-target/release}
 P=es16
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-BOOT=/ip4/100.64.0.1/tcp/31000
+BOOT_TCP=/ip4/100.64.0.1/tcp/31000
+BOOT_QUIC=/ip4/100.64.0.1/udp/31000/quic-v1
+DELAY_LINK=simulations/netns/tun-delay.py
 LOG=$(mktemp -d /tmp/es16-wan.XXXXXX)
 
 skip() { echo "SKIPPED: netns wan $MODE: $*"; exit 0; }
 case "$MODE" in test|bench) ;; *) echo "usage: $0 test|bench [BIN_DIR]" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || skip "needs root for ip netns and iptables"
 command -v ip >/dev/null && command -v iptables >/dev/null || skip "ip or iptables missing"
-[ -x "$BIN/edge-node" ] && [ -x "$BIN/link-delay" ] || skip "no edge-node and link-delay in $BIN"
+command -v python3 >/dev/null || skip "python3 missing"
+[ -c /dev/net/tun ] || skip "no /dev/net/tun"
+[ -x "$BIN/edge-node" ] || skip "no edge-node in $BIN"
 [ -f "$MODEL" ] || skip "model missing: run scripts/fetch-model.sh first"
 ip netns add $P-probe 2>/dev/null || skip "cannot create network namespaces"
 if ! ip netns exec $P-probe iptables -t nat -L >/dev/null 2>&1; then
@@ -47,10 +53,22 @@ fi
 ip netns del $P-probe
 
 PIDS=()
-cleanup() {
+declare -A NODE_PID
+# Stops every process this script started, then removes its namespaces.
+teardown() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do ip netns del "$ns"; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+  # Anything left inside our namespaces (a process whose pid we did not hold) goes too.
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$ns"
+  done
+}
+cleanup() {
+  local rc=$?
+  teardown
+  [ $rc = 0 ] || echo "logs in $LOG" >&2
 }
 trap cleanup EXIT
 
@@ -63,9 +81,9 @@ internet() {
   in_ns $P-wan sysctl -qw net.ipv4.ip_forward=1
 }
 
-# home I: router $P-rI with a NAT, host $P-hI behind it.
+# home I DELAY_MS: router $P-rI with a NAT, host $P-hI behind it on a delayed access link.
 home() {
-  local i=$1 r=$P-r$1 h=$P-h$1
+  local i=$1 d=$2 r=$P-r$1 h=$P-h$1
   ip netns add "$r"
   ip netns add "$h"
   ip link add ${P}w$i type veth peer name ${P}x$i
@@ -77,19 +95,36 @@ home() {
   in_ns "$r" ip addr add 100.64.$i.2/24 dev ${P}x$i
   in_ns "$r" ip link set ${P}x$i up
   in_ns "$r" ip route add default via 100.64.$i.1
-  ip link add ${P}l$i type veth peer name ${P}h$i
-  ip link set ${P}l$i netns "$r"
-  ip link set ${P}h$i netns "$h"
-  in_ns "$r" ip addr add 10.$i.0.1/24 dev ${P}l$i
-  in_ns "$r" ip link set ${P}l$i up
+  # The access link: TUN ${P}u$i (router) <-> ${P}t$i (host), every packet delayed d ms.
+  python3 $DELAY_LINK "$d" ${P}u$i ${P}t$i >"$LOG/link$i.out" 2>"$LOG/link$i.err" &
+  PIDS+=($!)
+  for _ in $(seq 1 50); do grep -q ready "$LOG/link$i.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q ready "$LOG/link$i.out" || { echo "FAIL: tun-delay for home $i did not start:" >&2; cat "$LOG/link$i.err" >&2; exit 1; }
+  ip link set ${P}u$i netns "$r"
+  ip link set ${P}t$i netns "$h"
+  in_ns "$r" ip addr add 10.$i.0.1/24 dev ${P}u$i
+  in_ns "$r" ip link set ${P}u$i up
   in_ns "$h" ip link set lo up
-  in_ns "$h" ip addr add 10.$i.0.2/24 dev ${P}h$i
-  in_ns "$h" ip link set ${P}h$i up
-  in_ns "$h" ip route add default via 10.$i.0.1
+  in_ns "$h" ip addr add 10.$i.0.2/24 dev ${P}t$i
+  in_ns "$h" ip link set ${P}t$i up
+  in_ns "$h" ip route add default dev ${P}t$i
   in_ns "$r" sysctl -qw net.ipv4.ip_forward=1
   in_ns "$r" iptables -t nat -A POSTROUTING -o ${P}x$i -j MASQUERADE
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -j DROP
+  # Unsolicited packets to the router itself are dropped too, as a home router's firewall does.
+  # Besides, a packet accepted here would leave a conntrack entry for its flow, and the NAT
+  # would then map the home host's answer in that flow to another port, which defeats a hole
+  # punch whose first packet from the far side arrives a little early.
+  in_ns "$r" iptables -A INPUT -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+  in_ns "$r" iptables -A INPUT -i ${P}x$i -j DROP
+}
+
+# world DELAY_MS HOMES...: the internet and the listed homes.
+world() {
+  local d=$1; shift
+  internet
+  for i in "$@"; do home "$i" "$d"; done
 }
 
 # Waits (bounded) for a line matching $2 in file $1.
@@ -104,62 +139,86 @@ wait_for() {
 }
 
 start_bootstrap() {
-  in_ns $P-wan "$BIN/edge-node" bootstrap --listen $BOOT --no-mdns >"$LOG/boot.out" 2>"$LOG/boot.err" &
+  # Background processes are started directly, never through a shell function, so that $! is
+  # the process itself (ip exec's it) and teardown's kill reaches it.
+  ip netns exec $P-wan "$BIN/edge-node" bootstrap --listen $BOOT_TCP --listen $BOOT_QUIC --no-mdns \
+    >"$LOG/boot.out" 2>"$LOG/boot.err" &
   PIDS+=($!)
   wait_for "$LOG/boot.out" "listening on"
 }
 
-# node I BLOCKS DELAY_MS: the relay on home I's router and a node behind it.
+# node I BLOCKS: a node in home I, listening only inside its home.
 start_node() {
-  local i=$1 blocks=$2 d=$3
-  in_ns $P-r$i "$BIN/link-delay" --listen 100.64.$i.2:31330 --to 10.$i.0.2:31330 --delay-ms "$d" \
-    2>"$LOG/relay$i.err" &
-  PIDS+=($!)
-  in_ns $P-h$i "$BIN/edge-node" join --model $MODEL --blocks "$blocks" \
-    --listen /ip4/10.$i.0.2/tcp/31330 --external-address /ip4/100.64.$i.2/tcp/31330 \
-    --bootstrap $BOOT --no-mdns --threads 1 --announce-interval 2 \
+  local i=$1 blocks=$2
+  # Started directly (not through a shell function), so $! is the node's own pid (ip and env
+  # exec it): the test kills exactly that process. WAN_NODE_LOG sets the nodes' RUST_LOG.
+  ip netns exec $P-h$i env ${WAN_NODE_LOG:+RUST_LOG=$WAN_NODE_LOG} "$BIN/edge-node" join --model $MODEL --blocks "$blocks" \
+    --listen /ip4/10.$i.0.2/tcp/31330 --listen /ip4/10.$i.0.2/udp/31330/quic-v1 \
+    --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --no-mdns --threads 1 --announce-interval 2 \
     >"$LOG/node$i.out" 2>"$LOG/node$i.err" &
   PIDS+=($!)
   NODE_PID[$i]=$!
 }
 
-declare -A NODE_PID
+# Waits until node I serves and announces a relayed address (its only reachable one).
+node_ready() {
+  wait_for "$LOG/node$1.out" "serving blocks"
+  wait_for "$LOG/node$1.out" "p2p-circuit"
+}
 
 # generate ARGS...: the client in home 4, JSON on stdout.
 generate() {
-  in_ns $P-h4 "$BIN/edge-node" generate --model $MODEL --bootstrap $BOOT --json --threads 1 \
-    --discovery-timeout 60 "$@"
+  in_ns $P-h4 "$BIN/edge-node" generate --model $MODEL --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC \
+    --json --threads 1 --discovery-timeout 60 "$@"
 }
 
 json_field() { python3 -c "import json,sys; v=json.load(sys.stdin); print(json.dumps(v$1))"; }
 
-internet
-for i in 1 2 3 4 5; do home $i; done
+# How the client's connections to nodes ended up, from its log: hole punched or relayed.
+paths() {
+  local log=$1 punched failed relayed
+  punched=$(grep -c "hole punch succeeded" "$log" || true)
+  failed=$(grep -c "hole punch failed" "$log" || true)
+  relayed=$(grep -c "connected through a relay" "$log" || true)
+  echo "client: $relayed connection(s) opened through the relay, $punched hole punch(es) succeeded (direct), $failed failed (stayed relayed)"
+}
 
 if [ "$MODE" = test ]; then
-  d=5
+  SECONDS=0
+  world 5 1 2 3 4 5
   start_bootstrap
-  start_node 1 0..10 $d
-  start_node 2 10..20 $d
-  start_node 3 20..30 $d
-  start_node 5 10..20 $d
-  for i in 1 2 3 5; do wait_for "$LOG/node$i.out" "serving blocks"; done
+  start_node 1 0..10
+  start_node 2 10..20
+  start_node 3 20..30
+  start_node 5 10..20
+  for i in 1 2 3 5; do node_ready $i; done
+  # Nothing but the relay reaches a node: a direct dial from the internet must fail.
+  if in_ns $P-wan timeout 3 bash -c 'echo > /dev/tcp/100.64.1.2/31330' 2>/dev/null; then
+    echo "FAIL: node 1 is reachable from the internet without NAT traversal" >&2; exit 1
+  fi
   prompt="The capital of France is"
   want=$("$BIN/edge-node" generate --local --model $MODEL --prompt "$prompt" --max-new-tokens 16 \
     --json --threads 1 | json_field '["tokens"]')
-  got=$(generate --prompt "$prompt" --max-new-tokens 16 2>"$LOG/client1.err")
+  got=$(RUST_LOG=info,libp2p=warn generate --prompt "$prompt" --max-new-tokens 16 2>"$LOG/client1.err")
   [ "$(echo "$got" | json_field '["tokens"]')" = "$want" ] || {
     echo "FAIL: tokens through the NATed swarm differ from local: $got" >&2; exit 1; }
   pushed=$(echo "$got" | json_field '["pushed_spans"]')
   [ "$pushed" -gt 0 ] || { echo "FAIL: nothing was pushed node to node: $got" >&2; exit 1; }
   echo "ok: 3 nodes behind NAT, client behind NAT: local tokens, $pushed span steps pushed node to node"
+  paths "$LOG/client1.err"
+  for i in 1 2 3; do
+    echo "node $i: $(grep -c 'hole punch succeeded' "$LOG/node$i.err" || true) hole punch(es) succeeded, $(grep -c 'hole punch failed' "$LOG/node$i.err" || true) failed"
+  done
 
   # A node behind NAT killed mid-generation: the client reroutes around it.
   long="Once upon a time, in a small village by the sea,"
   want=$("$BIN/edge-node" generate --local --model $MODEL --prompt "$long" --max-new-tokens 120 \
     --json --threads 1 | json_field '["tokens"]')
-  RUST_LOG=info generate --prompt "$long" --max-new-tokens 120 >"$LOG/client2.out" 2>"$LOG/client2.err" &
+  ip netns exec $P-h4 env RUST_LOG=info "$BIN/edge-node" generate --model $MODEL \
+    --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --json --threads 1 --discovery-timeout 60 \
+    --prompt "$long" --max-new-tokens 120 >"$LOG/client2.out" 2>"$LOG/client2.err" &
   client=$!
+  PIDS+=($client)
   wait_for "$LOG/client2.err" "route: "
   sleep 1
   victim=""
@@ -169,6 +228,7 @@ if [ "$MODE" = test ]; then
   done
   [ -n "$victim" ] || { echo "FAIL: no 10..20 node in the route" >&2; exit 1; }
   kill -9 "${NODE_PID[$victim]}"
+  timeout 120 tail --pid="$client" -f /dev/null || { echo "FAIL: the client did not finish within 120 s" >&2; exit 1; }
   wait "$client" || { echo "FAIL: the client failed after the kill:" >&2; tail -5 "$LOG/client2.err" >&2; exit 1; }
   got=$(cat "$LOG/client2.out")
   [ "$(echo "$got" | json_field '["tokens"]')" = "$want" ] || {
@@ -176,32 +236,34 @@ if [ "$MODE" = test ]; then
   reroutes=$(echo "$got" | json_field '["reroutes"]')
   [ "$reroutes" -ge 1 ] || { echo "FAIL: no reroute recorded: $got" >&2; exit 1; }
   echo "ok: node in home $victim killed mid-generation: rerouted ($reroutes), local tokens"
+  paths "$LOG/client2.err"
+  echo "netns wan test passed in ${SECONDS}s (logs: $LOG)"
   exit 0
 fi
 
-# bench: per delay, a fresh swarm; the same prompt relayed by the client and pushed.
+# bench: per delay, a fresh world and swarm; the same prompt relayed by the client and pushed.
 TOKENS=${WAN_TOKENS:-48}
 echo "delay_ms mode ms_per_token decode_tok_s ttft_ms"
-for d in 0 5 25 50; do
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  PIDS=()
+for d in ${WAN_DELAYS:-5 25 50}; do
+  teardown
+  world "$d" 1 2 3 4
   start_bootstrap
-  start_node 1 0..10 "$d"
-  start_node 2 10..20 "$d"
-  start_node 3 20..30 "$d"
-  for i in 1 2 3; do wait_for "$LOG/node$i.out" "serving blocks"; done
+  start_node 1 0..10
+  start_node 2 10..20
+  start_node 3 20..30
+  for i in 1 2 3; do node_ready $i; done
   for mode in relay push relay push; do
     extra=()
     [ $mode = relay ] && extra=(--no-push)
-    out=$(generate --prompt "The history of the printing press begins" \
-      --max-new-tokens "$TOKENS" "${extra[@]}" 2>>"$LOG/bench.err")
-    python3 - "$d" "$mode" "$out" <<'EOF'
+    out=$(RUST_LOG=info,libp2p=warn generate --prompt "The history of the printing press begins" \
+      --max-new-tokens "$TOKENS" "${extra[@]}" 2>>"$LOG/bench-$d.err")
+    python3 - "$d" "$mode" "$out" <<'EOF2'
 import json, sys
 d, mode, v = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 tps = v["decode_tokens_per_s"]
 ttft = len(v["prompt_tokens"]) / v["prefill_tokens_per_s"] * 1000
 print(d, mode, round(1000 / tps, 1), round(tps, 2), round(ttft, 1))
-EOF
+EOF2
   done
+  echo "# $d ms: $(paths "$LOG/bench-$d.err")"
 done

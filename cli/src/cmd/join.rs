@@ -197,7 +197,11 @@ fn saturating_usize(n: u64) -> usize {
 }
 
 pub fn run_bootstrap_cmd(args: BootstrapArgs) -> anyhow::Result<()> {
-    let opts = args.net.options();
+    let mut opts = args.net.options();
+    // A bootstrap peer is dialled by everyone, so it is reachable: it relays for peers behind
+    // NAT unless told not to, and needs no relayed address itself.
+    opts.relay = args.net.relay.unwrap_or(swarm::host::RelayServer::On);
+    opts.relay_listen = false;
     super::runtime()?.block_on(async {
         let shutdown = super::shutdown_on_signal();
         run_bootstrap(opts, shutdown).await

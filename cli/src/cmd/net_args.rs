@@ -26,9 +26,19 @@ pub struct NetArgs {
     /// the same key can connect. A private swarm runs on TCP only.
     #[arg(long, value_name = "FILE")]
     pub swarm_key: Option<PathBuf>,
+    /// Relay circuits (circuit relay v2, with limits) for peers behind NAT: `on`, `off`, or
+    /// `auto` (once an address of this peer is confirmed reachable from outside). Default: `on`
+    /// for `bootstrap`, `auto` for `join`.
+    #[arg(long, value_name = "on|off|auto")]
+    pub relay: Option<swarm::host::RelayServer>,
+    /// Do not reserve a relayed address through the relays this node meets (a node behind NAT
+    /// then cannot be dialled unless its router forwards a port).
+    #[arg(long)]
+    pub no_relay_listen: bool,
 }
 
 impl NetArgs {
+    /// The options of a serving node (`join`); `bootstrap` overrides the relay defaults.
     pub fn options(&self) -> node::NetOptions {
         let listen = if self.listen.is_empty() {
             ["/ip4/0.0.0.0/tcp/31330", "/ip4/0.0.0.0/udp/31330/quic-v1"]
@@ -45,6 +55,8 @@ impl NetArgs {
             mdns: !self.no_mdns,
             external: self.external.clone(),
             swarm_key: self.swarm_key.clone(),
+            relay: self.relay.unwrap_or(swarm::host::RelayServer::Auto),
+            relay_listen: !self.no_relay_listen,
         }
     }
 }

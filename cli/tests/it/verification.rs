@@ -42,6 +42,8 @@ impl Liar {
                 mdns: false,
                 external: Vec::new(),
                 swarm_key: None,
+                relay: swarm::host::RelayServer::Auto,
+                relay_listen: true,
             },
             max_sessions: 16,
             cache_tokens: 16384,

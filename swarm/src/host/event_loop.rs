@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, Quorum, Record};
-use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{autonat, dcutr, identify, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::Command;
+use super::nat::{self, NatOptions};
 use super::{Behaviour, BehaviourEvent, NetError, OnListen};
 use crate::{discovery, record};
 
@@ -73,6 +74,18 @@ pub(super) struct EventLoop {
     put_allowance: PutAllowance,
     /// Dialled again whenever this peer has lost every connection (Wi-Fi gone, network cut).
     bootstrap: Vec<Multiaddr>,
+    nat: NatOptions,
+    /// Circuit listeners (relay reservations, held or asked for) and the relay of each.
+    relays: HashMap<ListenerId, PeerId>,
+    /// The direct address this peer dialled each peer on: where to reach it as a relay.
+    dialled: HashMap<PeerId, Multiaddr>,
+    /// Open connections per peer: whether each goes through a relay, and its remote address.
+    conns: HashMap<PeerId, HashMap<ConnectionId, (bool, Multiaddr)>>,
+    /// Peers reached only through a relay, since when: a hole punch is (probably) under way,
+    /// and dials wait for it (up to [`nat::PUNCH_WAIT`]) so streams start on the direct path.
+    punching: HashMap<PeerId, Instant>,
+    /// Peers whose relayed connections are closing after a successful hole punch.
+    leaving_relay: HashMap<PeerId, Instant>,
 }
 
 impl EventLoop {
@@ -81,6 +94,7 @@ impl EventLoop {
         rx: mpsc::Receiver<Command>,
         on_listen: Option<OnListen>,
         bootstrap: Vec<Multiaddr>,
+        nat: NatOptions,
     ) -> Self {
         Self {
             swarm,
@@ -93,6 +107,12 @@ impl EventLoop {
             bootstrapped: false,
             put_allowance: PutAllowance::default(),
             bootstrap,
+            nat,
+            relays: HashMap::new(),
+            dialled: HashMap::new(),
+            conns: HashMap::new(),
+            punching: HashMap::new(),
+            leaving_relay: HashMap::new(),
         }
     }
 
@@ -119,7 +139,10 @@ impl EventLoop {
                     // Keep the routing table fresh; harmless when nobody is known yet.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
-                _ = expiry.tick() => self.answer_due_lookups(),
+                _ = expiry.tick() => {
+                    self.answer_due_lookups();
+                    self.end_due_punch_waits();
+                }
             }
         }
         // Dropping the senders answers every waiter with `Stopped`.
@@ -158,7 +181,11 @@ impl EventLoop {
             }
             Command::Dial { peer, addrs, reply } => {
                 if self.swarm.is_connected(&peer) {
-                    let _ = reply.send(Ok(()));
+                    self.pending_dial
+                        .entry(peer)
+                        .or_default()
+                        .push((Instant::now(), reply));
+                    self.settle_dials(peer);
                     return;
                 }
                 for a in &addrs {
@@ -206,25 +233,96 @@ impl EventLoop {
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                let full = address.with(Protocol::P2p(*self.swarm.local_peer_id()));
+                let relayed = nat::is_relayed(&address);
+                if !relayed
+                    && self.nat.relay_server == nat::RelayServer::On
+                    && self.nat.external.is_empty()
+                {
+                    // A relay hands its external addresses to the peers it reserves for (they
+                    // announce them); one told to relay is reachable where it listens.
+                    self.swarm.add_external_address(address.clone());
+                }
+                // Relayed addresses already end with `/p2p/<this peer>`.
+                let local = *self.swarm.local_peer_id();
+                let full = address.clone().with_p2p(local).unwrap_or(address);
                 tracing::info!("listening on {full}");
                 if let Some(cb) = &self.on_listen {
                     cb(&full);
                 }
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
+                let relayed = endpoint.is_relayed();
                 if endpoint.is_dialer() {
                     // Bootstrap addresses may come without `/p2p/<id>`: learn the id here.
                     let addr = endpoint.get_remote_address().clone();
+                    if !relayed {
+                        self.dialled.insert(peer_id, addr.clone());
+                    }
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     if !self.bootstrapped {
                         self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                     }
                 }
-                for (_, reply) in self.pending_dial.remove(&peer_id).unwrap_or_default() {
-                    let _ = reply.send(Ok(()));
+                let conns = self.conns.entry(peer_id).or_default();
+                let direct_before = conns.values().any(|(r, _)| !r);
+                conns.insert(
+                    connection_id,
+                    (relayed, endpoint.get_remote_address().clone()),
+                );
+                if relayed {
+                    tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected through a relay");
+                    if !direct_before {
+                        self.punching.entry(peer_id).or_insert_with(Instant::now);
+                    }
+                } else {
+                    self.punching.remove(&peer_id);
+                }
+                self.settle_dials(peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(conns) = self.conns.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                    if conns.is_empty() {
+                        self.conns.remove(&peer_id);
+                        self.punching.remove(&peer_id);
+                        self.leaving_relay.remove(&peer_id);
+                    }
+                }
+                self.settle_dials(peer_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.relays.remove(&listener_id) {
+                    // Asked for again the next time identify hears from a relay. A listener
+                    // closed without error is this peer stopping (or the relay leaving cleanly).
+                    match reason {
+                        Ok(()) => tracing::debug!(%relay, "relayed address closed"),
+                        Err(e) => tracing::warn!(%relay, "lost the relayed address: {e}"),
+                    }
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                if nat::is_relayed(&address) {
+                    tracing::info!(%address, "reachable through a relay");
+                } else {
+                    tracing::info!(%address, "external address confirmed: reachable directly");
+                    if self.nat.relay_server == nat::RelayServer::Auto {
+                        if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+                            relay.set_status(Some(relay::Status::Enable));
+                        }
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -246,6 +344,58 @@ impl EventLoop {
             })) => {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    self.reserve_on(peer_id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal: false,
+                    ..
+                } => tracing::info!(relay = %relay_peer_id, "relay reservation accepted"),
+                other => tracing::debug!(?other, "relay client"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => match e {
+                relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed: false,
+                } => {
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer: reservation accepted")
+                }
+                relay::Event::ReservationReqDenied {
+                    src_peer_id,
+                    status,
+                } => tracing::info!(peer = %src_peer_id, ?status, "relay reservation denied"),
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "relaying a circuit"),
+                relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    dst_peer_id,
+                    status,
+                } => {
+                    tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit denied")
+                }
+                other => tracing::debug!(?other, "relay server"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => self.hole_punched(remote_peer_id, result),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                old,
+                new,
+            })) => {
+                tracing::info!(?old, ?new, "AutoNAT: reachability changed");
+                if self.nat.relay_server == nat::RelayServer::Auto
+                    && new == autonat::NatStatus::Private
+                {
+                    if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
+                        relay.set_status(Some(relay::Status::Disable));
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
@@ -284,6 +434,105 @@ impl EventLoop {
                 self.query_progressed(id, result, step.last);
             }
             _ => {}
+        }
+    }
+
+    /// Asks `relay` (a peer offering circuit relay v2) for a reservation, when this peer wants
+    /// relayed addresses, does not hold one there yet, holds fewer than [`nat::MAX_RELAYS`],
+    /// and reached it directly (the address to reserve through is the one it was dialled on).
+    fn reserve_on(&mut self, relay: PeerId) {
+        if !self.nat.relay_listen
+            || self.relays.len() >= nat::MAX_RELAYS
+            || self.relays.values().any(|r| *r == relay)
+        {
+            return;
+        }
+        let Some(relay_addr) = self.dialled.get(&relay) else {
+            return;
+        };
+        let addr = nat::circuit_listen_addr(relay_addr, relay);
+        match self.swarm.listen_on(addr.clone()) {
+            Ok(id) => {
+                tracing::info!(%relay, %addr, "asking a relay for a relayed address");
+                self.relays.insert(id, relay);
+            }
+            Err(e) => tracing::warn!(%relay, %addr, "cannot listen through a relay: {e}"),
+        }
+    }
+
+    /// The outcome of a DCUtR hole punch with `peer`. On success the relayed connections are
+    /// closed if the punch came while dials still waited for it, so every stream after runs
+    /// on the direct path; a later punch leaves them (streams may be open on them) to idle out.
+    fn hole_punched(&mut self, peer: PeerId, result: Result<ConnectionId, dcutr::Error>) {
+        let waited = self.punching.remove(&peer).is_some();
+        match result {
+            Ok(direct) => {
+                let addr = self
+                    .conns
+                    .get(&peer)
+                    .and_then(|c| c.get(&direct))
+                    .map(|(_, a)| a.to_string())
+                    .unwrap_or_default();
+                tracing::info!(%peer, %addr, "hole punch succeeded: direct connection");
+                if waited {
+                    let relayed: Vec<ConnectionId> = self
+                        .conns
+                        .get(&peer)
+                        .into_iter()
+                        .flatten()
+                        .filter(|(id, (relayed, _))| *relayed && **id != direct)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in relayed {
+                        self.swarm.close_connection(id);
+                        self.leaving_relay.insert(peer, Instant::now());
+                    }
+                }
+            }
+            Err(e) => tracing::info!(%peer, "hole punch failed ({e}): staying on the relay"),
+        }
+        self.settle_dials(peer);
+    }
+
+    /// Answers the dials waiting for `peer` once it is connected and no hole punch or relay
+    /// hand-over is pending.
+    fn settle_dials(&mut self, peer: PeerId) {
+        if !self.pending_dial.contains_key(&peer) || !self.swarm.is_connected(&peer) {
+            return;
+        }
+        let relayed_left = self
+            .conns
+            .get(&peer)
+            .is_some_and(|c| c.values().any(|(r, _)| *r));
+        if self.punching.contains_key(&peer)
+            || (self.leaving_relay.contains_key(&peer) && relayed_left)
+        {
+            return;
+        }
+        self.leaving_relay.remove(&peer);
+        for (_, reply) in self.pending_dial.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// Stops waiting for hole punches (and relay hand-overs) older than [`nat::PUNCH_WAIT`]:
+    /// the relayed connection is what there is.
+    fn end_due_punch_waits(&mut self) {
+        let now = Instant::now();
+        let due = |since: &Instant| now - *since >= nat::PUNCH_WAIT;
+        let mut peers: Vec<PeerId> = Vec::new();
+        for map in [&mut self.punching, &mut self.leaving_relay] {
+            map.retain(|peer, since| {
+                if due(since) {
+                    peers.push(*peer);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for peer in peers {
+            self.settle_dials(peer);
         }
     }
 

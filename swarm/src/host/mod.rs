@@ -5,12 +5,15 @@
 //! when the loop stops: nothing is left hanging.
 //!
 //! Transports: QUIC and TCP (Noise + Yamux); in a private swarm TCP only, behind the pnet
-//! handshake. Behaviours: Kademlia (our own protocol name, so we
+//! handshake; both with the circuit relay v2 client transport on top, so peers behind NAT can
+//! be dialled through a relay ([`nat`]). Behaviours: Kademlia (our own protocol name, so we
 //! never mix with other DHTs), identify, ping (round-trip times for route planning), optional
-//! mDNS for zero-configuration home LANs, and raw streams for the inference data plane.
+//! mDNS for zero-configuration home LANs, raw streams for the inference data plane, and for NAT
+//! traversal the relay client, an optional relay server, DCUtR and AutoNAT.
 
 mod event_loop;
 mod handle;
+pub mod nat;
 
 use std::time::Duration;
 
@@ -19,10 +22,13 @@ use libp2p::kad::{self, store::MemoryStore, Mode};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour};
-use libp2p::{identify, mdns, noise, ping, tcp, yamux, Multiaddr, StreamProtocol};
+use libp2p::{
+    autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux, Multiaddr, StreamProtocol,
+};
 use tokio::sync::mpsc;
 
 pub use handle::NetHandle;
+pub use nat::{NatOptions, RelayServer};
 
 use event_loop::EventLoop;
 
@@ -53,11 +59,14 @@ pub enum NetError {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The behaviours of every host; `mdns_on` adds mDNS discovery on the local network.
+/// The behaviours of every host; `mdns_on` adds mDNS discovery on the local network, and
+/// `relay_server` (anything but [`RelayServer::Off`]) the circuit relay v2 server.
 fn make_behaviour(
     key: &Keypair,
     peer_id: libp2p::PeerId,
     mdns_on: bool,
+    relay_server: RelayServer,
+    relay_client: relay::client::Behaviour,
 ) -> Result<Behaviour, BoxError> {
     let mut kcfg = kad::Config::new(DHT_STREAM);
     kcfg.set_query_timeout(Duration::from_secs(10));
@@ -81,15 +90,33 @@ fn make_behaviour(
     } else {
         None
     };
+    let relay = (relay_server != RelayServer::Off).then(|| {
+        let mut server = relay::Behaviour::new(peer_id, nat::relay_config());
+        // Not libp2p's automatic status: that turns the relay on for any confirmed external
+        // address, relayed ones included, so a node behind NAT would offer to relay. `Auto`
+        // is turned on by the event loop when a direct address is confirmed.
+        server.set_status(Some(if relay_server == RelayServer::On {
+            relay::Status::Enable
+        } else {
+            relay::Status::Disable
+        }));
+        server
+    });
     Ok(Behaviour {
         kad: kad::Behaviour::with_config(peer_id, store, kcfg),
-        identify: identify::Behaviour::new(identify::Config::new(
-            proto::IDENTIFY_PROTOCOL.into(),
-            key.public(),
-        )),
+        // Pushed when our addresses change: a relayed address appears only after a relay has
+        // accepted the reservation, and peers must learn it before their next periodic identify.
+        identify: identify::Behaviour::new(
+            identify::Config::new(proto::IDENTIFY_PROTOCOL.into(), key.public())
+                .with_push_listen_addr_updates(true),
+        ),
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
         mdns: mdns.into(),
         stream: libp2p_stream::Behaviour::new(),
+        relay_client,
+        relay: relay.into(),
+        dcutr: dcutr::Behaviour::new(peer_id),
+        autonat: autonat::Behaviour::new(peer_id, nat::autonat_config()),
     })
 }
 
@@ -116,6 +143,10 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
 }
 
 /// A started host: its handle, plus the task that owns the swarm. Whoever started it awaits
@@ -125,17 +156,31 @@ pub struct Host {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the swarm and its event loop; stops when `shutdown` resolves or every handle is gone.
+/// Starts the swarm and its event loop as a client does about NAT ([`NatOptions::default`]:
+/// dials relayed addresses and hole punches, relays nothing); stops when `shutdown` resolves or
+/// every handle is gone.
 pub fn start(
     config: NetConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<Host, NetError> {
+    start_with(config, NatOptions::default(), shutdown)
+}
+
+/// [`start`], with what this peer does about NAT: relay for others, reserve a relayed address.
+pub fn start_with(
+    config: NetConfig,
+    nat: NatOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<Host, NetError> {
     let peer_id = config.keypair.public().to_peer_id();
     let mdns_on = config.mdns;
     let dht_server = config.dht_server;
+    let relay_server = nat.relay_server;
     let build = |e: &dyn std::fmt::Display| NetError::Build(e.to_string());
-    let behaviour = move |key: &Keypair| -> Result<Behaviour, BoxError> {
-        make_behaviour(key, peer_id, mdns_on)
+    let behaviour = move |key: &Keypair,
+                          relay_client: relay::client::Behaviour|
+          -> Result<Behaviour, BoxError> {
+        make_behaviour(key, peer_id, mdns_on, relay_server, relay_client)
     };
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone()).with_tokio();
@@ -149,6 +194,8 @@ pub fn start(
             .map_err(|e| build(&e))?
             .with_quic()
             .with_dns()
+            .map_err(|e| build(&e))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| build(&e))?
             .with_behaviour(behaviour)
             .map_err(|e| build(&e))?
@@ -171,6 +218,9 @@ pub fn start(
                 })
                 .map_err(|e| build(&e))?
                 .with_dns()
+                .map_err(|e| build(&e))?
+                // Circuits run inside connections to the relay, which pnet already guards.
+                .with_relay_client(noise::Config::new, yamux::Config::default)
                 .map_err(|e| build(&e))?
                 .with_behaviour(behaviour)
                 .map_err(|e| build(&e))?
@@ -197,6 +247,10 @@ pub fn start(
                 reason: e.to_string(),
             })?;
     }
+    for addr in &nat.external {
+        // Given by the operator (a port forward): reachable without asking AutoNAT.
+        swarm.add_external_address(addr.clone());
+    }
     for addr in &config.bootstrap {
         if let Err(e) = swarm.dial(addr.clone()) {
             tracing::warn!(%addr, "cannot dial bootstrap address: {e}");
@@ -204,7 +258,7 @@ pub fn start(
     }
     let control = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::channel(256);
-    let event_loop = EventLoop::new(swarm, rx, config.on_listen, config.bootstrap);
+    let event_loop = EventLoop::new(swarm, rx, config.on_listen, config.bootstrap, nat);
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok(Host {
         handle: NetHandle::new(tx, config.keypair, control),
