@@ -331,7 +331,7 @@ pub fn reroute_connect(rtt_ms: Option<f32>, cap: Duration) -> Duration {
     let Some(rtt_ms) = rtt_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) else {
         return cap;
     };
-    let scaled = REROUTE_CONNECT_MIN.as_secs_f32() * 1e3 + REROUTE_CONNECT_RTTS * rtt_ms;
+    let scaled = REROUTE_CONNECT_MIN.as_millis() as f32 + REROUTE_CONNECT_RTTS * rtt_ms;
     Duration::from_micros((scaled * 1e3) as u64).min(cap)
 }
 
