@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use coordinator::route::{plan_load_aware, plan_route, PlanError, PlanRequest, ServerInfo, Span};
-use coordinator::session::{Network, SessionError};
+use coordinator::session::{Candidates, Network, SessionError};
 use libp2p::PeerId;
 use model::Hidden;
 use proto::v1::ErrorCode;
@@ -19,7 +19,7 @@ use swarm::discovery::Server;
 
 use crate::profiles::LinkProfile;
 use crate::scenario::Leave;
-use crate::world::{State, World, EPOCH_MS};
+use crate::world::{base_rtt_ms, State, World, EPOCH_MS};
 
 /// A lost packet costs a retransmission timeout on top of the round trip.
 const RTO_MS: f64 = 200.0;
@@ -77,6 +77,8 @@ impl Drop for SimSpan {
 pub struct SimNetwork {
     world: Arc<Mutex<World>>,
     link: LinkProfile,
+    /// Index of `link` among the world's profiles.
+    link_index: usize,
     policy: RoutePolicy,
     rng: Mutex<StdRng>,
 }
@@ -85,15 +87,18 @@ pub struct SimNetwork {
 type Outcome<T> = (f64, Result<T, SessionError>);
 
 impl SimNetwork {
+    /// A client behind link profile number `link` of `links`.
     pub fn new(
         world: Arc<Mutex<World>>,
-        link: LinkProfile,
+        links: &[LinkProfile],
+        link: usize,
         policy: RoutePolicy,
         seed: u64,
     ) -> Self {
         Self {
             world,
-            link,
+            link: links[link].clone(),
+            link_index: link,
             policy,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
         }
@@ -109,7 +114,12 @@ impl SimNetwork {
     }
 
     fn base_rtt_ms(&self, peer: &LinkProfile) -> f64 {
-        2.0 * (self.link.delay_ms + peer.delay_ms)
+        base_rtt_ms(&self.link, peer)
+    }
+
+    /// A Kademlia lookup: a few round trips to DHT peers somewhere on the internet.
+    fn lookup_ms(&self) -> f64 {
+        3.0 * 2.0 * (self.link.delay_ms + 20.0)
     }
 
     /// One direction between this client and `peer`, carrying `bytes`.
@@ -261,11 +271,18 @@ impl Network for SimNetwork {
     }
 
     async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
-        // A Kademlia lookup: a few round trips to DHT peers somewhere on the internet.
-        let ms = 3.0 * 2.0 * (self.link.delay_ms + 20.0);
+        let ms = self.lookup_ms();
         tokio::time::sleep(Duration::from_micros((ms * 1e3) as u64)).await;
         let view = self.world().servers();
         Ok(view.as_ref().clone())
+    }
+
+    /// As the default (a lookup, then the round trips), without copying the view: every
+    /// client behind the same link shares the world's picture of it.
+    async fn candidates(&self) -> Result<Candidates, SessionError> {
+        let ms = self.lookup_ms();
+        tokio::time::sleep(Duration::from_micros((ms * 1e3) as u64)).await;
+        Ok(self.world().candidates(self.link_index))
     }
 
     async fn rtt(&self, peer: PeerId) -> Option<Duration> {

@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use coordinator::session::{server_infos, Candidates};
 use libp2p::PeerId;
 use proto::v1::{ErrorCode, ServerState};
 use rand::rngs::StdRng;
@@ -32,7 +33,9 @@ pub const EPOCH_MS: u64 = 1_700_000_000_000;
 /// How stale the DHT view a lookup returns may be, at most. Lookups are the simulator's
 /// hottest path (every client plans over every peer), and a real lookup's answer is itself
 /// collected over a second or more; loads in it are as old as each peer's last announcement
-/// anyway.
+/// anyway. Joins and moves show at the next refresh like everything else (they once forced
+/// one, which rebuilt the view twice as often at 10,000 peers for no difference a client
+/// could use: a joining or moving peer announces itself as joining for `load_s`).
 const VIEW_REFRESH_MS: f64 = 1_000.0;
 
 /// What a peer is doing at some moment.
@@ -95,8 +98,19 @@ pub struct World {
     /// the planner's canonical order, so its sort finds them sorted.
     by_id: Vec<u32>,
     view: Arc<Vec<Server>>,
+    /// Peer number of each server of `view`.
+    view_peers: Vec<u32>,
+    /// Bumped each time `view` is rebuilt.
+    view_version: u64,
+    /// Per client link profile: the planner's picture of `view` (round trips from a client
+    /// behind that link), and the view version it was built from. Every client behind the
+    /// same link would build the same one.
+    candidates: Vec<Option<(u64, Candidates)>>,
     view_at_ms: f64,
-    view_dirty: bool,
+    /// Peers `0..joined` have joined (peers join in index order).
+    joined: usize,
+    /// Per block, the entries of its record while a view is built (kept to save allocations).
+    records: Vec<Vec<(u64, u32)>>,
     t0: Instant,
     rng: StdRng,
     pub moves: u64,
@@ -149,6 +163,7 @@ impl World {
             .enumerate()
             .map(|(i, s)| (s.id, i as u32))
             .collect();
+        let joined = schedule.peers.iter().take_while(|s| s.join_ms == 0).count();
         let mut by_id: Vec<u32> = (0..schedule.peers.len() as u32).collect();
         by_id.sort_by_key(|&i| schedule.peers[i as usize].id);
         Self {
@@ -159,8 +174,12 @@ impl World {
             index,
             by_id,
             view: Arc::default(),
+            view_peers: Vec::new(),
+            view_version: 0,
+            candidates: vec![None; links.len()],
             view_at_ms: f64::NEG_INFINITY,
-            view_dirty: true,
+            joined,
+            records: vec![Vec::new(); cfg.blocks as usize],
             t0: Instant::now(),
             rng: StdRng::seed_from_u64(cfg.seed ^ 0x05ee_d0f3_011d),
             moves: 0,
@@ -235,7 +254,7 @@ impl World {
         p.next_check_ms += now as u64;
         p.next_announce_ms += now;
         p.last_announce_ms = now;
-        self.view_dirty = true;
+        self.joined = self.joined.max(i + 1);
     }
 
     /// Every online peer whose check is due asks `should_move`, one after another, each seeing
@@ -295,7 +314,6 @@ impl World {
             p.online_at_ms = now as u64 + (self.cfg.load_s * 1000.0) as u64;
             p.last_announce_ms = now;
             self.moves += 1;
-            self.view_dirty = true;
         }
     }
 
@@ -318,12 +336,39 @@ impl World {
     /// [`VIEW_REFRESH_MS`] old, each peer's load as of its last announcement.
     pub fn servers(&mut self) -> Arc<Vec<Server>> {
         let now = self.now_ms();
-        if self.view_dirty || now - self.view_at_ms >= VIEW_REFRESH_MS {
+        if now - self.view_at_ms >= VIEW_REFRESH_MS {
             self.view = Arc::new(self.build_view(now));
+            self.view_version += 1;
             self.view_at_ms = now;
-            self.view_dirty = false;
         }
         self.view.clone()
+    }
+
+    /// What a lookup by a client behind link profile `client_link` returns, with the round
+    /// trips it measures: the same for every client behind that link, so built once per view.
+    pub fn candidates(&mut self, client_link: usize) -> Candidates {
+        let servers = self.servers();
+        if let Some((version, c)) = &self.candidates[client_link] {
+            if *version == self.view_version {
+                return c.clone();
+            }
+        }
+        let client = &self.links[client_link];
+        let rtts = self
+            .view_peers
+            .iter()
+            .map(|&i| {
+                let ms = base_rtt_ms(client, self.link(i as usize));
+                Some(Duration::from_secs_f64(ms / 1e3))
+            })
+            .collect();
+        let infos = server_infos(&servers, rtts);
+        let c = Candidates {
+            servers,
+            infos: Arc::new(infos),
+        };
+        self.candidates[client_link] = Some((self.view_version, c.clone()));
+        c
     }
 
     /// Live peers announce when their period comes round; then each block's record keeps
@@ -332,8 +377,11 @@ impl World {
     /// so its entry is the first to be pushed out of a full record.
     fn build_view(&mut self, now: f64) -> Vec<Server> {
         let period = self.cfg.announce_s * 1000.0;
-        let mut records: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.cfg.blocks as usize];
-        for i in 0..self.peers.len() {
+        let mut records = std::mem::take(&mut self.records);
+        for record in &mut records {
+            record.clear();
+        }
+        for i in 0..self.joined {
             if !self.listed(i, now) {
                 continue;
             }
@@ -369,12 +417,15 @@ impl World {
                 kept[i as usize] = true;
             }
         }
+        self.records = records;
         let mut out = Vec::new();
+        self.view_peers.clear();
         for &i in &self.by_id {
             let i = i as usize;
             if !kept[i] {
                 continue;
             }
+            self.view_peers.push(i as u32);
             let device = self.device(i);
             let p = &self.peers[i];
             let decode = device.decode_ms_per_block;
@@ -426,4 +477,10 @@ impl World {
     pub fn link(&self, i: usize) -> &LinkProfile {
         &self.links[self.schedule.peers[i].link]
     }
+}
+
+/// Round trip between a client behind `client` and a peer behind `peer`, without jitter or
+/// loss: what the client's ping measures.
+pub fn base_rtt_ms(client: &LinkProfile, peer: &LinkProfile) -> f64 {
+    2.0 * (client.delay_ms + peer.delay_ms)
 }

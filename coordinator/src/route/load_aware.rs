@@ -33,7 +33,7 @@ use std::hash::Hash;
 
 use rand::Rng;
 
-use super::planner::{plan_route, PlanError, PlanRequest, ServerInfo, Span};
+use super::planner::{plan_route_priced, PlanError, PlanRequest, Price, ServerInfo, Span};
 
 /// Extra share of a step per session open on the server (see the module docs).
 pub const SESSION_SLOWDOWN: f32 = 0.12;
@@ -52,11 +52,11 @@ pub fn loaded_decode_ms<P>(server: &ServerInfo<P>) -> f32 {
     server.decode_ms_per_block * factor
 }
 
-/// Plans with [`plan_route`] on the servers priced at their load and tilted by `rng`.
+/// Plans like [`plan_route`](super::planner::plan_route) on the servers priced at their load and tilted by `rng`.
 ///
 /// # Errors
 ///
-/// As [`plan_route`]: load never makes a server unusable, so the same requests fail.
+/// As [`plan_route`](super::planner::plan_route): load never makes a server unusable, so the same requests fail.
 pub fn plan_load_aware<P, R>(
     servers: &[ServerInfo<P>],
     req: &PlanRequest<'_, P>,
@@ -66,22 +66,26 @@ where
     P: Clone + Eq + Hash + Ord + Debug,
     R: Rng,
 {
-    let priced: Vec<ServerInfo<P>> = servers
+    // One tilt per listed server, drawn in listing order whether or not the plan can use it:
+    // a client's random stream then depends only on what lookups returned.
+    let tilts: Vec<f32> = servers
         .iter()
-        .map(|s| {
-            let tilt = 1.0 + JITTER * rng.random::<f32>();
-            ServerInfo {
-                decode_ms_per_block: loaded_decode_ms(s) * tilt,
-                free_cache_tokens: if s.load.full() {
-                    0
-                } else {
-                    s.free_cache_tokens
-                },
-                ..s.clone()
-            }
-        })
+        .map(|_| 1.0 + JITTER * rng.random::<f32>())
         .collect();
-    plan_route(&priced, req)
+    plan_route_priced(servers, req, |i, s| loaded_price(s, tilts[i]))
+}
+
+/// `server` as [`plan_load_aware`] prices it: at its announced load, times `tilt`; no cache
+/// room while it says it takes no more sessions.
+pub fn loaded_price<P>(server: &ServerInfo<P>, tilt: f32) -> Price {
+    Price {
+        decode_ms_per_block: loaded_decode_ms(server) * tilt,
+        free_cache_tokens: if server.load.full() {
+            0
+        } else {
+            server.free_cache_tokens
+        },
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +97,7 @@ mod tests {
     use rand::SeedableRng;
     use swarm::load::Load;
 
+    use super::super::planner::plan_route;
     use super::*;
 
     fn server(peer: u32, blocks: Range<u32>, ms: f32, load: Load) -> ServerInfo<u32> {

@@ -144,7 +144,8 @@ pub fn span_cost<P>(
     blocks: Range<u32>,
     req: &PlanRequest<'_, P>,
 ) -> RouteCost {
-    Pricing::new(server, req).cost(blocks.end.saturating_sub(blocks.start))
+    Pricing::new(server, Price::announced(server), req)
+        .cost(blocks.end.saturating_sub(blocks.start))
 }
 
 /// Prices an existing route, e.g. to judge whether replanning would pay off or to check a plan.
@@ -190,6 +191,45 @@ pub fn plan_route<P>(
 where
     P: Clone + Eq + Hash + Ord + Debug,
 {
+    plan_route_priced(servers, req, |_, s| Price::announced(s))
+}
+
+/// What a route choice may change about a server when it prices it: its compute time per
+/// block and its free cache. Everything else (range, usability, round trip) is as announced.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Price {
+    pub decode_ms_per_block: f32,
+    pub free_cache_tokens: u64,
+}
+
+impl Price {
+    /// The server's own announcement, as [`plan_route`] prices it.
+    pub fn announced<P>(server: &ServerInfo<P>) -> Self {
+        Self {
+            decode_ms_per_block: server.decode_ms_per_block,
+            free_cache_tokens: server.free_cache_tokens,
+        }
+    }
+}
+
+/// [`plan_route`] with each server priced by `price(index, server)` instead of its
+/// announcement: the same search, ties and errors. `price` is called only for servers a plan
+/// could use (usable, overlapping the request), in listing order. Choosers that reprice servers
+/// (load, random tilts) go through this rather than copying the list: plans run over the
+/// thousands of servers a lookup returns.
+///
+/// # Errors
+///
+/// As [`plan_route`].
+pub fn plan_route_priced<P, F>(
+    servers: &[ServerInfo<P>],
+    req: &PlanRequest<'_, P>,
+    mut price: F,
+) -> Result<Vec<Span<P>>, PlanError>
+where
+    P: Clone + Eq + Hash + Ord + Debug,
+    F: FnMut(usize, &ServerInfo<P>) -> Price,
+{
     let wanted = req.blocks.clone();
     if wanted.is_empty() {
         return Err(PlanError::EmptyRequest);
@@ -197,17 +237,32 @@ where
     let n = (wanted.end - wanted.start) as usize;
     let to_block = |boundary: usize| wanted.start + boundary as u32;
 
+    // Peers banned now: usually a handful, compared directly rather than hashing each of the
+    // thousands of servers (what `is_usable` does).
+    let banned: Vec<&P> = req
+        .banned_until_ms
+        .iter()
+        .filter(|&(_, &until)| req.now_ms < until)
+        .map(|(peer, _)| peer)
+        .collect();
+    let usable = |info: &ServerInfo<P>| {
+        if banned.len() <= FEW_BANS {
+            info.online && !banned.contains(&&info.peer)
+        } else {
+            info.is_usable(req)
+        }
+    };
     let mut candidates: Vec<Candidate> = servers
         .iter()
         .enumerate()
         .filter_map(|(server, info)| {
             let from = info.blocks.start.max(wanted.start);
             let to = info.blocks.end.min(wanted.end);
-            (from < to && info.is_usable(req)).then(|| Candidate {
+            (from < to && usable(info)).then(|| Candidate {
                 server,
                 from: (from - wanted.start) as usize,
                 to: (to - wanted.start) as usize,
-                pricing: Pricing::new(info, req),
+                pricing: Pricing::new(info, price(server, info), req),
             })
         })
         .collect();
@@ -230,6 +285,9 @@ where
         })
         .collect())
 }
+
+/// Up to this many peers banned at once are looked for by comparison, not by hashing.
+const FEW_BANS: usize = 16;
 
 /// A usable server clipped to the request, in boundary offsets from the request's start.
 struct Candidate {
@@ -257,12 +315,12 @@ struct Pricing {
 type BoardingKey = (u64, u128, u32);
 
 impl Pricing {
-    fn new<P>(server: &ServerInfo<P>, req: &PlanRequest<'_, P>) -> Self {
+    fn new<P>(server: &ServerInfo<P>, price: Price, req: &PlanRequest<'_, P>) -> Self {
         let rtt_ms = server.rtt_ms.unwrap_or(req.default_rtt_ms);
         Self {
-            full: server.free_cache_tokens < req.cache_tokens,
+            full: price.free_cache_tokens < req.cache_tokens,
             fixed_us: ms_to_us(rtt_ms) + ms_to_us(HOP_OVERHEAD_MS),
-            per_block_us: ms_to_us(server.decode_ms_per_block),
+            per_block_us: ms_to_us(price.decode_ms_per_block),
         }
     }
 

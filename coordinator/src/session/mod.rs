@@ -25,12 +25,11 @@ use std::time::Duration;
 use libp2p::PeerId;
 use model::fingerprint::{short_hex, Fingerprint};
 use model::Hidden;
-use proto::v1::ServerState;
 use proto::ErrorAction;
 use serde::Serialize;
 
 pub use bans::Bans;
-pub use network::{Libp2pNetwork, Network};
+pub use network::{server_infos, Candidates, Libp2pNetwork, Network};
 pub use span::{SessionError, SpanSession, Timeouts};
 use verify::first_difference as verify_diff;
 pub use verify::VerifyPolicy;
@@ -104,39 +103,44 @@ impl<N: Network> Router<N> {
         cache_tokens: u64,
         deadline: tokio::time::Instant,
     ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
-        self.plan_skipping(blocks, cache_tokens, deadline, &HashMap::new())
-            .await
+        let (view, route) = self
+            .plan_skipping(blocks, cache_tokens, deadline, &HashMap::new(), None)
+            .await?;
+        Ok((Arc::unwrap_or_clone(view.servers), route))
+    }
+
+    /// What discovery lists now, with the round trips measured to each server.
+    async fn view(&self) -> Result<View, RouteError> {
+        let found = self.network.candidates().await?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for i in found.infos.iter() {
+                tracing::debug!(peer = %i.peer, blocks = ?i.blocks, rtt_ms = ?i.rtt_ms, decode_ms = i.decode_ms_per_block, "candidate");
+            }
+        }
+        Ok(View {
+            servers: found.servers,
+            infos: found.infos,
+            at: tokio::time::Instant::now(),
+        })
     }
 
     /// [`Router::plan`], also leaving out each peer of `skip` until its time (ms), on top of
-    /// the bans.
+    /// the bans. Plans on `reuse` first when given (a view this request just looked up), and
+    /// looks up again only if that fails.
     async fn plan_skipping(
         &self,
         blocks: Range<u32>,
         cache_tokens: u64,
         deadline: tokio::time::Instant,
         skip: &HashMap<PeerId, u64>,
-    ) -> Result<(Vec<Server>, Vec<Span<PeerId>>), RouteError> {
+        mut reuse: Option<View>,
+    ) -> Result<(View, Vec<Span<PeerId>>), RouteError> {
         loop {
-            let servers = self.network.lookup().await?;
-            let peers: Vec<PeerId> = servers.iter().map(|s| s.peer).collect();
-            let rtts = self.network.rtts(&peers).await;
-            let infos: Vec<ServerInfo<PeerId>> = servers
-                .iter()
-                .zip(rtts)
-                .map(|(s, rtt)| ServerInfo {
-                    peer: s.peer,
-                    blocks: s.blocks.clone(),
-                    online: s.state == ServerState::Online,
-                    decode_ms_per_block: s.decode_ms_per_block,
-                    rtt_ms: rtt.map(|d| d.as_secs_f32() * 1e3),
-                    free_cache_tokens: s.free_cache_tokens,
-                    load: s.load,
-                })
-                .collect();
-            for i in &infos {
-                tracing::debug!(peer = %i.peer, blocks = ?i.blocks, rtt_ms = ?i.rtt_ms, decode_ms = i.decode_ms_per_block, "candidate");
-            }
+            let reused = reuse.is_some();
+            let view = match reuse.take() {
+                Some(view) => view,
+                None => self.view().await?,
+            };
             let mut banned: HashMap<PeerId, u64> =
                 self.bans.lock().map(|b| b.snapshot()).unwrap_or_default();
             for (&peer, &until) in skip {
@@ -150,8 +154,10 @@ impl<N: Network> Router<N> {
                 banned_until_ms: &banned,
                 default_rtt_ms: UNMEASURED_RTT_MS,
             };
-            match self.network.plan(&infos, &req) {
-                Ok(route) => return Ok((servers, route)),
+            match self.network.plan(&view.infos, &req) {
+                Ok(route) => return Ok((view, route)),
+                // The reused view lacks a peer this request's failures left out: look again.
+                Err(_) if reused => {}
                 Err(reason) if tokio::time::Instant::now() >= deadline => {
                     return Err(RouteError::Plan {
                         model: short_hex(&self.fingerprint),
@@ -181,8 +187,9 @@ impl<N: Network> Router<N> {
         self.open_within(blocks, max_length, None).await
     }
 
-    /// [`Router::open`], giving the first route's peers at most `first_connect` each to open
-    /// (later routes get the network's own timeout).
+    /// [`Router::open`], giving the first route's peers at most `first_connect` each to open,
+    /// less for a peer whose round trip is known (see [`reroute_connect`]); later routes get
+    /// the network's own timeout.
     ///
     /// A reroute is already late, and the peer it tries first is often one the DHT still lists
     /// but that is gone (records outlive a crash by up to three announce intervals): waiting
@@ -200,11 +207,18 @@ impl<N: Network> Router<N> {
         let mut refusals = Refusals::default();
         let mut full: HashMap<PeerId, u64> = HashMap::new();
         let mut last_full: Option<SessionError> = None;
+        let mut reuse: Option<View> = None;
         loop {
             let planned = self
-                .plan_skipping(blocks.clone(), max_length as u64, deadline, &full)
+                .plan_skipping(
+                    blocks.clone(),
+                    max_length as u64,
+                    deadline,
+                    &full,
+                    reuse.take(),
+                )
                 .await;
-            let (servers, route) = match (planned, last_full) {
+            let (view, route) = match (planned, last_full) {
                 (Ok(planned), last) => {
                     last_full = last;
                     planned
@@ -216,11 +230,13 @@ impl<N: Network> Router<N> {
             let mut spans = Vec::with_capacity(route.len());
             let mut failure = None;
             for hop in &route {
-                let Some(server) = servers.iter().find(|s| s.peer == hop.peer) else {
+                let Some(k) = view.servers.iter().position(|s| s.peer == hop.peer) else {
                     continue;
                 };
+                let server = &view.servers[k];
                 let opening = self.network.open(server, hop.blocks.clone(), max_length);
-                let opened = match first_connect {
+                let within = first_connect.map(|cap| reroute_connect(view.infos[k].rtt_ms, cap));
+                let opened = match within {
                     None => opening.await,
                     Some(within) => {
                         tokio::time::timeout(within, opening)
@@ -251,6 +267,12 @@ impl<N: Network> Router<N> {
             };
             first_connect = None;
             self.close_all(spans).await;
+            // The next route is planned on the same view, without the peer that failed, while
+            // the view is fresh: a lookup is a DHT query per block, and the view cannot have
+            // learnt much in the time one open took.
+            if view.at.elapsed() < VIEW_REUSE {
+                reuse = Some(view);
+            }
             if refusals.agree(&e) || tokio::time::Instant::now() >= deadline {
                 return Err(e.into());
             }
@@ -274,10 +296,44 @@ impl<N: Network> Router<N> {
     }
 }
 
+/// What one lookup found, and the planner's picture of it.
+struct View {
+    servers: Arc<Vec<Server>>,
+    infos: Arc<Vec<ServerInfo<PeerId>>>,
+    /// When the lookup answered.
+    at: tokio::time::Instant,
+}
+
+/// How long a view serves for further attempts of the same request (after a peer on its
+/// route failed to open) before discovery is asked again. Announcements are seconds old
+/// anyway; a lookup asks the DHT for every block's record.
+pub const VIEW_REUSE: Duration = Duration::from_secs(2);
+
 /// How long the first peers tried on a reroute get to open (see [`Router::open_within`]):
 /// several round trips of the slowest links the simulator models (100 ms each way), well
 /// short of the 10 s the network allows a first connection.
 pub const REROUTE_CONNECT: Duration = Duration::from_millis(1_500);
+
+/// Least time a peer tried first on a reroute gets to open, whatever its round trip.
+pub const REROUTE_CONNECT_MIN: Duration = Duration::from_millis(300);
+
+/// Round trips a peer tried first on a reroute gets to open, on top of
+/// [`REROUTE_CONNECT_MIN`]: opening a session on a peer takes two (dial and the open
+/// exchange) when nothing goes wrong, a fresh connection a few more.
+pub const REROUTE_CONNECT_RTTS: f32 = 4.0;
+
+/// How long a peer tried first on a reroute gets to open: [`REROUTE_CONNECT_MIN`] plus
+/// [`REROUTE_CONNECT_RTTS`] of its measured round trip, at most `cap` (and `cap` when the
+/// round trip was never measured). A frozen peer whose record still lingers in the DHT then
+/// costs the reroute a few of its round trips instead of the whole `cap`; a live peer that
+/// misses the bound (a lost packet) is banned briefly like any failed one.
+pub fn reroute_connect(rtt_ms: Option<f32>, cap: Duration) -> Duration {
+    let Some(rtt_ms) = rtt_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) else {
+        return cap;
+    };
+    let scaled = REROUTE_CONNECT_MIN.as_millis() as f32 + REROUTE_CONNECT_RTTS * rtt_ms;
+    Duration::from_micros((scaled * 1e3) as u64).min(cap)
+}
 
 /// How long a peer that refused a session for want of room is left out of that request's
 /// routes before it is asked again (sessions end and free their room all the time).
@@ -610,6 +666,7 @@ async fn replay<N: Network>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::v1::ServerState;
 
     /// A swarm in memory: each span adds its block count to every value, `dead` peers fail
     /// every step from position `dies_at` on, and `liars` call every step a bad request.
@@ -631,6 +688,10 @@ mod tests {
         push: Option<Option<usize>>,
         /// Spans run by pushes.
         pushed: Mutex<usize>,
+        /// Never answer an open (a frozen machine whose record lingers).
+        frozen: Vec<PeerId>,
+        /// Lookups made.
+        lookups: Mutex<usize>,
     }
 
     impl Fake {
@@ -648,6 +709,8 @@ mod tests {
                 steps: Mutex::default(),
                 push: None,
                 pushed: Mutex::default(),
+                frozen: Vec::new(),
+                lookups: Mutex::default(),
             }
         }
     }
@@ -675,6 +738,7 @@ mod tests {
         }
 
         async fn lookup(&self) -> Result<Vec<Server>, SessionError> {
+            *self.lookups.lock().unwrap() += 1;
             Ok(self.servers.clone())
         }
 
@@ -688,6 +752,9 @@ mod tests {
             blocks: Range<u32>,
             max_length: u32,
         ) -> Result<Self::Span, SessionError> {
+            if self.frozen.contains(&server.peer) {
+                std::future::pending::<()>().await;
+            }
             if self.full.contains(&server.peer) {
                 return Err(SessionError::Remote {
                     peer: server.peer,
@@ -781,21 +848,13 @@ mod tests {
     async fn a_lost_peer_is_banned_replaced_and_its_history_replayed() {
         let (fast, slow, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
         let network = Fake {
-            servers: vec![
+            dead: fast,
+            dies_at: 3,
+            ..Fake::new(vec![
                 server(fast, 0..4, 1.0),
                 server(slow, 0..4, 10.0),
                 server(tail, 4..6, 1.0),
-            ],
-            dead: fast,
-            dies_at: 3,
-            liars: Vec::new(),
-            full: Vec::new(),
-            corrupt: Vec::new(),
-            corrupt_from: 0,
-            slow: Vec::new(),
-            steps: Mutex::default(),
-            push: None,
-            pushed: Mutex::default(),
+            ])
         };
         let router = Arc::new(Router {
             network,
@@ -891,6 +950,67 @@ mod tests {
         let session = InferenceSession::open(router.clone(), 16).await.unwrap();
         assert_eq!(session.route()[0].peer, roomy.to_string());
         assert!(router.bans.lock().unwrap().snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_open_is_planned_again_on_the_same_lookup() {
+        let (full, roomy, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let router = router_of(Fake {
+            full: vec![full],
+            ..Fake::new(vec![
+                server(full, 0..4, 1.0),
+                server(roomy, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ])
+        });
+        let session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, roomy.to_string());
+        assert_eq!(*router.network.lookups.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn reroute_connect_is_a_few_round_trips_within_the_cap() {
+        let cap = REROUTE_CONNECT;
+        assert_eq!(reroute_connect(None, cap), cap);
+        assert_eq!(reroute_connect(Some(f32::NAN), cap), cap);
+        assert_eq!(reroute_connect(Some(0.0), cap), REROUTE_CONNECT_MIN);
+        assert_eq!(reroute_connect(Some(10.0), cap), Duration::from_millis(340));
+        // A far peer (100 ms each way) gets the cap, no more.
+        assert_eq!(reroute_connect(Some(1_000.0), cap), cap);
+    }
+
+    /// The fast peer dies; the next best is frozen (its record still listed) and never
+    /// answers an open. The reroute gives it a few of its round trips, not the whole bound,
+    /// bans it and goes on to the third.
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_replacement_costs_a_reroute_a_few_round_trips() {
+        let [fast, frozen, slow, tail] = [(); 4].map(|_| PeerId::random());
+        let router = router_of(Fake {
+            dead: fast,
+            dies_at: 1,
+            frozen: vec![frozen],
+            ..Fake::new(vec![
+                server(fast, 0..4, 1.0),
+                server(frozen, 0..4, 2.0),
+                server(slow, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ])
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        let y = session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
+        assert_eq!(y.data, [8.0]);
+        assert_eq!(session.route()[0].peer, slow.to_string());
+        let bans = router.bans.lock().unwrap().snapshot();
+        assert!(
+            bans.contains_key(&fast) && bans.contains_key(&frozen),
+            "{bans:?}"
+        );
+        // Virtual time: the frozen peer's bound (1 ms round trips) and nothing else.
+        let bound = reroute_connect(Some(1.0), REROUTE_CONNECT);
+        assert_eq!(session.recoveries().len(), 1);
+        assert!(session.recoveries()[0] >= bound);
+        assert!(session.recoveries()[0] < REROUTE_CONNECT);
     }
 
     #[tokio::test]

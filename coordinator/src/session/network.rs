@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -55,6 +56,23 @@ pub trait Network: Send + Sync + 'static {
         }
     }
 
+    /// Every server [`lookup`](Network::lookup) returns and the planner's picture of each,
+    /// with its measured round trip ([`rtts`](Network::rtts)). A network that answers many
+    /// clients from the same data (a simulation of thousands) may share one picture among
+    /// every client that would build the same.
+    fn candidates(&self) -> impl Future<Output = Result<Candidates, SessionError>> + Send {
+        async move {
+            let servers = self.lookup().await?;
+            let peers: Vec<PeerId> = servers.iter().map(|s| s.peer).collect();
+            let rtts = self.rtts(&peers).await;
+            let infos = server_infos(&servers, rtts);
+            Ok(Candidates {
+                servers: Arc::new(servers),
+                infos: Arc::new(infos),
+            })
+        }
+    }
+
     /// Chooses a route; the real planner unless a simulation compares it with other policies.
     fn plan(
         &self,
@@ -95,6 +113,30 @@ pub trait Network: Send + Sync + 'static {
         let _ = (spans, pos, hidden);
         async { Pushed::default() }
     }
+}
+
+/// What one lookup found: the servers, and the planner's picture of them in the same order.
+#[derive(Clone, Debug)]
+pub struct Candidates {
+    pub servers: Arc<Vec<Server>>,
+    pub infos: Arc<Vec<ServerInfo<PeerId>>>,
+}
+
+/// The planner's picture of `servers`, given the measured round trip of each (in order).
+pub fn server_infos(servers: &[Server], rtts: Vec<Option<Duration>>) -> Vec<ServerInfo<PeerId>> {
+    servers
+        .iter()
+        .zip(rtts)
+        .map(|(s, rtt)| ServerInfo {
+            peer: s.peer,
+            blocks: s.blocks.clone(),
+            online: s.state == ServerState::Online,
+            decode_ms_per_block: s.decode_ms_per_block,
+            rtt_ms: rtt.map(|d| d.as_secs_f32() * 1e3),
+            free_cache_tokens: s.free_cache_tokens,
+            load: s.load,
+        })
+        .collect()
 }
 
 /// The real swarm: DHT discovery and span sessions over libp2p streams.
