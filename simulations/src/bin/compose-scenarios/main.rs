@@ -167,10 +167,13 @@ impl Cluster {
     /// Peer id of a node, from its latest `listening on` line.
     fn peer_id(&self, service: &str) -> anyhow::Result<String> {
         let logs = run(compose().args(["logs", "--no-color", service]))?;
-        // The newest line: a restarted container keeps the logs of its earlier runs, and
-        // without an identity file each run has a new peer id.
+        // The newest `listening on` line: a restarted container keeps the logs of its earlier
+        // runs, and without an identity file each run has a new peer id. The id is the last
+        // `/p2p/` part: a relayed address names the relay first (`/p2p/<relay>/p2p-circuit/
+        // p2p/<node>`), and other lines name other peers.
         logs.lines()
-            .filter_map(|l| l.split("/p2p/").nth(1))
+            .filter(|l| l.contains("listening on "))
+            .filter_map(|l| l.rsplit("/p2p/").next())
             .map(|p| p.trim().to_string())
             .next_back()
             .context(format!("{service} printed no peer id"))
