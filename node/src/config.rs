@@ -49,6 +49,11 @@ pub enum Fault {
     /// the measured speed, to draw clients that would give up on such an answer.
     #[cfg(feature = "fault-injection")]
     RefuseSteps,
+    /// Serve the client's own steps, but refuse every step another node pushes (acknowledged
+    /// as a bad request), as a node that cannot or will not take part in push would; the
+    /// forwarding node then reports the failure after it has answered.
+    #[cfg(feature = "fault-injection")]
+    RefusePushes,
 }
 
 pub struct JoinConfig {

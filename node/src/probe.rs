@@ -153,5 +153,6 @@ fn kind_name(kind: Option<&server_frame::Kind>) -> &'static str {
         Some(server_frame::Kind::Opened(_)) => "session-opened",
         Some(server_frame::Kind::Result(_)) => "a result",
         Some(server_frame::Kind::Error(_)) => "an error",
+        Some(server_frame::Kind::ForwardFailed(_)) => "a forward report",
     }
 }

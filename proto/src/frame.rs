@@ -47,6 +47,25 @@ where
     Ok(Some(M::decode(buf.as_slice())?))
 }
 
+/// The frames of `r` as a stream, each at most `max_len` bytes. Unlike [`read_frame`], waiting
+/// for the next item is cancel-safe (a partly read frame stays in the stream's state), so a
+/// reader can wait for this peer and for something else at once and drop the wait. Ends after
+/// a clean EOF or the first error, which it yields.
+pub fn frames<R, M>(r: R, max_len: usize) -> impl futures::Stream<Item = Result<M, WireError>>
+where
+    R: AsyncRead + Unpin,
+    M: Message + Default,
+{
+    futures::stream::unfold(Some(r), move |r| async move {
+        let mut r = r?;
+        match read_frame::<_, M>(&mut r, max_len).await {
+            Ok(Some(f)) => Some((Ok(f), Some(r))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
 /// Reads the varint length prefix; `None` on EOF before its first byte.
 async fn read_length<R>(r: &mut R) -> Result<Option<u64>, WireError>
 where

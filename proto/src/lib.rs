@@ -10,7 +10,7 @@ mod push;
 mod tensor;
 
 pub use error::WireError;
-pub use frame::{read_frame, write_frame};
+pub use frame::{frames, read_frame, write_frame};
 pub use protocol::{
     hidden_limits, max_step_frame, step_bound, DEFAULT_MAX_STEP_TOKENS, DHT_PROTOCOL,
     IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL, MAX_OPEN_FRAME,
@@ -122,6 +122,14 @@ impl v1::ServerFrame {
     /// A step's answer with every field set by the caller (step id, forward outcome).
     pub fn step_result(result: v1::StepResult) -> Self {
         Self::of(server_frame::Kind::Result(result))
+    }
+
+    /// The report that the output of step `step_id`, already answered, was not forwarded.
+    pub fn forward_failed(step_id: u64, reason: impl Into<String>) -> Self {
+        Self::of(server_frame::Kind::ForwardFailed(v1::ForwardFailed {
+            step_id,
+            reason: reason.into(),
+        }))
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {

@@ -13,8 +13,11 @@ use serde_json::Value;
 use swarm::{Host, NetConfig, INFERENCE_STREAM};
 use tokio_util::sync::CancellationToken;
 
-use super::default_model;
+use node::Fault;
+
 use super::swarm::{bootstrap, local, node, swarm_command, Proc};
+use super::verification::Liar;
+use super::{default_model, TempDir};
 
 #[test]
 fn three_nodes_pushing_node_to_node_give_the_local_tokens() {
@@ -125,8 +128,10 @@ impl Raw {
     }
 }
 
-/// Sends one row through `a` asking it to forward to `hop`; returns the forward error of
-/// the answer, which must carry a's output all the same.
+/// Sends one row through `a` asking it to forward to `hop`; returns why the forward failed,
+/// which the node says in its answer (a failure before it answered, such as no connection) or
+/// in a report right after it (a refusal by the next node). The answer must carry a's output
+/// all the same.
 async fn forward_error(a: &mut Opened, dim: usize, step_id: u64, hop: Hop) -> String {
     let step = ClientFrame::step_of(Step {
         position: 0,
@@ -134,24 +139,42 @@ async fn forward_error(a: &mut Opened, dim: usize, step_id: u64, hop: Hop) -> St
         step_id,
         next: vec![hop],
     });
+    let max = max_step_frame(64, dim);
     let io = async {
         write_frame(&mut a.stream, &step).await.unwrap();
-        read_frame::<_, ServerFrame>(&mut a.stream, max_step_frame(64, dim))
+        let answer = read_frame::<_, ServerFrame>(&mut a.stream, max)
             .await
             .unwrap()
-            .expect("an answer")
+            .expect("an answer");
+        let Some(server_frame::Kind::Result(r)) = answer.kind else {
+            panic!("not a result: {answer:?}");
+        };
+        if !r.forward_error.is_empty() {
+            return (r, None);
+        }
+        let report = read_frame::<_, ServerFrame>(&mut a.stream, max)
+            .await
+            .unwrap()
+            .expect("a report of the failed forward");
+        (r, Some(report))
     };
     // Bounded by the node's forward timeout (8 s) plus the step itself.
-    let answer = tokio::time::timeout(Duration::from_secs(30), io)
+    let (r, report) = tokio::time::timeout(Duration::from_secs(30), io)
         .await
         .expect("the node answers despite the failed forward");
-    let Some(server_frame::Kind::Result(r)) = answer.kind else {
-        panic!("not a result: {answer:?}");
-    };
     assert_eq!(r.step_id, step_id);
     let t = r.hidden.expect("the node's own output");
     assert_eq!(t.shape, [1, dim as u64]);
-    r.forward_error
+    match report {
+        None => r.forward_error,
+        Some(ServerFrame {
+            kind: Some(server_frame::Kind::ForwardFailed(f)),
+        }) => {
+            assert_eq!(f.step_id, step_id);
+            f.reason
+        }
+        Some(other) => panic!("not a forward report: {other:?}"),
+    }
 }
 
 #[test]
@@ -198,4 +221,38 @@ fn a_forward_to_an_unreachable_peer_or_to_the_wrong_blocks_comes_back_as_a_reaso
         raw.shutdown.cancel();
         let _ = raw.host.task.await;
     });
+}
+
+/// The middle node takes no pushes (the test-only fault switch): the first node answers the
+/// client, then reports that the middle node refused its forward, and the client relays the
+/// rest itself. Without that report the client would wait for the middle node's answer until
+/// its step timeout and then, with no other peer for 10..20, fail.
+#[test]
+fn a_forward_refused_after_the_answer_is_reported_and_the_client_relays_the_rest() {
+    let dir = TempDir::new("refuse-pushes");
+    let boot = bootstrap();
+    let first = node("0..10", &boot);
+    let last = node("20..30", &boot);
+    first.wait_line("serving blocks ");
+    last.wait_line("serving blocks ");
+    let middle = Liar::serving(&boot, &dir, Fault::RefusePushes, 10..20);
+    let prompt = "The capital of France is";
+    let tokens = "8";
+    let want = local(prompt, tokens)["tokens"].clone();
+    let out = swarm_command(&boot, prompt, tokens)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v = super::json_of(&out);
+    assert_eq!(v["tokens"], want, "{stderr}");
+    assert!(v["route"].to_string().contains(&middle.peer), "{v}");
+    assert!(
+        stderr.contains("push stopped at span 1") && stderr.contains("takes no pushed steps"),
+        "the client never heard of the refused forward: {stderr}"
+    );
+    // Every step went to the first span by push and was relayed from there by the client.
+    let steps = want.as_array().unwrap().len() as u64;
+    assert_eq!(v["pushed_spans"], steps, "{v}");
+    assert_eq!(v["relayed_spans"], 2 * steps, "{v}");
 }

@@ -16,14 +16,24 @@ use super::{default_model, TempDir};
 
 /// A node of all 30 blocks with a fault (negated outputs, or every step refused as malformed)
 /// that announces ten times its speed, so that clients route through it. Stops when dropped.
-struct Liar {
-    peer: String,
+pub(super) struct Liar {
+    pub(super) peer: String,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Liar {
     fn start(boot: &Proc, dir: &TempDir, fault: Fault) -> Self {
+        Self::serving(boot, dir, fault, 0..30)
+    }
+
+    /// A liar serving `blocks` only.
+    pub(super) fn serving(
+        boot: &Proc,
+        dir: &TempDir,
+        fault: Fault,
+        blocks: std::ops::Range<usize>,
+    ) -> Self {
         let identity = dir.file("liar.key");
         let peer = swarm::identity::load_or_create(&identity)
             .expect("an identity for the liar")
@@ -33,7 +43,7 @@ impl Liar {
         let health = dir.file("liar.health");
         let config = JoinConfig {
             model: PathBuf::from(default_model()),
-            blocks: BlockChoice::Fixed(0..30),
+            blocks: BlockChoice::Fixed(blocks),
             max_memory_bytes: None,
             net: NetOptions {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],

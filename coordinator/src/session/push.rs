@@ -3,6 +3,10 @@
 //! answers the client with its own output. The last answer, which the client waits for, comes
 //! after N + 1 one-way trips through N nodes instead of 2N.
 //!
+//! A node answers the client before it waits for the next node's acknowledgement, and reports
+//! a forward that failed after that answer in a frame of its own; the client watches for that
+//! report from the span before the one whose answer it awaits.
+//!
 //! Each span's answer arrives on that span's own session, from the node that computed it, so
 //! the client keeps exactly what it keeps when it relays every hop itself: each span's input
 //! (the previous span's output, the very bytes that node forwarded) for replay, and each
@@ -52,8 +56,26 @@ pub async fn push_through(spans: &mut [&mut SpanSession], pos: u32, x: &Hidden) 
         return pushed;
     }
     let last = spans.len() - 1;
-    for (i, span) in spans.iter_mut().enumerate() {
-        match span.pushed_answer(step_id, x.tokens).await {
+    for i in 0..spans.len() {
+        let (before, rest) = spans.split_at_mut(i);
+        let span = &mut rest[0];
+        // While this span's answer is awaited, the span before it may report that its output,
+        // answered already, did not reach this one: the answer will then never come.
+        let not_forwarded = async {
+            match before.last_mut() {
+                Some(prev) => prev.forward_failure(step_id).await,
+                None => std::future::pending().await,
+            }
+        };
+        let answer = tokio::select! {
+            biased;
+            answer = span.pushed_answer(step_id, x.tokens) => answer,
+            reason = not_forwarded => {
+                pushed.stop = Some(PushStop::NotForwarded(reason));
+                break;
+            }
+        };
+        match answer {
             Ok((y, forward_error)) => {
                 pushed.outputs.push(y);
                 if !forward_error.is_empty() && i < last {

@@ -1,8 +1,12 @@
 //! One peer's part of a route: an open session on `blocks` of that peer, over one stream.
 
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures::io::{AsyncReadExt, WriteHalf};
+use futures::{Stream, StreamExt};
 
 use libp2p::{Multiaddr, PeerId};
 use model::fingerprint::Fingerprint;
@@ -10,8 +14,8 @@ use model::Hidden;
 use proto::v1::{
     server_frame, ClientFrame, Dtype, ErrorCode, Hop, OpenSession, ServerFrame, Step, StepResult,
 };
+use proto::write_frame;
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, step_bound};
-use proto::{read_frame, write_frame};
 use proto::{ErrorAction, WireError};
 use swarm::discovery::Server;
 use swarm::{NetError, NetHandle, INFERENCE_STREAM};
@@ -91,8 +95,12 @@ pub fn next_step_id() -> u64 {
 }
 
 /// Most answers to older steps read before the one awaited. Each push this client gave up on
-/// can leave one answer behind on a stream; more than this is a peer making answers up.
-const MAX_STALE_ANSWERS: usize = 4;
+/// can leave one answer (and one report of a failed forward) behind on a stream; more than this
+/// is a peer making answers up.
+const MAX_STALE_ANSWERS: usize = 8;
+
+/// A session's answers, read so that a wait for one can be dropped without losing a frame.
+type Frames = Pin<Box<dyn Stream<Item = Result<ServerFrame, proto::WireError>> + Send>>;
 
 pub struct SpanSession {
     pub peer: PeerId,
@@ -101,9 +109,9 @@ pub struct SpanSession {
     addrs: Vec<Multiaddr>,
     /// The token other nodes push this session's steps with; empty if the peer takes none.
     push_token: Vec<u8>,
-    stream: libp2p::Stream,
+    writer: WriteHalf<libp2p::Stream>,
+    frames: Frames,
     dim: usize,
-    max_length: u32,
     /// Most rows the peer takes in one step, as it said when the session opened.
     max_step_tokens: usize,
     dtype: Dtype,
@@ -144,14 +152,18 @@ impl SpanSession {
             peer,
             reason: e.to_string(),
         })?;
+        let (reader, writer) = stream.split();
         let mut s = Self {
             peer,
             blocks: blocks.clone(),
             addrs: server.addrs.clone(),
             push_token: Vec::new(),
-            stream,
+            writer,
+            frames: Box::pin(proto::frames(
+                reader,
+                max_step_frame(max_length as usize, dim),
+            )),
             dim,
-            max_length,
             max_step_tokens: proto::DEFAULT_MAX_STEP_TOKENS,
             dtype,
             timeouts,
@@ -288,7 +300,7 @@ impl SpanSession {
         let peer = self.peer;
         let frame = self.step_frame(pos, hidden, step_id, next);
         let limit = self.timeouts.step;
-        tokio::time::timeout(limit, write_frame(&mut self.stream, &frame))
+        tokio::time::timeout(limit, write_frame(&mut self.writer, &frame))
             .await
             .map_err(|_| SessionError::Timeout {
                 peer,
@@ -351,7 +363,7 @@ impl SpanSession {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            write_frame(&mut self.stream, &ClientFrame::close()),
+            write_frame(&mut self.writer, &ClientFrame::close()),
         )
         .await;
     }
@@ -367,7 +379,7 @@ impl SpanSession {
     ) -> Result<server_frame::Kind, SessionError> {
         let peer = self.peer;
         let io = async {
-            write_frame(&mut self.stream, frame)
+            write_frame(&mut self.writer, frame)
                 .await
                 .map_err(|source| SessionError::Wire { peer, source })?;
             self.answer(step_id).await
@@ -383,24 +395,20 @@ impl SpanSession {
 
     /// Reads the next answer, dropping answers to steps older than `step_id`: a step pushed
     /// to this peer that the client then sent again itself (after a failed push) is answered
-    /// twice, and the first answer is of no use any more.
+    /// twice, and the first answer is of no use any more; so is a late report that its output
+    /// was not forwarded.
     async fn answer(&mut self, step_id: u64) -> Result<server_frame::Kind, SessionError> {
         let peer = self.peer;
-        let max = max_step_frame(self.max_length as usize, self.dim);
         for _ in 0..=MAX_STALE_ANSWERS {
-            let reply = read_frame::<_, ServerFrame>(&mut self.stream, max)
-                .await
-                .map_err(|source| SessionError::Wire { peer, source })?;
-            match reply.and_then(|f| f.kind) {
-                None => return Err(SessionError::Closed { peer }),
-                Some(server_frame::Kind::Error(e)) => {
+            match self.next_frame().await? {
+                server_frame::Kind::Error(e) => {
                     return Err(SessionError::Remote {
                         peer,
                         code: ErrorCode::from_wire(e.code),
                         message: e.message.chars().take(500).collect(),
                     })
                 }
-                Some(server_frame::Kind::Result(r)) if r.step_id != step_id => {
+                server_frame::Kind::Result(r) if r.step_id != step_id => {
                     if r.step_id < step_id {
                         tracing::debug!(%peer, "dropped the answer to step {}, sent again since", r.step_id);
                         continue;
@@ -410,13 +418,44 @@ impl SpanSession {
                         reason: format!("answered step {} when asked step {step_id}", r.step_id),
                     });
                 }
-                Some(kind) => return Ok(kind),
+                server_frame::Kind::ForwardFailed(f) if f.step_id < step_id => continue,
+                kind => return Ok(kind),
             }
         }
         Err(SessionError::Protocol {
             peer,
             reason: format!("sent more than {MAX_STALE_ANSWERS} answers to old steps"),
         })
+    }
+
+    /// Waits for this peer to report that it could not forward its output of the pushed step
+    /// `step_id`, which it has answered already, and returns its reason. Nothing comes when the
+    /// forward went through: the caller waits for the next span's answer beside this, and
+    /// drops this wait once that answer arrives. A session that ends or breaks meanwhile is a
+    /// forward that may not have happened, so it is reported too.
+    pub async fn forward_failure(&mut self, step_id: u64) -> String {
+        let peer = self.peer;
+        for _ in 0..=MAX_STALE_ANSWERS {
+            match self.next_frame().await {
+                Ok(server_frame::Kind::ForwardFailed(f)) if f.step_id < step_id => continue,
+                Ok(server_frame::Kind::ForwardFailed(f)) if f.step_id == step_id => {
+                    return format!("{peer}: {}", f.reason.chars().take(500).collect::<String>())
+                }
+                Ok(_) => return format!("{peer} sent a frame out of turn after its answer"),
+                Err(e) => return format!("after its answer: {e}"),
+            }
+        }
+        format!("{peer} sent more than {MAX_STALE_ANSWERS} stale reports")
+    }
+
+    /// The next frame of the session, whatever it is.
+    async fn next_frame(&mut self) -> Result<server_frame::Kind, SessionError> {
+        let peer = self.peer;
+        match self.frames.next().await {
+            None => Err(SessionError::Closed { peer }),
+            Some(Err(source)) => Err(SessionError::Wire { peer, source }),
+            Some(Ok(f)) => f.kind.ok_or(SessionError::Closed { peer }),
+        }
     }
 
     fn unexpected(&self, kind: server_frame::Kind) -> SessionError {
@@ -428,6 +467,7 @@ impl SpanSession {
                     server_frame::Kind::Opened(_) => "session-opened",
                     server_frame::Kind::Result(_) => "step-result",
                     server_frame::Kind::Error(_) => "error",
+                    server_frame::Kind::ForwardFailed(_) => "forward-report",
                 }
             ),
         }

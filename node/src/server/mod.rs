@@ -141,7 +141,7 @@ fn corrupt(fault: crate::Fault, _hidden: &mut [f32]) {
         #[cfg(feature = "fault-injection")]
         crate::Fault::CorruptOutputs => _hidden.iter_mut().for_each(|v| *v = -*v),
         #[cfg(feature = "fault-injection")]
-        crate::Fault::RefuseSteps => {}
+        crate::Fault::RefuseSteps | crate::Fault::RefusePushes => {}
     }
 }
 
@@ -170,26 +170,6 @@ enum Origin {
     Pushed,
 }
 
-/// The client's frames as a stream: reading one is cancel-safe (a partly read frame stays in the
-/// stream's state), so a session can wait for its client and for pushes at once. Ends after EOF
-/// or the first error.
-fn client_frames<R>(
-    r: R,
-    max_frame: usize,
-) -> impl futures::Stream<Item = Result<ClientFrame, WireError>>
-where
-    R: futures::io::AsyncRead + Unpin,
-{
-    futures::stream::unfold(Some(r), move |r| async move {
-        let mut r = r?;
-        match read_frame::<_, ClientFrame>(&mut r, max_frame).await {
-            Ok(Some(f)) => Some((Ok(f), Some(r))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    })
-}
-
 async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
     let (reply, session) = match open(&mut stream, &ctx, peer).await {
         Ok(ok) => ok,
@@ -214,7 +194,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     let limits = hidden_limits(max_length, ctx.dim);
     let end_block = u32::try_from(blocks.end).unwrap_or(u32::MAX);
     let (reader, mut stream) = futures::io::AsyncReadExt::split(stream);
-    let mut frames = Box::pin(client_frames(reader, max_frame));
+    let mut frames = Box::pin(proto::frames::<_, ClientFrame>(reader, max_frame));
     let mut forwarder = push_out::Forwarder::new(ctx.net.clone());
     // Highest step id run so far: a push older than that is a leftover of a step the client
     // has since sent again itself, and running it would roll the cache back.
@@ -348,12 +328,13 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         };
         last_step_id = last_step_id.max(step.step_id);
         // The output goes on before the client hears of it: the next node's work is what the
-        // client waits for. The client gets the very same bytes, for its replay history.
-        let forward_error = match forwarder.forward(&step, &hidden).await {
-            Ok(()) => String::new(),
+        // client waits for. The client gets the very same bytes, for its replay history, and
+        // gets them before this node waits for the next one's acknowledgement.
+        let (sent, forward_error) = match forwarder.start(&step, &hidden).await {
+            Ok(sent) => (sent, String::new()),
             Err(e) => {
                 tracing::info!(%peer, session = id, "{e}; the client sends the next span itself");
-                e
+                (None, e)
             }
         };
         let frame = ServerFrame::step_result(StepResult {
@@ -365,6 +346,18 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         if let Err(e) = send(&mut stream, &frame, ctx.write_timeout()).await {
             tracing::info!(%peer, session = id, "answer not delivered ({e}), closing");
             return;
+        }
+        if let Some(sent) = sent {
+            if let Err(e) = forwarder.confirm(sent).await {
+                tracing::info!(%peer, session = id, "{e}; the client sends the next span itself");
+                let report = ServerFrame::forward_failed(step.step_id, e);
+                if send(&mut stream, &report, ctx.write_timeout())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         }
     }
 }
@@ -378,6 +371,13 @@ fn take_push(
     last_step_id: u64,
     end_block: u32,
 ) -> Result<(), proto::v1::Error> {
+    #[cfg(feature = "fault-injection")]
+    if ctx.fault == crate::Fault::RefusePushes {
+        return Err(push_in::refusal(
+            ErrorCode::BadRequest,
+            "this node takes no pushed steps (fault injection)",
+        ));
+    }
     if step.step_id == 0 || step.step_id <= last_step_id {
         return Err(push_in::refusal(
             ErrorCode::BadRequest,

@@ -4,9 +4,10 @@
 //!
 //! The forward is best effort and bounded: whatever goes wrong (the peer cannot be reached, it
 //! does not serve the next blocks, it does not take the step within [`FORWARD_TIMEOUT`]) comes
-//! back as a one-line reason, which the node puts in its answer to the client; the client then
-//! sends the next span this output itself. A stream is kept per session and next peer, and
-//! dropped on any error.
+//! back as a one-line reason, which the node puts in its answer to the client, or sends right
+//! after it when the failure shows only in the acknowledgement; the client then sends the next
+//! span this output itself. A stream is kept per session and next peer, and dropped on any
+//! error.
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use libp2p::{Multiaddr, PeerId};
 use proto::v1::{ErrorCode, PushAck, PushStep, Step, Tensor};
 use proto::{read_frame, write_frame};
 use swarm::{NetHandle, PUSH_STREAM};
+use tokio::time::Instant;
 
 /// Longest a forward may take, from dialling to the acknowledgement. Well under a client's step
 /// timeout (30 s by default), so the client hears about a failed forward before it gives up on
@@ -28,16 +30,28 @@ pub struct Forwarder {
     stream: Option<(PeerId, libp2p::Stream)>,
 }
 
+/// A forward whose step is written to the next node and whose acknowledgement is still to be
+/// read ([`Forwarder::confirm`]).
+pub struct Sent {
+    peer: PeerId,
+    step_id: u64,
+    blocks: (u32, u32),
+    deadline: Instant,
+}
+
 impl Forwarder {
     pub fn new(net: NetHandle) -> Self {
         Self { net, stream: None }
     }
 
     /// Sends `output`, the answer to `step`, to the first of `step.next` with the rest of the
-    /// route. The hops were checked when the step arrived ([`proto::check_hops`]).
-    pub async fn forward(&mut self, step: &Step, output: &Tensor) -> Result<(), String> {
+    /// route; `Ok(None)` when the step has nowhere to go. The hops were checked when the step
+    /// arrived ([`proto::check_hops`]). The acknowledgement is read by [`Forwarder::confirm`],
+    /// after the node has answered its client: the client waits for the last span's answer,
+    /// and an acknowledgement read first would hold this span's answer back by one trip.
+    pub async fn start(&mut self, step: &Step, output: &Tensor) -> Result<Option<Sent>, String> {
         let Some(hop) = step.next.first() else {
-            return Ok(());
+            return Ok(None);
         };
         let push = PushStep {
             push_token: hop.push_token.clone(),
@@ -50,29 +64,48 @@ impl Forwarder {
                 next: step.next[1..].to_vec(),
             }),
         };
-        let peer =
-            PeerId::from_bytes(&hop.peer_id).map_err(|e| format!("bad next peer id: {e}"))?;
+        let blocks = (hop.start_block, hop.end_block);
+        let peer = PeerId::from_bytes(&hop.peer_id)
+            .map_err(|e| in_blocks(blocks, format!("bad next peer id: {e}")))?;
         let addrs = hop
             .addrs
             .iter()
             .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
             .collect();
-        let sent = tokio::time::timeout(FORWARD_TIMEOUT, self.send(peer, addrs, &push)).await;
-        let result = match sent {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let sent = match tokio::time::timeout_at(deadline, self.send(peer, addrs, &push)).await {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "{peer} did not take the forwarded step within {FORWARD_TIMEOUT:?}"
             )),
         };
+        if let Err(e) = sent {
+            self.stream = None;
+            return Err(in_blocks(blocks, e));
+        }
+        Ok(Some(Sent {
+            peer,
+            step_id: step.step_id,
+            blocks,
+            deadline,
+        }))
+    }
+
+    /// Reads the next node's acknowledgement of `sent`, within what is left of
+    /// [`FORWARD_TIMEOUT`].
+    pub async fn confirm(&mut self, sent: Sent) -> Result<(), String> {
+        let peer = sent.peer;
+        let read = tokio::time::timeout_at(sent.deadline, self.ack(peer, sent.step_id)).await;
+        let result = match read {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "{peer} did not acknowledge the forwarded step within {FORWARD_TIMEOUT:?}"
+            )),
+        };
         if result.is_err() {
             self.stream = None;
         }
-        result.map_err(|e| {
-            format!(
-                "forward to blocks {}..{}: {e}",
-                hop.start_block, hop.end_block
-            )
-        })
+        result.map_err(|e| in_blocks(sent.blocks, e))
     }
 
     async fn send(
@@ -104,12 +137,17 @@ impl Forwarder {
         };
         write_frame(stream, push)
             .await
-            .map_err(|e| format!("sending to {peer}: {e}"))?;
+            .map_err(|e| format!("sending to {peer}: {e}"))
+    }
+
+    async fn ack(&mut self, peer: PeerId, step_id: u64) -> Result<(), String> {
+        let Some((_, stream)) = self.stream.as_mut() else {
+            return Err("no push stream".into());
+        };
         let ack = read_frame::<_, PushAck>(stream, MAX_ACK_FRAME)
             .await
             .map_err(|e| format!("reading {peer}'s acknowledgement: {e}"))?
             .ok_or_else(|| format!("{peer} closed the push stream"))?;
-        let step_id = push.step.as_ref().map_or(0, |s| s.step_id);
         if ack.step_id != step_id {
             return Err(format!(
                 "{peer} acknowledged step {} instead of {step_id}",
@@ -125,4 +163,8 @@ impl Forwarder {
             )),
         }
     }
+}
+
+fn in_blocks((start, end): (u32, u32), e: String) -> String {
+    format!("forward to blocks {start}..{end}: {e}")
 }

@@ -292,7 +292,10 @@ impl EventLoop {
                 if let Some(conns) = self.conns.get_mut(&peer_id) {
                     conns.remove(&connection_id);
                     if conns.is_empty() {
+                        // A long-lived node dials many peers over its life; what it learnt of
+                        // one goes with the last connection (a new dial learns it again).
                         self.conns.remove(&peer_id);
+                        self.dialled.remove(&peer_id);
                         self.punching.remove(&peer_id);
                         self.leaving_relay.remove(&peer_id);
                     }
