@@ -13,6 +13,11 @@ serialise, and is released DELAY_MS after it is done. The queue in front of the 
 limit and nothing is lost (no jitter, no loss: the figures measured over it stay repeatable);
 a sender that outruns the rate sees its packets wait, as behind a deep LTE buffer.
 
+On SIGUSR1 it prints one line on stdout with what each direction carried since the last such
+line (or the start), then starts counting afresh:
+    stats ab_bytes=N ab_packets=N ab_wait_ms=MAX ba_bytes=N ba_packets=N ba_wait_ms=MAX
+where wait is the longest time a packet queued for the wire (0 without a rate).
+
 The caller moves the devices into two namespaces (`ip link set DEV netns NS`) and addresses
 them; the pair is then the only link between those namespaces, so every packet on it, TCP or
 UDP, pays the delay (and the rate) each way.
@@ -76,6 +81,23 @@ def main():
     for fd, r in ((a, args.rate_ab or args.rate), (b, args.rate_ba or args.rate)):
         per_byte[fd] = 8.0 / (r * 1e6) if r else None
     wire_free = {a: 0.0, b: 0.0}  # when the last packet read from this device is done sending
+    stats = {}
+
+    def reset():
+        for fd in (a, b):
+            stats[fd] = [0, 0, 0.0]  # bytes, packets, longest wait (s)
+
+    def report(*_):
+        line = "stats " + " ".join(
+            f"{name}_bytes={stats[fd][0]} {name}_packets={stats[fd][1]} "
+            f"{name}_wait_ms={stats[fd][2] * 1000:.1f}"
+            for name, fd in (("ab", a), ("ba", b))
+        )
+        print(line, flush=True)
+        reset()
+
+    reset()
+    signal.signal(signal.SIGUSR1, report)
     print("ready", flush=True)
     queue = []  # (due, seq, out_fd, packet)
     seq = 0
@@ -99,8 +121,13 @@ def main():
                 return
             now = time.monotonic()
             done = now
+            st = stats[fd]
+            st[0] += len(packet)
+            st[1] += 1
             if per_byte[fd] is not None:
-                done = max(now, wire_free[fd]) + len(packet) * per_byte[fd]
+                start = max(now, wire_free[fd])
+                st[2] = max(st[2], start - now)
+                done = start + len(packet) * per_byte[fd]
                 wire_free[fd] = done
             seq += 1
             # Per direction, done times only grow, so the order within a direction is kept.

@@ -70,7 +70,7 @@ ip netns del $P-probe
 LOG=$(mktemp -d "/tmp/$P-wan.XXXXXX")
 
 PIDS=()
-declare -A NODE_PID
+declare -A NODE_PID LINK_PID
 # Stops every process this script started, then removes its namespaces.
 teardown() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -116,6 +116,7 @@ home() {
   # The access link: TUN ${P}u$i (router) <-> ${P}t$i (host), every packet delayed d ms.
   python3 $DELAY_LINK ${LINK_RATE:+--rate "$LINK_RATE"} "$d" ${P}u$i ${P}t$i >"$LOG/link$i.out" 2>"$LOG/link$i.err" &
   PIDS+=($!)
+  LINK_PID[$i]=$!
   for _ in $(seq 1 50); do grep -q ready "$LOG/link$i.out" 2>/dev/null && break; sleep 0.1; done
   grep -q ready "$LOG/link$i.out" || { echo "FAIL: tun-delay for home $i did not start:" >&2; cat "$LOG/link$i.err" >&2; exit 1; }
   ip link set ${P}u$i netns "$r"
@@ -140,6 +141,19 @@ home() {
   # punch whose first packet from the far side arrives a little early.
   in_ns "$r" iptables -A INPUT -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
   in_ns "$r" iptables -A INPUT -i ${P}x$i -j DROP
+}
+
+# link_stats I: what home I's access link carried since the last call, as tun-delay.py's
+# "stats" line (ab: router to host, down; ba: host to router, up).
+link_stats() {
+  local f=$LOG/link$1.out n
+  n=$(grep -c '^stats' "$f" || true)
+  kill -USR1 "${LINK_PID[$1]}"
+  for _ in $(seq 1 50); do
+    [ "$(grep -c '^stats' "$f" || true)" -gt "$n" ] && break
+    sleep 0.05
+  done
+  grep '^stats' "$f" | tail -1
 }
 
 # world DELAY_MS HOMES...: the internet and the listed homes.
@@ -333,12 +347,6 @@ cast movable type in bronze. In Europe, Johannes Gutenberg combined a hand mould
 metal type, an oil-based ink and a screw press adapted from wine making, and around 1455 he \
 printed the famous Bible that bears his name. Within fifty years, presses were working in more \
 than two hundred cities, and the price of books fell sharply"}
-  world "$delay" 1 2 3 4
-  start_bootstrap
-  start_node 1 0..10
-  start_node 2 10..20
-  start_node 3 20..30
-  for i in 1 2 3; do node_ready $i; done
   local_out=$("$BIN/edge-node" generate --local --model $MODEL --prompt "$prompt" \
     --max-new-tokens "$TOKENS" --json --threads 1)
   n=$(echo "$local_out" | json_field '["prompt_tokens"]' | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
@@ -346,19 +354,44 @@ than two hundred cities, and the price of books fell sharply"}
   [ -n "${WAN_PROMPT:-}" ] || [ "$n" = 128 ] || { echo "FAIL: the prompt has $n tokens, not 128" >&2; exit 1; }
   echo "# profile $PROFILE: $delay ms one-way and rate $rate Mbit/s each way on every access link;" \
     "prompt of $n tokens, $TOKENS new; push on"
-  echo "round wire ttft_ms ms_per_token pushed_spans tokens_equal_local"
+  # Bytes each access link carried during the generation (connecting included), in kB: the
+  # client's up and down, each node's up; and the longest a packet queued for a link's rate.
+  echo "round wire ttft_ms ms_per_token pushed_spans tokens_equal_local client_up_kB" \
+    "client_down_kB nodes_up_kB max_queue_ms"
   for round in $(seq 1 "${WAN_ROUNDS:-2}"); do
-    for wire in ${WAN_WIRES:-f32 f16 bf16 q8}; do
+    # A fresh world and swarm per round: the relay lets one IP open only so many circuits
+    # (libp2p's default limiter: a burst of 60, then one a minute), and each client run opens
+    # about six from the client home's one public address while it hole punches.
+    teardown
+    world "$delay" 1 2 3 4
+    start_bootstrap
+    start_node 1 0..10
+    start_node 2 10..20
+    start_node 3 20..30
+    for i in 1 2 3; do node_ready $i; done
+    # Not measured: a first generation opens the connections between the nodes (relay, then
+    # hole punch), which the measured ones would otherwise pay in turn.
+    generate --prompt "Hello" --max-new-tokens 2 >/dev/null 2>>"$LOG/warmup.err"
+    # Each round starts one dtype further along, so none always runs first.
+    read -ra wires <<<"${WAN_WIRES:-f32 f16 bf16 q8}"
+    k=$(( (round - 1) % ${#wires[@]} ))
+    for wire in "${wires[@]:k}" "${wires[@]:0:k}"; do
+      for i in 1 2 3 4; do link_stats $i >/dev/null; done
       out=$(RUST_LOG=info,libp2p=warn generate --prompt "$prompt" --max-new-tokens "$TOKENS" \
         --wire-dtype "$wire" 2>>"$LOG/ttft-$wire.err")
-      python3 - "$round" "$wire" "$want" "$out" <<'EOF2'
+      stats=$(for i in 1 2 3 4; do link_stats $i; done)
+      python3 - "$round" "$wire" "$want" "$out" "$stats" <<'EOF2'
 import json, sys
 r, wire, want, v = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+links = [dict(kv.split("=") for kv in line.split()[1:]) for line in sys.argv[5].splitlines()]
 ttft = len(v["prompt_tokens"]) / v["prefill_tokens_per_s"] * 1000
 tps = v["decode_tokens_per_s"]
 same = sum(1 for a, b in zip(v["tokens"], want) if a == b)
+kb = lambda n: round(int(n) / 1000)
+wait = max(float(l[k]) for l in links for k in ("ab_wait_ms", "ba_wait_ms"))
 print(r, wire, round(ttft, 1), round(1000 / tps, 1) if tps else "-", v["pushed_spans"],
-      "%d/%d" % (same, len(want)))
+      "%d/%d" % (same, len(want)), kb(links[3]["ba_bytes"]), kb(links[3]["ab_bytes"]),
+      "/".join(str(kb(l["ba_bytes"])) for l in links[:3]), round(wait))
 EOF2
     done
   done
