@@ -352,7 +352,8 @@ than two hundred cities, and the price of books fell sharply"}
   n=$(echo "$local_out" | json_field '["prompt_tokens"]' | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
   want=$(echo "$local_out" | json_field '["tokens"]')
   [ -n "${WAN_PROMPT:-}" ] || [ "$n" = 128 ] || { echo "FAIL: the prompt has $n tokens, not 128" >&2; exit 1; }
-  echo "# profile $PROFILE: $delay ms one-way and rate $rate Mbit/s each way on every access link;" \
+  echo "# profile $PROFILE: $delay ms one-way and ${LINK_RATE:-no} Mbit/s rate each way on every" \
+    "access link;" \
     "prompt of $n tokens, $TOKENS new; push on"
   # Bytes each access link carried during the generation (connecting included), in kB: the
   # client's up and down, each node's up; and the longest a packet queued for a link's rate.
