@@ -326,9 +326,9 @@ if [ "$MODE" = test ]; then
 fi
 
 if [ "$MODE" = ttft ]; then
-  # One world on the profile's links; rounds of one generation per wire dtype, in turn, on the
-  # same swarm. ttft is the client's prefill time: the prompt through the 3 spans and the head
-  # to the first token (connecting and opening the session, a few seconds with the hole
+  # Rounds on the profile's links, each in a fresh world and swarm: one generation per wire
+  # dtype, in turn. ttft is the client's prefill time: the prompt through the 3 spans and the
+  # head to the first token (connecting and opening the session, a few seconds with the hole
   # punches, come before it and are not counted).
   PROFILE=${WAN_PROFILE:-lte}
   read -r delay rate < <(awk -v p="$PROFILE" '$1 == p { print $2, $5 }' simulations/profiles/links.txt)
