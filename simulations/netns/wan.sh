@@ -5,20 +5,28 @@
 #                                              # node behind NAT is rerouted around
 #   simulations/netns/wan.sh bench [BIN_DIR]   # per-token decode latency through 3 nodes at
 #                                              # 5/25/50 ms one-way: relayed by the client vs push
+#   simulations/netns/wan.sh ttft  [BIN_DIR]   # time to first token of a 128-token prompt through
+#                                              # 3 nodes on lte links (35 ms, 30 Mbit/s), per
+#                                              # wire dtype (f32, f16, bf16, q8), push on
 #
 # BIN_DIR holds edge-node (default target/release). Needs root (ip netns, iptables, /dev/net/tun)
 # and python3; prints one SKIPPED line and exits 0 where namespaces cannot be made.
+# WAN_PREFIX (default es16, at most 13 lowercase letters and digits) names the namespaces and
+# interfaces, so runs with different prefixes can coexist on one machine.
 #
 # Topology: namespace <P>-wan is the internet; it holds the bootstrap peer at 100.64.0.1, which
 # is also the circuit relay (v2). Home i is a router <P>-ri (WAN 100.64.i.2 on a veth to the
 # internet, LAN 10.i.0.1; iptables MASQUERADE out, new connections in dropped, no port
 # forwarded) and a host <P>-hi (10.i.0.2) behind it. Homes 1..3 (and 5 in `test`) run a node,
-# home 4 the client. The access link between host and router is a pair of TUN devices joined by
-# tun-delay.py (beside this script), which holds every packet, TCP or UDP, for the link's
-# one-way delay in each direction: it is the home's only way in or out, so nothing bypasses the
-# delay. (tc netem would be the kernel's way; this machine's kernel has no sch_netem. The
-# link-delay TCP relay cannot be used here: it is a port forward, which would make a node
-# reachable without NAT traversal, and it carries no UDP.)
+# home 4 the client. In `test`, home 3's router maps every new flow to a random port
+# (MASQUERADE --random-fully: a symmetric, address-and-port-dependent NAT), so no hole punch
+# can reach node 3 and its connections must stay relayed. The access link between host and
+# router is a pair of TUN devices joined by tun-delay.py (beside this script), which holds
+# every packet, TCP or UDP, for the link's one-way delay in each direction (in `ttft` it also
+# serialises packets at the profile's rate before the delay): it is the home's only way in or
+# out, so nothing bypasses the delay. (tc netem would be the kernel's way; this machine's
+# kernel has no sch_netem. The link-delay TCP relay cannot be used here: it is a port forward,
+# which would make a node reachable without NAT traversal, and it carries no UDP.)
 #
 # Nodes are not reachable from outside their home: each reserves a slot on the relay and
 # announces the relayed address (/p2p/<relay>/p2p-circuit); peers that dial it are relayed, then
@@ -30,15 +38,23 @@ cd "$(dirname "$0")/../.."
 
 MODE=${1:-test}
 BIN=${2:-target/release}
-P=es16
+P=${WAN_PREFIX:-es16}
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 BOOT_TCP=/ip4/100.64.0.1/tcp/31000
 BOOT_QUIC=/ip4/100.64.0.1/udp/31000/quic-v1
 DELAY_LINK=simulations/netns/tun-delay.py
-LOG=$(mktemp -d /tmp/es16-wan.XXXXXX)
+# Interfaces are ${P}<letter><home>: Linux allows 15 characters, so P has at most 13.
+case "$P" in
+  *[!a-z0-9]* | '') echo "WAN_PREFIX must be lowercase letters and digits: $P" >&2; exit 2 ;;
+esac
+[ ${#P} -le 13 ] || { echo "WAN_PREFIX is longer than 13 characters: $P" >&2; exit 2; }
+# Set per mode: the access links' rate in Mbit/s (empty: delay only), and the homes whose NAT
+# is symmetric.
+LINK_RATE=""
+SYMMETRIC=""
 
 skip() { echo "SKIPPED: netns wan $MODE: $*"; exit 0; }
-case "$MODE" in test|bench) ;; *) echo "usage: $0 test|bench [BIN_DIR]" >&2; exit 2 ;; esac
+case "$MODE" in test|bench|ttft) ;; *) echo "usage: $0 test|bench|ttft [BIN_DIR]" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || skip "needs root for ip netns and iptables"
 command -v ip >/dev/null && command -v iptables >/dev/null || skip "ip or iptables missing"
 command -v python3 >/dev/null || skip "python3 missing"
@@ -51,9 +67,10 @@ if ! ip netns exec $P-probe iptables -t nat -L >/dev/null 2>&1; then
   skip "no iptables nat table in a namespace"
 fi
 ip netns del $P-probe
+LOG=$(mktemp -d "/tmp/$P-wan.XXXXXX")
 
 PIDS=()
-declare -A NODE_PID
+declare -A NODE_PID LINK_PID
 # Stops every process this script started, then removes its namespaces.
 teardown() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -81,7 +98,8 @@ internet() {
   in_ns $P-wan sysctl -qw net.ipv4.ip_forward=1
 }
 
-# home I DELAY_MS: router $P-rI with a NAT, host $P-hI behind it on a delayed access link.
+# home I DELAY_MS: router $P-rI with a NAT, host $P-hI behind it on a delayed access link
+# (LINK_RATE Mbit/s each way when set; the NAT symmetric when I is in SYMMETRIC).
 home() {
   local i=$1 d=$2 r=$P-r$1 h=$P-h$1
   ip netns add "$r"
@@ -96,8 +114,9 @@ home() {
   in_ns "$r" ip link set ${P}x$i up
   in_ns "$r" ip route add default via 100.64.$i.1
   # The access link: TUN ${P}u$i (router) <-> ${P}t$i (host), every packet delayed d ms.
-  python3 $DELAY_LINK "$d" ${P}u$i ${P}t$i >"$LOG/link$i.out" 2>"$LOG/link$i.err" &
+  python3 $DELAY_LINK ${LINK_RATE:+--rate "$LINK_RATE"} "$d" ${P}u$i ${P}t$i >"$LOG/link$i.out" 2>"$LOG/link$i.err" &
   PIDS+=($!)
+  LINK_PID[$i]=$!
   for _ in $(seq 1 50); do grep -q ready "$LOG/link$i.out" 2>/dev/null && break; sleep 0.1; done
   grep -q ready "$LOG/link$i.out" || { echo "FAIL: tun-delay for home $i did not start:" >&2; cat "$LOG/link$i.err" >&2; exit 1; }
   ip link set ${P}u$i netns "$r"
@@ -109,7 +128,11 @@ home() {
   in_ns "$h" ip link set ${P}t$i up
   in_ns "$h" ip route add default dev ${P}t$i
   in_ns "$r" sysctl -qw net.ipv4.ip_forward=1
-  in_ns "$r" iptables -t nat -A POSTROUTING -o ${P}x$i -j MASQUERADE
+  local random=()
+  # A symmetric NAT: each new flow (another peer, or the same peer on another port) leaves on a
+  # fresh random port, so the port a peer observed is no use to any other: no hole punch.
+  case " $SYMMETRIC " in *" $i "*) random=(--random-fully) ;; esac
+  in_ns "$r" iptables -t nat -A POSTROUTING -o ${P}x$i -j MASQUERADE "${random[@]}"
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
   in_ns "$r" iptables -A FORWARD -i ${P}x$i -j DROP
   # Unsolicited packets to the router itself are dropped too, as a home router's firewall does.
@@ -118,6 +141,19 @@ home() {
   # punch whose first packet from the far side arrives a little early.
   in_ns "$r" iptables -A INPUT -i ${P}x$i -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
   in_ns "$r" iptables -A INPUT -i ${P}x$i -j DROP
+}
+
+# link_stats I: what home I's access link carried since the last call, as tun-delay.py's
+# "stats" line (ab: router to host, down; ba: host to router, up).
+link_stats() {
+  local f=$LOG/link$1.out n
+  n=$(grep -c '^stats' "$f" || true)
+  kill -USR1 "${LINK_PID[$1]}"
+  for _ in $(seq 1 50); do
+    [ "$(grep -c '^stats' "$f" || true)" -gt "$n" ] && break
+    sleep 0.05
+  done
+  grep '^stats' "$f" | tail -1
 }
 
 # world DELAY_MS HOMES...: the internet and the listed homes.
@@ -183,8 +219,47 @@ paths() {
   echo "client: $relayed connection(s) opened through the relay, $punched hole punch(es) succeeded (direct), $failed failed (stayed relayed)"
 }
 
+peer_id() { sed -n 's#^listening on .*/p2p/##p' "$LOG/node$1.out" | head -1; }
+
+# count PATTERN ID FILES...: lines matching PATTERN that name peer ID, in all FILES.
+count() {
+  local pat=$1 id=$2; shift 2
+  cat "$@" 2>/dev/null | grep -F "$pat" | grep -cF "$id" || true
+}
+
+# node_paths I: how every connection with node I ended up, from the logs of this run: opened
+# through the relay, then hole punched (direct) or not (stayed relayed). "Others" are the
+# other nodes, which forward to it (push). Sets RELAYED, PUNCHED and FAILED (client's view)
+# and ANY_PUNCHED (any log, node I's own included).
+node_paths() {
+  local i=$1 id others=() j
+  id=$(peer_id "$i")
+  [ -n "$id" ] || { echo "FAIL: no peer id for node $i" >&2; exit 1; }
+  for j in 1 2 3 5; do [ "$j" = "$i" ] || others+=("$LOG/node$j.err"); done
+  local clients=("$LOG"/client*.err)
+  RELAYED=$(count "connected through a relay" "$id" "${clients[@]}")
+  PUNCHED=$(count "hole punch succeeded" "$id" "${clients[@]}")
+  FAILED=$(count "hole punch failed" "$id" "${clients[@]}")
+  local n_rel n_ok n_fail own own_fail
+  n_rel=$(count "connected through a relay" "$id" "${others[@]}")
+  n_ok=$(count "hole punch succeeded" "$id" "${others[@]}")
+  n_fail=$(count "hole punch failed" "$id" "${others[@]}")
+  # DCUtR reports a failure on the side that was dialled (the node), some 30 s after the
+  # connection (3 attempts); the dialling side logs nothing then.
+  own=$(grep -c "hole punch succeeded" "$LOG/node$i.err" || true)
+  own_fail=$(grep -c "hole punch failed" "$LOG/node$i.err" || true)
+  ANY_PUNCHED=$((PUNCHED + n_ok + own))
+  local nat="NAT keeps ports" verdict=relayed
+  case " $SYMMETRIC " in *" $i "*) nat="symmetric NAT" ;; esac
+  [ "$ANY_PUNCHED" -gt 0 ] && verdict="went direct"
+  echo "node $i ($nat): client: $RELAYED relayed connection(s), $PUNCHED hole punch(es) succeeded," \
+    "$FAILED failed; other nodes: $n_rel relayed, $n_ok succeeded, $n_fail failed;" \
+    "its own log: $own succeeded, $own_fail failed => $verdict"
+}
+
 if [ "$MODE" = test ]; then
   SECONDS=0
+  SYMMETRIC=3
   world 5 1 2 3 4 5
   start_bootstrap
   start_node 1 0..10
@@ -206,9 +281,15 @@ if [ "$MODE" = test ]; then
   [ "$pushed" -gt 0 ] || { echo "FAIL: nothing was pushed node to node: $got" >&2; exit 1; }
   echo "ok: 3 nodes behind NAT, client behind NAT: local tokens, $pushed span steps pushed node to node"
   paths "$LOG/client1.err"
-  for i in 1 2 3; do
-    echo "node $i: $(grep -c 'hole punch succeeded' "$LOG/node$i.err" || true) hole punch(es) succeeded, $(grep -c 'hole punch failed' "$LOG/node$i.err" || true) failed"
-  done
+  # Node 3 sits behind the symmetric NAT: no hole punch may succeed with it, and the client
+  # still reached it (through the relay). Node 1 (blocks 0..10, in every route) went direct.
+  for i in 1 2 3 5; do node_paths $i; done
+  node_paths 3 >/dev/null
+  [ "$ANY_PUNCHED" = 0 ] || { echo "FAIL: a hole punch succeeded through node 3's symmetric NAT" >&2; exit 1; }
+  [ "$RELAYED" -gt 0 ] || { echo "FAIL: the client did not reach node 3 through the relay" >&2; exit 1; }
+  node_paths 1 >/dev/null
+  [ "$PUNCHED" -gt 0 ] || { echo "FAIL: the client's connection to node 1 was not hole punched" >&2; exit 1; }
+  echo "ok: node 3 behind a symmetric NAT stayed relayed, node 1 went direct"
 
   # A node behind NAT killed mid-generation: the client reroutes around it.
   long="Once upon a time, in a small village by the sea,"
@@ -218,7 +299,7 @@ if [ "$MODE" = test ]; then
     --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --json --threads 1 --discovery-timeout 60 \
     --prompt "$long" --max-new-tokens 120 >"$LOG/client2.out" 2>"$LOG/client2.err" &
   client=$!
-  PIDS+=($client)
+  PIDS+=("$client")
   wait_for "$LOG/client2.err" "route: "
   sleep 1
   victim=""
@@ -237,7 +318,87 @@ if [ "$MODE" = test ]; then
   [ "$reroutes" -ge 1 ] || { echo "FAIL: no reroute recorded: $got" >&2; exit 1; }
   echo "ok: node in home $victim killed mid-generation: rerouted ($reroutes), local tokens"
   paths "$LOG/client2.err"
+  for i in 1 2 3 5; do node_paths $i; done
+  node_paths 3 >/dev/null
+  [ "$ANY_PUNCHED" = 0 ] || { echo "FAIL: a hole punch succeeded through node 3's symmetric NAT" >&2; exit 1; }
   echo "netns wan test passed in ${SECONDS}s (logs: $LOG)"
+  exit 0
+fi
+
+if [ "$MODE" = ttft ]; then
+  # Rounds on the profile's links, each in a fresh world and swarm: one generation per wire
+  # dtype, in turn. ttft is the client's prefill time: the prompt through the 3 spans and the
+  # head to the first token (connecting and opening the session, a few seconds with the hole
+  # punches, come before it and are not counted).
+  PROFILE=${WAN_PROFILE:-lte}
+  read -r delay rate < <(awk -v p="$PROFILE" '$1 == p { print $2, $5 }' simulations/profiles/links.txt)
+  [ -n "${rate:-}" ] || { echo "no link profile $PROFILE in simulations/profiles/links.txt" >&2; exit 2; }
+  # WAN_RATE overrides the profile's rate (Mbit/s; "none": delay only, to see what the rate
+  # costs).
+  rate=${WAN_RATE:-$rate}
+  LINK_RATE=$rate
+  [ "$rate" = none ] && LINK_RATE=""
+  TOKENS=${WAN_TOKENS:-8}
+  # 128 tokens with SmolLM2's tokenizer (BOS included); the script checks the count.
+  prompt=${WAN_PROMPT:-"The history of the printing press begins long before Gutenberg. In China, \
+woodblock printing was used to print texts on paper and cloth as early as the seventh century, \
+and movable type made of baked clay was invented by Bi Sheng around 1040. Korean printers later \
+cast movable type in bronze. In Europe, Johannes Gutenberg combined a hand mould for casting \
+metal type, an oil-based ink and a screw press adapted from wine making, and around 1455 he \
+printed the famous Bible that bears his name. Within fifty years, presses were working in more \
+than two hundred cities, and the price of books fell sharply"}
+  local_out=$("$BIN/edge-node" generate --local --model $MODEL --prompt "$prompt" \
+    --max-new-tokens "$TOKENS" --json --threads 1)
+  n=$(echo "$local_out" | json_field '["prompt_tokens"]' | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+  want=$(echo "$local_out" | json_field '["tokens"]')
+  [ -n "${WAN_PROMPT:-}" ] || [ "$n" = 128 ] || { echo "FAIL: the prompt has $n tokens, not 128" >&2; exit 1; }
+  echo "# profile $PROFILE: $delay ms one-way and ${LINK_RATE:-no} Mbit/s rate each way on every" \
+    "access link;" \
+    "prompt of $n tokens, $TOKENS new; push on"
+  # Bytes each access link carried during the generation (connecting included), in kB: the
+  # client's up and down, each node's up; and the longest a packet queued for a link's rate.
+  echo "round wire ttft_ms ms_per_token pushed_spans tokens_equal_local client_up_kB" \
+    "client_down_kB nodes_up_kB max_queue_ms"
+  for round in $(seq 1 "${WAN_ROUNDS:-2}"); do
+    # A fresh world and swarm per round: the relay lets one IP open only so many circuits
+    # (libp2p's default limiter: a burst of 60, then one a minute), and each client run opens
+    # about six from the client home's one public address while it hole punches.
+    teardown
+    world "$delay" 1 2 3 4
+    start_bootstrap
+    start_node 1 0..10
+    start_node 2 10..20
+    start_node 3 20..30
+    for i in 1 2 3; do node_ready $i; done
+    # Not measured: a first generation opens the connections between the nodes (relay, then
+    # hole punch), which the measured ones would otherwise pay in turn.
+    generate --prompt "Hello" --max-new-tokens 2 >/dev/null 2>>"$LOG/warmup.err"
+    # Each round starts one dtype further along, so none always runs first.
+    read -ra wires <<<"${WAN_WIRES:-f32 f16 bf16 q8}"
+    k=$(( (round - 1) % ${#wires[@]} ))
+    for wire in "${wires[@]:k}" "${wires[@]:0:k}"; do
+      for i in 1 2 3 4; do link_stats $i >/dev/null; done
+      out=$(RUST_LOG=info,libp2p=warn generate --prompt "$prompt" --max-new-tokens "$TOKENS" \
+        --wire-dtype "$wire" 2>>"$LOG/ttft-$wire.err")
+      stats=$(for i in 1 2 3 4; do link_stats $i; done)
+      python3 - "$round" "$wire" "$want" "$out" "$stats" <<'EOF2'
+import json, sys
+r, wire, want, v = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+links = [dict(kv.split("=") for kv in line.split()[1:]) for line in sys.argv[5].splitlines()]
+ttft = len(v["prompt_tokens"]) / v["prefill_tokens_per_s"] * 1000
+tps = v["decode_tokens_per_s"]
+same = sum(1 for a, b in zip(v["tokens"], want) if a == b)
+kb = lambda n: round(int(n) / 1000)
+wait = max(float(l[k]) for l in links for k in ("ab_wait_ms", "ba_wait_ms"))
+print(r, wire, round(ttft, 1), round(1000 / tps, 1) if tps else "-", v["pushed_spans"],
+      "%d/%d" % (same, len(want)), kb(links[3]["ba_bytes"]), kb(links[3]["ab_bytes"]),
+      "/".join(str(kb(l["ba_bytes"])) for l in links[:3]), round(wait))
+EOF2
+    done
+  done
+  for wire in ${WAN_WIRES:-f32 f16 bf16 q8}; do
+    echo "# $wire: $(paths "$LOG/ttft-$wire.err")"
+  done
   exit 0
 fi
 
