@@ -77,6 +77,10 @@ pub(super) struct EventLoop {
     nat: NatOptions,
     /// Circuit listeners (relay reservations, held or asked for) and the relay of each.
     relays: HashMap<ListenerId, PeerId>,
+    /// Whether a direct address of this peer has been confirmed (by AutoNAT or configured) and
+    /// not contradicted since: such a peer needs no relayed address, and holding one would
+    /// take a slot of a relay's few from a peer behind NAT.
+    reachable: bool,
     /// The direct address this peer dialled each peer on: where to reach it as a relay.
     dialled: HashMap<PeerId, Multiaddr>,
     /// Open connections per peer: whether each goes through a relay, and its remote address.
@@ -109,6 +113,7 @@ impl EventLoop {
             bootstrap,
             nat,
             relays: HashMap::new(),
+            reachable: false,
             dialled: HashMap::new(),
             conns: HashMap::new(),
             punching: HashMap::new(),
@@ -321,6 +326,11 @@ impl EventLoop {
                     tracing::info!(%address, "reachable through a relay");
                 } else {
                     tracing::info!(%address, "external address confirmed: reachable directly");
+                    self.reachable = true;
+                    for (listener, relay) in std::mem::take(&mut self.relays) {
+                        tracing::info!(%relay, "reachable directly: relayed address given up");
+                        self.swarm.remove_listener(listener);
+                    }
                     if self.nat.relay_server == nat::RelayServer::Auto {
                         if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
                             relay.set_status(Some(relay::Status::Enable));
@@ -393,6 +403,10 @@ impl EventLoop {
                 new,
             })) => {
                 tracing::info!(?old, ?new, "AutoNAT: reachability changed");
+                if new == autonat::NatStatus::Private {
+                    // Reservations are asked for again as identify hears from relays.
+                    self.reachable = false;
+                }
                 if self.nat.relay_server == nat::RelayServer::Auto
                     && new == autonat::NatStatus::Private
                 {
@@ -441,10 +455,12 @@ impl EventLoop {
     }
 
     /// Asks `relay` (a peer offering circuit relay v2) for a reservation, when this peer wants
-    /// relayed addresses, does not hold one there yet, holds fewer than [`nat::MAX_RELAYS`],
-    /// and reached it directly (the address to reserve through is the one it was dialled on).
+    /// relayed addresses, is not known to be reachable directly, does not hold one there yet,
+    /// holds fewer than [`nat::MAX_RELAYS`], and reached it directly (the address to reserve
+    /// through is the one it was dialled on).
     fn reserve_on(&mut self, relay: PeerId) {
         if !self.nat.relay_listen
+            || self.reachable
             || self.relays.len() >= nat::MAX_RELAYS
             || self.relays.values().any(|r| *r == relay)
         {
