@@ -16,6 +16,7 @@ use model::head::Head;
 use model::tokenizer::Tokenizer;
 use model::{load, GgufFile, LoadOptions, ModelError, ModelSpec};
 use proto::v1::Dtype;
+use proto::Wire;
 use tokio_util::sync::CancellationToken;
 
 use swarm::discovery::{self, Server};
@@ -81,8 +82,8 @@ impl ClientModel {
 pub struct ClientConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
-    /// dtype of hidden states on the wire; f32 keeps results bit-identical to one process.
-    pub wire_dtype: Dtype,
+    /// Type of hidden states on the wire; f32 keeps results bit-identical to one process.
+    pub wire: Wire,
     pub timeouts: Timeouts,
     /// How long to wait for the first peer and for servers to appear in the DHT.
     pub discovery_timeout: Duration,
@@ -105,7 +106,7 @@ impl Default for ClientConfig {
         Self {
             bootstrap: Vec::new(),
             mdns: false,
-            wire_dtype: Dtype::F32,
+            wire: Wire::Fixed(Dtype::F32),
             timeouts: Timeouts::default(),
             discovery_timeout: Duration::from_secs(20),
             swarm_key: None,
@@ -201,7 +202,7 @@ impl SwarmClient {
                 fingerprint: model.fingerprint,
                 block_count,
                 dim: model.spec.embedding_length,
-                dtype: self.config.wire_dtype,
+                wire: self.config.wire,
                 timeouts: self.config.timeouts,
                 routing: self.config.routing,
                 push: self.config.push,

@@ -8,6 +8,7 @@ mod frame;
 mod protocol;
 mod push;
 mod tensor;
+mod wire;
 
 pub use error::WireError;
 pub use frame::{frames, read_frame, write_frame};
@@ -19,6 +20,7 @@ pub use push::{
     check_hops, MAX_HOPS, MAX_HOP_ADDRS, MAX_HOP_ADDR_BYTES, PUSH_PROTOCOL, PUSH_TOKEN_LEN,
 };
 pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
+pub use wire::{auto_dtype, Wire, AUTO_MIN_BYTES, AUTO_MIN_RTT};
 
 /// Messages generated from `proto/edge_swarm.proto`, package `edge_swarm.v1`.
 pub mod v1 {

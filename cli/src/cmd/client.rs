@@ -77,8 +77,10 @@ pub struct SwarmArgs {
     pub no_push: bool,
     /// Element type of hidden states on the wire: f32 (bit-exact, the default), f16 or bf16
     /// (half the bytes), q8 (int8 with a scale per row, about a quarter). Each node sends its
-    /// output in it, to this client and to the next node alike. See BENCHMARKS.md for what each
-    /// costs in agreement with f32.
+    /// output in it, to this client and to the next node alike. `auto` chooses per step and
+    /// link: f16 for a large step (a prompt) on a link whose measured round trip is 20 ms or
+    /// more, f32 otherwise (decode steps, fast links), so text may differ from local only on
+    /// slow links. See BENCHMARKS.md for what each costs in agreement with f32 and in time.
     #[arg(long, value_enum, default_value_t = WireDtype::F32)]
     pub wire_dtype: WireDtype,
     /// How routes are chosen: `planner`, the cheapest route for a client alone (reproducible:
@@ -109,15 +111,19 @@ pub enum WireDtype {
     F16,
     Bf16,
     Q8,
+    Auto,
 }
 
 impl WireDtype {
-    pub fn dtype(self) -> proto::v1::Dtype {
+    pub fn wire(self) -> proto::Wire {
+        use proto::v1::Dtype;
+        use proto::Wire;
         match self {
-            WireDtype::F32 => proto::v1::Dtype::F32,
-            WireDtype::F16 => proto::v1::Dtype::F16,
-            WireDtype::Bf16 => proto::v1::Dtype::Bf16,
-            WireDtype::Q8 => proto::v1::Dtype::Q8Row,
+            WireDtype::F32 => Wire::Fixed(Dtype::F32),
+            WireDtype::F16 => Wire::Fixed(Dtype::F16),
+            WireDtype::Bf16 => Wire::Fixed(Dtype::Bf16),
+            WireDtype::Q8 => Wire::Fixed(Dtype::Q8Row),
+            WireDtype::Auto => Wire::Auto,
         }
     }
 }
@@ -161,7 +167,7 @@ impl SwarmArgs {
             }
             .audit_share(self.verify_sample),
             push: !self.no_push,
-            wire_dtype: self.wire_dtype.dtype(),
+            wire: self.wire_dtype.wire(),
             routing: self.routing.routing(),
         })
     }

@@ -138,6 +138,7 @@ async fn forward_error(a: &mut Opened, dim: usize, step_id: u64, hop: Hop) -> St
         hidden: Some(encode_tensor(&vec![0.25; dim], &[1, dim], Dtype::F32)),
         step_id,
         next: vec![hop],
+        auto_wire: false,
     });
     let max = max_step_frame(64, dim);
     let io = async {

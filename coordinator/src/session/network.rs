@@ -16,7 +16,8 @@ use std::time::Duration;
 use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use model::Hidden;
-use proto::v1::{Dtype, ServerState};
+use proto::v1::ServerState;
+use proto::Wire;
 
 use swarm::discovery::{self, Server};
 use swarm::NetHandle;
@@ -145,7 +146,7 @@ pub struct Libp2pNetwork {
     pub fingerprint: Fingerprint,
     pub block_count: u32,
     pub dim: usize,
-    pub dtype: Dtype,
+    pub wire: Wire,
     pub timeouts: Timeouts,
     pub routing: Routing,
     /// Whether steps go node to node (server-to-server push) where every peer of the route
@@ -234,7 +235,7 @@ impl Network for Libp2pNetwork {
             &self.fingerprint,
             self.dim,
             max_length,
-            self.dtype,
+            self.wire,
             self.timeouts,
         )
         .await

@@ -12,10 +12,10 @@ use libp2p::{Multiaddr, PeerId};
 use model::fingerprint::Fingerprint;
 use model::Hidden;
 use proto::v1::{
-    server_frame, ClientFrame, Dtype, ErrorCode, Hop, OpenSession, ServerFrame, Step, StepResult,
+    server_frame, ClientFrame, ErrorCode, Hop, OpenSession, ServerFrame, Step, StepResult,
 };
-use proto::write_frame;
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, step_bound};
+use proto::{write_frame, Wire};
 use proto::{ErrorAction, WireError};
 use swarm::discovery::Server;
 use swarm::{NetError, NetHandle, INFERENCE_STREAM};
@@ -114,7 +114,9 @@ pub struct SpanSession {
     dim: usize,
     /// Most rows the peer takes in one step, as it said when the session opened.
     max_step_tokens: usize,
-    dtype: Dtype,
+    wire: Wire,
+    /// The round trip to the peer (ping, else the session open's), for `Wire::Auto`.
+    rtt: Option<Duration>,
     timeouts: Timeouts,
 }
 
@@ -127,7 +129,7 @@ impl SpanSession {
         fp: &Fingerprint,
         dim: usize,
         max_length: u32,
-        dtype: Dtype,
+        wire: Wire,
         timeouts: Timeouts,
     ) -> Result<Self, SessionError> {
         let peer = server.peer;
@@ -165,7 +167,8 @@ impl SpanSession {
             )),
             dim,
             max_step_tokens: proto::DEFAULT_MAX_STEP_TOKENS,
-            dtype,
+            wire,
+            rtt: None,
             timeouts,
         };
         let open = ClientFrame::open(OpenSession {
@@ -173,12 +176,17 @@ impl SpanSession {
             start_block: blocks.start,
             end_block: blocks.end,
             max_length,
-            wire_dtype: dtype as i32,
+            wire_dtype: wire.session_dtype() as i32,
         });
-        match s
+        let started = std::time::Instant::now();
+        let answer = s
             .exchange(&open, "session open", timeouts.connect, 0)
-            .await?
-        {
+            .await?;
+        s.rtt = match wire {
+            Wire::Auto => Some(net.rtt(peer).await.unwrap_or_else(|| started.elapsed())),
+            Wire::Fixed(_) => None,
+        };
+        match answer {
             server_frame::Kind::Opened(o) => {
                 s.max_step_tokens = step_bound(o.max_step_tokens);
                 if o.push_token.len() == proto::PUSH_TOKEN_LEN {
@@ -221,18 +229,24 @@ impl SpanSession {
         })
     }
 
-    /// The frame of a step at `pos`, in this session's wire dtype; `next` is the rest of the
-    /// route for a pushed step, empty for one the client relays itself.
+    /// The frame of a step at `pos`, in this session's wire dtype (or the one
+    /// [`proto::auto_dtype`] picks for this link); `next` is the rest of the route for a pushed
+    /// step, empty for one the client relays itself.
     fn step_frame(&self, pos: u32, hidden: &Hidden, step_id: u64, next: Vec<Hop>) -> ClientFrame {
+        let (dtype, auto_wire) = match self.wire {
+            Wire::Fixed(d) => (d, false),
+            Wire::Auto => (proto::auto_dtype(hidden.tokens, hidden.dim, self.rtt), true),
+        };
         ClientFrame::step_of(Step {
             position: pos,
             hidden: Some(encode_tensor(
                 &hidden.data,
                 &[hidden.tokens, hidden.dim],
-                self.dtype,
+                dtype,
             )),
             step_id,
             next,
+            auto_wire,
         })
     }
 

@@ -309,6 +309,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 match done {
                     Ok((mut out, took)) => {
                         corrupt(ctx.fault, &mut out.data);
+                        let dtype = output_dtype(&ctx, peer, &step, out.tokens, dtype).await;
                         Ok((
                             encode_tensor(&out.data, &[out.tokens, out.dim], dtype),
                             took.as_secs_f32() * 1e3,
@@ -360,6 +361,37 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             }
         }
     }
+}
+
+/// The dtype of a step's output: the session's, or under the client's `auto_wire` the one
+/// [`proto::auto_dtype`] picks for the link it goes out on first, to the next node when the
+/// step is forwarded, else back to the client. The client gets the same bytes as the next node
+/// either way, so its replay history holds exactly what that node computed from.
+async fn output_dtype(
+    ctx: &ServeContext,
+    client: PeerId,
+    step: &proto::v1::Step,
+    rows: usize,
+    session: Dtype,
+) -> Dtype {
+    if !step.auto_wire {
+        return session;
+    }
+    // A step too small to compress on any link needs no measurement.
+    if proto::auto_dtype(rows, ctx.dim, Some(Duration::MAX)) == Dtype::F32 {
+        return Dtype::F32;
+    }
+    let to = match step.next.first() {
+        Some(hop) => PeerId::from_bytes(&hop.peer_id).ok(),
+        None => Some(client),
+    };
+    let rtt = match to {
+        Some(p) => ctx.net.rtt(p).await,
+        None => None,
+    };
+    let dtype = proto::auto_dtype(rows, ctx.dim, rtt);
+    tracing::debug!(rows, ?rtt, ?dtype, "auto wire: output dtype");
+    dtype
 }
 
 /// Whether the session takes a step pushed by the previous span's node: it must be newer than

@@ -62,6 +62,7 @@ impl Forwarder {
                 hidden: Some(output.clone()),
                 step_id: step.step_id,
                 next: step.next[1..].to_vec(),
+                auto_wire: step.auto_wire,
             }),
         };
         let blocks = (hop.start_block, hop.end_block);
