@@ -200,7 +200,10 @@ impl EventLoop {
                     .addresses(addrs)
                     .build();
                 match self.swarm.dial(opts) {
-                    Ok(()) => self
+                    // A dial already under way (a probe's, Kademlia's, another caller's, or a
+                    // relayed one awaiting its hole punch) settles this one too: its outcome is
+                    // reported to every waiter, and the caller's own timeout bounds the wait.
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => self
                         .pending_dial
                         .entry(peer)
                         .or_default()

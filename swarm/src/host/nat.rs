@@ -325,4 +325,28 @@ mod relayed {
             let _ = h.task.await;
         }
     }
+
+    /// Two callers dialling the same peer at once both get the connection: the second dial
+    /// finds the first under way and waits for it instead of failing (a client that opens
+    /// several spans on one peer, or dials while a probe does, used to get "dial condition
+    /// ... cancelling new dial" and banned a healthy peer).
+    #[tokio::test]
+    async fn dials_to_a_peer_already_being_dialled_wait_for_that_dial() {
+        let stop = CancellationToken::new();
+        let target = host(Vec::new(), NatOptions::default(), &stop);
+        let addr = address(&target, |a| !is_relayed(a)).await;
+        let caller = host(Vec::new(), NatOptions::default(), &stop);
+        let peer = target.handle.peer_id();
+        let wait = Duration::from_secs(15);
+        let (a, b) = tokio::join!(
+            caller.handle.dial(peer, vec![addr.clone()], wait),
+            caller.handle.dial(peer, vec![addr], wait),
+        );
+        a.unwrap();
+        b.unwrap();
+        stop.cancel();
+        for h in [target, caller] {
+            let _ = h.task.await;
+        }
+    }
 }
