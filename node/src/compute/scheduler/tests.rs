@@ -582,10 +582,7 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
     let n = 200;
     let mut ra = step(&mut s, a, 0, rows(dim, n, 2));
     let ran = s.run_iteration(t0 + ms(5)).unwrap();
-    assert_eq!(
-        (ran.small_rows, ran.prompt_rows, ran.shared),
-        (0, 16, true)
-    );
+    assert_eq!((ran.small_rows, ran.prompt_rows, ran.shared), (0, 16, true));
     s.learn(ran, ms(16));
     assert_eq!(s.shared_chunk, 10);
     assert_eq!(s.chunk, 64, "the solo chunk is left as it was");
@@ -601,9 +598,9 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
     // A step that arrives after a decode-only iteration rides with the next chunk, so
     // however many steps come, every other iteration moves the prompt.
     let mut at = t0 + ms(25);
-    let mut b_pos = 2;
     let mut moved = Vec::new();
     for i in 0..6 {
+        let b_pos = 2 + i;
         let mut rb = step(&mut s, b, b_pos, rows(dim, 1, 10 + i));
         let before = done_rows(&s, a, n);
         let ran = s.run_iteration(at).unwrap();
@@ -613,7 +610,6 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
             alone_b.step(b_pos, rows(dim, 1, 10 + i)),
             "b's step {i} is answered in its iteration"
         );
-        b_pos += 1;
         moved.push(done_rows(&s, a, n) - before);
         at += ms(10);
     }
