@@ -7,6 +7,14 @@
 //! run in chunks with everybody's decode steps flowing between them, and chunks go to the
 //! peers with prompts waiting in turn, so one peer's prompts cannot starve another's.
 //!
+//! With adaptive chunks, a decode step must not wait long behind a prompt: while other
+//! sessions are decoding (one answered a small step within [`DECODING_WINDOW`]), chunks are
+//! sized so that a chunk's iteration costs about what a decode-only iteration costs (measured
+//! as they run, contention included; at least one row, so the prompt always moves), and a
+//! decode step that arrives during a chunk runs alone in the next iteration before the next
+//! chunk. The decode step then waits for at most one short chunk, and the prompt gets every
+//! other iteration however many decode steps come.
+//!
 //! A session's numbers do not depend on what it is batched with, or on how its prompt is cut
 //! into chunks: every kernel computes each row on its own, and attention of a row reads only
 //! its own session's cache (`model`'s batch and chunking tests hold it to that, bit for bit).
@@ -66,35 +74,6 @@ pub(super) struct Scheduler {
     /// Whether the last iteration ran prompt rows: with others decoding, a decode-only
     /// iteration goes between two chunks.
     ran_prompt: bool,
-    knobs: Knobs,
-}
-
-/// TEMPORARY experiment knobs (EDGE_FAIR_MODE=off|ride|alone, EDGE_FAIR_FACTOR, EDGE_FAIR_TRACE).
-#[derive(Clone, Copy, Debug)]
-struct Knobs {
-    mode: u8,
-    factor: f64,
-    trace: bool,
-}
-
-impl Knobs {
-    fn from_env() -> Self {
-        let mode = match std::env::var("EDGE_FAIR_MODE").as_deref() {
-            Ok("off") => 0,
-            Ok("ride") => 1,
-            _ => 2,
-        };
-        let factor = std::env::var("EDGE_FAIR_FACTOR")
-            .ok()
-            .and_then(|f| f.parse().ok())
-            .unwrap_or(SHARED_CHUNK_DECODES);
-        let trace = std::env::var("EDGE_FAIR_TRACE").is_ok();
-        Self {
-            mode,
-            factor,
-            trace,
-        }
-    }
 }
 
 /// What one iteration ran, for learning its cost.
@@ -181,7 +160,6 @@ impl Scheduler {
             shared_chunk: (limits.prefill_chunk / 4).max(1),
             decode_ms: None,
             ran_prompt: false,
-            knobs: Knobs::from_env(),
         }
     }
 
@@ -420,18 +398,6 @@ impl Scheduler {
             return;
         }
         let ms = took.as_secs_f64() * 1e3;
-        if self.knobs.trace {
-            eprintln!(
-                "sched small={} prompt={} budget={} shared={} ms={ms:.2} decode_ms={:.2} chunk={} shared_chunk={}",
-                ran.small_rows,
-                ran.prompt_rows,
-                ran.budget,
-                ran.shared,
-                self.decode_ms.unwrap_or(-1.0),
-                self.chunk,
-                self.shared_chunk
-            );
-        }
         if ran.prompt_rows == 0 {
             if ran.small_rows > 0 && ms > 0.0 {
                 self.decode_ms = Some(self.decode_ms.map_or(ms, |d| (d + ms) / 2.0));
@@ -449,7 +415,7 @@ impl Scheduler {
     /// What an iteration with a prompt chunk should cost while others decode.
     fn shared_target(&self) -> f64 {
         self.decode_ms
-            .map_or(SHARED_CHUNK_MS, |d| d * self.knobs.factor)
+            .map_or(SHARED_CHUNK_MS, |d| d * SHARED_CHUNK_DECODES)
     }
 
     /// Moves the solo chunk halfway towards the size that would have taken
@@ -518,14 +484,13 @@ impl Scheduler {
             }
         }
         let small_rows: usize = rows.iter().map(|r| r.count).sum();
-        let adaptive = self.limits.adaptive_chunk && self.knobs.mode != 0;
-        let shared = adaptive && !waiting.is_empty() && self.sharing(now);
+        let shared = self.limits.adaptive_chunk && !waiting.is_empty() && self.sharing(now);
         let mut budget = if shared {
             self.shared_chunk.min(self.chunk)
         } else {
             self.chunk
         };
-        if shared && small_rows > 0 && self.ran_prompt && self.knobs.mode == 2 {
+        if shared && small_rows > 0 && self.ran_prompt {
             budget = 0;
         }
         let full = budget;
