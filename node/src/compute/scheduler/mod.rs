@@ -7,6 +7,14 @@
 //! run in chunks with everybody's decode steps flowing between them, and chunks go to the
 //! peers with prompts waiting in turn, so one peer's prompts cannot starve another's.
 //!
+//! With adaptive chunks, a decode step must not wait long behind a prompt: while other
+//! sessions are decoding (one answered a small step within [`DECODING_WINDOW`]), chunks are
+//! sized so that a chunk's iteration costs about what a decode-only iteration costs (measured
+//! as they run, contention included; at least one row, so the prompt always moves), and a
+//! decode step that arrives during a chunk runs alone in the next iteration before the next
+//! chunk. The decode step then waits for at most one short chunk, and the prompt gets every
+//! other iteration however many decode steps come.
+//!
 //! A session's numbers do not depend on what it is batched with, or on how its prompt is cut
 //! into chunks: every kernel computes each row on its own, and attention of a row reads only
 //! its own session's cache (`model`'s batch and chunking tests hold it to that, bit for bit).
@@ -54,15 +62,49 @@ pub(super) struct Scheduler {
     held: HashMap<PeerId, Held>,
     /// The peer whose prompt got the last chunk; the next chunk goes to the next peer.
     last_prefill_peer: Option<PeerId>,
-    /// Prompt rows per iteration now (resized as measured when the limits say so).
+    /// Prompt rows per iteration while nobody else is decoding (resized as measured when the
+    /// limits say so).
     chunk: usize,
+    /// Prompt rows per iteration while other sessions are decoding: resized towards
+    /// [`SHARED_CHUNK_DECODES`] decode-only iterations of work (see [`Scheduler::sharing`]).
+    shared_chunk: usize,
+    /// Wall time of a decode-only iteration (small steps, no prompt rows), as last measured and
+    /// smoothed; what a decode step costs here now, contention included.
+    decode_ms: Option<f64>,
+    /// Whether the last iteration ran prompt rows: with others decoding, a decode-only
+    /// iteration goes between two chunks.
+    ran_prompt: bool,
 }
+
+/// What one iteration ran, for learning its cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ran {
+    small_rows: usize,
+    prompt_rows: usize,
+    /// The prompt-row budget of the iteration (a full chunk when `prompt_rows` reaches it).
+    budget: usize,
+    /// Whether other sessions were decoding (the shared chunk applied).
+    shared: bool,
+}
+
+/// A session that answered a small step this recently, and has no prompt running, is taken to
+/// be decoding: prompt chunks are kept small for it until it has been quiet this long.
+const DECODING_WINDOW: Duration = Duration::from_secs(1);
+
+/// While others decode, a prompt chunk's iteration aims at this many decode-only iterations'
+/// time.
+const SHARED_CHUNK_DECODES: f64 = 1.0;
+
+/// Chunk target while others decode before any decode-only iteration has been measured.
+const SHARED_CHUNK_MS: f64 = 5.0;
 
 struct Session {
     span: Range<usize>,
     kv: SessionKv,
     peer: PeerId,
     step: Option<Pending>,
+    /// When this session's last small step (a decode step) was answered.
+    decoded: Option<Instant>,
 }
 
 /// One remote peer's sessions and the KV positions allocated to them.
@@ -115,6 +157,9 @@ impl Scheduler {
             held: HashMap::new(),
             last_prefill_peer: None,
             chunk: limits.prefill_chunk.max(1),
+            shared_chunk: (limits.prefill_chunk / 4).max(1),
+            decode_ms: None,
+            ran_prompt: false,
         }
     }
 
@@ -259,6 +304,7 @@ impl Scheduler {
                 kv,
                 peer,
                 step: None,
+                decoded: None,
             },
         );
         Ok(id)
@@ -317,14 +363,22 @@ impl Scheduler {
         }
     }
 
-    /// One batched pass over this iteration's rows.
+    /// One batched pass over this iteration's rows; with adaptive chunks, its measured time
+    /// resizes them.
     fn iterate(&mut self) {
-        self.drop_withdrawn();
-        let (rows, prompt_rows) = self.select();
-        if rows.is_empty() {
-            return;
-        }
         let started = Instant::now();
+        if let Some(ran) = self.run_iteration(started) {
+            self.learn(ran, started.elapsed());
+        }
+    }
+
+    /// Runs one iteration's rows as of `now`; what it ran, if anything.
+    fn run_iteration(&mut self, now: Instant) -> Option<Ran> {
+        self.drop_withdrawn();
+        let (rows, ran) = self.select(now);
+        if rows.is_empty() {
+            return None;
+        }
         let rows = self.reserve(rows);
         let mut groups: BTreeMap<(usize, usize), Vec<Rows>> = BTreeMap::new();
         for r in rows {
@@ -332,29 +386,62 @@ impl Scheduler {
             groups.entry((span.start, span.end)).or_default().push(r);
         }
         for ((start, end), rows) in groups {
-            self.run_group(start..end, &rows);
+            self.run_group(start..end, &rows, now);
         }
-        if self.limits.adaptive_chunk && prompt_rows == self.chunk {
-            self.resize_chunk(started.elapsed());
+        Some(ran)
+    }
+
+    /// Learns from an iteration that took `took`: a decode-only one measures what a decode
+    /// step costs, a full chunk resizes the chunk of its kind towards its target.
+    fn learn(&mut self, ran: Ran, took: Duration) {
+        if !self.limits.adaptive_chunk {
+            return;
+        }
+        let ms = took.as_secs_f64() * 1e3;
+        if ran.prompt_rows == 0 {
+            if ran.small_rows > 0 && ms > 0.0 {
+                self.decode_ms = Some(self.decode_ms.map_or(ms, |d| (d + ms) / 2.0));
+            }
+        } else if ran.prompt_rows == ran.budget {
+            if ran.shared {
+                let target = self.shared_target();
+                self.shared_chunk = resized(self.shared_chunk, ms, target, 1);
+            } else {
+                self.chunk = resized(self.chunk, ms, PREFILL_CHUNK_MS, MIN_PREFILL_CHUNK);
+            }
         }
     }
 
-    /// Moves the chunk halfway towards the size that would have taken [`PREFILL_CHUNK_MS`] in
-    /// the iteration just measured (a full chunk, so the time is the chunk's).
+    /// What an iteration with a prompt chunk should cost while others decode.
+    fn shared_target(&self) -> f64 {
+        self.decode_ms
+            .map_or(SHARED_CHUNK_MS, |d| d * SHARED_CHUNK_DECODES)
+    }
+
+    /// Moves the solo chunk halfway towards the size that would have taken
+    /// [`PREFILL_CHUNK_MS`] in the iteration just measured (a full chunk, so the time is the
+    /// chunk's).
+    #[cfg(test)]
     fn resize_chunk(&mut self, took: Duration) {
-        let ms = took.as_secs_f64() * 1e3;
-        if ms <= 0.0 {
-            return;
-        }
-        let ideal = (self.chunk as f64 * PREFILL_CHUNK_MS / ms)
-            .clamp(MIN_PREFILL_CHUNK as f64, MAX_PREFILL_CHUNK as f64);
-        let half = (self.chunk as f64 + ideal) / 2.0;
-        // Rounded towards the ideal, so that the bounds are reached rather than approached.
-        self.chunk = if ideal < self.chunk as f64 {
-            half.floor()
-        } else {
-            half.ceil()
-        } as usize;
+        self.chunk = resized(
+            self.chunk,
+            took.as_secs_f64() * 1e3,
+            PREFILL_CHUNK_MS,
+            MIN_PREFILL_CHUNK,
+        );
+    }
+
+    /// Whether sessions other than those running prompts are decoding as of `now`: one has a
+    /// small step waiting, or answered one within [`DECODING_WINDOW`] and has no prompt
+    /// running. Their next steps will wait for whatever chunk is running when they arrive, so
+    /// chunks are kept short while they do.
+    fn sharing(&self, now: Instant) -> bool {
+        self.sessions.values().any(|s| match &s.step {
+            Some(p) => p.remaining() <= SMALL_STEP,
+            None => s
+                .decoded
+                .is_some_and(|t| now.saturating_duration_since(t) < DECODING_WINDOW),
+        })
     }
 
     /// Steps whose caller stopped waiting (its stream closed, or the node is draining) are
@@ -371,9 +458,14 @@ impl Scheduler {
     }
 
     /// Every small step whole, then prompt chunks in turn by peer until the chunk budget is
-    /// spent; also returns how many prompt rows that is. Sorted by session id, so the same work
-    /// is batched the same way each time.
-    fn select(&mut self) -> (Vec<Rows>, usize) {
+    /// spent. Sorted by session id, so the same work is batched the same way each time.
+    ///
+    /// With adaptive chunks, the budget depends on who else is waiting: while other sessions
+    /// decode ([`Scheduler::sharing`]), it is the shared chunk (about a decode-only
+    /// iteration's time), and a decode step waiting right after a chunk runs alone first, so
+    /// that it waits for at most one short chunk; the next iteration is a chunk again, so
+    /// prompts keep moving however many decode steps come.
+    fn select(&mut self, now: Instant) -> (Vec<Rows>, Ran) {
         let mut rows = Vec::new();
         let mut waiting: BTreeMap<PeerId, (Instant, SessionId)> = BTreeMap::new();
         for (&id, s) in &self.sessions {
@@ -391,7 +483,17 @@ impl Scheduler {
                 }
             }
         }
-        let mut budget = self.chunk;
+        let small_rows: usize = rows.iter().map(|r| r.count).sum();
+        let shared = self.limits.adaptive_chunk && !waiting.is_empty() && self.sharing(now);
+        let mut budget = if shared {
+            self.shared_chunk.min(self.chunk)
+        } else {
+            self.chunk
+        };
+        if shared && small_rows > 0 && self.ran_prompt {
+            budget = 0;
+        }
+        let full = budget;
         // The peers with prompts, starting after the one served last.
         let peers: Vec<PeerId> = match self.last_prefill_peer {
             Some(last) => waiting
@@ -418,7 +520,15 @@ impl Scheduler {
             self.metrics.prefill_chunks.inc();
         }
         rows.sort_by_key(|r| r.id);
-        (rows, self.chunk - budget)
+        let prompt_rows = full - budget;
+        self.ran_prompt = prompt_rows > 0;
+        let ran = Ran {
+            small_rows,
+            prompt_rows,
+            budget: full,
+            shared,
+        };
+        (rows, ran)
     }
 
     /// Takes the KV pages the selected rows need from the budget and from their peer's share,
@@ -465,7 +575,7 @@ impl Scheduler {
     }
 
     /// Runs one batched product over sessions of the same span and hands out the rows.
-    fn run_group(&mut self, span: Range<usize>, rows: &[Rows]) {
+    fn run_group(&mut self, span: Range<usize>, rows: &[Rows], now: Instant) {
         let mut taken: Vec<(Rows, Session)> = Vec::with_capacity(rows.len());
         for &r in rows {
             let Some(mut s) = self.sessions.remove(&r.id) else {
@@ -531,6 +641,9 @@ impl Scheduler {
                     p.compute += took;
                     if p.remaining() == 0 {
                         let p = s.step.take().expect("just used");
+                        if p.input.tokens <= SMALL_STEP {
+                            s.decoded = Some(now);
+                        }
                         self.answer(p, dim);
                     }
                 }
@@ -580,6 +693,23 @@ impl Scheduler {
         self.metrics.kv_cache_bytes.set(bytes as i64);
         self.metrics.kv_cache_reserved_tokens.set(self.used as i64);
     }
+}
+
+/// `chunk` moved halfway towards the size that would have taken `target_ms` in an iteration
+/// that took `ms` with it (bounded by `min` and [`MAX_PREFILL_CHUNK`]), rounded towards the
+/// ideal so that the bounds are reached rather than approached.
+fn resized(chunk: usize, ms: f64, target_ms: f64, min: usize) -> usize {
+    if ms <= 0.0 || !ms.is_finite() {
+        return chunk;
+    }
+    let ideal = (chunk as f64 * target_ms / ms).clamp(min as f64, MAX_PREFILL_CHUNK as f64);
+    let half = (chunk as f64 + ideal) / 2.0;
+    if ideal < chunk as f64 {
+        half.floor()
+    } else {
+        half.ceil()
+    }
+    .max(min as f64) as usize
 }
 
 /// A step refused before it was queued, with the reply it is owed.

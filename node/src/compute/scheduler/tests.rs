@@ -533,3 +533,160 @@ fn the_default_share_leaves_room_for_other_peers() {
         assert!(share >= 1 && share < total, "{total}: {share}");
     }
 }
+
+fn adaptive(stack: BlockStack, prefill_chunk: usize) -> Scheduler {
+    scheduler_with(
+        stack,
+        ComputeLimits {
+            max_sessions: 8,
+            cache_tokens: 8192,
+            max_sessions_per_peer: 8,
+            cache_tokens_per_peer: 8192,
+            prefill_chunk,
+            adaptive_chunk: true,
+        },
+    )
+}
+
+/// Prompt rows `id` has computed of its running step (its whole step once answered).
+fn done_rows(s: &Scheduler, id: u64, whole: usize) -> usize {
+    s.sessions[&id].step.as_ref().map_or(whole, |p| p.done)
+}
+
+#[test]
+fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_alone_between() {
+    use std::time::{Duration, Instant};
+    let ms = Duration::from_millis;
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = adaptive(stack, 64);
+    assert_eq!((s.chunk, s.shared_chunk), (64, 16));
+    let (a, b) = (
+        open(&mut s, 0..4, 512, PeerId::random()),
+        open(&mut s, 0..4, 512, PeerId::random()),
+    );
+    let (mut alone_a, mut alone_b) = (
+        Alone::new(&reference, 0..4, 512),
+        Alone::new(&reference, 0..4, 512),
+    );
+    let t0 = Instant::now();
+    // b decodes alone: a decode-only iteration of 4 ms is what a decode step costs here.
+    let mut rb = step(&mut s, b, 0, rows(dim, 1, 1));
+    let ran = s.run_iteration(t0).unwrap();
+    s.learn(ran, ms(4));
+    assert_eq!(s.decode_ms, Some(4.0));
+    assert_eq!(answered(&mut rb).unwrap(), alone_b.step(0, rows(dim, 1, 1)));
+
+    // a's prompt arrives while b is between steps: b decoded just now, so the chunk is the
+    // shared one, and 16 rows taking 16 ms (four decode steps) shrink it towards 4 rows.
+    let n = 200;
+    let mut ra = step(&mut s, a, 0, rows(dim, n, 2));
+    let ran = s.run_iteration(t0 + ms(5)).unwrap();
+    assert_eq!((ran.small_rows, ran.prompt_rows, ran.shared), (0, 16, true));
+    s.learn(ran, ms(16));
+    assert_eq!(s.shared_chunk, 10);
+    assert_eq!(s.chunk, 64, "the solo chunk is left as it was");
+
+    // b's next step came in during that chunk: it runs alone, a waits one iteration.
+    let mut rb = step(&mut s, b, 1, rows(dim, 1, 3));
+    let ran = s.run_iteration(t0 + ms(21)).unwrap();
+    assert_eq!((ran.small_rows, ran.prompt_rows), (1, 0));
+    s.learn(ran, ms(4));
+    assert_eq!(answered(&mut rb).unwrap(), alone_b.step(1, rows(dim, 1, 3)));
+    assert_eq!(done_rows(&s, a, n), 16);
+
+    // A step that arrives after a decode-only iteration rides with the next chunk, so
+    // however many steps come, every other iteration moves the prompt.
+    let mut at = t0 + ms(25);
+    let mut moved = Vec::new();
+    for i in 0..6 {
+        let b_pos = 2 + i;
+        let mut rb = step(&mut s, b, b_pos, rows(dim, 1, 10 + i));
+        let before = done_rows(&s, a, n);
+        let ran = s.run_iteration(at).unwrap();
+        s.learn(ran, ms(4 + 2 * ran.prompt_rows as u64));
+        assert_eq!(
+            answered(&mut rb).unwrap(),
+            alone_b.step(b_pos, rows(dim, 1, 10 + i)),
+            "b's step {i} is answered in its iteration"
+        );
+        moved.push(done_rows(&s, a, n) - before);
+        at += ms(10);
+    }
+    // 2 ms a row on top of a 4 ms decode step: each full chunk moves the size halfway
+    // towards the rows that fit in one decode step's time.
+    assert_eq!(moved, [10, 0, 5, 0, 3, 0]);
+
+    // b stops decoding: after the window, a's prompt goes back to the solo chunk.
+    let before = done_rows(&s, a, n);
+    let ran = s.run_iteration(at + ms(1500)).unwrap();
+    assert_eq!((ran.prompt_rows, ran.shared), (64, false));
+    assert_eq!(done_rows(&s, a, n) - before, 64);
+    let got = loop {
+        if let Some(h) = answered(&mut ra) {
+            break h;
+        }
+        s.run_iteration(at + ms(1500)).unwrap();
+    };
+    // However it was cut, a's prompt is bit-identical to running it whole and alone.
+    assert_eq!(got, alone_a.step(0, rows(dim, n, 2)));
+}
+
+#[test]
+fn a_sessions_own_prompt_after_decoding_is_not_held_to_the_shared_chunk() {
+    use std::time::{Duration, Instant};
+    let (stack, _) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = adaptive(stack, 64);
+    let b = open(&mut s, 0..4, 512, PeerId::random());
+    let t0 = Instant::now();
+    let mut rb = step(&mut s, b, 0, rows(dim, 1, 1));
+    s.run_iteration(t0).unwrap();
+    assert!(answered(&mut rb).is_some());
+    // b's next turn is a long prompt of its own: nobody else is decoding.
+    let _rb = step(&mut s, b, 1, rows(dim, 100, 2));
+    let ran = s.run_iteration(t0 + Duration::from_millis(1)).unwrap();
+    assert_eq!((ran.prompt_rows, ran.shared), (64, false));
+}
+
+#[test]
+fn the_shared_chunk_follows_the_measured_decode_step_and_keeps_a_row() {
+    use std::time::Duration;
+    let (stack, _) = stacks(&model());
+    let mut s = adaptive(stack, 64);
+    let shared = |chunk| super::Ran {
+        small_rows: 0,
+        prompt_rows: chunk,
+        budget: chunk,
+        shared: true,
+    };
+    // Before any decode-only iteration, the target is SHARED_CHUNK_MS (5 ms).
+    s.learn(shared(16), Duration::from_millis(20));
+    assert_eq!(s.shared_chunk, 10);
+    // A decode-only iteration of 3 ms, then the average with the next one (5 ms).
+    for took in [3, 5] {
+        let decode = super::Ran {
+            small_rows: 1,
+            prompt_rows: 0,
+            budget: 0,
+            shared: true,
+        };
+        s.learn(decode, Duration::from_millis(took));
+    }
+    assert_eq!(s.decode_ms, Some(4.0));
+    // Rows far dearer than a decode step (late in a long prompt): one row, never zero.
+    for _ in 0..20 {
+        let c = s.shared_chunk;
+        s.learn(shared(c), Duration::from_millis(200));
+    }
+    assert_eq!(s.shared_chunk, 1);
+    // Cheap rows grow it again; a partial chunk (the prompt's last rows) teaches nothing.
+    s.learn(shared(1), Duration::from_millis(1));
+    assert_eq!(s.shared_chunk, 3);
+    let partial = super::Ran {
+        prompt_rows: 1,
+        ..shared(3)
+    };
+    s.learn(partial, Duration::from_millis(1));
+    assert_eq!(s.shared_chunk, 3);
+}
