@@ -117,7 +117,7 @@ home() {
   python3 $DELAY_LINK ${LINK_RATE:+--rate "$LINK_RATE"} "$d" ${P}u$i ${P}t$i >"$LOG/link$i.out" 2>"$LOG/link$i.err" &
   PIDS+=($!)
   LINK_PID[$i]=$!
-  for _ in $(seq 1 50); do grep -q ready "$LOG/link$i.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 200); do grep -q ready "$LOG/link$i.out" 2>/dev/null && break; sleep 0.1; done
   grep -q ready "$LOG/link$i.out" || { echo "FAIL: tun-delay for home $i did not start:" >&2; cat "$LOG/link$i.err" >&2; exit 1; }
   ip link set ${P}u$i netns "$r"
   ip link set ${P}t$i netns "$h"

@@ -77,10 +77,6 @@ pub(super) struct EventLoop {
     nat: NatOptions,
     /// Circuit listeners (relay reservations, held or asked for) and the relay of each.
     relays: HashMap<ListenerId, PeerId>,
-    /// Whether a direct address of this peer has been confirmed (by AutoNAT or configured) and
-    /// not contradicted since: such a peer needs no relayed address, and holding one would
-    /// take a slot of a relay's few from a peer behind NAT.
-    reachable: bool,
     /// The direct address this peer dialled each peer on: where to reach it as a relay.
     dialled: HashMap<PeerId, Multiaddr>,
     /// Open connections per peer: whether each goes through a relay, and its remote address.
@@ -113,7 +109,6 @@ impl EventLoop {
             bootstrap,
             nat,
             relays: HashMap::new(),
-            reachable: false,
             dialled: HashMap::new(),
             conns: HashMap::new(),
             punching: HashMap::new(),
@@ -329,11 +324,6 @@ impl EventLoop {
                     tracing::info!(%address, "reachable through a relay");
                 } else {
                     tracing::info!(%address, "external address confirmed: reachable directly");
-                    self.reachable = true;
-                    for (listener, relay) in std::mem::take(&mut self.relays) {
-                        tracing::info!(%relay, "reachable directly: relayed address given up");
-                        self.swarm.remove_listener(listener);
-                    }
                     if self.nat.relay_server == nat::RelayServer::Auto {
                         if let Some(relay) = self.swarm.behaviour_mut().relay.as_mut() {
                             relay.set_status(Some(relay::Status::Enable));
@@ -406,10 +396,6 @@ impl EventLoop {
                 new,
             })) => {
                 tracing::info!(?old, ?new, "AutoNAT: reachability changed");
-                if new == autonat::NatStatus::Private {
-                    // Reservations are asked for again as identify hears from relays.
-                    self.reachable = false;
-                }
                 if self.nat.relay_server == nat::RelayServer::Auto
                     && new == autonat::NatStatus::Private
                 {
@@ -458,12 +444,15 @@ impl EventLoop {
     }
 
     /// Asks `relay` (a peer offering circuit relay v2) for a reservation, when this peer wants
-    /// relayed addresses, is not known to be reachable directly, does not hold one there yet,
-    /// holds fewer than [`nat::MAX_RELAYS`], and reached it directly (the address to reserve
-    /// through is the one it was dialled on).
+    /// relayed addresses, does not hold one there yet, holds fewer than [`nat::MAX_RELAYS`],
+    /// and reached it directly (the address to reserve through is the one it was dialled on).
+    /// It does so even when AutoNAT has confirmed a direct address: behind a NAT that keeps
+    /// ports, a dial-back that arrives on a hole-punched or otherwise open mapping confirms an
+    /// address nobody else can dial (seen in the namespace bench: a node gave its reservation up
+    /// on such a confirmation and was unreachable until AutoNAT said private again, 40 s
+    /// later).
     fn reserve_on(&mut self, relay: PeerId) {
         if !self.nat.relay_listen
-            || self.reachable
             || self.relays.len() >= nat::MAX_RELAYS
             || self.relays.values().any(|r| *r == relay)
         {

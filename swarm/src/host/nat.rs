@@ -284,48 +284,6 @@ mod relayed {
         }
     }
 
-    /// On loopback AutoNAT's dial-back succeeds, so the node learns it is reachable directly
-    /// and gives its relayed address up: a relay's slots are for peers behind NAT.
-    #[tokio::test]
-    async fn a_node_reachable_directly_gives_its_relayed_address_up() {
-        let stop = CancellationToken::new();
-        let relay = host(
-            Vec::new(),
-            NatOptions {
-                relay_server: RelayServer::On,
-                ..NatOptions::default()
-            },
-            &stop,
-        );
-        let relay_addr = address(&relay, |a| !is_relayed(a))
-            .await
-            .with(Protocol::P2p(relay.handle.peer_id()));
-        let node = host(
-            vec![relay_addr],
-            NatOptions {
-                relay_listen: true,
-                ..NatOptions::default()
-            },
-            &stop,
-        );
-        // Reserved at first: nothing is known of the node's reachability yet.
-        address(&node, is_relayed).await;
-        // AutoNAT starts 5 s after joining; its probe and the release take a moment more.
-        let mut released = false;
-        for _ in 0..600 {
-            if !node.handle.listen_addrs().await.iter().any(is_relayed) {
-                released = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(released, "the relayed address was kept for 60 s");
-        stop.cancel();
-        for h in [relay, node] {
-            let _ = h.task.await;
-        }
-    }
-
     /// Two callers dialling the same peer at once both get the connection: the second dial
     /// finds the first under way and waits for it instead of failing (a client that opens
     /// several spans on one peer, or dials while a probe does, used to get "dial condition
