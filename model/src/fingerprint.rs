@@ -2,11 +2,10 @@
 //!
 //! It hashes what determines the numbers a block computes: the architecture, every
 //! hyperparameter the math reads (RoPE bases and scaling, norm epsilon, window and its layers,
-//! soft-caps, scales; see [`math_parameters`]) and the name, type, shape and every byte of every
-//! tensor. Metadata that does not change the math (names, licences, tokenizer extras, the
-//! context length) is left out, so re-packaging the same weights keeps the fingerprint.
-
-use std::path::{Path, PathBuf};
+//! soft-caps, scales; see [`math_parameters`]) and the name, type, shape and bytes of every
+//! tensor (all bytes of small tensors, sampled windows of large ones: see [`fingerprint`]).
+//! Metadata that does not change the math (names, licences, tokenizer extras, the context
+//! length) is left out, so re-packaging the same weights keeps the fingerprint.
 
 use sha2::{Digest, Sha256};
 
@@ -16,52 +15,33 @@ use crate::spec::ModelSpec;
 
 pub type Fingerprint = [u8; 32];
 
-/// Names this definition of the fingerprint, in the hash and in its cache entries.
-const VERSION: &str = "edge-swarm fingerprint v4";
+/// Tensors up to this size (norms, biases, every tensor of the small test models) are hashed
+/// whole.
+const WHOLE_TENSOR_BYTES: usize = 1 << 20;
+/// Larger tensors are hashed through this many windows spread evenly over their bytes ...
+const SAMPLE_WINDOWS: usize = 16;
+/// ... of this many bytes each.
+const WINDOW_BYTES: usize = 1024;
 
-/// Tensor bytes are read and hashed this many at a time, then dropped from the page cache.
-const CHUNK_BYTES: usize = 4 << 20;
-
-/// The file's fingerprint, from the cache of fingerprints already computed on this machine
-/// (see [`cache_dir`]) or computed now and kept there.
+/// Computes the fingerprint by reading the header, every small tensor whole and sampled windows
+/// of every large one, with positioned reads and no read-ahead.
 ///
-/// Why every byte: files that differ anywhere in their weights must never serve one swarm (an
-/// earlier version hashed sampled windows of large tensors, so files differing elsewhere
-/// shared an identity). Why a cache: every peer must compute the same fingerprint, so a node
-/// serving a quarter of a 4 GB model reads all 4 GB for it, a few seconds at start that need
-/// not be paid again. The pages read are dropped from the page cache as they are hashed, so a
-/// node's memory limit is not charged for the parts of the file it does not serve.
+/// Why sampled: every peer must compute the same fingerprint, so it cannot cover only the
+/// node's own blocks; and hashing the whole file would make a node serving a quarter of a 4 GB
+/// model read all 4 GB at start, through a page cache its memory limit is charged for. What the
+/// fingerprint is for is keeping honest peers with different files apart: another quantization
+/// changes the types, another fine-tune or seed changes every window. (A dishonest peer can
+/// announce any fingerprint; spot checks of outputs deal with those.) The windows cost about
+/// 16 pages per large tensor, dropped from the page cache again after reading.
 pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
-    fingerprint_cached(file, cache_dir().as_deref())
-}
-
-/// [`fingerprint`] with the cache in `dir` (`None`: no cache).
-pub fn fingerprint_cached(file: &GgufFile, dir: Option<&Path>) -> Result<Fingerprint> {
-    let entry = dir.and_then(|d| cache_entry(d, file.path()));
-    if let Some(fp) = entry.as_deref().and_then(read_cached) {
-        return Ok(fp);
-    }
-    let fp = compute(file)?;
-    if let Some(entry) = entry {
-        if let Err(e) = write_cached(&entry, &fp) {
-            tracing::debug!(path = %entry.display(), "fingerprint not cached: {e}");
-        }
-    }
-    Ok(fp)
-}
-
-/// Hashes the header's math and every tensor whole, with positioned reads (the file's mapping
-/// is left alone, so none of it becomes this process's resident memory).
-pub fn compute(file: &GgufFile) -> Result<Fingerprint> {
     let io = |reason| ModelError::Open {
         path: file.path().to_path_buf(),
         reason,
     };
     let f = std::fs::File::open(file.path()).map_err(io)?;
-    advise(&f, 0, 0, Advice::Sequential);
+    advise(&f, 0, 0, Advice::Random);
     let mut h = Sha256::new();
-    h.update(VERSION.as_bytes());
-    h.update(b"\0");
+    h.update(b"edge-swarm fingerprint v3\0");
     let arch = match file.metadata().get("general.architecture") {
         Some(candle_core::quantized::gguf_file::Value::String(s)) => s.clone(),
         _ => return Err(ModelError::MissingKey("general.architecture".into())),
@@ -71,7 +51,7 @@ pub fn compute(file: &GgufFile) -> Result<Fingerprint> {
     let params = math_parameters(&ModelSpec::from_file(file)?);
     h.update((params.len() as u64).to_le_bytes());
     h.update(params.as_bytes());
-    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut buf = vec![0u8; 1 << 20];
     for view in file.tensors()? {
         h.update((view.name.len() as u64).to_le_bytes());
         h.update(view.name.as_bytes());
@@ -80,100 +60,32 @@ pub fn compute(file: &GgufFile) -> Result<Fingerprint> {
         for d in &view.dims {
             h.update((*d as u64).to_le_bytes());
         }
-        let range = view.byte_range();
-        h.update((range.len() as u64).to_le_bytes());
-        let mut at = range.start;
-        while at < range.end {
-            let n = (range.end - at).min(buf.len());
-            read_at(&f, &mut buf[..n], at as u64).map_err(io)?;
-            h.update(&buf[..n]);
-            advise(&f, at, n, Advice::DontNeed);
-            at += n;
+        for window in windows(view.byte_range()) {
+            let mut at = window.start;
+            while at < window.end {
+                let n = (window.end - at).min(buf.len());
+                read_at(&f, &mut buf[..n], at as u64).map_err(io)?;
+                h.update(&buf[..n]);
+                at += n;
+            }
+            advise(&f, window.start, window.len(), Advice::DontNeed);
         }
     }
     Ok(h.finalize().into())
 }
 
-/// Where computed fingerprints are kept: `$EDGE_SWARM_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/edge-swarm`, else `~/.cache/edge-swarm`.
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("EDGE_SWARM_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(d));
+/// The byte ranges of a tensor at `range` that go into the fingerprint.
+fn windows(range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    if range.len() <= WHOLE_TENSOR_BYTES {
+        return vec![range];
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(d).join("edge-swarm"));
-    }
-    let home = std::env::var_os("HOME").filter(|d| !d.is_empty())?;
-    Some(PathBuf::from(home).join(".cache").join("edge-swarm"))
-}
-
-/// The cache entry of the file at `path` as it is now: named by a hash of the fingerprint's
-/// version and the file's identity on this machine (path, device, inode, length, modification
-/// and change times). Writing the file in any way changes its change time, which no user call
-/// can set back, so a changed file never finds the entry of what it was.
-fn cache_entry(dir: &Path, path: &Path) -> Option<PathBuf> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let path = std::fs::canonicalize(path).ok()?;
-        let m = std::fs::metadata(&path).ok()?;
-        let key = format!(
-            "{VERSION}\0{}\0{}\0{}\0{}\0{}.{}\0{}.{}",
-            path.display(),
-            m.dev(),
-            m.ino(),
-            m.len(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        );
-        let name: String = Sha256::digest(key.as_bytes())[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Some(dir.join(format!("fingerprint-{name}")))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (dir, path);
-        None
-    }
-}
-
-/// A cached fingerprint: exactly 64 hex digits, or nothing (a damaged or foreign entry is
-/// recomputed, never trusted or fatal).
-fn read_cached(entry: &Path) -> Option<Fingerprint> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(entry)
-        .ok()?
-        .take(65)
-        .read_to_string(&mut text)
-        .ok()?;
-    let text = text.trim_end_matches('\n');
-    if text.len() != 64 {
-        return None;
-    }
-    let mut fp = [0u8; 32];
-    for (i, b) in fp.iter_mut().enumerate() {
-        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(fp)
-}
-
-/// Writes the entry through a temporary file and a rename, so a reader never sees half of it.
-fn write_cached(entry: &Path, fp: &Fingerprint) -> std::io::Result<()> {
-    let dir = entry.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        entry.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let hex: String = fp.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&tmp, hex + "\n")?;
-    std::fs::rename(&tmp, entry)
+    let span = range.len() - WINDOW_BYTES;
+    (0..SAMPLE_WINDOWS)
+        .map(|k| {
+            let start = range.start + span / (SAMPLE_WINDOWS - 1) * k;
+            start..start + WINDOW_BYTES
+        })
+        .collect()
 }
 
 fn read_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -191,8 +103,8 @@ fn read_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()
 }
 
 enum Advice {
-    /// Read-ahead: the whole file is read once, in order within each tensor.
-    Sequential,
+    /// No read-ahead: a window read must not pull in the megabytes after it.
+    Random,
     /// Done with these pages.
     DontNeed,
 }
@@ -203,7 +115,7 @@ fn advise(f: &std::fs::File, start: usize, len: usize, advice: Advice) {
     {
         use std::os::fd::AsRawFd;
         let advice = match advice {
-            Advice::Sequential => libc::POSIX_FADV_SEQUENTIAL,
+            Advice::Random => libc::POSIX_FADV_RANDOM,
             Advice::DontNeed => libc::POSIX_FADV_DONTNEED,
         };
         // SAFETY: advice on a descriptor we own; no memory is touched.
@@ -269,6 +181,20 @@ mod tests {
     use super::*;
     use crate::synthetic::SyntheticModel;
 
+    /// Large tensors are sampled from their first to their last byte, inside their bounds;
+    /// small ones are read whole.
+    #[test]
+    fn windows_span_the_tensor() {
+        let small = windows(100..100 + WHOLE_TENSOR_BYTES);
+        assert_eq!(small, vec![100..100 + WHOLE_TENSOR_BYTES]);
+        let big = 4096..4096 + 50 * WHOLE_TENSOR_BYTES + 3;
+        let w = windows(big.clone());
+        assert_eq!(w.len(), SAMPLE_WINDOWS);
+        assert_eq!(w[0].start, big.start);
+        assert!(w.iter().all(|r| r.start >= big.start && r.end <= big.end));
+        assert!(big.end - w[SAMPLE_WINDOWS - 1].end < SAMPLE_WINDOWS);
+    }
+
     #[test]
     fn same_weights_same_fingerprint_other_weights_other_fingerprint() {
         let dir = std::env::temp_dir().join(format!("fp-test-{}", std::process::id()));
@@ -276,7 +202,7 @@ mod tests {
         let write = |name: &str, m: SyntheticModel| {
             let p = dir.join(name);
             m.write(&p).unwrap();
-            compute(&GgufFile::open(&p).unwrap()).unwrap()
+            fingerprint(&GgufFile::open(&p).unwrap()).unwrap()
         };
         let a = write("a.gguf", SyntheticModel::default());
         let b = write("b.gguf", SyntheticModel::default());
@@ -312,7 +238,7 @@ mod tests {
         SyntheticModel::family("gemma3", candle_core::quantized::GgmlDType::Q8_0)
             .write(&base)
             .unwrap();
-        let fp_of = |p: &std::path::Path| compute(&GgufFile::open(p).unwrap()).unwrap();
+        let fp_of = |p: &std::path::Path| fingerprint(&GgufFile::open(p).unwrap()).unwrap();
         let original = fp_of(&base);
         // Rewrites the file with one metadata value changed, tensors untouched.
         let rewrite = |name: &str, key: &str, value: Value| {
@@ -350,76 +276,6 @@ mod tests {
             let p = rewrite("changed.gguf", key, value);
             assert_ne!(fp_of(&p), original, "{key} changes the math");
         }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// Flips one byte in the middle of the largest tensor of the file at `p`, in place.
-    fn flip_a_weight_byte(p: &std::path::Path) {
-        use std::os::unix::fs::FileExt;
-        let file = GgufFile::open(p).unwrap();
-        let largest = file
-            .tensors()
-            .unwrap()
-            .into_iter()
-            .max_by_key(|t| t.byte_range().len())
-            .unwrap()
-            .byte_range();
-        drop(file);
-        let at = (largest.start + largest.len() / 2 + 7) as u64;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .unwrap();
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-    }
-
-    /// Two files that differ in one byte of one tensor, far from its start and end, are two
-    /// models.
-    #[test]
-    fn one_byte_anywhere_in_the_weights_is_another_model() {
-        let dir = std::env::temp_dir().join(format!("fp-byte-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let a = dir.join("a.gguf");
-        let b = dir.join("b.gguf");
-        SyntheticModel::default().write(&a).unwrap();
-        std::fs::copy(&a, &b).unwrap();
-        let fp = |p: &std::path::Path| compute(&GgufFile::open(p).unwrap()).unwrap();
-        assert_eq!(fp(&a), fp(&b));
-        flip_a_weight_byte(&b);
-        assert_ne!(fp(&a), fp(&b));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The cache answers what computing would, ignores a damaged entry, and a file written
-    /// since never finds the entry of what it was.
-    #[test]
-    fn the_cache_gives_the_computed_fingerprint_and_never_hides_a_change() {
-        let dir = std::env::temp_dir().join(format!("fp-cache-{}", std::process::id()));
-        let cache = dir.join("cache");
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("m.gguf");
-        SyntheticModel::default().write(&p).unwrap();
-        let cached = |p: &std::path::Path| {
-            fingerprint_cached(&GgufFile::open(p).unwrap(), Some(&cache)).unwrap()
-        };
-        let computed = compute(&GgufFile::open(&p).unwrap()).unwrap();
-        assert_eq!(cached(&p), computed);
-        let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
-        assert_eq!(entries.len(), 1, "one entry kept");
-        let entry = entries[0].as_ref().unwrap().path();
-        assert_eq!(read_cached(&entry), Some(computed));
-        assert_eq!(cached(&p), computed);
-
-        std::fs::write(&entry, "not a fingerprint").unwrap();
-        assert_eq!(cached(&p), computed, "a damaged entry is recomputed");
-
-        flip_a_weight_byte(&p);
-        let changed = compute(&GgufFile::open(&p).unwrap()).unwrap();
-        assert_ne!(changed, computed);
-        assert_eq!(cached(&p), changed, "the changed file is hashed again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
