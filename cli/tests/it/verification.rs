@@ -101,6 +101,27 @@ impl Drop for Liar {
     }
 }
 
+/// Runs a client (`run` returns its output and whether the liar's peer id appears in it at
+/// all) until one routes through the liar, at most three times. A client prices a server it
+/// could not ping within its short probe wait at a 100 ms round trip, which the liar's claimed
+/// speed does not outweigh, so on a loaded machine (the suite runs tests side by side) a client
+/// may never try the liar; that run shows nothing about verification, and the next client
+/// measures afresh. A client that did route through the liar is returned whatever happened.
+fn through_the_liar<T>(liar: &Liar, mut run: impl FnMut() -> (T, bool)) -> T {
+    const ATTEMPTS: usize = 3;
+    for attempt in 1..=ATTEMPTS {
+        let (out, routed) = run();
+        if routed {
+            return out;
+        }
+        eprintln!("attempt {attempt}: the client did not route through the liar; again");
+    }
+    panic!(
+        "in {ATTEMPTS} runs no client routed through the liar {}, so nothing was checked",
+        liar.peer
+    );
+}
+
 /// Waits (bounded) until `node` has said it serves its blocks.
 fn serving(node: &Proc) {
     node.wait_line("serving blocks ");
@@ -121,21 +142,25 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
     let prompt = "The capital of France is";
     let reference = local(prompt, "24");
 
-    let unchecked = super::json_of(&swarm_command(&boot, prompt, "24").output().unwrap());
-    assert!(
-        unchecked["route"].to_string().contains(&liar.peer),
-        "the liar (claiming 10x speed) is not in the route: {unchecked}"
-    );
+    let unchecked = through_the_liar(&liar, || {
+        let v = super::json_of(&swarm_command(&boot, prompt, "24").output().unwrap());
+        let routed = v["route"].to_string().contains(&liar.peer);
+        (v, routed)
+    });
     assert_ne!(
         unchecked["tokens"], reference["tokens"],
         "the liar's outputs did not change the text: nothing for verification to catch"
     );
 
-    let out = swarm_command(&boot, prompt, "24")
-        .args(["--verify-every", "8"])
-        .output()
-        .unwrap();
-    let checked = super::json_of(&out);
+    let checked = through_the_liar(&liar, || {
+        let out = swarm_command(&boot, prompt, "24")
+            .args(["--verify-every", "8"])
+            .output()
+            .unwrap();
+        let v = super::json_of(&out);
+        let routed = v.to_string().contains(&liar.peer);
+        (v, routed)
+    });
     assert_eq!(
         checked["tokens"], reference["tokens"],
         "verified swarm output differs from local"
@@ -171,7 +196,11 @@ fn a_chat_with_verification_is_the_local_conversation() {
         "--verify-every",
         "16",
     ];
-    let swarm = chat(&route, &TURNS, Duration::ZERO);
+    let swarm = through_the_liar(&liar, || {
+        let out = chat(&route, &TURNS, Duration::ZERO);
+        let routed = String::from_utf8_lossy(&out.stderr).contains(&liar.peer);
+        (out, routed)
+    });
     let local = chat(&["--local"], &TURNS, Duration::ZERO);
     let stderr = String::from_utf8_lossy(&swarm.stderr);
     assert_eq!(
