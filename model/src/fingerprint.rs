@@ -2,46 +2,65 @@
 //!
 //! It hashes what determines the numbers a block computes: the architecture, every
 //! hyperparameter the math reads (RoPE bases and scaling, norm epsilon, window and its layers,
-//! soft-caps, scales; see [`math_parameters`]) and the name, type, shape and bytes of every
-//! tensor (all bytes of small tensors, sampled windows of large ones: see [`fingerprint`]).
-//! Metadata that does not change the math (names, licences, tokenizer extras, the context
-//! length) is left out, so re-packaging the same weights keeps the fingerprint.
+//! soft-caps, scales; see [`math_parameters`]) and the name, type, shape and every byte of
+//! every tensor. Metadata that does not change the math (names, licences,
+//! tokenizer extras, the context length) is left out, so re-packaging the same weights keeps
+//! the fingerprint.
+
+use std::path::Path;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
+use crate::fingerprint_cache;
 use crate::gguf::GgufFile;
 use crate::spec::ModelSpec;
+use crate::uncached_read::{ReadMode, UncachedFile};
 
 pub type Fingerprint = [u8; 32];
 
-/// Tensors up to this size (norms, biases, every tensor of the small test models) are hashed
-/// whole.
-const WHOLE_TENSOR_BYTES: usize = 1 << 20;
-/// Larger tensors are hashed through this many windows spread evenly over their bytes ...
-const SAMPLE_WINDOWS: usize = 16;
-/// ... of this many bytes each.
-const WINDOW_BYTES: usize = 1024;
+/// Names this definition of the fingerprint, in the hash and in its cache entries. (v3 hashed
+/// sampled windows of large tensors, so files that differed elsewhere shared an identity.)
+const VERSION: &str = "edge-swarm fingerprint v4";
 
-/// Computes the fingerprint by reading the header, every small tensor whole and sampled windows
-/// of every large one, with positioned reads and no read-ahead.
+/// The file's fingerprint, from the cache of fingerprints already computed on this machine
+/// ([`fingerprint_cache::cache_dir`]) or computed now and kept there.
 ///
-/// Why sampled: every peer must compute the same fingerprint, so it cannot cover only the
-/// node's own blocks; and hashing the whole file would make a node serving a quarter of a 4 GB
-/// model read all 4 GB at start, through a page cache its memory limit is charged for. What the
-/// fingerprint is for is keeping honest peers with different files apart: another quantization
-/// changes the types, another fine-tune or seed changes every window. (A dishonest peer can
-/// announce any fingerprint; spot checks of outputs deal with those.) The windows cost about
-/// 16 pages per large tensor, dropped from the page cache again after reading.
+/// Why every byte, and so a cache: every peer must compute the same identity, so a node serving
+/// a quarter of a 4 GB model reads all 4 GB for it once (a few seconds; the reads bypass the
+/// page cache, so a memory-limited node is not charged for the parts it does not serve).
 pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
+    fingerprint_cached(file, fingerprint_cache::cache_dir().as_deref())
+}
+
+/// [`fingerprint`] with the cache in `dir` (`None`: no cache).
+pub fn fingerprint_cached(file: &GgufFile, dir: Option<&Path>) -> Result<Fingerprint> {
+    let entry = dir.and_then(|d| fingerprint_cache::entry(d, VERSION, file.path()));
+    if let Some(fp) = entry.as_deref().and_then(fingerprint_cache::read) {
+        return Ok(fp);
+    }
+    let fp = compute(file)?;
+    if let Some(entry) = entry {
+        if let Err(e) = fingerprint_cache::write(&entry, &fp) {
+            tracing::debug!(path = %entry.display(), "fingerprint not cached: {e}");
+        }
+    }
+    Ok(fp)
+}
+
+/// Hashes the header's math and every tensor's name, type, shape and bytes, in name order (so
+/// the order of tensors in the file does not matter), reading the bytes without filling the
+/// page cache.
+pub fn compute(file: &GgufFile) -> Result<Fingerprint> {
     let io = |reason| ModelError::Open {
         path: file.path().to_path_buf(),
         reason,
     };
-    let f = std::fs::File::open(file.path()).map_err(io)?;
-    advise(&f, 0, 0, Advice::Random);
+    let mut reader = UncachedFile::open(file.path()).map_err(io)?;
     let mut h = Sha256::new();
-    h.update(b"edge-swarm fingerprint v3\0");
+    h.update(VERSION.as_bytes());
+    h.update(b"\0");
     let arch = match file.metadata().get("general.architecture") {
         Some(candle_core::quantized::gguf_file::Value::String(s)) => s.clone(),
         _ => return Err(ModelError::MissingKey("general.architecture".into())),
@@ -51,7 +70,8 @@ pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
     let params = math_parameters(&ModelSpec::from_file(file)?);
     h.update((params.len() as u64).to_le_bytes());
     h.update(params.as_bytes());
-    let mut buf = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let mut bytes = 0u64;
     for view in file.tensors()? {
         h.update((view.name.len() as u64).to_le_bytes());
         h.update(view.name.as_bytes());
@@ -60,76 +80,32 @@ pub fn fingerprint(file: &GgufFile) -> Result<Fingerprint> {
         for d in &view.dims {
             h.update((*d as u64).to_le_bytes());
         }
-        for window in windows(view.byte_range()) {
-            let mut at = window.start;
-            while at < window.end {
-                let n = (window.end - at).min(buf.len());
-                read_at(&f, &mut buf[..n], at as u64).map_err(io)?;
-                h.update(&buf[..n]);
-                at += n;
-            }
-            advise(&f, window.start, window.len(), Advice::DontNeed);
-        }
+        let range = view.byte_range();
+        h.update((range.len() as u64).to_le_bytes());
+        bytes += range.len() as u64;
+        reader
+            .for_each_chunk(range.start as u64..range.end as u64, |b| h.update(b))
+            .map_err(io)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    let direct = reader.mode() == ReadMode::Direct;
+    if secs >= 1.0 {
+        tracing::info!(
+            secs,
+            gib,
+            direct,
+            "hashed the model's tensors to identify it"
+        );
+    } else {
+        tracing::debug!(
+            secs,
+            gib,
+            direct,
+            "hashed the model's tensors to identify it"
+        );
     }
     Ok(h.finalize().into())
-}
-
-/// The byte ranges of a tensor at `range` that go into the fingerprint.
-fn windows(range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
-    if range.len() <= WHOLE_TENSOR_BYTES {
-        return vec![range];
-    }
-    let span = range.len() - WINDOW_BYTES;
-    (0..SAMPLE_WINDOWS)
-        .map(|k| {
-            let start = range.start + span / (SAMPLE_WINDOWS - 1) * k;
-            start..start + WINDOW_BYTES
-        })
-        .collect()
-}
-
-fn read_at(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(f, buf, offset)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = f;
-        f.seek(SeekFrom::Start(offset))?;
-        f.read_exact(buf)
-    }
-}
-
-enum Advice {
-    /// No read-ahead: a window read must not pull in the megabytes after it.
-    Random,
-    /// Done with these pages.
-    DontNeed,
-}
-
-/// Page-cache advice; only advice, so a failure changes memory use, never the result.
-fn advise(f: &std::fs::File, start: usize, len: usize, advice: Advice) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let advice = match advice {
-            Advice::Random => libc::POSIX_FADV_RANDOM,
-            Advice::DontNeed => libc::POSIX_FADV_DONTNEED,
-        };
-        // SAFETY: advice on a descriptor we own; no memory is touched.
-        let _ = unsafe {
-            libc::posix_fadvise(
-                f.as_raw_fd(),
-                start as libc::off_t,
-                len as libc::off_t,
-                advice,
-            )
-        };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (f, start, len, advice);
 }
 
 /// Every hyperparameter that changes what the blocks, the embedding or the head compute, in a
@@ -181,20 +157,6 @@ mod tests {
     use super::*;
     use crate::synthetic::SyntheticModel;
 
-    /// Large tensors are sampled from their first to their last byte, inside their bounds;
-    /// small ones are read whole.
-    #[test]
-    fn windows_span_the_tensor() {
-        let small = windows(100..100 + WHOLE_TENSOR_BYTES);
-        assert_eq!(small, vec![100..100 + WHOLE_TENSOR_BYTES]);
-        let big = 4096..4096 + 50 * WHOLE_TENSOR_BYTES + 3;
-        let w = windows(big.clone());
-        assert_eq!(w.len(), SAMPLE_WINDOWS);
-        assert_eq!(w[0].start, big.start);
-        assert!(w.iter().all(|r| r.start >= big.start && r.end <= big.end));
-        assert!(big.end - w[SAMPLE_WINDOWS - 1].end < SAMPLE_WINDOWS);
-    }
-
     #[test]
     fn same_weights_same_fingerprint_other_weights_other_fingerprint() {
         let dir = std::env::temp_dir().join(format!("fp-test-{}", std::process::id()));
@@ -202,7 +164,7 @@ mod tests {
         let write = |name: &str, m: SyntheticModel| {
             let p = dir.join(name);
             m.write(&p).unwrap();
-            fingerprint(&GgufFile::open(&p).unwrap()).unwrap()
+            compute(&GgufFile::open(&p).unwrap()).unwrap()
         };
         let a = write("a.gguf", SyntheticModel::default());
         let b = write("b.gguf", SyntheticModel::default());
@@ -238,7 +200,7 @@ mod tests {
         SyntheticModel::family("gemma3", candle_core::quantized::GgmlDType::Q8_0)
             .write(&base)
             .unwrap();
-        let fp_of = |p: &std::path::Path| fingerprint(&GgufFile::open(p).unwrap()).unwrap();
+        let fp_of = |p: &std::path::Path| compute(&GgufFile::open(p).unwrap()).unwrap();
         let original = fp_of(&base);
         // Rewrites the file with one metadata value changed, tensors untouched.
         let rewrite = |name: &str, key: &str, value: Value| {
@@ -276,6 +238,76 @@ mod tests {
             let p = rewrite("changed.gguf", key, value);
             assert_ne!(fp_of(&p), original, "{key} changes the math");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Flips one byte in the middle of the largest tensor of the file at `p`, in place.
+    fn flip_a_weight_byte(p: &std::path::Path) {
+        use std::os::unix::fs::FileExt;
+        let file = GgufFile::open(p).unwrap();
+        let largest = file
+            .tensors()
+            .unwrap()
+            .into_iter()
+            .max_by_key(|t| t.byte_range().len())
+            .unwrap()
+            .byte_range();
+        drop(file);
+        let at = (largest.start + largest.len() / 2 + 7) as u64;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    }
+
+    /// Two files that differ in one byte of one tensor, far from its start and end (where v3's
+    /// sampled windows did not look), are two models.
+    #[test]
+    fn one_byte_anywhere_in_the_weights_is_another_model() {
+        let dir = std::env::temp_dir().join(format!("fp-byte-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.gguf");
+        let b = dir.join("b.gguf");
+        SyntheticModel::default().write(&a).unwrap();
+        std::fs::copy(&a, &b).unwrap();
+        let fp = |p: &std::path::Path| compute(&GgufFile::open(p).unwrap()).unwrap();
+        assert_eq!(fp(&a), fp(&b));
+        flip_a_weight_byte(&b);
+        assert_ne!(fp(&a), fp(&b));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The cache answers what computing would, ignores a damaged entry, and a file written
+    /// since never finds the entry of what it was.
+    #[test]
+    fn the_cache_gives_the_computed_fingerprint_and_never_hides_a_change() {
+        let dir = std::env::temp_dir().join(format!("fp-cache-{}", std::process::id()));
+        let cache = dir.join("cache");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.gguf");
+        SyntheticModel::default().write(&p).unwrap();
+        let cached = |p: &std::path::Path| {
+            fingerprint_cached(&GgufFile::open(p).unwrap(), Some(&cache)).unwrap()
+        };
+        let computed = compute(&GgufFile::open(&p).unwrap()).unwrap();
+        assert_eq!(cached(&p), computed);
+        let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        assert_eq!(entries.len(), 1, "one entry kept");
+        let entry = entries[0].as_ref().unwrap().path();
+        assert_eq!(fingerprint_cache::read(&entry), Some(computed));
+        assert_eq!(cached(&p), computed);
+
+        std::fs::write(&entry, "not a fingerprint").unwrap();
+        assert_eq!(cached(&p), computed, "a damaged entry is recomputed");
+
+        flip_a_weight_byte(&p);
+        let changed = compute(&GgufFile::open(&p).unwrap()).unwrap();
+        assert_ne!(changed, computed);
+        assert_eq!(cached(&p), changed, "the changed file is hashed again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

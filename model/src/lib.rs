@@ -8,6 +8,7 @@ pub mod chat;
 pub mod embed;
 pub mod error;
 pub mod fingerprint;
+pub mod fingerprint_cache;
 pub mod gguf;
 pub mod gguf_header;
 pub mod head;
@@ -22,6 +23,7 @@ pub mod synthetic;
 pub mod synthetic_full;
 pub mod team;
 pub mod tokenizer;
+pub mod uncached_read;
 
 pub use blocks::{BatchEntry, BlockStack, Hidden};
 pub use error::{ModelError, Result};
