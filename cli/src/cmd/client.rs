@@ -62,11 +62,12 @@ pub struct SwarmArgs {
     /// --verify-every if smaller.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_VERIFY_EVERY))]
     pub verify_first: Option<u64>,
-    /// With --verify-every: the share of spans (0 to 1) that stay under check after their
-    /// first check agreed; the others release text at once and free their spare. The first
-    /// check, which catches a peer that corrupts every step, always runs. Default 1: every
-    /// position is checked. Lower costs the spare less (see BENCHMARKS.md) and catches a peer
-    /// that corrupts only later positions in that share of sessions.
+    /// With --verify-every: the share of spans (0 to 1), drawn at random, that are checked to
+    /// the end. The others get a first check of their prompt's first 4 positions only (which
+    /// catches a peer that corrupts every step, at the cost of 4 batched rows), then release
+    /// text at once and free their spare. Default 1: every position is checked. Lower costs
+    /// the spare less (see BENCHMARKS.md) and catches a peer that is wrong only past those
+    /// first positions in that share of sessions.
     #[arg(long, value_name = "SHARE", default_value_t = 1.0, value_parser = parse_share)]
     pub verify_sample: f64,
     /// Relay hidden states through this client after every span, instead of node to node.

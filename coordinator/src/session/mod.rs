@@ -1110,7 +1110,7 @@ mod tests {
     }
 
     /// Auditing no span past its first check still catches a peer that corrupts every step,
-    /// within the first check's window.
+    /// within the first check's window, though that check covers one row of the prompt only.
     #[tokio::test]
     async fn without_audits_a_peer_corrupting_every_step_is_caught_by_the_first_check() {
         let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -1124,7 +1124,10 @@ mod tests {
                     server(b, 0..6, 10.0),
                 ])
             },
-            VerifyPolicy::every(32).first_within(first).audit_share(0.0),
+            VerifyPolicy::every(32)
+                .first_within(first)
+                .audit_share(0.0)
+                .first_check_rows(1),
         );
         let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
         let caught = run_until_caught(&mut session, 20).await;
@@ -1133,9 +1136,10 @@ mod tests {
         assert_eq!(session.caught(), [liar]);
     }
 
-    /// A span not drawn for auditing stops using its verifier after the first check and takes
-    /// every later output as final at once; one that is drawn keeps checking, and so catches a
-    /// peer that turns bad only after the first check. This is the price of sampling.
+    /// A span not drawn for auditing checks only its prompt's first rows, stops using its
+    /// verifier after that and takes every later output as final at once; one that is drawn
+    /// keeps checking, and so catches a peer that turns bad only after the first check. This
+    /// is the price of sampling.
     #[tokio::test]
     async fn an_unaudited_span_stops_checking_after_its_first_check() {
         let (liar, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -1148,7 +1152,7 @@ mod tests {
                 server(b, 0..6, 10.0),
             ])
         };
-        let policy = VerifyPolicy::every(4).first_within(2);
+        let policy = VerifyPolicy::every(4).first_within(2).first_check_rows(2);
 
         let router = verifying_with(fake(), policy.audit_share(0.0));
         let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();
@@ -1164,8 +1168,8 @@ mod tests {
             .filter(|(p, _, _)| *p != liar)
             .map(|&(_, pos, n)| (pos, n))
             .collect();
-        // One check: the prompt and the first position, in one step.
-        assert_eq!(verifier_steps, [(0, 5)]);
+        // One check: the prompt's first two positions, in one step.
+        assert_eq!(verifier_steps, [(0, 2)]);
 
         let router = verifying_with(fake(), policy.audit_share(1.0));
         let mut session = InferenceSession::open(router.clone(), 64).await.unwrap();

@@ -20,8 +20,8 @@
 //! verifier works, and the answer is compared with what the primary returned once it arrives.
 //!
 //! * When: a span's first check starts after its second step (the prompt and the first
-//!   generated position), and the session waits for it before running more than
-//!   [`VerifyPolicy::first`] further positions. Later checks start whenever
+//!   generated position; after its first step for an unaudited span, see Sampling), and the
+//!   session waits for it before running more than [`VerifyPolicy::first`] further positions. Later checks start whenever
 //!   [`VerifyPolicy::every`] positions wait and no check is running, and must come back before
 //!   `every` more positions run. Text of a position is released only once it is checked (the
 //!   end of a generation checks whatever is left), so nothing shown is ever taken back.
@@ -45,13 +45,17 @@
 //!   against memory-bound), so the verifier spends 59-65% of the primary's CPU time and the
 //!   10% the issue asks for is not met there (BENCHMARKS.md, "Verification beside the
 //!   primary"); devices with more arithmetic per byte of memory bandwidth save far more.
-//! * Sampling ([`VerifyPolicy::audit_per_mille`]): every span gets its first check, which is
-//!   what catches a peer that corrupts every step; past it, only a random share of spans stay
-//!   under check (all of them by default). An unaudited span closes its verifier, and its text
-//!   is released as it comes. The spare then pays for the prompt and a few positions, batched,
-//!   plus the audited share of the rest (BENCHMARKS.md measures both ends); a peer that
-//!   corrupts only later positions is caught in the audited share of its sessions, and banned
-//!   for good by each client that catches it.
+//! * Sampling ([`VerifyPolicy::audit_per_mille`]): each span is drawn, at its first step, to be
+//!   audited (checked to the end, all of them by default) or not. Every span gets a first
+//!   check, which is what catches a peer that corrupts every step. An unaudited span's first
+//!   check covers only the first [`VerifyPolicy::first_rows`] positions of its first step:
+//!   any row catches such a peer, and the spare then pays for those few rows, batched, instead
+//!   of the whole prompt (as much as the primary's prefill, most of a short generation's
+//!   work). It then closes its verifier, and its text is released as it comes. An audited
+//!   span's first check covers the prompt and the first generated position, and later ones
+//!   the rest. A peer honest on those first rows and wrong later is caught in the audited
+//!   share of its sessions, and banned for good by each client that catches it
+//!   (BENCHMARKS.md measures the costs).
 //! * Disagreement: a third peer serving the blocks (a tie-break) replays the span's inputs;
 //!   the peer that differs from the two others is banned. A wrong primary means the text may
 //!   have gone wrong from the first differing position: every span is rolled back to it and
@@ -102,16 +106,29 @@ pub struct VerifyPolicy {
     /// many sessions does not pay. 1000 (everything, the default of [`VerifyPolicy::every`])
     /// is the exact guarantee.
     pub audit_per_mille: u16,
+    /// How many of the prompt's first positions the first check of an unaudited span covers
+    /// (an audited span's first check covers the whole prompt and the first generated
+    /// position, since its later checks need the verifier to hold them anyway).
+    ///
+    /// A peer that corrupts every step is caught by any row it computed, and a few rows cost
+    /// the spare a few batched rows, where the whole prompt cost it as much as the primary's
+    /// prefill: with a long prompt and a short answer that alone was most of the primary's
+    /// work. What escapes is a peer honest on exactly these first rows of each session and
+    /// wrong only later: audits catch that one, in their share of its sessions.
+    pub first_rows: usize,
 }
 
 /// [`VerifyPolicy::first`] unless set: caught within 8 tokens, under the issue's 10.
 pub const DEFAULT_FIRST: usize = 6;
+/// [`VerifyPolicy::first_rows`] unless set.
+pub const DEFAULT_FIRST_ROWS: usize = 4;
 
 impl VerifyPolicy {
     pub const OFF: Self = Self {
         every: 0,
         first: 0,
         audit_per_mille: 0,
+        first_rows: 0,
     };
 
     /// Later checks every `every` positions, the first one within [`DEFAULT_FIRST`] (or
@@ -121,12 +138,22 @@ impl VerifyPolicy {
             every,
             first: every.min(DEFAULT_FIRST),
             audit_per_mille: 1000,
+            first_rows: DEFAULT_FIRST_ROWS,
         }
     }
 
     /// The same policy with the first check due within `first` positions.
     pub fn first_within(self, first: usize) -> Self {
         Self { first, ..self }
+    }
+
+    /// The same policy with an unaudited span's first check covering `rows` prompt positions
+    /// (at least one).
+    pub fn first_check_rows(self, rows: usize) -> Self {
+        Self {
+            first_rows: rows.max(1),
+            ..self
+        }
     }
 
     /// The same policy auditing `share` (0 to 1) of the spans past their first check.
@@ -137,7 +164,7 @@ impl VerifyPolicy {
         }
     }
 
-    /// Draws whether a span whose first check agreed stays under check.
+    /// Draws whether a span stays under check past its first check.
     fn keeps_auditing(&self) -> bool {
         self.audit_per_mille >= 1000 || rand::random_range(0..1000u16) < self.audit_per_mille
     }
@@ -161,8 +188,11 @@ pub(super) struct Check<S> {
     /// Steps the span has run, counted until its first check starts.
     steps: usize,
     first_started: bool,
-    /// The first check agreed and this span was not drawn for auditing
-    /// ([`VerifyPolicy::audit_per_mille`]): its outputs are final as they come.
+    /// Whether this span stays under check past its first check
+    /// ([`VerifyPolicy::audit_per_mille`]), drawn when its first step is recorded.
+    audited: Option<bool>,
+    /// The first check agreed and this span is not audited: its outputs are final as they
+    /// come.
     unaudited: bool,
     /// Checks in a row that failed on the verifier's side; at [`OPEN_ATTEMPTS`] the waiting
     /// positions are given up as not checkable.
@@ -186,6 +216,8 @@ struct Running<S> {
     /// The primary's outputs for `from..to`, as they were when the check started.
     expected: Vec<f32>,
     first: bool,
+    /// The session waits for this check before a step at this position or later.
+    due: usize,
     task: tokio::task::JoinHandle<Outcome<S>>,
 }
 
@@ -222,6 +254,7 @@ impl<S> Check<S> {
             running: None,
             steps: 0,
             first_started: false,
+            audited: None,
             unaudited: false,
             failures: 0,
         }
@@ -337,10 +370,11 @@ impl<N: Network> InferenceSession<N> {
             return Ok(());
         }
         for i in 0..self.spans.len() {
-            let late = self.spans[i].check.running.as_ref().is_some_and(|r| {
-                let lead = if r.first { policy.first } else { policy.every };
-                pos >= r.to.saturating_add(lead)
-            });
+            let late = self.spans[i]
+                .check
+                .running
+                .as_ref()
+                .is_some_and(|r| pos >= r.due);
             self.collect(i, late).await?;
         }
         Ok(())
@@ -355,9 +389,11 @@ impl<N: Network> InferenceSession<N> {
         for i in 0..self.spans.len() {
             self.collect(i, false).await?;
             let waiting = self.waiting(i);
-            let check = &self.spans[i].check;
+            let check = &mut self.spans[i].check;
+            let audited = *check.audited.get_or_insert_with(|| policy.keeps_auditing());
             let due = if !check.first_started {
-                check.steps >= 2
+                // An unaudited span's first check needs only its first step's first rows.
+                check.steps >= if audited || check.verified > 0 { 2 } else { 1 }
             } else {
                 waiting >= policy.every || check.failures > 0
             };
@@ -378,16 +414,25 @@ impl<N: Network> InferenceSession<N> {
     /// (opened first if the span has none) computes them while the primary goes on.
     fn start_check(&mut self, i: usize) {
         let dim = self.router.dim;
-        let len = self.spans[i].inputs.len() / dim;
+        let policy = self.router.verify;
+        let held = self.spans[i].inputs.len() / dim;
         let state = &mut self.spans[i];
         let from = state.check.verified;
+        let first = !state.check.first_started;
+        let prefix_only = first && from == 0 && state.check.audited == Some(false);
+        let len = if prefix_only {
+            held.min(policy.first_rows.max(1))
+        } else {
+            held
+        };
         let verifier = state.check.verifier.take();
         // The verifier's cache holds `0..start`; a new one starts from nothing.
         let start = verifier.as_ref().map_or(0, |v| v.cached.min(from));
         let x = state.input_rows(start..len, dim);
         let expected = state.check.outputs[..(len - from) * dim].to_vec();
-        let first = !state.check.first_started;
         state.check.first_started = true;
+        let lead = if first { policy.first } else { policy.every };
+        let due = held.saturating_add(lead);
         let router = self.router.clone();
         let blocks = state.span.blocks.clone();
         let primary = state.span.peer;
@@ -429,6 +474,7 @@ impl<N: Network> InferenceSession<N> {
             valid_until: len,
             expected,
             first,
+            due,
             task,
         });
     }
@@ -509,7 +555,7 @@ impl<N: Network> InferenceSession<N> {
                         verifier.peer
                     );
                     check.settle_range(from, valid_to, dim);
-                    if running.first && !self.router.verify.keeps_auditing() {
+                    if running.first && check.audited == Some(false) {
                         tracing::debug!(
                             "blocks {}..{}: first check of {primary} agreed; not audited further",
                             blocks.start,
