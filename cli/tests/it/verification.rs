@@ -129,7 +129,8 @@ fn serving(node: &Proc) {
 
 /// Without verification the liar's answers reach the text (so the swarm below really routes
 /// through it, and this test could fail); with `--verify-every 8` the liar is caught by the
-/// honest verifier and the spare tie-breaker, banned, and the text is the local one.
+/// honest verifier and the spare tie-breaker, banned, and the text is the local one; so it is
+/// with `--verify-sample 0`, where only the prompt's first rows are checked.
 #[test]
 fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
     let dir = TempDir::new("verify");
@@ -174,6 +175,20 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
         !checked["route"].to_string().contains(&liar.peer),
         "the liar is still in the final route: {checked}"
     );
+
+    // Auditing no session: the first check covers only the first rows of the prompt, and
+    // still catches a peer that corrupts every step.
+    let sampled = through_the_liar(&liar, || {
+        let out = swarm_command(&boot, prompt, "24")
+            .args(["--verify-every", "8", "--verify-sample", "0"])
+            .output()
+            .unwrap();
+        let v = super::json_of(&out);
+        let routed = v.to_string().contains(&liar.peer);
+        (v, routed)
+    });
+    assert_eq!(sampled["tokens"], reference["tokens"], "{sampled}");
+    assert_eq!(sampled["caught"], serde_json::json!([liar.peer]), "{sampled}");
 }
 
 /// `chat` keeps one session over several turns (later turns reuse the cached conversation):
