@@ -65,10 +65,10 @@ pub struct SwarmArgs {
     /// With --verify-every: the share of spans (0 to 1), drawn at random, that are checked to
     /// the end. The others get a first check of their prompt's first 4 positions only (which
     /// catches a peer that corrupts every step, at the cost of 4 batched rows), then release
-    /// text at once and free their spare. Default 1: every position is checked. Lower costs
-    /// the spare less (see BENCHMARKS.md) and catches a peer that is wrong only past those
-    /// first positions in that share of sessions.
-    #[arg(long, value_name = "SHARE", default_value_t = 1.0, value_parser = parse_share)]
+    /// text at once and free their spare. The default, 0.05, keeps the spare's compute under
+    /// 10% of the primary's (BENCHMARKS.md, "Sampled audits") and catches a peer that is wrong
+    /// only past those first positions in one session in twenty; 1 checks every position.
+    #[arg(long, value_name = "SHARE", default_value_t = DEFAULT_VERIFY_SAMPLE, value_parser = parse_share)]
     pub verify_sample: f64,
     /// Relay hidden states through this client after every span, instead of node to node.
     /// By default each node forwards its output to the next span's node and the client waits
@@ -128,6 +128,9 @@ impl WireDtype {
         }
     }
 }
+
+/// `--verify-sample` unless given: see its help.
+pub const DEFAULT_VERIFY_SAMPLE: f64 = 0.05;
 
 /// A share from 0 to 1, as `--verify-sample` takes it.
 pub fn parse_share(s: &str) -> Result<f64, String> {

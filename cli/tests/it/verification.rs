@@ -128,9 +128,10 @@ fn serving(node: &Proc) {
 }
 
 /// Without verification the liar's answers reach the text (so the swarm below really routes
-/// through it, and this test could fail); with `--verify-every 8` the liar is caught by the
-/// honest verifier and the spare tie-breaker, banned, and the text is the local one; so it is
-/// with `--verify-sample 0`, where only the prompt's first rows are checked.
+/// through it, and this test could fail); with `--verify-every 8 --verify-sample 1` (every
+/// position checked) the liar is caught by the honest verifier and the spare tie-breaker,
+/// banned, and the text is the local one; so it is with `--verify-sample 0`, where only the
+/// prompt's first rows are checked.
 #[test]
 fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
     let dir = TempDir::new("verify");
@@ -155,7 +156,7 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
 
     let checked = through_the_liar(&liar, || {
         let out = swarm_command(&boot, prompt, "24")
-            .args(["--verify-every", "8"])
+            .args(["--verify-every", "8", "--verify-sample", "1"])
             .output()
             .unwrap();
         let v = super::json_of(&out);
@@ -188,7 +189,11 @@ fn a_peer_that_corrupts_every_step_is_caught_and_the_text_is_the_local_one() {
         (v, routed)
     });
     assert_eq!(sampled["tokens"], reference["tokens"], "{sampled}");
-    assert_eq!(sampled["caught"], serde_json::json!([liar.peer]), "{sampled}");
+    assert_eq!(
+        sampled["caught"],
+        serde_json::json!([liar.peer]),
+        "{sampled}"
+    );
 }
 
 /// `chat` keeps one session over several turns (later turns reuse the cached conversation):

@@ -43,7 +43,8 @@ pub struct BenchArgs {
     pub verify_first: Option<u64>,
     /// With --verify-every: the share of spans audited past their first check (the client's
     /// `--verify-sample`).
-    #[arg(long, value_name = "SHARE", requires = "verify_every", default_value_t = 1.0,
+    #[arg(long, value_name = "SHARE", requires = "verify_every",
+          default_value_t = crate::cmd::client::DEFAULT_VERIFY_SAMPLE,
           value_parser = crate::cmd::client::parse_share)]
     pub verify_sample: f64,
     /// With --local: what each wire dtype of hidden states (f16, bf16, q8) costs in agreement
