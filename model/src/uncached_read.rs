@@ -125,12 +125,17 @@ fn read_direct(
     // The aligned part of the buffer (safe code, no custom allocation).
     let skip = raw.as_ptr().align_offset(ALIGN);
     let buf = &mut raw[skip..skip + CHUNK_BYTES];
-    let mut pos = range.start - range.start % ALIGN as u64;
+    let align = ALIGN as u64;
+    let mut pos = range.start - range.start % align;
+    // Reads stop at the aligned end of the range: a small tensor costs a page or two, not a
+    // whole chunk.
+    let stop = range.end.div_ceil(align) * align;
     let mut handed_out = false;
     while pos < range.end {
+        let want = (stop - pos).min(CHUNK_BYTES as u64) as usize;
         let mut filled = 0;
-        while filled < CHUNK_BYTES {
-            match f.read_at(&mut buf[filled..], pos + filled as u64) {
+        while filled < want {
+            match f.read_at(&mut buf[filled..want], pos + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => {
                     filled += n;
@@ -153,7 +158,7 @@ fn read_direct(
             each(&buf[(lo - pos) as usize..(hi - pos) as usize]);
             handed_out = true;
         }
-        if filled < CHUNK_BYTES && end < range.end {
+        if filled < want && end < range.end {
             return Err(Direct::Io(ended_early(end, range.end)));
         }
         pos = end;
