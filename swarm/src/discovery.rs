@@ -163,11 +163,27 @@ pub async fn lookup(
     for r in join_all(jobs).await {
         copies.extend(r?);
     }
+    Ok(servers_of(&copies, fp, block_count))
+}
+
+/// The servers the DHT lists for one block: what [`lookup`] gives, for one record.
+pub async fn lookup_block(
+    net: &NetHandle,
+    fp: &Fingerprint,
+    block: u32,
+    block_count: u32,
+) -> Result<Vec<Server>, NetError> {
+    let copies = net.get_record(block_key(fp, block), QUERY_TIMEOUT).await?;
+    Ok(servers_of(&copies, fp, block_count))
+}
+
+/// Every believable server in `copies` of block records, the newest announcement per peer.
+fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Server> {
     let now = now_ms();
     let mut checker = Checker::default();
     let mut by_peer: HashMap<PeerId, Server> = HashMap::new();
     // Each copy is merged on its own, then across blocks: newest announcement per peer wins.
-    for copy in &copies {
+    for copy in copies {
         for rec in merge_copies(std::slice::from_ref(copy), fp, now, &mut checker) {
             if let Some(s) = Server::from_record(&rec, fp, block_count, now) {
                 match by_peer.get(&s.peer) {
@@ -181,7 +197,7 @@ pub async fn lookup(
     }
     let mut out: Vec<Server> = by_peer.into_values().collect();
     out.sort_by_key(|s| (s.blocks.start, s.peer));
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

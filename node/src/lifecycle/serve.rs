@@ -75,6 +75,7 @@ impl Serving {
         let ctx = Arc::new(ServeContext {
             fingerprint: model.fingerprint,
             blocks: range.clone(),
+            block_count: u32::try_from(model.spec.block_count).unwrap_or(u32::MAX),
             dim: model.spec.embedding_length,
             context_length: model.spec.context_length,
             compute: compute.clone(),

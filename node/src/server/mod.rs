@@ -33,6 +33,8 @@ pub use push_in::{accept_loop as accept_push_loop, Inboxes};
 pub struct ServeContext {
     pub fingerprint: Fingerprint,
     pub blocks: Range<usize>,
+    /// Blocks of the whole model.
+    pub block_count: u32,
     pub dim: usize,
     pub context_length: usize,
     pub compute: ComputeHandle,
@@ -195,7 +197,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
     let end_block = u32::try_from(blocks.end).unwrap_or(u32::MAX);
     let (reader, mut stream) = futures::io::AsyncReadExt::split(stream);
     let mut frames = Box::pin(proto::frames::<_, ClientFrame>(reader, max_frame));
-    let mut forwarder = push_out::Forwarder::new(ctx.net.clone());
+    let mut forwarder = push_out::Forwarder::new(ctx.net.clone(), ctx.fingerprint, ctx.block_count);
     // Highest step id run so far: a push older than that is a leftover of a step the client
     // has since sent again itself, and running it would roll the cache back.
     let mut last_step_id = 0u64;

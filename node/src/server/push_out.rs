@@ -8,10 +8,16 @@
 //! after it when the failure shows only in the acknowledgement; the client then sends the next
 //! span this output itself. A stream is kept per session and next peer, and dropped on any
 //! error.
+//!
+//! The node dials the next peer only at the addresses that peer announced for the next blocks in
+//! its own signed DHT entry, never at the addresses the step names: those come from the client,
+//! and a node that dialled them could be pointed at any host and port (and would have written
+//! them into its Kademlia routing table, which other peers read).
 
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
+use model::fingerprint::Fingerprint;
 use proto::v1::{ErrorCode, PushAck, PushStep, Step, Tensor};
 use proto::{read_frame, write_frame};
 use swarm::{NetHandle, PUSH_STREAM};
@@ -27,6 +33,9 @@ const MAX_ACK_FRAME: usize = 4096;
 
 pub struct Forwarder {
     net: NetHandle,
+    /// The model and its block count, to read the next peer's DHT entry.
+    fingerprint: Fingerprint,
+    block_count: u32,
     stream: Option<(PeerId, libp2p::Stream)>,
 }
 
@@ -40,8 +49,13 @@ pub struct Sent {
 }
 
 impl Forwarder {
-    pub fn new(net: NetHandle) -> Self {
-        Self { net, stream: None }
+    pub fn new(net: NetHandle, fingerprint: Fingerprint, block_count: u32) -> Self {
+        Self {
+            net,
+            fingerprint,
+            block_count,
+            stream: None,
+        }
     }
 
     /// Sends `output`, the answer to `step`, to the first of `step.next` with the rest of the
@@ -68,13 +82,8 @@ impl Forwarder {
         let blocks = (hop.start_block, hop.end_block);
         let peer = PeerId::from_bytes(&hop.peer_id)
             .map_err(|e| in_blocks(blocks, format!("bad next peer id: {e}")))?;
-        let addrs = hop
-            .addrs
-            .iter()
-            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-            .collect();
         let deadline = Instant::now() + FORWARD_TIMEOUT;
-        let sent = match tokio::time::timeout_at(deadline, self.send(peer, addrs, &push)).await {
+        let sent = match tokio::time::timeout_at(deadline, self.send(peer, blocks, &push)).await {
             Ok(r) => r,
             Err(_) => Err(format!(
                 "{peer} did not take the forwarded step within {FORWARD_TIMEOUT:?}"
@@ -112,7 +121,7 @@ impl Forwarder {
     async fn send(
         &mut self,
         peer: PeerId,
-        addrs: Vec<Multiaddr>,
+        blocks: (u32, u32),
         push: &PushStep,
     ) -> Result<(), String> {
         if peer == self.net.peer_id() {
@@ -121,6 +130,8 @@ impl Forwarder {
         let reuse = matches!(&self.stream, Some((p, _)) if *p == peer);
         if !reuse {
             self.stream = None;
+            let (fp, count) = (self.fingerprint, self.block_count);
+            let addrs = announced_addrs(&self.net, &fp, count, peer, blocks).await?;
             self.net
                 .dial(peer, addrs, FORWARD_TIMEOUT)
                 .await
@@ -163,6 +174,31 @@ impl Forwarder {
                 ErrorCode::from_wire(e.code)
             )),
         }
+    }
+}
+
+/// Where to dial `peer`: nowhere new if a connection is open, else the addresses of its own
+/// signed entry for the first of `blocks`.
+async fn announced_addrs(
+    net: &NetHandle,
+    fingerprint: &Fingerprint,
+    block_count: u32,
+    peer: PeerId,
+    blocks: (u32, u32),
+) -> Result<Vec<Multiaddr>, String> {
+    if net.is_connected(peer).await {
+        return Ok(Vec::new());
+    }
+    let servers = swarm::discovery::lookup_block(net, fingerprint, blocks.0, block_count)
+        .await
+        .map_err(|e| format!("looking up {peer}'s announcement: {e}"))?;
+    match servers.into_iter().find(|s| s.peer == peer) {
+        Some(s) if !s.addrs.is_empty() => Ok(s.addrs),
+        Some(_) => Err(format!("{peer} announces no address")),
+        None => Err(format!(
+            "{peer} does not announce block {} in the DHT: not dialled",
+            blocks.0
+        )),
     }
 }
 

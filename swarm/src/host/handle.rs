@@ -39,6 +39,10 @@ pub(crate) enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<usize>,
     },
+    IsConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A cheap, cloneable handle to the network task.
@@ -169,5 +173,12 @@ impl NetHandle {
         self.ask(|reply| Command::ConnectedPeers { reply })
             .await
             .unwrap_or(0)
+    }
+
+    /// Whether a connection to `peer` is open now.
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        self.ask(|reply| Command::IsConnected { peer, reply })
+            .await
+            .unwrap_or(false)
     }
 }
