@@ -622,15 +622,24 @@ mod tests {
         let w = world(&links, 6, &peers);
         let net = SimNetwork::new(w.clone(), &links, 0, RoutePolicy::Planner, true, 1);
         let mut chain = spans(&w);
-        let started = tokio::time::Instant::now();
-        let pushed = net.push(chain.iter_mut().collect(), 0, &token()).await;
-        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let refs: Vec<&mut SimSpan> = chain.iter_mut().collect();
+        let (ms, pushed) = net.push_now(&refs, &token());
         assert_eq!(pushed.outputs.len(), 3);
         assert!(pushed.stop.is_none());
         // Client to a, a to b, b to c, c back to the client; each peer computing once.
         let hops = [2.0 + 2.0, 2.0 + 5.0, 5.0 + 10.0, 10.0 + 2.0];
         let expected = hops.iter().map(|h| h + TRANSFER_MS).sum::<f64>() + 3.0 * COMPUTE_MS;
-        assert!((ms - expected).abs() < 1e-3, "{ms} ms, expected {expected}");
+        assert!((ms - expected).abs() < 1e-9, "{ms} ms, expected {expected}");
+
+        // Through the seam, on idle peers again: one timer, which tokio's wheel rounds up to
+        // the millisecond.
+        let w = world(&links, 6, &peers);
+        let net = SimNetwork::new(w.clone(), &links, 0, RoutePolicy::Planner, true, 1);
+        let started = tokio::time::Instant::now();
+        let pushed = net.push(spans(&w).iter_mut().collect(), 0, &token()).await;
+        let waited = started.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(pushed.outputs.len(), 3);
+        assert!(expected <= waited && waited < expected + 1.0, "{waited} ms");
 
         // Relayed, each span is a round trip from the client.
         let w = world(&links, 6, &peers);
