@@ -52,6 +52,9 @@ pub struct Config {
     /// in the same second).
     pub ramp_s: f64,
     pub scenario: Scenario,
+    /// Clients push steps node to node, as the real client does unless told `--no-push`;
+    /// off, they relay every span themselves.
+    pub push: bool,
 }
 
 /// What happens to the swarm besides the steady churn.
@@ -117,6 +120,7 @@ impl Config {
             announce_s: 10.0,
             ramp_s: 300.0,
             scenario: Scenario::Steady,
+            push: true,
         }
     }
 
@@ -255,7 +259,7 @@ fn exponential(rng: &mut StdRng, mean: f64) -> f64 {
 }
 
 /// A stable, seed-independent identity for peer number `n`.
-fn peer_id(n: usize) -> PeerId {
+pub(crate) fn peer_id(n: usize) -> PeerId {
     let mut secret = [0u8; 32];
     secret[..8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
     secret[8] = 0xed;

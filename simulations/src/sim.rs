@@ -121,7 +121,14 @@ async fn simulate(
     }
     tokio::spawn(sample(world.clone(), raw.clone(), cfg.sample_s, end));
     for (k, spec) in schedule.clients.iter().enumerate() {
-        let network = SimNetwork::new(world.clone(), links, spec.link, policy.route, spec.seed);
+        let network = SimNetwork::new(
+            world.clone(),
+            links,
+            spec.link,
+            policy.route,
+            cfg.push,
+            spec.seed,
+        );
         let router = Arc::new(Router {
             network,
             fingerprint: [0; 32],

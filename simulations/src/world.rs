@@ -310,7 +310,7 @@ impl World {
             p.generation += 1;
             p.sessions = 0;
             p.cache_used = 0;
-            p.batch.reset();
+            p.batch.reset(now);
             p.online_at_ms = now as u64 + (self.cfg.load_s * 1000.0) as u64;
             p.last_announce_ms = now;
             self.moves += 1;

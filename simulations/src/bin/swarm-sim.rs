@@ -45,6 +45,11 @@ struct Args {
     /// skewed join in every run).
     #[arg(long)]
     with_static: bool,
+    /// Clients relay every span's step themselves, as the real client does under `--no-push`,
+    /// instead of pushing it node to node (the real client's default). Slower to simulate: one
+    /// simulated call per span and token instead of one per token.
+    #[arg(long)]
+    no_push: bool,
     /// Directory for report.json and the plots.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     cfg.mean_lifetime_min = args.mean_lifetime_min;
     cfg.rebalance_min_gain = args.rebalance_min_gain;
     cfg.scenario = args.scenario;
+    cfg.push = !args.no_push;
 
     let policies: Vec<Policy> = if args.with_static {
         Policy::all()
