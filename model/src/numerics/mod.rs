@@ -285,21 +285,16 @@ fn attend_body<O: f16_ops::F16Ops>(a: &Attend, scratch: &mut AttendScratch, out:
     }
     exp::expf_in_place(scores);
     let mut s_sum = 0f32;
-    for ((e, up), v) in scores
+    for ((e, up), _) in scores
         .iter()
         .zip(raised.iter())
         .zip(a.values.chunks_exact(hd))
     {
         let (ms, vs) = if *up { (*e, 1.0) } else { (1.0, *e) };
-        // SAFETY: as above.
-        unsafe {
-            if *up {
-                O::scale_f16(acc, ms);
-            }
-            O::mad_f16(acc, v, vs);
-        }
         s_sum = s_sum.mul_add(ms, vs);
     }
+    // SAFETY: as above.
+    unsafe { O::accumulate(acc, a.values, scores, raised) };
     let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a.to_f32() * inv;
