@@ -228,7 +228,9 @@ pub(crate) fn attend_on(
     match isa {
         // SAFETY (both): the CPU runs `isa` (asserted), which implies the entry's features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => unsafe { f16_ops::attend_x86(&args, scratch, out) },
+        Isa::Avx2 => unsafe { f16_ops::attend_x86(&args, scratch, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { f16_ops::attend_x86_512(&args, scratch, out) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::Dotprod => unsafe { f16_ops::attend_arm(&args, scratch, out) },
         _ => attend_body::<f16_ops::Scalar>(&args, scratch, out),
