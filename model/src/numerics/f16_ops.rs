@@ -108,50 +108,133 @@ mod x86 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
-    /// `x` rounded to f16 and back: what storing to and reloading from an f16 vector gives.
-    #[inline(always)]
-    unsafe fn round16(x: __m256) -> __m256 {
-        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+    /// The vector operations of the value pass, at one register width.
+    trait Lanes: Copy {
+        /// f32 lanes per register.
+        const WIDTH: usize;
+        /// `WIDTH` halves from `p` (the caller keeps them in bounds).
+        unsafe fn load(p: *const f16) -> Self;
+        /// The lanes to `WIDTH` halves at `p`, rounded to nearest even.
+        unsafe fn store(self, p: *mut f16);
+        unsafe fn splat(v: f32) -> Self;
+        unsafe fn mul(self, m: Self) -> Self;
+        /// `self * w + acc`, fused.
+        unsafe fn mul_add(self, w: Self, acc: Self) -> Self;
+        /// Rounded to f16 and back: what storing to and reloading from an f16 vector gives.
+        unsafe fn round16(self) -> Self;
     }
 
-    /// [`F16Ops::accumulate`] with the accumulator in `N` registers of 8 lanes (`acc` holds
-    /// `8 * N` halves) instead of in memory. Each step rounds through f16 exactly as a store
-    /// and a reload would, so the bits are the memory version's; what goes is the chain of
-    /// stores, reloads and conversions per value row that bounded the loop (two thirds of a
-    /// decode step's time at a 1,000-token context, measured with perf).
+    /// Eight f32 lanes (AVX2, F16C).
+    #[derive(Clone, Copy)]
+    struct Y8(__m256);
+
+    /// Sixteen f32 lanes (AVX-512 F).
+    #[derive(Clone, Copy)]
+    struct Z16(__m512);
+
+    impl Lanes for Y8 {
+        const WIDTH: usize = 8;
+        #[inline(always)]
+        unsafe fn load(p: *const f16) -> Self {
+            Self(load_at(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f16) {
+            _mm_storeu_si128(
+                p.cast(),
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+            );
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Self(_mm256_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, m: Self) -> Self {
+            Self(_mm256_mul_ps(self.0, m.0))
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, w: Self, acc: Self) -> Self {
+            Self(_mm256_fmadd_ps(self.0, w.0, acc.0))
+        }
+        #[inline(always)]
+        unsafe fn round16(self) -> Self {
+            Self(_mm256_cvtph_ps(
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+            ))
+        }
+    }
+
+    impl Lanes for Z16 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        unsafe fn load(p: *const f16) -> Self {
+            Self(load16_at(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f16) {
+            _mm256_storeu_si256(p.cast(), to_halves_512(self.0));
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Self(_mm512_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn mul(self, m: Self) -> Self {
+            Self(_mm512_mul_ps(self.0, m.0))
+        }
+        #[inline(always)]
+        unsafe fn mul_add(self, w: Self, acc: Self) -> Self {
+            Self(_mm512_fmadd_ps(self.0, w.0, acc.0))
+        }
+        #[inline(always)]
+        unsafe fn round16(self) -> Self {
+            Self(_mm512_cvtph_ps(to_halves_512(self.0)))
+        }
+    }
+
+    /// Sixteen f32 to halves, rounding to nearest even (as F16C's conversion does).
     #[inline(always)]
-    unsafe fn accumulate_in_registers<const N: usize>(
+    unsafe fn to_halves_512(x: __m512) -> __m256i {
+        _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x)
+    }
+
+    /// [`F16Ops::accumulate`] with the accumulator in `N` registers of `L::WIDTH` lanes (`acc`
+    /// holds `N * L::WIDTH` halves) instead of in memory. Each step rounds through f16 exactly
+    /// as a store and a reload would, so the bits are the memory version's; what goes is the
+    /// chain of stores, reloads and conversions per value row that bounded the loop (two
+    /// thirds of a decode step's time at a 1,000-token context, measured with perf). The pass
+    /// is elementwise, so the register width does not change a bit either.
+    #[inline(always)]
+    unsafe fn accumulate_in_registers<L: Lanes, const N: usize>(
         acc: &mut [f16],
         values: &[f16],
         weights: &[f32],
         raised: &[bool],
     ) {
-        let hd = 8 * N;
+        let hd = L::WIDTH * N;
         debug_assert_eq!(acc.len(), hd);
         let rows = weights.len().min(raised.len()).min(values.len() / hd);
-        let mut a: [__m256; N] = std::array::from_fn(|c| load_at(acc.as_ptr().add(8 * c)));
+        let mut a: [L; N] = std::array::from_fn(|c| L::load(acc.as_ptr().add(L::WIDTH * c)));
         let base = values.as_ptr();
         for r in 0..rows {
             let row = base.add(r * hd);
             let e = *weights.get_unchecked(r);
             let weight = if *raised.get_unchecked(r) {
-                let m = _mm256_set1_ps(e);
+                let m = L::splat(e);
                 for x in a.iter_mut() {
-                    *x = round16(_mm256_mul_ps(*x, m));
+                    *x = x.mul(m).round16();
                 }
-                _mm256_set1_ps(1.0)
+                L::splat(1.0)
             } else {
-                _mm256_set1_ps(e)
+                L::splat(e)
             };
             for (c, x) in a.iter_mut().enumerate() {
-                *x = round16(_mm256_fmadd_ps(load_at(row.add(8 * c)), weight, *x));
+                *x = L::load(row.add(L::WIDTH * c)).mul_add(weight, *x).round16();
             }
         }
         for (c, x) in a.iter().enumerate() {
-            _mm_storeu_si128(
-                acc.as_mut_ptr().add(8 * c).cast(),
-                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(*x),
-            );
+            x.store(acc.as_mut_ptr().add(L::WIDTH * c));
         }
     }
 
@@ -215,11 +298,11 @@ mod x86 {
             // Head sizes of the supported families (64, 80, 96, 128); others, and any size
             // not a multiple of 8, take the memory version.
             match acc.len() {
-                32 => accumulate_in_registers::<4>(acc, values, weights, raised),
-                64 => accumulate_in_registers::<8>(acc, values, weights, raised),
-                80 => accumulate_in_registers::<10>(acc, values, weights, raised),
-                96 => accumulate_in_registers::<12>(acc, values, weights, raised),
-                128 => accumulate_in_registers::<16>(acc, values, weights, raised),
+                32 => accumulate_in_registers::<Y8, 4>(acc, values, weights, raised),
+                64 => accumulate_in_registers::<Y8, 8>(acc, values, weights, raised),
+                80 => accumulate_in_registers::<Y8, 10>(acc, values, weights, raised),
+                96 => accumulate_in_registers::<Y8, 12>(acc, values, weights, raised),
+                128 => accumulate_in_registers::<Y8, 16>(acc, values, weights, raised),
                 hd => {
                     for ((e, up), v) in weights.iter().zip(raised).zip(values.chunks_exact(hd)) {
                         if *up {
@@ -254,50 +337,6 @@ mod x86 {
     #[inline(always)]
     unsafe fn load16_at(p: *const f16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
-    }
-
-    #[inline(always)]
-    unsafe fn round16_512(x: __m512) -> __m512 {
-        _mm512_cvtph_ps(_mm512_cvtps_ph::<
-            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-        >(x))
-    }
-
-    /// [`accumulate_in_registers`] on `N` registers of 16 lanes (`acc` holds `16 * N` halves).
-    #[inline(always)]
-    unsafe fn accumulate_in_registers_512<const N: usize>(
-        acc: &mut [f16],
-        values: &[f16],
-        weights: &[f32],
-        raised: &[bool],
-    ) {
-        let hd = 16 * N;
-        debug_assert_eq!(acc.len(), hd);
-        let rows = weights.len().min(raised.len()).min(values.len() / hd);
-        let mut a: [__m512; N] = std::array::from_fn(|c| load16_at(acc.as_ptr().add(16 * c)));
-        let base = values.as_ptr();
-        for r in 0..rows {
-            let row = base.add(r * hd);
-            let e = *weights.get_unchecked(r);
-            let weight = if *raised.get_unchecked(r) {
-                let m = _mm512_set1_ps(e);
-                for x in a.iter_mut() {
-                    *x = round16_512(_mm512_mul_ps(*x, m));
-                }
-                _mm512_set1_ps(1.0)
-            } else {
-                _mm512_set1_ps(e)
-            };
-            for (c, x) in a.iter_mut().enumerate() {
-                *x = round16_512(_mm512_fmadd_ps(load16_at(row.add(16 * c)), weight, *x));
-            }
-        }
-        for (c, x) in a.iter().enumerate() {
-            _mm256_storeu_si256(
-                acc.as_mut_ptr().add(16 * c).cast(),
-                _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(*x),
-            );
-        }
     }
 
     // SAFETY: instantiated only in `attend_x86_512`, compiled with AVX-512 F, AVX2, FMA and
@@ -338,12 +377,12 @@ mod x86 {
         #[inline(always)]
         unsafe fn accumulate(acc: &mut [f16], values: &[f16], weights: &[f32], raised: &[bool]) {
             match acc.len() {
-                32 => accumulate_in_registers_512::<2>(acc, values, weights, raised),
-                64 => accumulate_in_registers_512::<4>(acc, values, weights, raised),
-                80 => accumulate_in_registers_512::<5>(acc, values, weights, raised),
-                96 => accumulate_in_registers_512::<6>(acc, values, weights, raised),
-                128 => accumulate_in_registers_512::<8>(acc, values, weights, raised),
-                256 => accumulate_in_registers_512::<16>(acc, values, weights, raised),
+                32 => accumulate_in_registers::<Z16, 2>(acc, values, weights, raised),
+                64 => accumulate_in_registers::<Z16, 4>(acc, values, weights, raised),
+                80 => accumulate_in_registers::<Z16, 5>(acc, values, weights, raised),
+                96 => accumulate_in_registers::<Z16, 6>(acc, values, weights, raised),
+                128 => accumulate_in_registers::<Z16, 8>(acc, values, weights, raised),
+                256 => accumulate_in_registers::<Z16, 16>(acc, values, weights, raised),
                 _ => Avx2::accumulate(acc, values, weights, raised),
             }
         }
