@@ -147,18 +147,23 @@ impl<'a> Alone<'a> {
     }
 }
 
+/// A session of blocks 0..4 (512 positions) opened by a peer of its own, and the same session
+/// run alone on the reference stack.
+fn peer_session<'a>(s: &mut Scheduler, reference: &'a BlockStack) -> (u64, Alone<'a>) {
+    (
+        open(s, 0..4, 512, PeerId::random()),
+        Alone::new(reference, 0..4, 512),
+    )
+}
+
 #[test]
 fn decode_steps_flow_while_a_long_prompt_runs_in_chunks() {
     let (stack, reference) = stacks(&model());
     let dim = stack.spec().embedding_length;
     let mut s = scheduler(stack, 4096, 32);
-    let (a, b) = (
-        open(&mut s, 0..4, 512, PeerId::random()),
-        open(&mut s, 0..4, 512, PeerId::random()),
-    );
-    let (mut alone_a, mut alone_b) = (
-        Alone::new(&reference, 0..4, 512),
-        Alone::new(&reference, 0..4, 512),
+    let ((a, mut alone_a), (b, mut alone_b)) = (
+        peer_session(&mut s, &reference),
+        peer_session(&mut s, &reference),
     );
     let mut rb = step(&mut s, b, 0, rows(dim, 3, 1));
     s.iterate();
@@ -561,13 +566,9 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
     let dim = stack.spec().embedding_length;
     let mut s = adaptive(stack, 64);
     assert_eq!((s.chunk, s.shared_chunk), (64, 16));
-    let (a, b) = (
-        open(&mut s, 0..4, 512, PeerId::random()),
-        open(&mut s, 0..4, 512, PeerId::random()),
-    );
-    let (mut alone_a, mut alone_b) = (
-        Alone::new(&reference, 0..4, 512),
-        Alone::new(&reference, 0..4, 512),
+    let ((a, mut alone_a), (b, mut alone_b)) = (
+        peer_session(&mut s, &reference),
+        peer_session(&mut s, &reference),
     );
     let t0 = Instant::now();
     // b decodes alone: a decode-only iteration of 4 ms is what a decode step costs here.
