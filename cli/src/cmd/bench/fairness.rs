@@ -4,6 +4,12 @@
 //! prefill time, are reported from the same run. Nodes cut A's prompt into chunks with B's
 //! decode steps batched in between, so B should slow down by about one chunk per node, not
 //! stop for the whole prompt.
+//!
+//! While A's prompt runs, B replays its solo steps (the same tokens at the same positions, over
+//! and over): a step at a position the node holds rolls its cache back, so B's context, and
+//! what its own step costs, stay what they were alone. Generating on instead, B would make
+//! thousands of steps during a long prompt and its own attention over that growing context
+//! would be counted as A's doing.
 
 use std::time::Instant;
 
@@ -16,27 +22,25 @@ use super::measure::{median, prompt_of};
 use super::procs::{connect, spawn_swarm};
 use crate::cmd::runtime;
 
-/// B's decode steps, one greedy token each, timed as its user sees them (embedding, the route,
-/// the head); stops after `steps` or, with `until`, when `until` has finished.
-async fn decode(
+/// Most steps B replays during A's prompt: A's end stops it long before.
+const MAX_REPLAYED_STEPS: usize = 1_000_000;
+
+/// One decode step of B, timed as its user sees it (embedding, the route, the head); the
+/// greedy next token.
+async fn step(
     model: &ClientModel,
     session: &mut InferenceSession,
-    mut next: u32,
-    mut pos: usize,
-    steps: usize,
-    until: Option<&tokio::task::JoinHandle<anyhow::Result<f64>>>,
-) -> anyhow::Result<(Vec<f64>, u32, usize)> {
-    let mut times = Vec::new();
-    while times.len() < steps && until.is_none_or(|t| !t.is_finished()) {
-        let t = Instant::now();
-        let y = session
-            .run_blocks(model.embedding.embed(&[next])?, pos as u32)
-            .await?;
-        next = argmax(model.head.last_logits(&y)?.iter().copied());
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        pos += 1;
-    }
-    Ok((times, next, pos))
+    token: u32,
+    pos: usize,
+    times: &mut Vec<f64>,
+) -> anyhow::Result<u32> {
+    let t = Instant::now();
+    let y = session
+        .run_blocks(model.embedding.embed(&[token])?, pos as u32)
+        .await?;
+    let next = argmax(model.head.last_logits(&y)?.iter().copied());
+    times.push(t.elapsed().as_secs_f64() * 1e3);
+    Ok(next)
 }
 
 pub fn run(
@@ -57,16 +61,20 @@ pub fn run(
     let rt = runtime()?;
     let short = prompt_of(&model.tokenizer, args.prompt_tokens)?;
     let long_ids = prompt_of(&model.tokenizer, long)?;
-    // B's budget: its solo steps, then as many as A's prompt may take.
-    let b_max = (short.len() + 8 * args.gen_tokens + 4096).min(spec.context_length);
+    // B's budget: its prompt and solo steps (replayed at the same positions after).
+    let b_max = (short.len() + args.gen_tokens).min(spec.context_length);
     let report = rt.block_on(async {
         // Two clients, so the nodes see two peers.
         let (client_a, client_b) = (connect(&boot).await?, connect(&boot).await?);
         let mut b = client_b.open_session(&model, b_max as u32).await?;
         let y = b.run_blocks(model.embedding.embed(&short)?, 0).await?;
-        let next = argmax(model.head.last_logits(&y)?.iter().copied());
-        let (solo, next, pos) =
-            decode(&model, &mut b, next, short.len(), args.gen_tokens, None).await?;
+        let mut next = argmax(model.head.last_logits(&y)?.iter().copied());
+        let mut solo = Vec::new();
+        let mut fed = Vec::new();
+        for pos in short.len()..b_max {
+            fed.push((next, pos));
+            next = step(&model, &mut b, next, pos, &mut solo).await?;
+        }
 
         let mut a = client_a.open_session(&model, (long + 1) as u32).await?;
         let x = model.embedding.embed(&long_ids)?;
@@ -79,8 +87,13 @@ pub fn run(
             a.close().await;
             anyhow::Ok(ms)
         });
-        let room = b_max - pos;
-        let (during, _, _) = decode(&model, &mut b, next, pos, room, Some(&prefill)).await?;
+        let mut during = Vec::new();
+        for &(token, pos) in fed.iter().cycle().take(MAX_REPLAYED_STEPS) {
+            if prefill.is_finished() {
+                break;
+            }
+            step(&model, &mut b, token, pos, &mut during).await?;
+        }
         let prefill_ms = prefill.await??;
         b.close().await;
         client_a.close().await;

@@ -10,10 +10,16 @@
 //! With adaptive chunks, a decode step must not wait long behind a prompt: while other
 //! sessions are decoding (one answered a small step within [`DECODING_WINDOW`]), chunks are
 //! sized so that a chunk's iteration costs about what a decode-only iteration costs (measured
-//! as they run, contention included; at least one row, so the prompt always moves), and a
-//! decode step that arrives during a chunk runs alone in the next iteration before the next
-//! chunk. The decode step then waits for at most one short chunk, and the prompt gets every
-//! other iteration however many decode steps come.
+//! as they run, contention included), and a decode step that arrives during a chunk runs alone
+//! in the next iteration before the next chunk. The decode step then waits for at most one
+//! short chunk, and the prompt gets every other iteration however many decode steps come.
+//!
+//! That chunk is measured in row-blocks (rows times the blocks they go through), not rows: late
+//! in a long prompt one row's attention over the history costs several decode steps, so a
+//! chunk smaller than a row runs one row through only some of the span's blocks, and the next
+//! chunk carries it on from the block where it stopped. The layers it went through hold one
+//! more position than the rest until it reaches the end of the span; nothing reads the cache
+//! of a session whose step is still running, and a rollback truncates every layer alike.
 //!
 //! A session's numbers do not depend on what it is batched with, or on how its prompt is cut
 //! into chunks: every kernel computes each row on its own, and attention of a row reads only
@@ -39,6 +45,7 @@ use libp2p::PeerId;
 use model::{BatchEntry, BlockStack, Hidden, SessionKv};
 use tokio::sync::oneshot;
 
+use self::chunk::{resized, Budget};
 use super::{
     ComputeError, ComputeLimits, ComputeStats, Job, Queue, SessionId, StepResult,
     MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, PREFILL_CHUNK_MS,
@@ -65,9 +72,12 @@ pub(super) struct Scheduler {
     /// Prompt rows per iteration while nobody else is decoding (resized as measured when the
     /// limits say so).
     chunk: usize,
-    /// Prompt rows per iteration while other sessions are decoding: resized towards
-    /// [`SHARED_CHUNK_DECODES`] decode-only iterations of work (see [`Scheduler::sharing`]).
+    /// Prompt row-blocks (rows times blocks) per iteration while other sessions are decoding:
+    /// resized towards [`SHARED_CHUNK_DECODES`] decode-only iterations of work (see
+    /// [`Scheduler::sharing`]); below a span's length, one row goes through that many blocks.
     shared_chunk: usize,
+    /// The most `shared_chunk` may grow to: the solo chunk's bound over every block held.
+    max_shared_chunk: usize,
     /// Wall time of a decode-only iteration (small steps, no prompt rows), as last measured and
     /// smoothed; what a decode step costs here now, contention included.
     decode_ms: Option<f64>,
@@ -80,9 +90,14 @@ pub(super) struct Scheduler {
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Ran {
     small_rows: usize,
+    /// Prompt rows, whole or only through some blocks.
     prompt_rows: usize,
-    /// The prompt-row budget of the iteration (a full chunk when `prompt_rows` reaches it).
-    budget: usize,
+    /// The prompt's work: row-blocks when shared, rows otherwise (the units of the chunk that
+    /// applied).
+    prompt_work: usize,
+    /// Whether the chunk was cut by its budget (not by the end of a prompt): only then does
+    /// its time say what a chunk costs.
+    full: bool,
     /// Whether other sessions were decoding (the shared chunk applied).
     shared: bool,
 }
@@ -120,6 +135,8 @@ struct Pending {
     input: Hidden,
     /// Rows computed so far; their outputs are in `output`.
     done: usize,
+    /// The rows after `done` that went through only the first blocks of the span.
+    carry: Option<Carry>,
     output: Vec<f32>,
     compute: Duration,
     queued: Instant,
@@ -130,13 +147,28 @@ impl Pending {
     fn remaining(&self) -> usize {
         self.input.tokens - self.done
     }
+
+    /// Whether the step rides whole in every iteration (a decode step or a short follow-up).
+    /// A prompt's last rows stay prompt rows: riding whole, they would hold a decode step for
+    /// several rows late in a long prompt.
+    fn is_small(&self) -> bool {
+        self.input.tokens <= SMALL_STEP
+    }
 }
 
-/// Rows of one session in one iteration.
-#[derive(Clone, Copy)]
+/// Prompt rows part of the way through the span: their hidden state after the blocks before
+/// `next_block`.
+struct Carry {
+    hidden: Hidden,
+    next_block: usize,
+}
+
+/// Rows of one session in one iteration, and the blocks they go through.
+#[derive(Clone)]
 struct Rows {
     id: SessionId,
     count: usize,
+    blocks: Range<usize>,
 }
 
 impl Scheduler {
@@ -146,7 +178,10 @@ impl Scheduler {
         stats: Arc<ComputeStats>,
         metrics: Arc<NodeMetrics>,
     ) -> Self {
+        let blocks = stack.range().len().max(1);
         Self {
+            shared_chunk: (limits.prefill_chunk / 4).max(1) * blocks,
+            max_shared_chunk: MAX_PREFILL_CHUNK * blocks,
             stack,
             limits,
             stats,
@@ -157,7 +192,6 @@ impl Scheduler {
             held: HashMap::new(),
             last_prefill_peer: None,
             chunk: limits.prefill_chunk.max(1),
-            shared_chunk: (limits.prefill_chunk / 4).max(1),
             decode_ms: None,
             ran_prompt: false,
         }
@@ -340,6 +374,7 @@ impl Scheduler {
             output: Vec::with_capacity(input.data.len()),
             input,
             done: 0,
+            carry: None,
             compute: Duration::ZERO,
             queued: Instant::now(),
             reply,
@@ -382,8 +417,10 @@ impl Scheduler {
         let rows = self.reserve(rows);
         let mut groups: BTreeMap<(usize, usize), Vec<Rows>> = BTreeMap::new();
         for r in rows {
-            let span = &self.sessions[&r.id].span;
-            groups.entry((span.start, span.end)).or_default().push(r);
+            groups
+                .entry((r.blocks.start, r.blocks.end))
+                .or_default()
+                .push(r);
         }
         for ((start, end), rows) in groups {
             self.run_group(start..end, &rows, now);
@@ -402,12 +439,19 @@ impl Scheduler {
             if ran.small_rows > 0 && ms > 0.0 {
                 self.decode_ms = Some(self.decode_ms.map_or(ms, |d| (d + ms) / 2.0));
             }
-        } else if ran.prompt_rows == ran.budget {
+        } else if ran.full {
             if ran.shared {
                 let target = self.shared_target();
-                self.shared_chunk = resized(self.shared_chunk, ms, target, 1);
+                let max = self.max_shared_chunk;
+                self.shared_chunk = resized(ran.prompt_work, ms, target, 1, max);
             } else {
-                self.chunk = resized(self.chunk, ms, PREFILL_CHUNK_MS, MIN_PREFILL_CHUNK);
+                self.chunk = resized(
+                    ran.prompt_work,
+                    ms,
+                    PREFILL_CHUNK_MS,
+                    MIN_PREFILL_CHUNK,
+                    MAX_PREFILL_CHUNK,
+                );
             }
         }
     }
@@ -428,6 +472,7 @@ impl Scheduler {
             took.as_secs_f64() * 1e3,
             PREFILL_CHUNK_MS,
             MIN_PREFILL_CHUNK,
+            MAX_PREFILL_CHUNK,
         );
     }
 
@@ -437,7 +482,7 @@ impl Scheduler {
     /// chunks are kept short while they do.
     fn sharing(&self, now: Instant) -> bool {
         self.sessions.values().any(|s| match &s.step {
-            Some(p) => p.remaining() <= SMALL_STEP,
+            Some(p) => p.is_small(),
             None => s
                 .decoded
                 .is_some_and(|t| now.saturating_duration_since(t) < DECODING_WINDOW),
@@ -462,18 +507,19 @@ impl Scheduler {
     ///
     /// With adaptive chunks, the budget depends on who else is waiting: while other sessions
     /// decode ([`Scheduler::sharing`]), it is the shared chunk (about a decode-only
-    /// iteration's time), and a decode step waiting right after a chunk runs alone first, so
-    /// that it waits for at most one short chunk; the next iteration is a chunk again, so
-    /// prompts keep moving however many decode steps come.
+    /// iteration's time, in row-blocks), and a decode step waiting right after a chunk runs
+    /// alone first, so that it waits for at most one short chunk; the next iteration is a chunk
+    /// again, so prompts keep moving however many decode steps come.
     fn select(&mut self, now: Instant) -> (Vec<Rows>, Ran) {
         let mut rows = Vec::new();
         let mut waiting: BTreeMap<PeerId, (Instant, SessionId)> = BTreeMap::new();
         for (&id, s) in &self.sessions {
             let Some(p) = &s.step else { continue };
-            if p.remaining() <= SMALL_STEP {
+            if p.is_small() {
                 rows.push(Rows {
                     id,
                     count: p.remaining(),
+                    blocks: s.span.clone(),
                 });
             } else {
                 // A peer's oldest prompt first.
@@ -486,14 +532,13 @@ impl Scheduler {
         let small_rows: usize = rows.iter().map(|r| r.count).sum();
         let shared = self.limits.adaptive_chunk && !waiting.is_empty() && self.sharing(now);
         let mut budget = if shared {
-            self.shared_chunk.min(self.chunk)
+            Budget::RowBlocks(self.shared_chunk)
         } else {
-            self.chunk
+            Budget::Rows(self.chunk)
         };
         if shared && small_rows > 0 && self.ran_prompt {
-            budget = 0;
+            budget = Budget::RowBlocks(0);
         }
-        let full = budget;
         // The peers with prompts, starting after the one served last.
         let peers: Vec<PeerId> = match self.last_prefill_peer {
             Some(last) => waiting
@@ -504,28 +549,30 @@ impl Scheduler {
                 .collect(),
             None => waiting.keys().copied().collect(),
         };
+        let (mut prompt_rows, mut prompt_work, mut full) = (0, 0, false);
         for peer in peers {
-            if budget == 0 {
+            if budget.spent() {
                 break;
             }
             let id = waiting[&peer].1;
-            let remaining = self.sessions[&id]
-                .step
-                .as_ref()
-                .map_or(0, Pending::remaining);
-            let count = remaining.min(budget);
-            budget -= count;
-            rows.push(Rows { id, count });
+            let s = &self.sessions[&id];
+            let p = s.step.as_ref().expect("waiting sessions have a step");
+            let (cut, work, bound) = budget.cut(p, &s.span);
+            budget.take(work);
+            prompt_rows += cut.count;
+            prompt_work += work;
+            full |= bound;
+            rows.push(Rows { id, ..cut });
             self.last_prefill_peer = Some(peer);
             self.metrics.prefill_chunks.inc();
         }
         rows.sort_by_key(|r| r.id);
-        let prompt_rows = full - budget;
         self.ran_prompt = prompt_rows > 0;
         let ran = Ran {
             small_rows,
             prompt_rows,
-            budget: full,
+            prompt_work,
+            full,
             shared,
         };
         (rows, ran)
@@ -542,6 +589,7 @@ impl Scheduler {
                 continue;
             };
             let Some(p) = &s.step else { continue };
+            // Rows carried on from earlier blocks were charged when they started.
             let end = p.pos + p.done + r.count;
             let before = s.kv.allocated();
             let wanted = s.kv.allocated_for(end) - before;
@@ -574,35 +622,62 @@ impl Scheduler {
         ok
     }
 
-    /// Runs one batched product over sessions of the same span and hands out the rows.
-    fn run_group(&mut self, span: Range<usize>, rows: &[Rows], now: Instant) {
-        let mut taken: Vec<(Rows, Session)> = Vec::with_capacity(rows.len());
-        for &r in rows {
+    /// Runs one batched product over blocks `blocks` for sessions whose rows go through just
+    /// those blocks now, and hands out the rows: to the step's output at the end of a
+    /// session's span, to its carry before it.
+    fn run_group(&mut self, blocks: Range<usize>, rows: &[Rows], now: Instant) {
+        let mut taken: Vec<Taken> = Vec::with_capacity(rows.len());
+        for r in rows {
             let Some(mut s) = self.sessions.remove(&r.id) else {
                 continue;
             };
             let p = s.step.as_ref().expect("selected sessions have a step");
             let pos = p.pos + p.done;
-            if let Err(e) = self.stack.check_step(&span, r.count, &s.kv, pos) {
+            // Only the caches of these blocks go into the product; the rest stay put.
+            let layers = blocks.start - s.span.start..blocks.end - s.span.start;
+            let part = (blocks != s.span).then(|| {
+                let capacity = s.kv.capacity();
+                SessionKv::from_layers(s.kv.layers.drain(layers.clone()).collect(), capacity)
+            });
+            let kv = part.as_ref().unwrap_or(&s.kv);
+            if let Err(e) = self.stack.check_step(&blocks, r.count, kv, pos) {
+                if let Some(part) = part {
+                    s.kv.layers.splice(layers.start..layers.start, part.layers);
+                }
                 fail(&mut s, &self.metrics, e.into());
                 self.sessions.insert(r.id, s);
                 continue;
             }
-            taken.push((r, s));
+            taken.push(Taken {
+                rows: r.clone(),
+                session: s,
+                part,
+                layers,
+            });
         }
         if taken.is_empty() {
             return;
         }
         let dim = self.stack.spec().embedding_length;
-        let total: usize = taken.iter().map(|(r, _)| r.count).sum();
+        let total: usize = taken.iter().map(|t| t.rows.count).sum();
         let mut data = Vec::with_capacity(total * dim);
-        for (r, s) in &taken {
-            let p = s.step.as_ref().expect("selected sessions have a step");
-            data.extend_from_slice(&p.input.data[p.done * dim..(p.done + r.count) * dim]);
-            if p.done == 0 {
-                self.metrics
-                    .queue_wait_seconds
-                    .observe(p.queued.elapsed().as_secs_f64());
+        for t in &mut taken {
+            let p = t
+                .session
+                .step
+                .as_mut()
+                .expect("selected sessions have a step");
+            match p.carry.take() {
+                Some(c) => data.extend_from_slice(&c.hidden.data),
+                None => {
+                    let rows = p.done * dim..(p.done + t.rows.count) * dim;
+                    data.extend_from_slice(&p.input.data[rows]);
+                    if p.done == 0 {
+                        self.metrics
+                            .queue_wait_seconds
+                            .observe(p.queued.elapsed().as_secs_f64());
+                    }
+                }
             }
         }
         let mut x = Hidden {
@@ -614,16 +689,21 @@ impl Scheduler {
         let result = {
             let mut entries: Vec<BatchEntry> = taken
                 .iter_mut()
-                .map(|(r, s)| {
-                    let p = s.step.as_ref().expect("selected sessions have a step");
+                .map(|t| {
+                    let p = t
+                        .session
+                        .step
+                        .as_ref()
+                        .expect("selected sessions have a step");
                     BatchEntry {
-                        tokens: r.count,
+                        tokens: t.rows.count,
                         pos: p.pos + p.done,
-                        kv: &mut s.kv,
+                        kv: t.part.as_mut().unwrap_or(&mut t.session.kv),
                     }
                 })
                 .collect();
-            self.stack.forward_batch(span, &mut x, &mut entries)
+            self.stack
+                .forward_batch(blocks.clone(), &mut x, &mut entries)
         };
         let took = t.elapsed();
         self.metrics.batch_rows.observe(total as f64);
@@ -631,31 +711,48 @@ impl Scheduler {
         self.metrics.batches_recent.add(1);
         self.metrics.batch_sessions_recent.add(taken.len() as u64);
         let mut offset = 0;
-        for (r, mut s) in taken {
-            match &result {
-                Ok(()) => {
-                    let p = s.step.as_mut().expect("selected sessions have a step");
-                    p.output
-                        .extend_from_slice(&x.data[offset * dim..(offset + r.count) * dim]);
-                    p.done += r.count;
-                    p.compute += took;
-                    if p.remaining() == 0 {
-                        let p = s.step.take().expect("just used");
-                        if p.input.tokens <= SMALL_STEP {
-                            s.decoded = Some(now);
-                        }
-                        self.answer(p, dim);
-                    }
-                }
+        for t in taken {
+            let Taken {
+                rows: r,
+                session: mut s,
+                part,
+                layers,
+            } = t;
+            if let Some(part) = part {
+                s.kv.layers.splice(layers.start..layers.start, part.layers);
+            }
+            let out = offset * dim..(offset + r.count) * dim;
+            offset += r.count;
+            if let Err(e) = &result {
                 // The checks above make this a bug in the model code, not bad input; the batch
                 // fails whole rather than answer with numbers that may be wrong.
-                Err(e) => fail(
-                    &mut s,
-                    &self.metrics,
-                    ComputeError::BatchFailed(e.to_string()),
-                ),
+                let error = ComputeError::BatchFailed(e.to_string());
+                fail(&mut s, &self.metrics, error);
+                self.sessions.insert(r.id, s);
+                continue;
             }
-            offset += r.count;
+            let p = s.step.as_mut().expect("selected sessions have a step");
+            p.compute += took;
+            if blocks.end < s.span.end {
+                p.carry = Some(Carry {
+                    hidden: Hidden {
+                        tokens: r.count,
+                        dim,
+                        data: x.data[out].to_vec(),
+                    },
+                    next_block: blocks.end,
+                });
+            } else {
+                p.output.extend_from_slice(&x.data[out]);
+                p.done += r.count;
+                if p.remaining() == 0 {
+                    let p = s.step.take().expect("just used");
+                    if p.input.tokens <= SMALL_STEP {
+                        s.decoded = Some(now);
+                    }
+                    self.answer(p, dim);
+                }
+            }
             self.sessions.insert(r.id, s);
         }
     }
@@ -695,21 +792,13 @@ impl Scheduler {
     }
 }
 
-/// `chunk` moved halfway towards the size that would have taken `target_ms` in an iteration
-/// that took `ms` with it (bounded by `min` and [`MAX_PREFILL_CHUNK`]), rounded towards the
-/// ideal so that the bounds are reached rather than approached.
-fn resized(chunk: usize, ms: f64, target_ms: f64, min: usize) -> usize {
-    if ms <= 0.0 || !ms.is_finite() {
-        return chunk;
-    }
-    let ideal = (chunk as f64 * target_ms / ms).clamp(min as f64, MAX_PREFILL_CHUNK as f64);
-    let half = (chunk as f64 + ideal) / 2.0;
-    if ideal < chunk as f64 {
-        half.floor()
-    } else {
-        half.ceil()
-    }
-    .max(min as f64) as usize
+/// A session taken out of the map for one batched product: its rows, and the caches of the
+/// blocks they go through when that is not the whole span (put back after).
+struct Taken {
+    rows: Rows,
+    session: Session,
+    part: Option<SessionKv>,
+    layers: Range<usize>,
 }
 
 /// A step refused before it was queued, with the reply it is owed.
@@ -733,5 +822,6 @@ fn fail(s: &mut Session, metrics: &NodeMetrics, error: ComputeError) {
     }
 }
 
+mod chunk;
 #[cfg(test)]
 mod tests;

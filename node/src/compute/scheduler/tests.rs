@@ -187,8 +187,8 @@ fn decode_steps_flow_while_a_long_prompt_runs_in_chunks() {
         answered(&mut ra).unwrap(),
         alone_a.step(100, rows(dim, 1, 3))
     );
-    // Three chunks of 32; the last 4 rows rode along like a decode step.
-    assert_eq!(s.metrics.prefill_chunks.get(), 3);
+    // Four chunks: 32, 32, 32 and the prompt's last 4 rows, which stay prompt rows.
+    assert_eq!(s.metrics.prefill_chunks.get(), 4);
 }
 
 #[test]
@@ -565,7 +565,8 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
     let (stack, reference) = stacks(&model());
     let dim = stack.spec().embedding_length;
     let mut s = adaptive(stack, 64);
-    assert_eq!((s.chunk, s.shared_chunk), (64, 16));
+    // The shared chunk is in row-blocks: 16 rows of the 4-block span.
+    assert_eq!((s.chunk, s.shared_chunk), (64, 16 * 4));
     let ((a, mut alone_a), (b, mut alone_b)) = (
         peer_session(&mut s, &reference),
         peer_session(&mut s, &reference),
@@ -585,7 +586,7 @@ fn while_another_session_decodes_a_prompt_runs_in_short_chunks_with_its_steps_al
     let ran = s.run_iteration(t0 + ms(5)).unwrap();
     assert_eq!((ran.small_rows, ran.prompt_rows, ran.shared), (0, 16, true));
     s.learn(ran, ms(16));
-    assert_eq!(s.shared_chunk, 10);
+    assert_eq!(s.shared_chunk, 10 * 4);
     assert_eq!(s.chunk, 64, "the solo chunk is left as it was");
 
     // b's next step came in during that chunk: it runs alone, a waits one iteration.
@@ -651,43 +652,115 @@ fn a_sessions_own_prompt_after_decoding_is_not_held_to_the_shared_chunk() {
 }
 
 #[test]
-fn the_shared_chunk_follows_the_measured_decode_step_and_keeps_a_row() {
+fn the_shared_chunk_follows_the_measured_decode_step_and_keeps_a_row_block() {
     use std::time::Duration;
     let (stack, _) = stacks(&model());
     let mut s = adaptive(stack, 64);
-    let shared = |chunk| super::Ran {
+    let shared = |work| super::Ran {
         small_rows: 0,
-        prompt_rows: chunk,
-        budget: chunk,
+        prompt_rows: 1,
+        prompt_work: work,
+        full: true,
         shared: true,
     };
     // Before any decode-only iteration, the target is SHARED_CHUNK_MS (5 ms).
-    s.learn(shared(16), Duration::from_millis(20));
-    assert_eq!(s.shared_chunk, 10);
+    s.learn(shared(64), Duration::from_millis(20));
+    assert_eq!(s.shared_chunk, 40);
     // A decode-only iteration of 3 ms, then the average with the next one (5 ms).
     for took in [3, 5] {
         let decode = super::Ran {
             small_rows: 1,
             prompt_rows: 0,
-            budget: 0,
+            prompt_work: 0,
+            full: false,
             shared: true,
         };
         s.learn(decode, Duration::from_millis(took));
     }
     assert_eq!(s.decode_ms, Some(4.0));
-    // Rows far dearer than a decode step (late in a long prompt): one row, never zero.
+    // Rows far dearer than a decode step (late in a long prompt): below one row of the span,
+    // down to one row through one block, never zero.
     for _ in 0..20 {
         let c = s.shared_chunk;
         s.learn(shared(c), Duration::from_millis(200));
     }
     assert_eq!(s.shared_chunk, 1);
-    // Cheap rows grow it again; a partial chunk (the prompt's last rows) teaches nothing.
+    // Cheap work grows it again; a chunk cut by the prompt's end teaches nothing.
     s.learn(shared(1), Duration::from_millis(1));
     assert_eq!(s.shared_chunk, 3);
     let partial = super::Ran {
-        prompt_rows: 1,
+        full: false,
         ..shared(3)
     };
     s.learn(partial, Duration::from_millis(1));
     assert_eq!(s.shared_chunk, 3);
+}
+
+#[test]
+fn a_row_dearer_than_a_decode_step_goes_through_the_span_a_few_blocks_at_a_time() {
+    use std::time::{Duration, Instant};
+    let ms = Duration::from_millis;
+    let (stack, reference) = stacks(&model());
+    let dim = stack.spec().embedding_length;
+    let mut s = adaptive(stack, 64);
+    let ((a, mut alone_a), (b, mut alone_b)) = (
+        peer_session(&mut s, &reference),
+        peer_session(&mut s, &reference),
+    );
+    let t0 = Instant::now();
+    let mut rb = step(&mut s, b, 0, rows(dim, 1, 1));
+    s.run_iteration(t0).unwrap();
+    assert_eq!(answered(&mut rb).unwrap(), alone_b.step(0, rows(dim, 1, 1)));
+    // Late in a long prompt one row costs more than b's decode step: the shared chunk has
+    // shrunk below the span's 4 blocks, to 3 row-blocks.
+    s.shared_chunk = 3;
+    let n = 8;
+    let mut ra = step(&mut s, a, 0, rows(dim, n, 2));
+    let progress = |s: &Scheduler| {
+        let p = s.sessions[&a].step.as_ref().unwrap();
+        (p.done, p.carry.as_ref().map(|c| c.next_block))
+    };
+    // b steps every iteration: each chunk iteration takes b's step along, then b's next step
+    // runs alone. A row goes through blocks 0..3 in one chunk and 3..4 in the next.
+    let mut at = t0 + ms(5);
+    let mut seen = Vec::new();
+    for i in 0..14 {
+        let b_pos = 1 + i;
+        let mut rb = step(&mut s, b, b_pos, rows(dim, 1, 10 + i));
+        let ran = s.run_iteration(at).unwrap();
+        assert_eq!(ran.small_rows, 1);
+        assert_eq!(
+            answered(&mut rb).unwrap(),
+            alone_b.step(b_pos, rows(dim, 1, 10 + i)),
+            "b's step {i} is answered in its iteration"
+        );
+        if ran.prompt_rows > 0 {
+            // Blocks 0..3 fill the budget; 3..4, the rest of the span, do not.
+            let (_, carried) = progress(&s);
+            assert!(ran.shared);
+            assert_eq!(ran.full, carried.is_some());
+            seen.push(progress(&s));
+        }
+        at += ms(10);
+    }
+    let pieces = [
+        (0, Some(3)),
+        (1, None),
+        (1, Some(3)),
+        (2, None),
+        (2, Some(3)),
+        (3, None),
+        (3, Some(3)),
+    ];
+    assert_eq!(seen, pieces);
+    // b stops decoding: once the window has passed, the carried row goes the rest of the way
+    // alone, then the rest of the prompt in one solo chunk.
+    let ran = s.run_iteration(at + ms(1500)).unwrap();
+    assert_eq!((ran.prompt_rows, ran.shared, ran.full), (1, false, false));
+    assert_eq!(progress(&s), (4, None));
+    let ran = s.run_iteration(at + ms(1500)).unwrap();
+    assert_eq!(ran.prompt_rows, 4);
+    // Cut into rows and pieces of the span as it was, a's prompt is bit-identical to running it
+    // whole and alone.
+    assert_eq!(answered(&mut ra).unwrap(), alone_a.step(0, rows(dim, n, 2)));
 }
