@@ -187,7 +187,8 @@ start_bootstrap() {
 start_node() {
   local i=$1 blocks=$2
   # Started directly (not through a shell function), so $! is the node's own pid (ip and env
-  # exec it): the test kills exactly that process. WAN_NODE_LOG sets the nodes' RUST_LOG.
+  # exec it): the test kills exactly that process. WAN_NODE_LOG sets the nodes' RUST_LOG
+  # (WAN_CLIENT_LOG the bench client's).
   ip netns exec $P-h$i env ${WAN_NODE_LOG:+RUST_LOG=$WAN_NODE_LOG} "$BIN/edge-node" join --model $MODEL --blocks "$blocks" \
     --listen /ip4/10.$i.0.2/tcp/31330 --listen /ip4/10.$i.0.2/udp/31330/quic-v1 \
     --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --no-mdns --threads 1 --announce-interval 2 \
@@ -416,7 +417,8 @@ for d in ${WAN_DELAYS:-5 25 50}; do
   for mode in relay push relay push; do
     extra=()
     [ $mode = relay ] && extra=(--no-push)
-    out=$(RUST_LOG=info,libp2p=warn generate --prompt "The history of the printing press begins" \
+    out=$(RUST_LOG=${WAN_CLIENT_LOG:-info,libp2p=warn} generate \
+      --prompt "The history of the printing press begins" \
       --max-new-tokens "$TOKENS" "${extra[@]}" 2>>"$LOG/bench-$d.err")
     python3 - "$d" "$mode" "$out" <<'EOF2'
 import json, sys

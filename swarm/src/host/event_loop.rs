@@ -285,8 +285,11 @@ impl EventLoop {
                     if !direct_before {
                         self.punching.entry(peer_id).or_insert_with(Instant::now);
                     }
-                } else {
-                    self.punching.remove(&peer_id);
+                } else if self.punching.remove(&peer_id).is_some() {
+                    // The hole punch's connection comes before DCUtR's report of it: the
+                    // relayed ones go now, while dials still wait and none of our streams is on
+                    // them.
+                    self.leave_relay(peer_id, connection_id);
                 }
                 self.settle_dials(peer_id);
             }
@@ -475,8 +478,9 @@ impl EventLoop {
     }
 
     /// The outcome of a DCUtR hole punch with `peer`. On success the relayed connections are
-    /// closed if the punch came while dials still waited for it, so every stream after runs
-    /// on the direct path; a later punch leaves them (streams may be open on them) to idle out.
+    /// closed if the punch came while dials still waited for it (usually done already, when
+    /// the direct connection was established), so every stream after runs on the direct path;
+    /// a later punch leaves them (streams may be open on them) to idle out.
     fn hole_punched(&mut self, peer: PeerId, result: Result<ConnectionId, dcutr::Error>) {
         let waited = self.punching.remove(&peer).is_some();
         match result {
@@ -489,23 +493,31 @@ impl EventLoop {
                     .unwrap_or_default();
                 tracing::info!(%peer, %addr, "hole punch succeeded: direct connection");
                 if waited {
-                    let relayed: Vec<ConnectionId> = self
-                        .conns
-                        .get(&peer)
-                        .into_iter()
-                        .flatten()
-                        .filter(|(id, (relayed, _))| *relayed && **id != direct)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in relayed {
-                        self.swarm.close_connection(id);
-                        self.leaving_relay.insert(peer, Instant::now());
-                    }
+                    self.leave_relay(peer, direct);
                 }
             }
             Err(e) => tracing::info!(%peer, "hole punch failed ({e}): staying on the relay"),
         }
         self.settle_dials(peer);
+    }
+
+    /// Closes `peer`'s relayed connections now that `direct` reaches it. This must happen
+    /// before streams open: libp2p-stream puts each new stream on a connection of the peer
+    /// chosen at random, so a relayed connection left open would carry some sessions (and
+    /// end them when it closes; the namespace bench lost sessions that way).
+    fn leave_relay(&mut self, peer: PeerId, direct: ConnectionId) {
+        let relayed: Vec<ConnectionId> = self
+            .conns
+            .get(&peer)
+            .into_iter()
+            .flatten()
+            .filter(|(id, (relayed, _))| *relayed && **id != direct)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in relayed {
+            self.swarm.close_connection(id);
+            self.leaving_relay.insert(peer, Instant::now());
+        }
     }
 
     /// Answers the dials waiting for `peer` once it is connected and no hole punch or relay

@@ -14,6 +14,7 @@
 mod event_loop;
 mod handle;
 pub mod nat;
+mod relay_guard;
 
 use std::time::Duration;
 
@@ -100,7 +101,7 @@ fn make_behaviour(
         } else {
             relay::Status::Disable
         }));
-        server
+        relay_guard::GuardedRelay::new(server)
     });
     Ok(Behaviour {
         kad: kad::Behaviour::with_config(peer_id, store, kcfg),
@@ -144,7 +145,7 @@ pub(crate) struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
     relay_client: relay::client::Behaviour,
-    relay: Toggle<relay::Behaviour>,
+    relay: Toggle<relay_guard::GuardedRelay>,
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
 }
