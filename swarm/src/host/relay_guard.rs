@@ -181,22 +181,24 @@ mod tests {
         ids
     }
 
-    #[test]
-    fn turning_the_relay_on_notifies_direct_connections_only() {
-        let local = PeerId::random();
-        let mut inner = relay::Behaviour::new(local, relay::Config::default());
+    /// A relay server turned off (as `--relay auto` starts), guarded, with one relayed
+    /// connection (id 2) established.
+    fn off_with_a_relayed_connection() -> (GuardedRelay, ConnectionId) {
+        let mut inner = relay::Behaviour::new(PeerId::random(), relay::Config::default());
         inner.set_status(Some(relay::Status::Disable));
         let mut relay = GuardedRelay::new(inner);
-        let direct = connect(&mut relay, 1, PeerId::random(), "/ip4/10.0.0.1/tcp/4001");
-        let relayed = connect(
-            &mut relay,
-            2,
-            PeerId::random(),
-            &format!(
-                "/ip4/100.64.0.1/tcp/31000/p2p/{}/p2p-circuit",
-                PeerId::random()
-            ),
+        let through = format!(
+            "/ip4/100.64.0.1/tcp/31000/p2p/{}/p2p-circuit",
+            PeerId::random()
         );
+        let relayed = connect(&mut relay, 2, PeerId::random(), &through);
+        (relay, relayed)
+    }
+
+    #[test]
+    fn turning_the_relay_on_notifies_direct_connections_only() {
+        let (mut relay, relayed) = off_with_a_relayed_connection();
+        let direct = connect(&mut relay, 1, PeerId::random(), "/ip4/10.0.0.1/tcp/4001");
         assert!(notified(&mut relay).is_empty());
         relay.set_status(Some(relay::Status::Enable));
         // Unguarded, the swarm would hand connection 2's dummy handler a status and panic.
@@ -212,19 +214,7 @@ mod tests {
     fn the_unguarded_relay_does_notify_relayed_connections() {
         // What the guard is for: if libp2p-relay stops notifying relayed connections, this
         // fails and the guard can go.
-        let local = PeerId::random();
-        let mut inner = relay::Behaviour::new(local, relay::Config::default());
-        inner.set_status(Some(relay::Status::Disable));
-        let mut relay = GuardedRelay::new(inner);
-        let relayed = connect(
-            &mut relay,
-            2,
-            PeerId::random(),
-            &format!(
-                "/ip4/100.64.0.1/tcp/31000/p2p/{}/p2p-circuit",
-                PeerId::random()
-            ),
-        );
+        let (mut relay, relayed) = off_with_a_relayed_connection();
         relay.relayed.clear();
         relay.set_status(Some(relay::Status::Enable));
         assert_eq!(notified(&mut relay), [relayed]);
