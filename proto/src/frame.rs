@@ -1,12 +1,16 @@
 //! Length-delimited protobuf frames, the framing of every libp2p stream we speak: an unsigned
 //! varint byte count (exactly what `prost::Message::encode_length_delimited` writes) followed
-//! by the message. Timeouts are the caller's business; this layer only bounds memory.
+//! by the message. Timeouts are the caller's business; this layer only bounds memory. Large
+//! frames are also timed as they arrive ([`crate::arrival`]), which is how peers learn the rate
+//! of their links without sending anything extra.
 
 use std::io::ErrorKind;
+use std::time::Instant;
 
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use prost::Message;
 
+use crate::arrival::ArrivalMeter;
 use crate::WireError;
 
 /// A u64 varint never needs more than 10 bytes (7 payload bits each).
@@ -35,6 +39,24 @@ where
     R: AsyncRead + Unpin + ?Sized,
     M: Message + Default,
 {
+    Ok(read_timed(r, max_len).await?.map(|got| got.frame))
+}
+
+/// A frame and, for a large one, the rate its bytes arrived at.
+#[derive(Debug)]
+pub struct Received<M> {
+    pub frame: M,
+    /// The sender's link to us in bytes per second, from how the frame's body arrived
+    /// ([`crate::arrival`]); `None` for frames too small or too lumped to tell.
+    pub rate: Option<u64>,
+}
+
+/// [`read_frame`], with the rate the frame's body arrived at.
+pub async fn read_timed<R, M>(r: &mut R, max_len: usize) -> Result<Option<Received<M>>, WireError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    M: Message + Default,
+{
     let Some(len) = read_length(r).await? else {
         return Ok(None);
     };
@@ -43,22 +65,41 @@ where
         return Err(WireError::FrameTooLarge { len, max: max_len });
     };
     let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await.map_err(eof_is_truncation)?;
-    Ok(Some(M::decode(buf.as_slice())?))
+    let mut meter = ArrivalMeter::for_body(len);
+    let mut filled = 0;
+    while filled < len {
+        let n = match r.read(&mut buf[filled..]).await {
+            Ok(0) => return Err(WireError::Truncated),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(eof_is_truncation(e)),
+        };
+        filled += n;
+        if let Some(m) = meter.as_mut() {
+            m.read(n, Instant::now());
+        }
+    }
+    Ok(Some(Received {
+        frame: M::decode(buf.as_slice())?,
+        rate: meter.and_then(|m| m.rate()),
+    }))
 }
 
-/// The frames of `r` as a stream, each at most `max_len` bytes. Unlike [`read_frame`], waiting
-/// for the next item is cancel-safe (a partly read frame stays in the stream's state), so a
-/// reader can wait for this peer and for something else at once and drop the wait. Ends after
-/// a clean EOF or the first error, which it yields.
-pub fn frames<R, M>(r: R, max_len: usize) -> impl futures::Stream<Item = Result<M, WireError>>
+/// The frames of `r` as a stream, each at most `max_len` bytes and with its arrival rate.
+/// Unlike [`read_frame`], waiting for the next item is cancel-safe (a partly read frame stays
+/// in the stream's state), so a reader can wait for this peer and for something else at once
+/// and drop the wait. Ends after a clean EOF or the first error, which it yields.
+pub fn frames<R, M>(
+    r: R,
+    max_len: usize,
+) -> impl futures::Stream<Item = Result<Received<M>, WireError>>
 where
     R: AsyncRead + Unpin,
     M: Message + Default,
 {
     futures::stream::unfold(Some(r), move |r| async move {
         let mut r = r?;
-        match read_frame::<_, M>(&mut r, max_len).await {
+        match read_timed::<_, M>(&mut r, max_len).await {
             Ok(Some(f)) => Some((Ok(f), Some(r))),
             Ok(None) => None,
             Err(e) => Some((Err(e), None)),
@@ -195,6 +236,32 @@ mod tests {
         assert!(block_on(read_frame::<_, ClientFrame>(&mut r, MAX))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn large_frames_read_in_pieces_are_timed_small_ones_are_not() {
+        let big = ClientFrame::step(0, encode_tensor(&[0.25; 64 * 576], &[64, 576], Dtype::F32));
+        let small = &frames()[1];
+        let mut r = Trickle {
+            data: written(&[big.clone(), small.clone()]),
+            pos: 0,
+            stall: false,
+        };
+        let got = block_on(read_timed::<_, ClientFrame>(&mut r, MAX))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.frame, big);
+        assert!(got.rate.is_some_and(|r| r > 0));
+        let got = block_on(read_timed::<_, ClientFrame>(&mut r, MAX))
+            .unwrap()
+            .unwrap();
+        assert_eq!((&got.frame, got.rate), (small, None));
+        // In one piece (all of it buffered): no spacing to read a rate from.
+        let mut r = Cursor::new(written(std::slice::from_ref(&big)));
+        let got = block_on(read_timed::<_, ClientFrame>(&mut r, MAX))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.rate, None);
     }
 
     #[test]

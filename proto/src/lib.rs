@@ -3,6 +3,7 @@
 //! and what a client does on each error code. No candle dependency, so anything that only talks
 //! to the swarm stays light.
 
+pub mod arrival;
 mod error;
 mod frame;
 mod protocol;
@@ -11,7 +12,7 @@ mod tensor;
 mod wire;
 
 pub use error::WireError;
-pub use frame::{frames, read_frame, write_frame};
+pub use frame::{frames, read_frame, read_timed, write_frame, Received};
 pub use protocol::{
     hidden_limits, max_step_frame, step_bound, DEFAULT_MAX_STEP_TOKENS, DHT_PROTOCOL,
     IDENTIFY_PROTOCOL, INFERENCE_PROTOCOL, MAX_OPEN_FRAME,
@@ -20,7 +21,9 @@ pub use push::{
     check_hops, MAX_HOPS, MAX_HOP_ADDRS, MAX_HOP_ADDR_BYTES, PUSH_PROTOCOL, PUSH_TOKEN_LEN,
 };
 pub use tensor::{decode_tensor, element_size, encode_tensor, DecodedTensor, TensorLimits};
-pub use wire::{auto_dtype, Wire, AUTO_MIN_BYTES, AUTO_MIN_RTT};
+pub use wire::{
+    auto_dtype, Link, Wire, AUTO_F16_MIN_SAVING, AUTO_MIN_BYTES, AUTO_MIN_RTT, AUTO_Q8_MIN_SAVING,
+};
 
 /// Messages generated from `proto/edge_swarm.proto`, package `edge_swarm.v1`.
 pub mod v1 {

@@ -70,6 +70,7 @@ mod tests {
             push_token: vec![7; PUSH_TOKEN_LEN],
             start_block: start,
             end_block: end,
+            answer_rate: 0,
         }
     }
 

@@ -372,8 +372,11 @@ than two hundred cities, and the price of books fell sharply"}
     start_node 3 20..30
     for i in 1 2 3; do node_ready $i; done
     # Not measured: a first generation opens the connections between the nodes (relay, then
-    # hole punch), which the measured ones would otherwise pay in turn.
-    generate --prompt "Hello" --max-new-tokens 2 >/dev/null 2>>"$LOG/warmup.err"
+    # hole punch), which the measured ones would otherwise pay in turn, and its f32 prompt lets
+    # each node time the arrival of a large frame from the one before it, so `auto` finds the
+    # node-to-node links' rates measured, as in a swarm that has been in use. (The client's own
+    # links are new in every run: a client process learns them on its first prompt.)
+    generate --prompt "$prompt" --max-new-tokens 1 --wire-dtype f32 >/dev/null 2>>"$LOG/warmup.err"
     # Each round starts one dtype further along, so none always runs first.
     read -ra wires <<<"${WAN_WIRES:-f32 f16 bf16 q8}"
     k=$(( (round - 1) % ${#wires[@]} ))

@@ -17,4 +17,6 @@ pub mod record;
 pub mod status;
 pub mod swarm_key;
 
-pub use host::{Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM, PUSH_STREAM};
+pub use host::{
+    Direction, Host, NetConfig, NetError, NetHandle, OnListen, INFERENCE_STREAM, PUSH_STREAM,
+};

@@ -79,9 +79,11 @@ pub struct SwarmArgs {
     /// Element type of hidden states on the wire: f32 (bit-exact, the default), f16 or bf16
     /// (half the bytes), q8 (int8 with a scale per row, about a quarter). Each node sends its
     /// output in it, to this client and to the next node alike. `auto` chooses per step and
-    /// link: f16 for a large step (a prompt) on a link whose measured round trip is 20 ms or
-    /// more, f32 otherwise (decode steps, fast links), so text may differ from local only on
-    /// slow links. See BENCHMARKS.md for what each costs in agreement with f32 and in time.
+    /// link, from the link's round trip and the rate measured on its earlier large frames: q8
+    /// for a large step (a prompt) where that saves 100 ms of wire time on a slow link, f16
+    /// where f16 saves 50 ms or the round trip is 20 ms or more, f32 otherwise (decode steps,
+    /// fast links), so text may differ from local only on slow links. See BENCHMARKS.md for
+    /// what each costs in agreement with f32 and in time.
     #[arg(long, value_enum, default_value_t = WireDtype::F32)]
     pub wire_dtype: WireDtype,
     /// How routes are chosen: `planner`, the cheapest route for a client alone (reproducible:

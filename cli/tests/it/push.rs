@@ -139,6 +139,7 @@ async fn forward_error(a: &mut Opened, dim: usize, step_id: u64, hop: Hop) -> St
         step_id,
         next: vec![hop],
         auto_wire: false,
+        answer_rate: 0,
     });
     let max = max_step_frame(64, dim);
     let io = async {
@@ -207,6 +208,7 @@ fn a_forward_to_an_unreachable_peer_or_to_the_wrong_blocks_comes_back_as_a_reaso
             push_token: vec![9; proto::PUSH_TOKEN_LEN],
             start_block: 10,
             end_block: 20,
+            answer_rate: 0,
         };
         let e = forward_error(&mut on_a, dim, 1, nowhere).await;
         match trap.accept() {
@@ -225,6 +227,7 @@ fn a_forward_to_an_unreachable_peer_or_to_the_wrong_blocks_comes_back_as_a_reaso
             push_token: on_c.token.clone(),
             start_block: 10,
             end_block: 20,
+            answer_rate: 0,
         };
         let e = forward_error(&mut on_a, dim, 2, wrong).await;
         // Connected to c already (the usual case on one loopback swarm), a sends it the step

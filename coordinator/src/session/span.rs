@@ -15,10 +15,10 @@ use proto::v1::{
     server_frame, ClientFrame, ErrorCode, Hop, OpenSession, ServerFrame, Step, StepResult,
 };
 use proto::{decode_tensor, encode_tensor, hidden_limits, max_step_frame, step_bound};
-use proto::{write_frame, Wire};
+use proto::{write_frame, Link, Received, Wire};
 use proto::{ErrorAction, WireError};
 use swarm::discovery::Server;
-use swarm::{NetError, NetHandle, INFERENCE_STREAM};
+use swarm::{Direction, NetError, NetHandle, INFERENCE_STREAM};
 
 /// Bounds every wait of a session, so a dead or frozen peer is noticed instead of waited on.
 #[derive(Clone, Copy, Debug)]
@@ -100,7 +100,7 @@ pub fn next_step_id() -> u64 {
 const MAX_STALE_ANSWERS: usize = 8;
 
 /// A session's answers, read so that a wait for one can be dropped without losing a frame.
-type Frames = Pin<Box<dyn Stream<Item = Result<ServerFrame, proto::WireError>> + Send>>;
+type Frames = Pin<Box<dyn Stream<Item = Result<Received<ServerFrame>, WireError>> + Send>>;
 
 pub struct SpanSession {
     pub peer: PeerId,
@@ -118,6 +118,8 @@ pub struct SpanSession {
     /// The round trip to the peer (ping, else the session open's), for `Wire::Auto`.
     rtt: Option<Duration>,
     timeouts: Timeouts,
+    /// Where the measured rates of this client's links are kept, across sessions.
+    net: NetHandle,
 }
 
 impl SpanSession {
@@ -170,6 +172,7 @@ impl SpanSession {
             wire,
             rtt: None,
             timeouts,
+            net: net.clone(),
         };
         let open = ClientFrame::open(OpenSession {
             fingerprint: fp.to_vec(),
@@ -235,7 +238,13 @@ impl SpanSession {
     fn step_frame(&self, pos: u32, hidden: &Hidden, step_id: u64, next: Vec<Hop>) -> ClientFrame {
         let (dtype, auto_wire) = match self.wire {
             Wire::Fixed(d) => (d, false),
-            Wire::Auto => (proto::auto_dtype(hidden.tokens, hidden.dim, self.rtt), true),
+            Wire::Auto => {
+                let link = Link {
+                    rtt: self.rtt,
+                    rate: self.net.link_rate(self.peer, Direction::To),
+                };
+                (proto::auto_dtype(hidden.tokens, hidden.dim, link), true)
+            }
         };
         ClientFrame::step_of(Step {
             position: pos,
@@ -247,6 +256,7 @@ impl SpanSession {
             step_id,
             next,
             auto_wire,
+            answer_rate: self.answer_rate(),
         })
     }
 
@@ -299,7 +309,14 @@ impl SpanSession {
             push_token: self.push_token.clone(),
             start_block: self.blocks.start,
             end_block: self.blocks.end,
+            answer_rate: self.answer_rate(),
         })
+    }
+
+    /// The rate at which this peer's answers reached this client so far (0: not measured), for
+    /// the peer's choice of dtype under `Wire::Auto` when it answers only the client.
+    fn answer_rate(&self) -> u64 {
+        self.net.link_rate(self.peer, Direction::From).unwrap_or(0)
     }
 
     /// Sends a step of at most the peer's bound whose output the peer forwards along `next`;
@@ -468,7 +485,17 @@ impl SpanSession {
         match self.frames.next().await {
             None => Err(SessionError::Closed { peer }),
             Some(Err(source)) => Err(SessionError::Wire { peer, source }),
-            Some(Ok(f)) => f.kind.ok_or(SessionError::Closed { peer }),
+            Some(Ok(got)) => {
+                // Rates learned on the way: of this peer's answers (timed here), and of this
+                // client's own steps (timed by the peer).
+                if let Some(rate) = got.rate {
+                    self.net.note_link_rate(peer, Direction::From, rate);
+                }
+                if let Some(server_frame::Kind::Result(r)) = &got.frame.kind {
+                    self.net.note_link_rate(peer, Direction::To, r.input_rate);
+                }
+                got.frame.kind.ok_or(SessionError::Closed { peer })
+            }
         }
     }
 

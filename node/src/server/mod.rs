@@ -209,7 +209,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             }
         })
         .await;
-        let (step, origin) = match next {
+        let (step, origin, input_rate) = match next {
             Err(_) => {
                 tracing::info!(%peer, session = id, "session idle for {:?}, closing", ctx.idle_timeout);
                 return;
@@ -224,8 +224,8 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
                 .await;
                 return;
             }
-            Ok(Err(Some(Ok(frame)))) => match frame.kind {
-                Some(client_frame::Kind::Step(s)) => (s, Origin::Client),
+            Ok(Err(Some(Ok(got)))) => match got.frame.kind {
+                Some(client_frame::Kind::Step(s)) => (s, Origin::Client, got.rate),
                 Some(client_frame::Kind::Close(_)) => return,
                 _ => {
                     let _ = send(
@@ -243,7 +243,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             Ok(Ok(pushed)) => match take_push(&ctx, &pushed.step, last_step_id, end_block) {
                 Ok(()) => {
                     let _ = pushed.taken.send(Ok(()));
-                    (pushed.step, Origin::Pushed)
+                    (pushed.step, Origin::Pushed, None)
                 }
                 Err(e) => {
                     tracing::debug!(%peer, session = id, "push refused: {}", e.message);
@@ -345,6 +345,7 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
             compute_ms,
             step_id: step.step_id,
             forward_error,
+            input_rate: input_rate.unwrap_or(0),
         });
         if let Err(e) = send(&mut stream, &frame, ctx.write_timeout()).await {
             tracing::info!(%peer, session = id, "answer not delivered ({e}), closing");
@@ -367,8 +368,10 @@ async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
 
 /// The dtype of a step's output: the session's, or under the client's `auto_wire` the one
 /// [`proto::auto_dtype`] picks for the link it goes out on first, to the next node when the
-/// step is forwarded, else back to the client. The client gets the same bytes as the next node
-/// either way, so its replay history holds exactly what that node computed from.
+/// step is forwarded (its rate as that node reported it in earlier acknowledgements), else back
+/// to the client (its rate as the client measured this node's earlier answers). The client gets
+/// the same bytes as the next node either way, so its replay history holds exactly what that
+/// node computed from.
 async fn output_dtype(
     ctx: &ServeContext,
     client: PeerId,
@@ -380,19 +383,34 @@ async fn output_dtype(
         return session;
     }
     // A step too small to compress on any link needs no measurement.
-    if proto::auto_dtype(rows, ctx.dim, Some(Duration::MAX)) == Dtype::F32 {
+    let worst = proto::Link {
+        rtt: Some(Duration::MAX),
+        rate: Some(1),
+    };
+    if proto::auto_dtype(rows, ctx.dim, worst) == Dtype::F32 {
         return Dtype::F32;
     }
-    let to = match step.next.first() {
-        Some(hop) => PeerId::from_bytes(&hop.peer_id).ok(),
-        None => Some(client),
+    let link = match step.next.first() {
+        Some(hop) => match PeerId::from_bytes(&hop.peer_id) {
+            Ok(next) => proto::Link {
+                rtt: ctx.net.rtt(next).await,
+                rate: ctx.net.link_rate(next, swarm::Direction::To),
+            },
+            Err(_) => proto::Link::default(),
+        },
+        None => proto::Link {
+            rtt: ctx.net.rtt(client).await,
+            rate: (step.answer_rate > 0).then_some(step.answer_rate),
+        },
     };
-    let rtt = match to {
-        Some(p) => ctx.net.rtt(p).await,
-        None => None,
-    };
-    let dtype = proto::auto_dtype(rows, ctx.dim, rtt);
-    tracing::debug!(rows, ?rtt, ?dtype, "auto wire: output dtype");
+    let dtype = proto::auto_dtype(rows, ctx.dim, link);
+    // Prompt-sized steps only (smaller ones returned above): one line per prompt and node.
+    tracing::info!(
+        rows,
+        rtt_ms = link.rtt.map(|r| r.as_millis() as u64),
+        rate_kbit_s = link.rate.map(|r| r * 8 / 1000),
+        "auto wire: output as {dtype:?}"
+    );
     dtype
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::PeerId;
 use proto::v1::{ErrorCode, PushAck, PushStep, Step};
-use proto::{max_step_frame, read_frame, write_frame, PUSH_TOKEN_LEN};
+use proto::{max_step_frame, read_timed, write_frame, PUSH_TOKEN_LEN};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -209,9 +209,9 @@ pub async fn accept_loop(
 async fn serve_pushes(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
     let max = max_step_frame(ctx.max_step_tokens, ctx.dim);
     loop {
-        let read = read_frame::<_, PushStep>(&mut stream, max);
-        let push = match tokio::time::timeout(ctx.idle_timeout, read).await {
-            Ok(Ok(Some(p))) => p,
+        let read = read_timed::<_, PushStep>(&mut stream, max);
+        let (push, rate) = match tokio::time::timeout(ctx.idle_timeout, read).await {
+            Ok(Ok(Some(p))) => (p.frame, p.rate),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, "bad push frame: {e}");
                 return;
@@ -222,6 +222,7 @@ async fn serve_pushes(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeCo
         let ack = PushAck {
             step_id,
             error: deliver(&ctx, push).await.err(),
+            rate: rate.unwrap_or(0),
         };
         if let Some(e) = &ack.error {
             tracing::debug!(%peer, step_id, "push refused: {}", e.message);

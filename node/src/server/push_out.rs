@@ -77,6 +77,7 @@ impl Forwarder {
                 step_id: step.step_id,
                 next: step.next[1..].to_vec(),
                 auto_wire: step.auto_wire,
+                answer_rate: hop.answer_rate,
             }),
         };
         let blocks = (hop.start_block, hop.end_block);
@@ -160,6 +161,10 @@ impl Forwarder {
             .await
             .map_err(|e| format!("reading {peer}'s acknowledgement: {e}"))?
             .ok_or_else(|| format!("{peer} closed the push stream"))?;
+        // The next node timed the step's arrival: the rate of this node's link to it, for
+        // choosing the dtype of the next forward under `auto_wire`.
+        self.net
+            .note_link_rate(peer, swarm::Direction::To, ack.rate);
         if ack.step_id != step_id {
             return Err(format!(
                 "{peer} acknowledged step {} instead of {step_id}",

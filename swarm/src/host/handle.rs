@@ -1,5 +1,6 @@
 //! The cloneable side of the host: commands to the event loop, each with a one-shot reply.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -7,6 +8,7 @@ use libp2p::kad::RecordKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
+use super::link_rates::{Direction, LinkRates};
 use super::NetError;
 
 pub(crate) enum Command {
@@ -53,6 +55,8 @@ pub struct NetHandle {
     /// Signs this peer's DHT entries; stays inside the crate.
     keypair: Keypair,
     control: libp2p_stream::Control,
+    /// Measured link rates, shared by every clone of this handle.
+    rates: Arc<LinkRates>,
 }
 
 impl NetHandle {
@@ -66,6 +70,7 @@ impl NetHandle {
             peer_id: keypair.public().to_peer_id(),
             keypair,
             control,
+            rates: Arc::default(),
         }
     }
 
@@ -156,6 +161,17 @@ impl NetHandle {
             .await
             .ok()
             .flatten()
+    }
+
+    /// The latest measured rate, in bytes/s, of the link from this peer to `peer` (`To`) or back
+    /// (`From`); see [`super::link_rates`].
+    pub fn link_rate(&self, peer: PeerId, dir: Direction) -> Option<u64> {
+        self.rates.get(peer, dir)
+    }
+
+    /// Keeps a measure of the link's rate in bytes/s; zero (not measured) is ignored.
+    pub fn note_link_rate(&self, peer: PeerId, dir: Direction, rate: u64) {
+        self.rates.set(peer, dir, rate);
     }
 
     /// Starts connections to `peers` (ping then measures them) without waiting for them.

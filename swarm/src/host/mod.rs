@@ -13,6 +13,7 @@
 
 mod event_loop;
 mod handle;
+mod link_rates;
 pub mod nat;
 mod relay_guard;
 
@@ -29,6 +30,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 pub use handle::NetHandle;
+pub use link_rates::Direction;
 pub use nat::{NatOptions, RelayServer};
 
 use event_loop::EventLoop;
