@@ -8,6 +8,9 @@
 #   simulations/netns/wan.sh ttft  [BIN_DIR]   # time to first token of a 128-token prompt through
 #                                              # 3 nodes on lte links (35 ms, 30 Mbit/s), per
 #                                              # wire dtype (f32, f16, bf16, q8), push on
+#   simulations/netns/wan.sh chat  [BIN_DIR]   # two turns of `chat --wire-dtype auto` on those
+#                                              # links: the dtype each sender chose per turn, once
+#                                              # its links' rates are measured
 #
 # BIN_DIR holds edge-node (default target/release). Needs root (ip netns, iptables, /dev/net/tun)
 # and python3; prints one SKIPPED line and exits 0 where namespaces cannot be made.
@@ -54,7 +57,7 @@ LINK_RATE=""
 SYMMETRIC=""
 
 skip() { echo "SKIPPED: netns wan $MODE: $*"; exit 0; }
-case "$MODE" in test|bench|ttft) ;; *) echo "usage: $0 test|bench|ttft [BIN_DIR]" >&2; exit 2 ;; esac
+case "$MODE" in test|bench|ttft|chat) ;; *) echo "usage: $0 test|bench|ttft|chat [BIN_DIR]" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || skip "needs root for ip netns and iptables"
 command -v ip >/dev/null && command -v iptables >/dev/null || skip "ip or iptables missing"
 command -v python3 >/dev/null || skip "python3 missing"
@@ -326,19 +329,55 @@ if [ "$MODE" = test ]; then
   exit 0
 fi
 
+# The profile's links (WAN_PROFILE, default lte; WAN_RATE overrides its rate in Mbit/s, "none":
+# delay only).
+link_profile() {
+  PROFILE=${WAN_PROFILE:-lte}
+  read -r delay rate < <(awk -v p="$PROFILE" '$1 == p { print $2, $5 }' simulations/profiles/links.txt)
+  [ -n "${rate:-}" ] || { echo "no link profile $PROFILE in simulations/profiles/links.txt" >&2; exit 2; }
+  rate=${WAN_RATE:-$rate}
+  LINK_RATE=$rate
+  [ "$rate" = none ] && LINK_RATE=""
+  return 0
+}
+
+if [ "$MODE" = chat ]; then
+  # One client process for two turns, as a chat or a gateway is: on the first turn its own
+  # links are new (judged by their round trip), on the second they are measured. Each line of
+  # the summary is one choice of a sender for a prompt-sized step: the client's for its link
+  # to node 1, each node's for its output (to the next node, the last to the client).
+  link_profile
+  world "$delay" 1 2 3 4
+  start_bootstrap
+  start_node 1 0..10
+  start_node 2 10..20
+  start_node 3 20..30
+  for i in 1 2 3; do node_ready $i; done
+  turn="Tell me the history of the printing press, from the woodblocks of China and the movable \
+type of Bi Sheng to the bronze type of Korea and the press of Johannes Gutenberg, and how the price \
+of books changed in the fifty years after his Bible."
+  turn2="And what came after that? Tell me about the two hundred cities that had presses by 1500, \
+the printers of Venice and their small books, the spread of pamphlets in the Reformation, the first \
+newspapers of the seventeenth century, and how the steam press changed it all again in 1814."
+  printf '%s\n%s\n' "$turn" "$turn2" |
+    in_ns $P-h4 env RUST_LOG=info,libp2p=warn,coordinator::session::span=debug "$BIN/edge-node" chat \
+      --model $MODEL --bootstrap $BOOT_TCP --bootstrap $BOOT_QUIC --discovery-timeout 60 \
+      --max-new-tokens 8 --wire-dtype auto >"$LOG/chat.out" 2>"$LOG/chat.err" ||
+    { echo "FAIL: chat failed:" >&2; tail -5 "$LOG/chat.err" >&2; exit 1; }
+  echo "# profile $PROFILE: $delay ms one-way and ${LINK_RATE:-no} Mbit/s rate each way"
+  echo "client:"; grep -o 'auto wire: step as .*' "$LOG/chat.err" | sed 's/^/  /'
+  for i in 1 2 3; do
+    echo "node $i:"; grep -o 'auto wire: output as .*' "$LOG/node$i.err" | sed 's/^/  /'
+  done
+  exit 0
+fi
+
 if [ "$MODE" = ttft ]; then
   # Rounds on the profile's links, each in a fresh world and swarm: one generation per wire
   # dtype, in turn. ttft is the client's prefill time: the prompt through the 3 spans and the
   # head to the first token (connecting and opening the session, a few seconds with the hole
   # punches, come before it and are not counted).
-  PROFILE=${WAN_PROFILE:-lte}
-  read -r delay rate < <(awk -v p="$PROFILE" '$1 == p { print $2, $5 }' simulations/profiles/links.txt)
-  [ -n "${rate:-}" ] || { echo "no link profile $PROFILE in simulations/profiles/links.txt" >&2; exit 2; }
-  # WAN_RATE overrides the profile's rate (Mbit/s; "none": delay only, to see what the rate
-  # costs).
-  rate=${WAN_RATE:-$rate}
-  LINK_RATE=$rate
-  [ "$rate" = none ] && LINK_RATE=""
+  link_profile
   TOKENS=${WAN_TOKENS:-8}
   # 128 tokens with SmolLM2's tokenizer (BOS included); the script checks the count.
   prompt=${WAN_PROMPT:-"The history of the printing press begins long before Gutenberg. In China, \

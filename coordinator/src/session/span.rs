@@ -243,7 +243,17 @@ impl SpanSession {
                     rtt: self.rtt,
                     rate: self.net.link_rate(self.peer, Direction::To),
                 };
-                (proto::auto_dtype(hidden.tokens, hidden.dim, link), true)
+                let dtype = proto::auto_dtype(hidden.tokens, hidden.dim, link);
+                if hidden.tokens > 1 {
+                    tracing::debug!(
+                        peer = %self.peer,
+                        rows = hidden.tokens,
+                        rtt_ms = link.rtt.map(|r| r.as_millis() as u64),
+                        rate_kbit_s = link.rate.map(|r| r * 8 / 1000),
+                        "auto wire: step as {dtype:?}"
+                    );
+                }
+                (dtype, true)
             }
         };
         ClientFrame::step_of(Step {
