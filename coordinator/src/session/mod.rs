@@ -357,6 +357,12 @@ pub struct OpenSpan<S> {
     pub session: S,
 }
 
+/// Up to this many values (256 KiB), a span's whole history is reserved at once (see
+/// [`SpanState::record`]): a few hundred tokens of a small model, or all of a simulated
+/// session's. Larger histories grow as usual, as most of a long session's room may never be
+/// used.
+const RESERVE_WHOLE_HISTORY_FLOATS: usize = 1 << 16;
+
 /// A span of the route and the inputs it has been sent (positions `0..len`), kept for replay
 /// and for checking its outputs on a second peer.
 struct SpanState<S> {
@@ -375,8 +381,17 @@ impl<S> SpanState<S> {
         }
     }
 
-    fn record(&mut self, pos: u32, x: &Hidden) {
+    /// Keeps `x` as the inputs of positions `pos..`. A session's history grows a row per token,
+    /// so growing it by doubling reallocates it every so often: when the whole session's
+    /// (`max_length` rows) is small, room for all of it is made at the first growth instead.
+    fn record(&mut self, pos: u32, x: &Hidden, max_length: u32) {
         self.inputs.truncate(pos as usize * x.dim);
+        let whole = max_length as usize * x.dim;
+        let needed = self.inputs.len() + x.data.len();
+        if needed > self.inputs.capacity() && whole <= RESERVE_WHOLE_HISTORY_FLOATS {
+            self.inputs
+                .reserve_exact(whole.max(needed) - self.inputs.len());
+        }
         self.inputs.extend_from_slice(&x.data);
     }
 
@@ -498,7 +513,7 @@ impl<N: Network> InferenceSession<N> {
             let pushed = self.router.network.push(sessions, pos, &x).await;
             self.pushed_spans += pushed.outputs.len();
             for y in pushed.outputs {
-                self.spans[i].record(pos, &x);
+                self.spans[i].record(pos, &x, self.max_length);
                 x = y;
                 i += 1;
             }
@@ -521,7 +536,7 @@ impl<N: Network> InferenceSession<N> {
             {
                 Ok(y) => {
                     self.relayed_spans += 1;
-                    state.record(pos, &x);
+                    state.record(pos, &x, self.max_length);
                     if verifying {
                         state.check.record(pos as usize, &y);
                     }
