@@ -302,7 +302,6 @@ impl<N: Network> Router<N> {
 }
 
 /// What one lookup found, and the planner's picture of it.
-#[derive(Clone)]
 struct View {
     servers: Arc<Vec<Server>>,
     infos: Arc<Vec<ServerInfo<PeerId>>>,
