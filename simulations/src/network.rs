@@ -32,6 +32,9 @@ use crate::world::{base_rtt_ms, State, World, EPOCH_MS};
 /// A lost packet costs a retransmission timeout on top of the round trip.
 const RTO_MS: f64 = 200.0;
 
+/// Up to this many peers banned at once are looked for by comparison, not by hashing.
+const FEW_BANS: usize = 16;
+
 /// How clients choose routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -227,7 +230,10 @@ impl SimNetwork {
         let timeout = w.cfg.step_timeout_s * 1000.0;
         let bytes = hidden.tokens as f64 * f64::from(w.cfg.hidden_bytes_per_token);
         let positions = 1.0 + (hidden.tokens as f64 - 1.0) * w.cfg.prefill_cost;
-        let mut pushed = Pushed::default();
+        let mut pushed = Pushed {
+            outputs: Vec::with_capacity(spans.len()),
+            stop: None,
+        };
         // When the client has read every answer so far and starts waiting for the next.
         let mut read = now;
         // The span before: its peer, when it computed the step, and its answer's way back.
@@ -235,7 +241,6 @@ impl SimNetwork {
         for span in spans {
             let i = span.peer as usize;
             let spec = &w.schedule.peers[i];
-            let id = spec.id;
             let link = &self.links[spec.link];
             let leave = match w.state(i, now) {
                 State::Absent => Some((now, Leave::Crash)),
@@ -247,8 +252,11 @@ impl SimNetwork {
                 Some((p, computed, _)) => (&self.links[w.schedule.peers[p].link], computed),
             };
             let arrive = sent + one_way_ms(&mut rng, from, link, bytes);
-            let timed_out = SessionError::Timeout {
-                peer: id,
+            // The peer's id only on the way out: it is most of a schedule entry, and the chain
+            // of a step that goes through is priced without it.
+            let id = |w: &World| w.schedule.peers[i].id;
+            let timed_out = |peer| SessionError::Timeout {
+                peer,
                 what: "pushed step",
                 secs: timeout / 1000.0,
             };
@@ -256,7 +264,7 @@ impl SimNetwork {
             let gone_on_arrival = leave.filter(|&(at, _)| at <= arrive);
             match (prev, gone_on_arrival) {
                 (_, Some((_, Leave::Freeze))) => {
-                    fail(&mut pushed, timed_out);
+                    fail(&mut pushed, timed_out(id(&w)));
                     return (read + timeout - now, pushed);
                 }
                 (Some((p, computed, down)), _) if moved || gone_on_arrival.is_some() => {
@@ -268,19 +276,20 @@ impl SimNetwork {
                     let from_id = w.schedule.peers[p].id;
                     let reported = computed + base_rtt_ms(from, link) + down;
                     pushed.stop = Some(PushStop::NotForwarded(format!(
-                        "{from_id}: forwarding to {id}: {reason}"
+                        "{from_id}: forwarding to {}: {reason}",
+                        id(&w)
                     )));
                     return (read.max(reported) - now, pushed);
                 }
                 (None, Some((at, _))) => {
                     let closed = at.max(now) + one_way_ms(&mut rng, &self.link, link, 0.0);
-                    fail(&mut pushed, SessionError::Closed { peer: id });
+                    fail(&mut pushed, SessionError::Closed { peer: id(&w) });
                     return (read.max(closed) - now, pushed);
                 }
                 (None, None) if moved => {
                     let refused = now + base_rtt_ms(&self.link, link);
                     let e = SessionError::Remote {
-                        peer: id,
+                        peer: id(&w),
                         code: ErrorCode::BlocksNotServed,
                         message: "moved to other blocks".into(),
                     };
@@ -302,15 +311,15 @@ impl SimNetwork {
             let answer = computed + down;
             match leave {
                 Some((at, Leave::Freeze)) if at < computed => {
-                    fail(&mut pushed, timed_out);
+                    fail(&mut pushed, timed_out(id(&w)));
                     return (read + timeout - now, pushed);
                 }
                 Some((at, _)) if at < computed => {
-                    fail(&mut pushed, SessionError::Closed { peer: id });
+                    fail(&mut pushed, SessionError::Closed { peer: id(&w) });
                     return (read.max(at + down) - now, pushed);
                 }
                 _ if answer - read > timeout => {
-                    fail(&mut pushed, timed_out);
+                    fail(&mut pushed, timed_out(id(&w)));
                     return (read + timeout - now, pushed);
                 }
                 _ => {}
@@ -512,7 +521,25 @@ fn walk<'a>(
     if req.blocks.is_empty() {
         return Err(PlanError::EmptyRequest);
     }
-    let usable: Vec<&ServerInfo<PeerId>> = servers.iter().filter(|s| s.is_usable(req)).collect();
+    // What `is_usable` decides, without hashing each of the thousands of servers into the
+    // ban table while only a few peers are banned now (as the planner does): SipHash over
+    // every listed id was a visible share of these policies' run time.
+    let banned: Vec<&PeerId> = req
+        .banned_until_ms
+        .iter()
+        .filter(|&(_, &until)| req.now_ms < until)
+        .map(|(peer, _)| peer)
+        .collect();
+    let usable: Vec<&ServerInfo<PeerId>> = servers
+        .iter()
+        .filter(|s| {
+            if banned.len() <= FEW_BANS {
+                s.online && !banned.contains(&&s.peer)
+            } else {
+                s.is_usable(req)
+            }
+        })
+        .collect();
     let mut at = req.blocks.start;
     let mut route = Vec::new();
     while at < req.blocks.end {

@@ -208,13 +208,17 @@ pub enum Leave {
     Freeze,
 }
 
+/// `repr(C)` so that what every simulated step reads (link, leave, device) comes first, in one
+/// cache line, and the id (80 of its bytes, read only for errors and lookups) last: with
+/// 10,000 peers the entries are rarely cached, and these loads were a visible share of a
+/// push's time.
 #[derive(Clone, Debug)]
+#[repr(C)]
 pub struct PeerSpec {
-    pub id: PeerId,
-    pub device: usize,
     pub link: usize,
-    pub join_ms: u64,
     pub leave: Option<(u64, Leave)>,
+    pub device: usize,
+    pub join_ms: u64,
     /// How long the record outlives a crash or freeze.
     pub linger_ms: u64,
     /// Offset of this peer's first rebalancing check.
@@ -223,6 +227,7 @@ pub struct PeerSpec {
     pub announce_phase_ms: u64,
     /// Takes the first blocks at join instead of choosing ([`Scenario::SkewedJoin`]).
     pub skewed: bool,
+    pub id: PeerId,
 }
 
 #[derive(Clone, Debug)]

@@ -47,14 +47,17 @@ pub enum State {
     Gone(Leave, u64),
 }
 
+/// `repr(C)` so that what every simulated step reads (state, generation, batch) shares the
+/// first cache line: see [`crate::scenario::PeerSpec`].
+#[repr(C)]
 pub struct Peer {
-    joined: bool,
-    pub blocks: Range<u32>,
     /// End of loading the current blocks.
     pub online_at_ms: u64,
+    pub batch: Batcher,
     /// Bumped by each move, so sessions opened on the old blocks fail.
     pub generation: u32,
-    pub batch: Batcher,
+    joined: bool,
+    pub blocks: Range<u32>,
     /// Sessions open on the current blocks and the cache they reserved.
     pub sessions: u32,
     pub cache_used: u64,

@@ -184,7 +184,7 @@ impl<N: Network> Router<N> {
         blocks: Range<u32>,
         max_length: u32,
     ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
-        self.open_within(blocks, max_length, None).await
+        Ok(self.open_within(blocks, max_length, None, None).await?.0)
     }
 
     /// [`Router::open`], giving the first route's peers at most `first_connect` each to open,
@@ -197,17 +197,22 @@ impl<N: Network> Router<N> {
     /// round trips; one that does not within `first_connect` is banned like any failed peer,
     /// and the next route is planned without it. A peer that is merely slow to reach (behind a
     /// relay) still gets the full timeout on a later route if nothing else serves its blocks.
+    ///
+    /// With `seen` (a view this client looked up earlier), the first route is planned on it
+    /// instead of a fresh lookup (see [`SESSION_VIEW_REUSE`]); any later one on a fresh
+    /// lookup. Returns the spans and the view their route was planned on.
     async fn open_within(
         &self,
         blocks: Range<u32>,
         max_length: u32,
         mut first_connect: Option<Duration>,
-    ) -> Result<Vec<OpenSpan<N::Span>>, RouteError> {
+        seen: Option<View>,
+    ) -> Result<(Vec<OpenSpan<N::Span>>, View), RouteError> {
         let deadline = swarm::deadline::after(self.discovery_timeout);
         let mut refusals = Refusals::default();
         let mut full: HashMap<PeerId, u64> = HashMap::new();
         let mut last_full: Option<SessionError> = None;
-        let mut reuse: Option<View> = None;
+        let mut reuse: Option<View> = seen;
         loop {
             let planned = self
                 .plan_skipping(
@@ -263,7 +268,7 @@ impl<N: Network> Router<N> {
                 }
             }
             let Some(e) = failure else {
-                return Ok(spans);
+                return Ok((spans, view));
             };
             first_connect = None;
             self.close_all(spans).await;
@@ -303,6 +308,17 @@ struct View {
     /// When the lookup answered.
     at: tokio::time::Instant,
 }
+
+/// How old the view a session was planned on may be for its reroutes to plan on it first,
+/// instead of waiting for a lookup. A reroute is on the generation's critical path, and a
+/// lookup (a DHT query per block, over a home link) is a large part of it: in the simulated
+/// swarm 120-330 ms of a recovery's ~1 s, the rest mostly the replay. A peer in the old view
+/// that is still there and serving (most of them: the failed one is banned) opens as from a
+/// fresh view. One that has gone or moved since costs the first attempt at most its
+/// [`reroute_connect`] bound, or a refusal's round trip, and the next route is planned on a
+/// fresh lookup, as before. Past a minute, enough of a swarm changes (records last 30 s
+/// after a crash) for a lookup to be worth its time.
+pub const SESSION_VIEW_REUSE: Duration = Duration::from_secs(60);
 
 /// How long a view serves for further attempts of the same request (after a peer on its
 /// route failed to open) before discovery is asked again. Announcements are seconds old
@@ -357,6 +373,12 @@ pub struct OpenSpan<S> {
     pub session: S,
 }
 
+/// Up to this many values (256 KiB), a span's whole history is reserved at once (see
+/// [`SpanState::record`]): a few hundred tokens of a small model, or all of a simulated
+/// session's. Larger histories grow as usual, as most of a long session's room may never be
+/// used.
+const RESERVE_WHOLE_HISTORY_FLOATS: usize = 1 << 16;
+
 /// A span of the route and the inputs it has been sent (positions `0..len`), kept for replay
 /// and for checking its outputs on a second peer.
 struct SpanState<S> {
@@ -375,8 +397,17 @@ impl<S> SpanState<S> {
         }
     }
 
-    fn record(&mut self, pos: u32, x: &Hidden) {
+    /// Keeps `x` as the inputs of positions `pos..`. A session's history grows a row per token,
+    /// so growing it by doubling reallocates it every so often: when the whole session's
+    /// (`max_length` rows) is small, room for all of it is made at the first growth instead.
+    fn record(&mut self, pos: u32, x: &Hidden, max_length: u32) {
         self.inputs.truncate(pos as usize * x.dim);
+        let whole = max_length as usize * x.dim;
+        let needed = self.inputs.len() + x.data.len();
+        if needed > self.inputs.capacity() && whole <= RESERVE_WHOLE_HISTORY_FLOATS {
+            self.inputs
+                .reserve_exact(whole.max(needed) - self.inputs.len());
+        }
         self.inputs.extend_from_slice(&x.data);
     }
 
@@ -419,6 +450,9 @@ impl Refusals {
 pub struct InferenceSession<N: Network = Libp2pNetwork> {
     router: Arc<Router<N>>,
     spans: Vec<SpanState<N::Span>>,
+    /// The view the route was last planned on: a reroute plans on it first while it is recent
+    /// (see [`SESSION_VIEW_REUSE`]).
+    view: Option<View>,
     max_length: u32,
     recoveries: Vec<Duration>,
     /// Peers caught returning wrong outputs (and banned for it).
@@ -431,8 +465,11 @@ pub struct InferenceSession<N: Network = Libp2pNetwork> {
 
 impl<N: Network> InferenceSession<N> {
     pub async fn open(router: Arc<Router<N>>, max_length: u32) -> Result<Self, RouteError> {
-        let spans = router.open(0..router.block_count, max_length).await?;
+        let (spans, view) = router
+            .open_within(0..router.block_count, max_length, None, None)
+            .await?;
         Ok(Self {
+            view: Some(view),
             spans: spans
                 .into_iter()
                 .map(|span| SpanState::new(span, Vec::new(), 0))
@@ -498,7 +535,7 @@ impl<N: Network> InferenceSession<N> {
             let pushed = self.router.network.push(sessions, pos, &x).await;
             self.pushed_spans += pushed.outputs.len();
             for y in pushed.outputs {
-                self.spans[i].record(pos, &x);
+                self.spans[i].record(pos, &x, self.max_length);
                 x = y;
                 i += 1;
             }
@@ -521,7 +558,7 @@ impl<N: Network> InferenceSession<N> {
             {
                 Ok(y) => {
                     self.relayed_spans += 1;
-                    state.record(pos, &x);
+                    state.record(pos, &x, self.max_length);
                     if verifying {
                         state.check.record(pos as usize, &y);
                     }
@@ -560,13 +597,25 @@ impl<N: Network> InferenceSession<N> {
         let history = failed.inputs;
         drop(failed.span);
         let mut last: RouteError = error.into();
+        let mut seen = self
+            .view
+            .take()
+            .filter(|v| v.at.elapsed() < SESSION_VIEW_REUSE);
         while tokio::time::Instant::now() < deadline {
             let spans = match self
                 .router
-                .open_within(blocks.clone(), self.max_length, Some(REROUTE_CONNECT))
+                .open_within(
+                    blocks.clone(),
+                    self.max_length,
+                    Some(REROUTE_CONNECT),
+                    seen.take(),
+                )
                 .await
             {
-                Ok(s) => s,
+                Ok((s, view)) => {
+                    self.view = Some(view);
+                    s
+                }
                 Err(e) => {
                     last = e;
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1010,6 +1059,60 @@ mod tests {
         let bound = reroute_connect(Some(1.0), REROUTE_CONNECT);
         assert_eq!(session.recoveries().len(), 1);
         assert!(session.recoveries()[0] >= bound);
+        assert!(session.recoveries()[0] < REROUTE_CONNECT);
+    }
+
+    /// A session over `fast` (which dies at position 1) and a tail, after its first token;
+    /// `next` and then `slow` serve the fast peer's blocks too, and `next` never answers an
+    /// open if `next_frozen`.
+    async fn session_losing_fast(
+        next_frozen: bool,
+    ) -> (Arc<Router<Fake>>, InferenceSession<Fake>, [PeerId; 2]) {
+        let [fast, next, slow] = [(); 3].map(|_| PeerId::random());
+        let router = router_of(Fake {
+            dead: fast,
+            dies_at: 1,
+            frozen: if next_frozen { vec![next] } else { Vec::new() },
+            ..Fake::new(vec![
+                server(fast, 0..4, 1.0),
+                server(next, 0..4, 2.0),
+                server(slow, 0..4, 10.0),
+                server(PeerId::random(), 4..6, 1.0),
+            ])
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route()[0].peer, fast.to_string());
+        session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        (router, session, [next, slow])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reroute_plans_on_the_sessions_recent_view_without_a_lookup() {
+        let (router, mut session, [next, _]) = session_losing_fast(false).await;
+        // Older than a request's own reuse, younger than a session's.
+        tokio::time::sleep(VIEW_REUSE * 5).await;
+        session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
+        assert_eq!(session.reroutes(), 1);
+        assert_eq!(session.route()[0].peer, next.to_string());
+        assert_eq!(*router.network.lookups.lock().unwrap(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reroute_looks_up_again_when_the_sessions_view_is_old_or_fails_it() {
+        let (router, mut session, [next, _]) = session_losing_fast(false).await;
+        tokio::time::sleep(SESSION_VIEW_REUSE).await;
+        session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
+        assert_eq!(session.route()[0].peer, next.to_string());
+        assert_eq!(*router.network.lookups.lock().unwrap(), 2);
+
+        // Recent, but the peer it offers froze since: one bounded attempt on it, then a
+        // fresh lookup for the next route.
+        let (router, mut session, [next, slow]) = session_losing_fast(true).await;
+        tokio::time::sleep(VIEW_REUSE * 5).await;
+        session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
+        assert_eq!(session.route()[0].peer, slow.to_string());
+        assert!(router.bans.lock().unwrap().snapshot().contains_key(&next));
+        assert_eq!(*router.network.lookups.lock().unwrap(), 2);
         assert!(session.recoveries()[0] < REROUTE_CONNECT);
     }
 
