@@ -329,6 +329,17 @@ if [ "$MODE" = test ]; then
   exit 0
 fi
 
+# three_nodes DELAY: homes 1-4 on access links of DELAY ms one-way, the bootstrap and relay,
+# and nodes serving 0..10, 10..20 and 20..30 in homes 1-3 (home 4 is the client's), ready.
+three_nodes() {
+  world "$1" 1 2 3 4
+  start_bootstrap
+  start_node 1 0..10
+  start_node 2 10..20
+  start_node 3 20..30
+  for i in 1 2 3; do node_ready $i; done
+}
+
 # The profile's links (WAN_PROFILE, default lte; WAN_RATE overrides its rate in Mbit/s, "none":
 # delay only).
 link_profile() {
@@ -347,12 +358,7 @@ if [ "$MODE" = chat ]; then
   # the summary is one choice of a sender for a prompt-sized step: the client's for its link
   # to node 1, each node's for its output (to the next node, the last to the client).
   link_profile
-  world "$delay" 1 2 3 4
-  start_bootstrap
-  start_node 1 0..10
-  start_node 2 10..20
-  start_node 3 20..30
-  for i in 1 2 3; do node_ready $i; done
+  three_nodes "$delay"
   turn="Tell me the history of the printing press, from the woodblocks of China and the movable \
 type of Bi Sheng to the bronze type of Korea and the press of Johannes Gutenberg, and how the price \
 of books changed in the fifty years after his Bible."
@@ -404,12 +410,7 @@ than two hundred cities, and the price of books fell sharply"}
     # (libp2p's default limiter: a burst of 60, then one a minute), and each client run opens
     # about six from the client home's one public address while it hole punches.
     teardown
-    world "$delay" 1 2 3 4
-    start_bootstrap
-    start_node 1 0..10
-    start_node 2 10..20
-    start_node 3 20..30
-    for i in 1 2 3; do node_ready $i; done
+    three_nodes "$delay"
     # Not measured: a first generation opens the connections between the nodes (relay, then
     # hole punch), which the measured ones would otherwise pay in turn, and its f32 prompt lets
     # each node time the arrival of a large frame from the one before it, so `auto` finds the
@@ -450,12 +451,7 @@ TOKENS=${WAN_TOKENS:-48}
 echo "delay_ms mode ms_per_token decode_tok_s ttft_ms"
 for d in ${WAN_DELAYS:-5 25 50}; do
   teardown
-  world "$d" 1 2 3 4
-  start_bootstrap
-  start_node 1 0..10
-  start_node 2 10..20
-  start_node 3 20..30
-  for i in 1 2 3; do node_ready $i; done
+  three_nodes "$d"
   for mode in relay push relay push; do
     extra=()
     [ $mode = relay ] && extra=(--no-push)
