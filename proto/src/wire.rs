@@ -62,6 +62,14 @@ pub struct Link {
     pub rate: Option<u64>,
 }
 
+impl Link {
+    /// The measured rate in kbit/s, for logs; saturating, since a peer reports the rate of a
+    /// link to it and may send any number.
+    pub fn rate_kbit_s(&self) -> Option<u64> {
+        self.rate.map(|r| r.saturating_mul(8) / 1000)
+    }
+}
+
 /// The dtype for sending `rows` hidden states of width `dim` over `link`. An unmeasured link
 /// stays exact.
 pub fn auto_dtype(rows: usize, dim: usize, link: Link) -> Dtype {
@@ -128,6 +136,18 @@ mod tests {
         assert_eq!(auto_dtype(128, 576, mbit(3.0, 2)), Dtype::Q8Row);
         // A long prompt makes q8 pay on a faster link.
         assert_eq!(auto_dtype(1024, 576, mbit(30.0, 70)), Dtype::Q8Row);
+    }
+
+    #[test]
+    fn a_forged_rate_picks_a_dtype_and_logs_without_overflow() {
+        let forged = |rate| Link {
+            rtt: Some(Duration::from_millis(1)),
+            rate: Some(rate),
+        };
+        assert_eq!(auto_dtype(128, 576, forged(u64::MAX)), Dtype::F32);
+        assert_eq!(auto_dtype(128, 576, forged(1)), Dtype::Q8Row);
+        assert_eq!(forged(u64::MAX).rate_kbit_s(), Some(u64::MAX / 1000));
+        assert_eq!(forged(3_000_000 / 8).rate_kbit_s(), Some(3_000));
     }
 
     proptest::proptest! {

@@ -249,7 +249,7 @@ impl SpanSession {
                         peer = %self.peer,
                         rows = hidden.tokens,
                         rtt_ms = link.rtt.map(|r| r.as_millis() as u64),
-                        rate_kbit_s = link.rate.map(|r| r * 8 / 1000),
+                        rate_kbit_s = link.rate_kbit_s(),
                         "auto wire: step as {dtype:?}"
                     );
                 }

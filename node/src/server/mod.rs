@@ -408,7 +408,7 @@ async fn output_dtype(
     tracing::info!(
         rows,
         rtt_ms = link.rtt.map(|r| r.as_millis() as u64),
-        rate_kbit_s = link.rate.map(|r| r * 8 / 1000),
+        rate_kbit_s = link.rate_kbit_s(),
         "auto wire: output as {dtype:?}"
     );
     dtype
