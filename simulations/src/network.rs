@@ -464,16 +464,12 @@ impl Network for SimNetwork {
         match self.policy {
             RoutePolicy::Planner => plan_route(servers, req),
             RoutePolicy::LoadAware => plan_load_aware(servers, req, &mut *self.rng()),
-            RoutePolicy::FewestHops => walk(servers, req, |c| {
-                let end = req.blocks.end;
-                c.iter()
-                    .copied()
-                    .max_by_key(|s| (s.blocks.end.min(end), std::cmp::Reverse(s.peer)))
-            }),
+            RoutePolicy::FewestHops => walk(servers, req, longest_reach),
             RoutePolicy::Random => {
                 let mut rng = self.rng();
-                walk(servers, req, |c| {
-                    (!c.is_empty()).then(|| c[rng.random_range(0..c.len())])
+                walk(servers, req, |here| match here.iter().count() {
+                    0 => None,
+                    n => here.iter().nth(rng.random_range(0..n)),
                 })
             }
         }
@@ -511,12 +507,40 @@ impl Network for SimNetwork {
     }
 }
 
+/// The usable servers of one block, in listing order. Walked again rather than collected: a
+/// walk asks for them once per hop, over thousands of listed servers.
+#[derive(Clone, Copy)]
+struct Covering<'s, 'a> {
+    usable: &'s [&'a ServerInfo<PeerId>],
+    at: u32,
+    end: u32,
+}
+
+impl<'a> Covering<'_, 'a> {
+    fn iter(&self) -> impl Iterator<Item = &'a ServerInfo<PeerId>> + '_ {
+        let at = self.at;
+        self.usable
+            .iter()
+            .copied()
+            .filter(move |s| s.blocks.contains(&at))
+    }
+}
+
+/// Fewest hops: the server reaching furthest towards the request's end, the smaller peer on a
+/// tie.
+fn longest_reach<'a>(here: Covering<'_, 'a>) -> Option<&'a ServerInfo<PeerId>> {
+    let reach = |s: &ServerInfo<PeerId>| s.blocks.end.min(here.end);
+    // `max_by`, not `max_by_key`: a key would copy each server's 80-byte id to compare it.
+    here.iter()
+        .max_by(|a, b| reach(a).cmp(&reach(b)).then_with(|| b.peer.cmp(&a.peer)))
+}
+
 /// A baseline route: from the first block on, take the peer `choose` picks among the usable
 /// servers of the next block, as far as it goes.
 fn walk<'a>(
     servers: &'a [ServerInfo<PeerId>],
     req: &PlanRequest<'_, PeerId>,
-    mut choose: impl FnMut(&[&'a ServerInfo<PeerId>]) -> Option<&'a ServerInfo<PeerId>>,
+    mut choose: impl FnMut(Covering<'_, 'a>) -> Option<&'a ServerInfo<PeerId>>,
 ) -> Result<Vec<Span<PeerId>>, PlanError> {
     if req.blocks.is_empty() {
         return Err(PlanError::EmptyRequest);
@@ -543,12 +567,12 @@ fn walk<'a>(
     let mut at = req.blocks.start;
     let mut route = Vec::new();
     while at < req.blocks.end {
-        let here: Vec<&ServerInfo<PeerId>> = usable
-            .iter()
-            .copied()
-            .filter(|s| s.blocks.contains(&at))
-            .collect();
-        let Some(s) = choose(&here) else {
+        let here = Covering {
+            usable: &usable,
+            at,
+            end: req.blocks.end,
+        };
+        let Some(s) = choose(here) else {
             return Err(PlanError::Uncovered {
                 missing: at..at + 1,
             });
@@ -826,13 +850,7 @@ mod tests {
             banned_until_ms: &banned,
             default_rtt_ms: 20.0,
         };
-        let end = req.blocks.end;
-        let route = walk(&servers, &req, |c| {
-            c.iter()
-                .copied()
-                .max_by_key(|s| (s.blocks.end.min(end), std::cmp::Reverse(s.peer)))
-        })
-        .unwrap();
+        let route = walk(&servers, &req, longest_reach).unwrap();
         assert_eq!(route.len(), 2);
         assert_eq!(route[0].peer, servers[1].peer);
         assert_eq!(route[0].blocks, 0..8);
@@ -847,7 +865,7 @@ mod tests {
             ..req.clone()
         };
         assert!(matches!(
-            walk(&servers, &uncovered, |c| c.first().copied()),
+            walk(&servers, &uncovered, |c| c.iter().next()),
             Err(PlanError::Uncovered { missing }) if missing == (12..13)
         ));
     }

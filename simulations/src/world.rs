@@ -114,6 +114,9 @@ pub struct World {
     joined: usize,
     /// Per block, the entries of its record while a view is built (kept to save allocations).
     records: Vec<Vec<(u64, u32)>>,
+    /// What balancing sees in the DHT, while a join or a rebalancing round reads it (kept: a
+    /// fresh one of every peer per join was a visible share of a large run).
+    served: Vec<Served<u32>>,
     t0: Instant,
     rng: StdRng,
     pub moves: u64,
@@ -183,6 +186,7 @@ impl World {
             view_at_ms: f64::NEG_INFINITY,
             joined,
             records: vec![Vec::new(); cfg.blocks as usize],
+            served: Vec::new(),
             t0: Instant::now(),
             rng: StdRng::seed_from_u64(cfg.seed ^ 0x05ee_d0f3_011d),
             moves: 0,
@@ -230,25 +234,31 @@ impl World {
     }
 
     /// What balancing sees in the DHT: listed peers, joining ones included (as the balance
-    /// module asks), in peer order.
-    fn dht_view(&self, now: f64) -> Vec<Served<u32>> {
-        (0..self.peers.len())
-            .filter(|&i| self.listed(i, now))
-            .map(|i| {
-                let p = &self.peers[i];
-                Served {
-                    peer: i as u32,
-                    blocks: p.blocks.clone(),
-                    throughput: span_throughput(self.decode_ms(i), p.blocks.len() as u32),
-                }
-            })
-            .collect()
+    /// module asks), in peer order. In the buffer [`Self::served`]; give it back after use.
+    fn dht_view(&mut self, now: f64) -> Vec<Served<u32>> {
+        let mut view = std::mem::take(&mut self.served);
+        view.clear();
+        view.extend(
+            (0..self.peers.len())
+                .filter(|&i| self.listed(i, now))
+                .map(|i| {
+                    let p = &self.peers[i];
+                    Served {
+                        peer: i as u32,
+                        blocks: p.blocks.clone(),
+                        throughput: span_throughput(self.decode_ms(i), p.blocks.len() as u32),
+                    }
+                }),
+        );
+        view
     }
 
     /// Peer `i` arrives: picks its blocks with `choose_blocks` on the DHT's view and loads them.
     pub fn join(&mut self, i: usize) {
         let now = self.now_ms();
-        let throughput = block_throughput(&self.dht_view(now), self.cfg.blocks);
+        let view = self.dht_view(now);
+        let throughput = block_throughput(&view, self.cfg.blocks);
+        self.served = view;
         let n = self.device(i).max_blocks.min(self.cfg.blocks);
         let p = &mut self.peers[i];
         p.joined = true;
@@ -268,13 +278,15 @@ impl World {
         let blocks = self.cfg.blocks as usize;
         let mut totals = vec![0.0; blocks];
         let mut servers = vec![0u32; blocks];
-        for s in self.dht_view(now) {
+        let view = self.dht_view(now);
+        for s in &view {
             let end = (s.blocks.end as usize).min(blocks);
             for b in (s.blocks.start as usize).min(end)..end {
                 totals[b] += s.throughput;
                 servers[b] += 1;
             }
         }
+        self.served = view;
         let period = self.cfg.rebalance_check_min * 60_000.0;
         let mut without_me = vec![0.0; blocks];
         for i in 0..self.peers.len() {

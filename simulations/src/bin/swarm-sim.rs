@@ -10,6 +10,11 @@ use simulations::network::RoutePolicy;
 use simulations::scenario::Scenario;
 use simulations::{run, Config, Policy};
 
+/// Small allocations per simulated token dominate the allocator's work; mimalloc serves them
+/// faster than glibc's malloc (see BENCHMARKS.md, issue 19).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
     Scenario::ALL
         .into_iter()
