@@ -508,7 +508,7 @@ impl Network for SimNetwork {
 }
 
 /// The usable servers of one block, in listing order. Walked again rather than collected: a
-/// walk asks for them once per hop, over thousands of listed servers.
+/// walk asks for them once per hop, over the hundreds of servers a lookup lists.
 #[derive(Clone, Copy)]
 struct Covering<'s, 'a> {
     usable: &'s [&'a ServerInfo<PeerId>],
