@@ -433,7 +433,10 @@ impl World {
             }
         }
         self.records = records;
-        let mut out = Vec::new();
+        // Sized once: grown by doubling, each new view (~140 KB, one per simulated second and
+        // policy) was copied and faulted in several times over.
+        let listed = kept.iter().filter(|&&k| k).count();
+        let mut out = Vec::with_capacity(listed);
         self.view_peers.clear();
         for &i in &self.by_id {
             let i = i as usize;
