@@ -649,6 +649,45 @@ mod tests {
         assert_eq!(unpruned.len(), 2, "{unpruned:?}");
     }
 
+    /// Announcements are a peer's claims: NaN, infinite, negative and huge numbers and ranges
+    /// past any model are priced as before and pruned no differently.
+    #[test]
+    fn forged_announcements_are_pruned_as_the_full_sweep_prices_them() {
+        let no_bans = HashMap::new();
+        let forged = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -5.0,
+            0.0,
+            f32::MAX,
+            1.0,
+        ];
+        let mut servers = Vec::new();
+        for (i, &ms) in forged.iter().enumerate() {
+            for (j, &rtt) in forged.iter().enumerate() {
+                let peer = (i * forged.len() + j) as u32;
+                let start = peer % 7;
+                let mut s = server(peer, start..start + 1 + peer % 5, ms, rtt);
+                s.rtt_ms = (j % 3 != 0).then_some(rtt);
+                s.free_cache_tokens = [0, 999, u64::MAX][peer as usize % 3];
+                servers.push(s);
+            }
+        }
+        servers.push(server(99, 3..u32::MAX, 1.0, 1.0));
+        servers.push(server(98, 0..12, 2.0, 2.0));
+        let announced = |_, s: &ServerInfo<u32>| Price::announced(s);
+        for blocks in [0..12, 2..9, 5..6, 0..40] {
+            let req = request(blocks, &no_bans);
+            assert_eq!(
+                plan_candidates(&servers, &req, announced, Prune::Dominated),
+                plan_candidates(&servers, &req, announced, Prune::Nothing),
+                "{:?}",
+                req.blocks
+            );
+        }
+    }
+
     #[test]
     fn one_fast_peer_beats_two_hops_when_cheaper() {
         let no_bans = HashMap::new();
