@@ -140,6 +140,7 @@ fn local_view(
     decode_ms_per_block: f64,
 ) -> SwarmView {
     let n = blocks.len();
+    let load = compute.load();
     let step_ms = decode_ms_per_block * n as f64;
     SwarmView {
         model,
@@ -155,6 +156,9 @@ fn local_view(
                 0.0
             },
             free_cache_tokens: compute.free_cache_tokens(),
+            sessions: load.sessions,
+            max_sessions: load.max_sessions,
+            waiting_steps: load.waiting_steps,
             rtt_ms: None,
             version: env!("CARGO_PKG_VERSION").into(),
             announced_ms_ago: 0,

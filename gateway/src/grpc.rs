@@ -125,6 +125,9 @@ impl GatewayService for Grpc {
                     tokens_per_second: p.tokens_per_second,
                     free_cache_tokens: p.free_cache_tokens,
                     rtt_ms: p.rtt_ms,
+                    sessions: p.sessions,
+                    max_sessions: p.max_sessions,
+                    waiting_steps: p.waiting_steps,
                     version: p.version.clone(),
                 })
                 .collect(),

@@ -32,6 +32,11 @@ pub struct PeerView {
     /// Decode steps per second through the peer's whole range (what one client can get).
     pub tokens_per_second: f32,
     pub free_cache_tokens: u64,
+    /// The load the peer announced (what `--routing load-aware` clients price it at): sessions
+    /// open, sessions it takes (0 when it did not say), and steps waiting for its compute.
+    pub sessions: u32,
+    pub max_sessions: u32,
+    pub waiting_steps: u32,
     /// Ping round trip from the process that made the snapshot; `None` before one answered.
     pub rtt_ms: Option<f32>,
     pub version: String,
@@ -102,6 +107,9 @@ impl SwarmView {
                     decode_ms_per_block: s.decode_ms_per_block,
                     tokens_per_second: if span_ms > 0.0 { 1000.0 / span_ms } else { 0.0 },
                     free_cache_tokens: s.free_cache_tokens,
+                    sessions: s.load.sessions,
+                    max_sessions: s.load.max_sessions,
+                    waiting_steps: s.load.waiting_steps,
                     rtt_ms: rtt(&s.peer),
                     version: s.version.clone(),
                     announced_ms_ago: now_ms.saturating_sub(s.announced_at_ms),
@@ -198,6 +206,19 @@ mod tests {
         assert_eq!(v.peers[0].tokens_per_second, 125.0);
         assert_eq!(v.peers[2].state, "joining");
         assert_eq!(v.peers[0].announced_ms_ago, 100);
+    }
+
+    #[test]
+    fn the_announced_load_is_shown_as_announced() {
+        let mut busy = server(0..4, ServerState::Online, 1.0);
+        busy.load = crate::load::Load {
+            sessions: 5,
+            max_sessions: 16,
+            waiting_steps: 2,
+        };
+        let v = SwarmView::from_servers(info(4), &[busy], |_| None, 1000);
+        let p = &v.peers[0];
+        assert_eq!((p.sessions, p.max_sessions, p.waiting_steps), (5, 16, 2));
     }
 
     #[test]

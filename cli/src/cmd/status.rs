@@ -52,8 +52,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         view.peers.len()
     );
     println!(
-        "{:<54} {:>8} {:>8} {:>9} {:>9} {:>11}  coverage",
-        "peer", "blocks", "state", "ms/block", "RTT ms", "free cache"
+        "{:<54} {:>8} {:>8} {:>9} {:>9} {:>11} {:>9} {:>7}  coverage",
+        "peer", "blocks", "state", "ms/block", "RTT ms", "free cache", "sessions", "waiting"
     );
     for p in &view.peers {
         let bar: String = (0..blocks)
@@ -64,14 +64,21 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             })
             .collect();
         let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1}"));
+        // What load-aware clients price the peer at; an older node says nothing of its limit.
+        let sessions = match p.max_sessions {
+            0 => p.sessions.to_string(),
+            max => format!("{}/{max}", p.sessions),
+        };
         println!(
-            "{:<54} {:>8} {:>8} {:>9.3} {:>9} {:>11}  {bar}",
+            "{:<54} {:>8} {:>8} {:>9.3} {:>9} {:>11} {:>9} {:>7}  {bar}",
             p.peer_id,
             format!("{}..{}", p.start_block, p.end_block),
             p.state,
             p.decode_ms_per_block,
             rtt,
             p.free_cache_tokens,
+            sessions,
+            p.waiting_steps,
         );
     }
     let per_block: String = view
@@ -79,7 +86,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         .iter()
         .map(|&n| std::char::from_digit(n.min(9), 10).unwrap_or('9'))
         .collect();
-    println!("{:<95}  {per_block}", "servers per block");
+    println!("{:<122}  {per_block}", "servers per block");
     match &view.first_gap {
         Some(gap) => println!(
             "not covered: blocks {}..{} have no online server",

@@ -16,6 +16,7 @@ mod faults;
 mod hostile_clients;
 mod kernels;
 mod push;
+mod routing;
 mod swarm;
 mod trust;
 mod verification;
