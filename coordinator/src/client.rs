@@ -18,6 +18,7 @@ use model::{load, GgufFile, LoadOptions, ModelError, ModelSpec};
 use proto::v1::Dtype;
 use proto::Wire;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use swarm::discovery::{self, Server};
 use swarm::{host, NetConfig, NetError, NetHandle};
@@ -25,7 +26,7 @@ use swarm::{host, NetConfig, NetError, NetHandle};
 use crate::generate::{Backend, GenerateError};
 use crate::route::Routing;
 use crate::session::{
-    Bans, InferenceSession, Libp2pNetwork, RouteError, Router, Timeouts, VerifyPolicy,
+    Bans, InferenceSession, Libp2pNetwork, Reported, RouteError, Router, Timeouts, VerifyPolicy,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,9 @@ pub struct SwarmClient {
     network_task: Option<tokio::task::JoinHandle<()>>,
     /// Failed peers, shared by every session of this client.
     bans: Arc<Mutex<Bans>>,
+    /// Peers claimed offline lately, and the claims still being written.
+    reported: Arc<Mutex<Reported>>,
+    reports: TaskTracker,
 }
 
 impl Drop for SwarmClient {
@@ -159,6 +163,8 @@ impl SwarmClient {
             shutdown,
             network_task: Some(host.task),
             bans: Arc::default(),
+            reported: Arc::default(),
+            reports: TaskTracker::new(),
         };
         let deadline = swarm::deadline::after(client.config.discovery_timeout);
         while client.net.connected_peers().await == 0 {
@@ -174,6 +180,15 @@ impl SwarmClient {
 
     /// Stops the network task and waits (bounded) for it to finish.
     pub async fn close(mut self) {
+        // Offline claims are for other clients; a short generation would otherwise end before
+        // its claim reached the DHT.
+        self.reports.close();
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.reports.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!("an offline claim was still being written at close");
+        }
         self.shutdown.cancel();
         if let Some(task) = self.network_task.take() {
             match tokio::time::timeout(CLOSE_TIMEOUT, task).await {
@@ -206,6 +221,8 @@ impl SwarmClient {
                 timeouts: self.config.timeouts,
                 routing: self.config.routing,
                 push: self.config.push,
+                reported: self.reported.clone(),
+                reports: self.reports.clone(),
             },
             fingerprint: model.fingerprint,
             block_count,

@@ -159,6 +159,7 @@ fn local_view(
             sessions: load.sessions,
             max_sessions: load.max_sessions,
             waiting_steps: load.waiting_steps,
+            reported_offline: false,
             rtt_ms: None,
             version: env!("CARGO_PKG_VERSION").into(),
             announced_ms_ago: 0,

@@ -128,6 +128,7 @@ impl GatewayService for Grpc {
                     sessions: p.sessions,
                     max_sessions: p.max_sessions,
                     waiting_steps: p.waiting_steps,
+                    reported_offline: p.reported_offline,
                     version: p.version.clone(),
                 })
                 .collect(),

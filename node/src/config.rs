@@ -54,6 +54,11 @@ pub enum Fault {
     /// forwarding node then reports the failure after it has answered.
     #[cfg(feature = "fault-injection")]
     RefusePushes,
+    /// Take every inference stream and never answer its open, as a node whose compute is stuck
+    /// would (it still answers pings and announces itself), and announce ten times the measured
+    /// speed so that clients try it.
+    #[cfg(feature = "fault-injection")]
+    IgnoreOpens,
 }
 
 pub struct JoinConfig {

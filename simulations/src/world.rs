@@ -462,6 +462,8 @@ impl World {
                 version: String::new(),
                 announced_at_ms: EPOCH_MS + p.last_announce_ms as u64,
                 load: p.announced,
+                // Clients' offline claims are not modelled: simulated clients write none.
+                reported_offline: false,
             });
         }
         out

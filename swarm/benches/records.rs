@@ -1,12 +1,14 @@
 //! What signed DHT entries cost: signing one (a node, once per block per announce interval),
 //! verifying one (every reader, once per distinct entry per lookup), and the merge a storing peer
-//! runs on each put of a block record holding `n` entries.
+//! runs on each put of a block record holding `n` entries; the same for a client's offline claim
+//! (see `swarm::offline`), put into a full record (64 entries, 31 claims held).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use libp2p::identity::Keypair;
 use prost::Message;
 use proto::v1::{BlockRecord, ServerRecord, ServerState};
 use swarm::discovery::{block_key, now_ms};
+use swarm::offline;
 use swarm::record::{merge_stored, sign, verify};
 
 const FP: [u8; 32] = [7; 32];
@@ -60,9 +62,14 @@ fn records(c: &mut Criterion) {
         let servers: Vec<ServerRecord> = (0..n)
             .map(|_| entry(&Keypair::generate_ed25519(), now))
             .collect();
-        let held = BlockRecord { servers }.encode_to_vec();
+        let held = BlockRecord {
+            servers,
+            ..Default::default()
+        }
+        .encode_to_vec();
         let put = BlockRecord {
             servers: vec![one.clone()],
+            ..Default::default()
         }
         .encode_to_vec();
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -70,6 +77,47 @@ fn records(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    let client = Keypair::generate_ed25519();
+    let subject = key.public().to_peer_id();
+    let claim = offline::claim(subject, &FP, 29, now, &client).unwrap();
+    println!("one offline claim: {} bytes encoded", claim.encoded_len());
+    c.bench_function("sign one offline claim", |b| {
+        b.iter(|| offline::claim(subject, &FP, 29, now, &client).unwrap())
+    });
+    c.bench_function("verify one offline claim", |b| {
+        b.iter(|| offline::verify(&claim, now).unwrap())
+    });
+    let servers: Vec<ServerRecord> = (0..64)
+        .map(|_| entry(&Keypair::generate_ed25519(), now - 1))
+        .collect();
+    let held_claims: Vec<_> = (0..offline::MAX_CLAIMS_PER_BLOCK - 1)
+        .map(|_| {
+            let other = Keypair::generate_ed25519().public().to_peer_id();
+            offline::claim(other, &FP, 29, now, &Keypair::generate_ed25519()).unwrap()
+        })
+        .collect();
+    let held = BlockRecord {
+        servers: servers.clone(),
+        offline: held_claims.clone(),
+    }
+    .encode_to_vec();
+    // What a client writes: the record it read, with its claim added.
+    let mut with_claim = held_claims;
+    with_claim.push(claim);
+    let put = BlockRecord {
+        servers,
+        offline: with_claim,
+    }
+    .encode_to_vec();
+    println!(
+        "a full record: {} bytes held, {} bytes with the claim",
+        held.len(),
+        put.len()
+    );
+    c.bench_function("merge a claim into a full record", |b| {
+        b.iter(|| merge_stored(&dht_key, Some(&held), &put, now).unwrap())
+    });
 }
 
 criterion_group!(benches, records);

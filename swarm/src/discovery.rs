@@ -16,11 +16,12 @@ use libp2p::kad::RecordKey;
 use libp2p::{Multiaddr, PeerId};
 use model::fingerprint::Fingerprint;
 use prost::Message;
-use proto::v1::{BlockRecord, ServerRecord, ServerState};
+use proto::v1::{BlockRecord, OfflineClaim, ServerRecord, ServerState};
 use sha2::{Digest, Sha256};
 
 use crate::host::{NetError, NetHandle};
 use crate::load::Load;
+use crate::offline::{self, ClaimChecker};
 use crate::record::{self, Checker};
 
 /// How long one DHT query may take before its answer is used as it is.
@@ -55,6 +56,9 @@ pub struct Server {
     pub announced_at_ms: u64,
     /// The load it announced, bounded (a claim: see [`crate::load`]).
     pub load: Load,
+    /// A client said it could not reach this server after its newest announcement (see
+    /// [`crate::offline`]): route through it only where nobody else serves its blocks.
+    pub reported_offline: bool,
 }
 
 impl Server {
@@ -96,6 +100,7 @@ impl Server {
             version: r.version.chars().take(64).collect(),
             announced_at_ms: r.announced_at_ms,
             load: Load::from_record(r),
+            reported_offline: false,
         })
     }
 }
@@ -120,6 +125,24 @@ pub fn merge_copies(
     )
 }
 
+/// The believable offline claims about servers of model `fp` in every copy of a block record,
+/// the newest per claimant and server (see [`crate::offline`]).
+pub fn merge_claims(
+    copies: &[Vec<u8>],
+    fp: &Fingerprint,
+    now_ms: u64,
+    checker: &mut ClaimChecker,
+) -> Vec<OfflineClaim> {
+    let claims = copies
+        .iter()
+        .filter_map(|c| BlockRecord::decode(c.as_slice()).ok())
+        // An honest record holds at most this many; a copy with more is not worth more
+        // signature checks.
+        .flat_map(|r| r.offline.into_iter().take(offline::MAX_CLAIMS_PER_BLOCK))
+        .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms));
+    offline::newest(claims)
+}
+
 /// Signs `me` with this peer's key and writes it into the record of every block in its range.
 /// Returns how many blocks failed.
 pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> usize {
@@ -136,12 +159,16 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
             .get_record(key.clone(), QUERY_TIMEOUT)
             .await
             .unwrap_or_default();
-        let mut servers = merge_copies(&copies, fp, now_ms(), &mut Checker::default());
+        let now = now_ms();
+        let mut servers = merge_copies(&copies, fp, now, &mut Checker::default());
         servers.retain(|s| s.peer_id != me.peer_id);
         servers.push(me.clone());
         // At the per-block bound the stalest others make room; our own entry is the newest.
         let servers = record::newest(servers);
-        let value = BlockRecord { servers }.encode_to_vec();
+        // Other servers' claims are carried over; ours are refuted by the entry we write.
+        let claims = merge_claims(&copies, fp, now, &mut ClaimChecker::default());
+        let offline = offline::unrefuted(claims, &servers);
+        let value = BlockRecord { servers, offline }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });
     let results = join_all(jobs).await;
@@ -177,7 +204,33 @@ pub async fn lookup_block(
     Ok(servers_of(&copies, fp, block_count))
 }
 
-/// Every believable server in `copies` of block records, the newest announcement per peer.
+/// Writes a claim, signed by this peer, that `subject` (serving `block`) did not answer: other
+/// clients then route around it until it announces again (see [`crate::offline`]). The claim
+/// goes into that block's record with what the record held, like an announcement.
+pub async fn report_offline(
+    net: &NetHandle,
+    fp: &Fingerprint,
+    subject: PeerId,
+    block: u32,
+) -> Result<(), NetError> {
+    let now = now_ms();
+    let claim = offline::claim(subject, fp, block, now, net.keypair())
+        .map_err(|e| NetError::Put(format!("cannot sign an offline claim: {e}")))?;
+    let key = block_key(fp, block);
+    let copies = net
+        .get_record(key.clone(), QUERY_TIMEOUT)
+        .await
+        .unwrap_or_default();
+    let servers = merge_copies(&copies, fp, now, &mut Checker::default());
+    let mut claims = merge_claims(&copies, fp, now, &mut ClaimChecker::default());
+    claims.push(claim);
+    let offline = offline::unrefuted(offline::newest(claims), &servers);
+    let value = BlockRecord { servers, offline }.encode_to_vec();
+    net.put_record(key, value, QUERY_TIMEOUT).await
+}
+
+/// Every believable server in `copies` of block records, the newest announcement per peer,
+/// marked when a client claimed it offline after that announcement.
 fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Server> {
     let now = now_ms();
     let mut checker = Checker::default();
@@ -195,7 +248,14 @@ fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Ser
             }
         }
     }
+    let claims = merge_claims(copies, fp, now, &mut ClaimChecker::default());
+    let claimed = offline::latest_by_subject(&claims);
     let mut out: Vec<Server> = by_peer.into_values().collect();
+    for s in &mut out {
+        s.reported_offline = claimed
+            .get(&s.peer)
+            .is_some_and(|&at| at > s.announced_at_ms);
+    }
     out.sort_by_key(|s| (s.blocks.start, s.peer));
     out
 }
@@ -227,10 +287,12 @@ mod tests {
         let [a, b, c] = [(); 3].map(|_| Keypair::generate_ed25519());
         let copy1 = BlockRecord {
             servers: vec![rec(&a, 10, 1000, &fp), rec(&b, 10, 50, &fp)],
+            ..Default::default()
         }
         .encode_to_vec();
         let copy2 = BlockRecord {
             servers: vec![rec(&a, 20, 1000, &fp), rec(&c, 10, 1000, &other)],
+            ..Default::default()
         }
         .encode_to_vec();
         let copies = [copy1, copy2, b"garbage".to_vec()];
@@ -252,6 +314,37 @@ mod tests {
         let mut r = rec(&p, 1, 100, &fp);
         r.peer_id = vec![1, 2, 3];
         assert!(Server::from_record(&r, &fp, 30, 0).is_none());
+    }
+
+    #[test]
+    fn a_server_is_marked_when_claimed_offline_after_its_newest_announcement() {
+        let fp = [7u8; 32];
+        let now = now_ms();
+        let [a, b, client] = [(); 3].map(|_| Keypair::generate_ed25519());
+        let (pa, pb) = (a.public().to_peer_id(), b.public().to_peer_id());
+        let claim = |p, at| offline::claim(p, &fp, 0, at, &client).unwrap();
+        let copy = BlockRecord {
+            servers: vec![rec(&a, now - 2_000, now + 30_000, &fp)],
+            // About `a`, after its announcement; about `b`, before its (newer) one.
+            offline: vec![claim(pa, now - 1_000), claim(pb, now - 1_500)],
+        }
+        .encode_to_vec();
+        // `b`'s entry arrives in another block's record: claims hold across blocks.
+        let other = BlockRecord {
+            servers: vec![rec(&b, now - 1_000, now + 30_000, &fp)],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let servers = servers_of(&[copy, other], &fp, 10);
+        let marked = |p| {
+            servers
+                .iter()
+                .find(|s| s.peer == p)
+                .unwrap()
+                .reported_offline
+        };
+        assert!(marked(pa));
+        assert!(!marked(pb));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod host;
 pub mod identity;
 pub mod load;
+pub mod offline;
 pub mod page;
 pub mod placement;
 pub mod record;

@@ -17,7 +17,9 @@ use libp2p::kad::RecordKey;
 use libp2p::PeerId;
 use model::fingerprint::Fingerprint;
 use prost::Message;
-use proto::v1::{BlockRecord, ServerRecord};
+use proto::v1::{BlockRecord, OfflineClaim, ServerRecord};
+
+use crate::offline;
 
 /// Signed bytes start with this, so a server-entry signature can never be replayed as any
 /// other kind of message signed by the same key (and a format change is a new version).
@@ -198,8 +200,10 @@ fn belongs_to(record: &ServerRecord, key: &RecordKey) -> bool {
 }
 
 /// What a peer storing the record under `key` keeps when `incoming` arrives on top of what it
-/// `held`: the newest valid entry of each peer from both. `None` when the put brings nothing new
-/// and valid (it is ignored and what was held stays).
+/// `held`: the newest valid entry of each peer from both, and the offline claims (see
+/// [`crate::offline`]) that are believable, unexpired and not refuted by a newer entry of the
+/// server they name. `None` when the put brings nothing new and valid (it is ignored and what
+/// was held stays).
 ///
 /// Held entries were checked when they arrived and only need to be unexpired; of the incoming
 /// ones only those not held already are checked. An announcer writes back the whole record it
@@ -211,36 +215,50 @@ pub fn merge_stored(
     incoming: &[u8],
     now_ms: u64,
 ) -> Option<Vec<u8>> {
-    let decode = |b: &[u8]| {
-        BlockRecord::decode(b)
-            .map(|r| r.servers)
-            .unwrap_or_default()
-    };
+    let decode = |b: &[u8]| BlockRecord::decode(b).unwrap_or_default();
     let incoming = decode(incoming);
-    // Honest announcers never write more than this; a bigger put is an attempt to make this
-    // peer verify thousands of signatures.
-    if incoming.len() > MAX_SERVERS_PER_BLOCK {
+    // Honest writers never send more than these; a bigger put is an attempt to make this peer
+    // verify thousands of signatures.
+    if incoming.servers.len() > MAX_SERVERS_PER_BLOCK
+        || incoming.offline.len() > offline::MAX_CLAIMS_PER_BLOCK
+    {
         return None;
     }
     let held = held.map(decode).unwrap_or_default();
-    let known: HashSet<Vec<u8>> = held.iter().map(|s| s.encode_to_vec()).collect();
+    let known: HashSet<Vec<u8>> = held.servers.iter().map(|s| s.encode_to_vec()).collect();
     let mut checker = Checker::default();
     let fresh: Vec<ServerRecord> = incoming
+        .servers
         .into_iter()
         .filter(|s| {
             !known.contains(&s.encode_to_vec()) && belongs_to(s, key) && checker.accepts(s, now_ms)
         })
         .collect();
-    if fresh.is_empty() {
+    let known: HashSet<Vec<u8>> = held.offline.iter().map(|c| c.encode_to_vec()).collect();
+    let mut claims = offline::ClaimChecker::default();
+    let fresh_claims: Vec<OfflineClaim> = incoming
+        .offline
+        .into_iter()
+        .filter(|c| {
+            !known.contains(&c.encode_to_vec())
+                && offline::belongs_to(c, key)
+                && claims.accepts(c, now_ms)
+        })
+        .collect();
+    if fresh.is_empty() && fresh_claims.is_empty() {
         return None;
     }
-    let live = held.into_iter().filter(|s| s.expires_at_ms >= now_ms);
-    Some(
-        BlockRecord {
-            servers: newest(live.chain(fresh)),
-        }
-        .encode_to_vec(),
-    )
+    let live = held
+        .servers
+        .into_iter()
+        .filter(|s| s.expires_at_ms >= now_ms);
+    let servers = newest(live.chain(fresh));
+    let live = held
+        .offline
+        .into_iter()
+        .filter(|c| c.seen_at_ms.saturating_add(offline::CLAIM_TTL_MS) >= now_ms);
+    let offline = offline::unrefuted(offline::newest(live.chain(fresh_claims)), &servers);
+    Some(BlockRecord { servers, offline }.encode_to_vec())
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub struct PeerView {
     pub sessions: u32,
     pub max_sessions: u32,
     pub waiting_steps: u32,
+    /// A client claimed it could not reach the peer after its newest announcement; clients
+    /// route through it only where nobody else serves its blocks (see [`crate::offline`]).
+    pub reported_offline: bool,
     /// Ping round trip from the process that made the snapshot; `None` before one answered.
     pub rtt_ms: Option<f32>,
     pub version: String,
@@ -110,6 +113,7 @@ impl SwarmView {
                     sessions: s.load.sessions,
                     max_sessions: s.load.max_sessions,
                     waiting_steps: s.load.waiting_steps,
+                    reported_offline: s.reported_offline,
                     rtt_ms: rtt(&s.peer),
                     version: s.version.clone(),
                     announced_ms_ago: now_ms.saturating_sub(s.announced_at_ms),
@@ -179,6 +183,7 @@ mod tests {
             version: "t".into(),
             announced_at_ms: 900,
             load: Default::default(),
+            reported_offline: false,
         }
     }
 

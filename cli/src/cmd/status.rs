@@ -52,7 +52,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         view.peers.len()
     );
     println!(
-        "{:<54} {:>8} {:>8} {:>9} {:>9} {:>11} {:>9} {:>7}  coverage",
+        "{:<54} {:>8} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7}  coverage",
         "peer", "blocks", "state", "ms/block", "RTT ms", "free cache", "sessions", "waiting"
     );
     for p in &view.peers {
@@ -70,10 +70,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             max => format!("{}/{max}", p.sessions),
         };
         println!(
-            "{:<54} {:>8} {:>8} {:>9.3} {:>9} {:>11} {:>9} {:>7}  {bar}",
+            "{:<54} {:>8} {:>9} {:>9.3} {:>9} {:>11} {:>9} {:>7}  {bar}",
             p.peer_id,
             format!("{}..{}", p.start_block, p.end_block),
-            p.state,
+            // Announced online, but a client could not reach it since (see `swarm::offline`).
+            if p.reported_offline && p.state == "online" {
+                "unreached"
+            } else {
+                p.state
+            },
             p.decode_ms_per_block,
             rtt,
             p.free_cache_tokens,
@@ -86,7 +91,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         .iter()
         .map(|&n| std::char::from_digit(n.min(9), 10).unwrap_or('9'))
         .collect();
-    println!("{:<122}  {per_block}", "servers per block");
+    println!("{:<123}  {per_block}", "servers per block");
     match &view.first_gap {
         Some(gap) => println!(
             "not covered: blocks {}..{} have no online server",

@@ -1,14 +1,18 @@
-//! `--routing load-aware` on a real swarm: nodes announce the sessions they hold in their signed
-//! records, `status` shows them, and a load-aware client leaves the node other clients crowd,
-//! with the same tokens as one process.
+//! Routes that learn from the swarm on real processes: nodes announce the sessions they hold in
+//! their signed records, `status` shows them, and a load-aware client leaves the node other
+//! clients crowd; a client that could not reach a node says so, and the next one routes around
+//! it without waiting for it. Tokens are the same as one process's throughout.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use node::Fault;
+
 use super::swarm::{bootstrap, local, node, swarm_command, Proc};
-use super::{default_model, edge_node, json_of};
+use super::verification::{through_the_liar, Liar};
+use super::{default_model, edge_node, json_of, TempDir};
 
 /// Sessions held open on the first node: enough that its announced load outweighs both the
 /// random tilt of load-aware prices (up to 1.3x) and a twofold difference in measured speed
@@ -141,4 +145,39 @@ fn load_aware_clients_leave_the_node_other_clients_crowd() {
     // Their sessions closed, the crowd is gone from the record too.
     drop(chats);
     wait_for_row(&boot, crowded.peer_id(), |r| r[6] == "0/16");
+}
+
+/// A node that takes sessions and never answers them (stuck, while it still answers pings),
+/// announcing a tenfold speed once for the whole test: a live node refutes claims about it at
+/// its next announcement, and this one has none.
+#[test]
+fn a_client_that_could_not_reach_a_node_spares_the_next_client_the_wait() {
+    let dir = TempDir::new("offline-claim");
+    let prompt = "The capital of France is";
+    let want = local(prompt, "4")["tokens"].clone();
+    let boot = bootstrap();
+    let _honest = node("0..30", &boot);
+    let stuck = Liar::announcing(
+        &boot,
+        &dir,
+        Fault::IgnoreOpens,
+        0..30,
+        Duration::from_secs(600),
+    );
+    let run = || {
+        let mut cmd = swarm_command(&boot, prompt, "4");
+        let out = cmd.args(["--connect-timeout", "3"]).output().unwrap();
+        assert_eq!(json_of(&out)["tokens"], want);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        let tried = log.contains(&stuck.peer);
+        (log, tried)
+    };
+    let first = through_the_liar(&stuck, run);
+    assert!(first.contains("did not answer"), "{first}");
+
+    // The first client's claim is in the DHT: `status` marks the node, and the next client
+    // plans around it instead of losing its connect timeout there too.
+    wait_for_row(&boot, &stuck.peer, |r| r[2] == "unreached");
+    let (log, tried) = run();
+    assert!(!tried, "the next client tried the stuck node again: {log}");
 }

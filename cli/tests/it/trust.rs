@@ -77,7 +77,11 @@ async fn poison(net: &NetHandle, attacker: &Keypair, fp: &[u8; 32], blocks: u32)
         };
         swarm::record::sign(&mut own, attacker).unwrap();
         servers.push(own);
-        let value = BlockRecord { servers }.encode_to_vec();
+        let value = BlockRecord {
+            servers,
+            ..Default::default()
+        }
+        .encode_to_vec();
         net.put_record(key, value, WAIT).await.expect("put");
     }
 }
@@ -210,7 +214,11 @@ async fn claim_speed(
             r
         })
         .collect();
-    let value = BlockRecord { servers }.encode_to_vec();
+    let value = BlockRecord {
+        servers,
+        ..Default::default()
+    }
+    .encode_to_vec();
     for b in blocks {
         let _ = net.put_record(block_key(fp, b), value.clone(), WAIT).await;
     }

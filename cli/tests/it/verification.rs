@@ -34,6 +34,17 @@ impl Liar {
         fault: Fault,
         blocks: std::ops::Range<usize>,
     ) -> Self {
+        Self::announcing(boot, dir, fault, blocks, Duration::from_secs(2))
+    }
+
+    /// A liar serving `blocks` that announces itself every `interval`.
+    pub(super) fn announcing(
+        boot: &Proc,
+        dir: &TempDir,
+        fault: Fault,
+        blocks: std::ops::Range<usize>,
+        interval: Duration,
+    ) -> Self {
         let identity = dir.file("liar.key");
         let peer = swarm::identity::load_or_create(&identity)
             .expect("an identity for the liar")
@@ -61,7 +72,7 @@ impl Liar {
             cache_tokens_per_peer: None,
             prefill_chunk: None,
             max_step_tokens: proto::DEFAULT_MAX_STEP_TOKENS,
-            announce_interval: Duration::from_secs(2),
+            announce_interval: interval,
             idle_timeout: Duration::from_secs(120),
             rebalance_interval: None,
             rebalance_min_gain: 0.2,
@@ -107,7 +118,7 @@ impl Drop for Liar {
 /// speed does not outweigh, so on a loaded machine (the suite runs tests side by side) a client
 /// may never try the liar; that run shows nothing about verification, and the next client
 /// measures afresh. A client that did route through the liar is returned whatever happened.
-fn through_the_liar<T>(liar: &Liar, mut run: impl FnMut() -> (T, bool)) -> T {
+pub(super) fn through_the_liar<T>(liar: &Liar, mut run: impl FnMut() -> (T, bool)) -> T {
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
         let (out, routed) = run();

@@ -29,7 +29,7 @@ use proto::ErrorAction;
 use serde::Serialize;
 
 pub use bans::Bans;
-pub use network::{server_infos, Candidates, Libp2pNetwork, Network};
+pub use network::{server_infos, Candidates, Libp2pNetwork, Network, Reported};
 pub use span::{SessionError, SpanSession, Timeouts};
 use verify::first_difference as verify_diff;
 pub use verify::VerifyPolicy;
@@ -262,12 +262,12 @@ impl<N: Network> Router<N> {
                         session,
                     }),
                     Err(e) => {
-                        failure = Some(e);
+                        failure = Some((e, hop.blocks.start));
                         break;
                     }
                 }
             }
-            let Some(e) = failure else {
+            let Some((e, block)) = failure else {
                 return Ok((spans, view));
             };
             first_connect = None;
@@ -290,6 +290,9 @@ impl<N: Network> Router<N> {
                 (Some(peer), false) => {
                     tracing::warn!("opening a session failed: {e}; trying another route");
                     self.ban(peer);
+                    if e.unreachable() {
+                        self.network.report_unreachable(peer, block);
+                    }
                 }
                 (None, _) => tracing::warn!("opening a session failed: {e}; trying again"),
             }
@@ -591,6 +594,11 @@ impl<N: Network> InferenceSession<N> {
         let blocks = failed.span.blocks.clone();
         tracing::warn!("{error}; rerouting blocks {}..{}", blocks.start, blocks.end);
         self.router.ban(failed.span.peer);
+        if error.unreachable() {
+            self.router
+                .network
+                .report_unreachable(failed.span.peer, blocks.start);
+        }
         let started = tokio::time::Instant::now();
         let deadline = started + swarm::deadline::bounded(self.router.discovery_timeout);
         let dim = self.router.dim;
@@ -741,6 +749,8 @@ mod tests {
         frozen: Vec<PeerId>,
         /// Lookups made.
         lookups: Mutex<usize>,
+        /// Peers claimed offline, with the block named.
+        reported: Mutex<Vec<(PeerId, u32)>>,
     }
 
     impl Fake {
@@ -760,6 +770,7 @@ mod tests {
                 pushed: Mutex::default(),
                 frozen: Vec::new(),
                 lookups: Mutex::default(),
+                reported: Mutex::default(),
             }
         }
     }
@@ -776,6 +787,7 @@ mod tests {
             version: String::new(),
             announced_at_ms: 0,
             load: Default::default(),
+            reported_offline: false,
         }
     }
 
@@ -852,6 +864,10 @@ mod tests {
         }
 
         async fn close(&self, _span: Self::Span) {}
+
+        fn report_unreachable(&self, peer: PeerId, block: u32) {
+            self.reported.lock().unwrap().push((peer, block));
+        }
 
         async fn push(
             &self,
@@ -1001,6 +1017,34 @@ mod tests {
         assert!(router.bans.lock().unwrap().snapshot().is_empty());
     }
 
+    /// A server another client could not reach is passed over while somebody else serves its
+    /// blocks, however fast it says it is, and still used where nobody else does.
+    #[tokio::test]
+    async fn servers_claimed_offline_are_used_only_where_nobody_else_serves() {
+        let [claimed, other, tail] = [(); 3].map(|_| PeerId::random());
+        let offline = |mut s: Server| {
+            s.reported_offline = true;
+            s
+        };
+        let router = router_of(Fake::new(vec![
+            offline(server(claimed, 0..6, 1.0)),
+            server(other, 0..4, 10.0),
+            server(tail, 4..6, 10.0),
+        ]));
+        let session = InferenceSession::open(router, 16).await.unwrap();
+        let peers: Vec<String> = session.route().into_iter().map(|h| h.peer).collect();
+        assert_eq!(peers, [other.to_string(), tail.to_string()]);
+
+        let router = router_of(Fake::new(vec![
+            offline(server(claimed, 0..6, 1.0)),
+            server(other, 0..4, 10.0),
+        ]));
+        let session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        assert_eq!(session.route().last().unwrap().peer, claimed.to_string());
+        // Nothing failed, so nothing is reported.
+        assert!(router.network.reported.lock().unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn a_refused_open_is_planned_again_on_the_same_lookup() {
         let (full, roomy, tail) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -1055,6 +1099,8 @@ mod tests {
             bans.contains_key(&fast) && bans.contains_key(&frozen),
             "{bans:?}"
         );
+        // Only the frozen peer did not answer; the fast one closed its session, so it is there.
+        assert_eq!(*router.network.reported.lock().unwrap(), [(frozen, 0)]);
         // Virtual time: the frozen peer's bound (1 ms round trips) and nothing else.
         let bound = reroute_connect(Some(1.0), REROUTE_CONNECT);
         assert_eq!(session.recoveries().len(), 1);

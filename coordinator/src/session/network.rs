@@ -8,9 +8,10 @@
 //! simulator supplies virtual time and modelled links, and runs the very same
 //! [`Router`](super::Router) and [`InferenceSession`](super::InferenceSession) code.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -21,6 +22,7 @@ use proto::Wire;
 
 use swarm::discovery::{self, Server};
 use swarm::NetHandle;
+use tokio_util::task::TaskTracker;
 
 use super::push::{push_through, pushable, Pushed};
 use super::span::{SessionError, SpanSession, Timeouts};
@@ -99,6 +101,12 @@ pub trait Network: Send + Sync + 'static {
         hidden: &Hidden,
     ) -> impl Future<Output = Result<Hidden, SessionError>> + Send;
 
+    /// Tells other clients that `peer`, serving `block`, did not answer this one; best effort,
+    /// in the background. A network without shared discovery has nobody to tell.
+    fn report_unreachable(&self, peer: PeerId, block: u32) {
+        let _ = (peer, block);
+    }
+
     /// Frees the span on its peer; best effort, bounded.
     fn close(&self, span: Self::Span) -> impl Future<Output = ()> + Send;
 
@@ -134,7 +142,14 @@ pub fn server_infos(servers: &[Server], rtts: Vec<Option<Duration>>) -> Vec<Serv
             online: s.state == ServerState::Online,
             decode_ms_per_block: s.decode_ms_per_block,
             rtt_ms: rtt.map(|d| d.as_secs_f32() * 1e3),
-            free_cache_tokens: s.free_cache_tokens,
+            // A server some client could not reach since its last announcement is priced like
+            // one without cache room: used only where nobody else serves its blocks, and back
+            // to normal at its next announcement if it is alive (see `swarm::offline`).
+            free_cache_tokens: if s.reported_offline {
+                0
+            } else {
+                s.free_cache_tokens
+            },
             load: s.load,
         })
         .collect()
@@ -152,6 +167,34 @@ pub struct Libp2pNetwork {
     /// Whether steps go node to node (server-to-server push) where every peer of the route
     /// takes pushes, instead of back through this client after every span.
     pub push: bool,
+    /// Peers this client claimed offline lately, shared by its sessions.
+    pub reported: Arc<Mutex<Reported>>,
+    /// The claims being written, which closing the client waits for (bounded).
+    pub reports: TaskTracker,
+}
+
+/// Which peers this client claimed offline lately. Readers believe a claim for a minute, so
+/// one per peer per half of that is enough; the bound caps what one client writes to the DHT
+/// however many peers fail around it.
+#[derive(Debug, Default)]
+pub struct Reported {
+    last: HashMap<PeerId, u64>,
+}
+
+const REPORT_EVERY_MS: u64 = swarm::offline::CLAIM_TTL_MS / 2;
+const MAX_REPORTED: usize = 64;
+
+impl Reported {
+    /// Whether to claim `peer` offline at `now_ms` (and, if so, that it was).
+    pub fn due(&mut self, peer: PeerId, now_ms: u64) -> bool {
+        self.last
+            .retain(|_, at| now_ms.saturating_sub(*at) < REPORT_EVERY_MS);
+        if self.last.contains_key(&peer) || self.last.len() >= MAX_REPORTED {
+            return false;
+        }
+        self.last.insert(peer, now_ms);
+        true
+    }
 }
 
 /// Most peers measured before one plan, and how long their measurements may take.
@@ -196,6 +239,20 @@ impl Libp2pNetwork {
 
 impl Network for Libp2pNetwork {
     type Span = SpanSession;
+
+    fn report_unreachable(&self, peer: PeerId, block: u32) {
+        let now = discovery::now_ms();
+        if !self.reported.lock().is_ok_and(|mut r| r.due(peer, now)) {
+            return;
+        }
+        let (net, fp) = (self.net.clone(), self.fingerprint);
+        self.reports.spawn(async move {
+            match discovery::report_offline(&net, &fp, peer, block).await {
+                Ok(()) => tracing::info!(%peer, "told the swarm this peer did not answer"),
+                Err(e) => tracing::debug!(%peer, "could not claim the peer offline: {e}"),
+            }
+        });
+    }
 
     fn now_ms(&self) -> u64 {
         discovery::now_ms()

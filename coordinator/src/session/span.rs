@@ -73,6 +73,16 @@ impl SessionError {
         }
     }
 
+    /// Whether the peer did not answer at all (no connection, or no reply in time), as a
+    /// frozen or vanished node does; other clients are told (see [`swarm::offline`]). Refusals,
+    /// bad answers and closed sessions come from a peer that is there.
+    pub fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Stream { .. } | SessionError::Timeout { .. }
+        )
+    }
+
     pub fn peer(&self) -> Option<PeerId> {
         match self {
             SessionError::Lookup(_) => None,

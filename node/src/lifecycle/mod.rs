@@ -171,6 +171,9 @@ async fn serve_range(
     let serving = serve::Serving::start(config, model, announcer, range, stack, speed, metrics)?;
     enter(Phase::Announce, range);
     serving.announce_online(announcer).await;
+    // Healthy from the first announcement as serving, not only from the first refresh (a
+    // whole announce interval later).
+    crate::health::touch(config.health_file.as_deref());
     let outcome = serving.run(config, model, announcer, shutdown).await;
     enter(Phase::Drain, range);
     drain::drain(serving, config, announcer).await;

@@ -143,7 +143,7 @@ fn corrupt(fault: crate::Fault, _hidden: &mut [f32]) {
         #[cfg(feature = "fault-injection")]
         crate::Fault::CorruptOutputs => _hidden.iter_mut().for_each(|v| *v = -*v),
         #[cfg(feature = "fault-injection")]
-        crate::Fault::RefuseSteps | crate::Fault::RefusePushes => {}
+        crate::Fault::RefuseSteps | crate::Fault::RefusePushes | crate::Fault::IgnoreOpens => {}
     }
 }
 
@@ -173,6 +173,11 @@ enum Origin {
 }
 
 async fn serve_stream(peer: PeerId, mut stream: libp2p::Stream, ctx: Arc<ServeContext>) {
+    #[cfg(feature = "fault-injection")]
+    if ctx.fault == crate::Fault::IgnoreOpens {
+        tokio::time::sleep(ctx.idle_timeout).await;
+        return;
+    }
     let (reply, session) = match open(&mut stream, &ctx, peer).await {
         Ok(ok) => ok,
         Err(Some(frame)) => {

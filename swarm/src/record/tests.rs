@@ -1,5 +1,6 @@
 use super::*;
 use crate::discovery::block_key;
+use crate::offline;
 use proto::v1::ServerState;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -22,7 +23,11 @@ fn entry(key: &Keypair, state: ServerState, at: u64) -> ServerRecord {
 }
 
 fn record(servers: Vec<ServerRecord>) -> Vec<u8> {
-    BlockRecord { servers }.encode_to_vec()
+    BlockRecord {
+        servers,
+        ..Default::default()
+    }
+    .encode_to_vec()
 }
 
 fn servers(bytes: &[u8]) -> Vec<ServerRecord> {
@@ -258,8 +263,13 @@ mod arbitrary_bytes {
     /// such records with bytes overwritten or cut off, and plain noise.
     fn record_bytes() -> impl Strategy<Value = Vec<u8>> {
         let well_formed = || {
-            prop::collection::vec(entry_of_any_kind(), 0..5)
-                .prop_map(|servers| BlockRecord { servers }.encode_to_vec())
+            prop::collection::vec(entry_of_any_kind(), 0..5).prop_map(|servers| {
+                BlockRecord {
+                    servers,
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            })
         };
         prop_oneof![
             well_formed(),
@@ -351,4 +361,79 @@ mod arbitrary_bytes {
             let _ = ServerRecord::decode(bytes.as_slice()).map(|s| verify(&s, NOW));
         }
     }
+}
+
+fn claims(bytes: &[u8]) -> Vec<OfflineClaim> {
+    BlockRecord::decode(bytes).unwrap().offline
+}
+
+fn with_claims(servers: Vec<ServerRecord>, offline: Vec<OfflineClaim>) -> Vec<u8> {
+    BlockRecord { servers, offline }.encode_to_vec()
+}
+
+#[test]
+fn a_stored_claim_lasts_until_its_server_announces_again() {
+    let (server, client) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let subject = server.public().to_peer_id();
+    let key = block_key(&FP, 3);
+    let held = record(vec![entry(&server, ServerState::Online, NOW)]);
+
+    // A client's claim, written back with the record it read: stored beside the entry.
+    let claim = offline::claim(subject, &FP, 3, NOW + 1_000, &client).unwrap();
+    let put = with_claims(
+        vec![entry(&server, ServerState::Online, NOW)],
+        vec![claim.clone()],
+    );
+    let stored = merge_stored(&key, Some(&held), &put, NOW + 1_000).unwrap();
+    assert_eq!(claims(&stored), std::slice::from_ref(&claim));
+    assert_eq!(servers(&stored).len(), 1);
+    // The same put again brings nothing new.
+    assert_eq!(merge_stored(&key, Some(&stored), &put, NOW + 1_000), None);
+
+    // Another server's announcement carries it on; the subject's next one refutes it.
+    let other = entry(
+        &Keypair::generate_ed25519(),
+        ServerState::Online,
+        NOW + 2_000,
+    );
+    let stored2 = merge_stored(&key, Some(&stored), &record(vec![other]), NOW + 2_000).unwrap();
+    assert_eq!(claims(&stored2), std::slice::from_ref(&claim));
+    let again = record(vec![entry(&server, ServerState::Online, NOW + 3_000)]);
+    let refuted = merge_stored(&key, Some(&stored2), &again, NOW + 3_000).unwrap();
+    assert!(claims(&refuted).is_empty());
+
+    // A minute on, an unrefuted claim is gone with the next write.
+    let later = NOW + 1_000 + offline::CLAIM_TTL_MS + 1;
+    let late = record(vec![entry(
+        &Keypair::generate_ed25519(),
+        ServerState::Online,
+        later,
+    )]);
+    assert!(claims(&merge_stored(&key, Some(&stored), &late, later).unwrap()).is_empty());
+}
+
+#[test]
+fn forged_misplaced_and_excess_claims_are_not_stored() {
+    let (server, client) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let subject = server.public().to_peer_id();
+    let key = block_key(&FP, 3);
+    let held = record(vec![entry(&server, ServerState::Online, NOW)]);
+    let at = NOW + 1_000;
+
+    let mut forged = offline::claim(subject, &FP, 3, at, &client).unwrap();
+    forged.seen_at_ms += 1;
+    let misplaced = offline::claim(subject, &FP, 4, at, &client).unwrap();
+    let ahead = offline::claim(subject, &FP, 3, at + 3_600_000, &client).unwrap();
+    let own = offline::claim(subject, &FP, 3, at, &server).unwrap();
+    let put = with_claims(Vec::new(), vec![forged, misplaced, ahead, own]);
+    assert_eq!(merge_stored(&key, Some(&held), &put, at), None);
+
+    // More claims than a record keeps: the put is refused whole, valid ones included.
+    let many = (0..offline::MAX_CLAIMS_PER_BLOCK + 1)
+        .map(|_| offline::claim(subject, &FP, 3, at, &Keypair::generate_ed25519()).unwrap())
+        .collect();
+    assert_eq!(
+        merge_stored(&key, Some(&held), &with_claims(Vec::new(), many), at),
+        None
+    );
 }
