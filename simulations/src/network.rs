@@ -437,6 +437,14 @@ impl Network for SimNetwork {
         Ok(self.world().candidates(self.link_index))
     }
 
+    fn report_unreachable(&self, peer: PeerId, _block: u32) {
+        // A get and a put of one block record: a lookup's round trips.
+        let landed = self.lookup_ms();
+        let mut w = self.world();
+        let now = w.now_ms();
+        w.claim_offline(peer, now, now + landed);
+    }
+
     async fn rtt(&self, peer: PeerId) -> Option<Duration> {
         let w = self.world();
         let i = *w.index.get(&peer)?;

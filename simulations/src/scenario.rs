@@ -55,6 +55,10 @@ pub struct Config {
     /// Clients push steps node to node, as the real client does unless told `--no-push`;
     /// off, they relay every span themselves.
     pub push: bool,
+    /// A client that gets no connection or no answer from a peer claims it offline in the DHT,
+    /// as the real client does (`swarm::offline`), and every client's later lookups price the
+    /// peer like one without cache room until it announces again.
+    pub offline_claims: bool,
 }
 
 /// What happens to the swarm besides the steady churn.
@@ -121,6 +125,7 @@ impl Config {
             ramp_s: 300.0,
             scenario: Scenario::Steady,
             push: true,
+            offline_claims: true,
         }
     }
 

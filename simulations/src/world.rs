@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swarm::discovery::Server;
 use swarm::load::Load;
+use swarm::offline;
 use swarm::placement::{
     block_throughput, choose_blocks, should_move_without, span_throughput, Served,
 };
@@ -67,6 +68,9 @@ pub struct Peer {
     announced_free_cache: u64,
     last_announce_ms: f64,
     next_announce_ms: f64,
+    /// The newest offline claim about the peer: when the client saw it fail, and when its
+    /// put reached the DHT (`None`: never claimed).
+    claimed: Option<(f64, f64)>,
 }
 
 /// Hashes peer ids by their last eight bytes, which are key material: a plan looks up every
@@ -159,6 +163,7 @@ impl World {
                     announced: Load::default(),
                     announced_free_cache: DEVICES[spec.device].cache_tokens,
                     last_announce_ms: 0.0,
+                    claimed: None,
                     next_announce_ms: spec.announce_phase_ms as f64,
                 }
             })
@@ -462,11 +467,28 @@ impl World {
                 version: String::new(),
                 announced_at_ms: EPOCH_MS + p.last_announce_ms as u64,
                 load: p.announced,
-                // Clients' offline claims are not modelled: simulated clients write none.
-                reported_offline: false,
+                reported_offline: p.claimed.is_some_and(|(seen, landed)| {
+                    landed <= now
+                        && seen > p.last_announce_ms
+                        && now - seen <= offline::CLAIM_TTL_MS as f64
+                }),
             });
         }
         out
+    }
+
+    /// A client that saw `peer` fail at `seen_ms` claims it offline; the claim is in the DHT
+    /// from `landed_ms` (a lookup's round trips later). Readers keep the newest claim.
+    pub fn claim_offline(&mut self, peer: PeerId, seen_ms: f64, landed_ms: f64) {
+        if !self.cfg.offline_claims {
+            return;
+        }
+        if let Some(&i) = self.index.get(&peer) {
+            let p = &mut self.peers[i as usize];
+            if p.claimed.is_none_or(|(seen, _)| seen < seen_ms) {
+                p.claimed = Some((seen_ms, landed_ms));
+            }
+        }
     }
 
     /// Peer `i` takes a session of `tokens` cache positions, or says why not (as the node's

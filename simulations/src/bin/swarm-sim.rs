@@ -55,6 +55,10 @@ struct Args {
     /// simulated call per span and token instead of one per token.
     #[arg(long)]
     no_push: bool,
+    /// Clients write no offline claims: each finds a dead peer out for itself (what every
+    /// client did before claims), for comparison.
+    #[arg(long)]
+    no_offline_claims: bool,
     /// Directory for report.json and the plots.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     cfg.rebalance_min_gain = args.rebalance_min_gain;
     cfg.scenario = args.scenario;
     cfg.push = !args.no_push;
+    cfg.offline_claims = !args.no_offline_claims;
 
     let policies: Vec<Policy> = if args.with_static {
         Policy::all()
