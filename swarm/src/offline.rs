@@ -92,19 +92,13 @@ pub fn claim(
     Ok(c)
 }
 
-/// The claim encoded without its signature: prost writes fields in tag order and skips
-/// defaults, so a reader re-encoding a decoded claim gets exactly the bytes that were signed.
+/// The bytes a signature covers: the claim encoded with an empty signature field.
 fn signed_bytes(c: &OfflineClaim) -> Vec<u8> {
     let unsigned = OfflineClaim {
         signature: Vec::new(),
         ..c.clone()
     };
-    let mut out = Vec::with_capacity(DOMAIN.len() + unsigned.encoded_len());
-    out.extend_from_slice(DOMAIN);
-    unsigned
-        .encode(&mut out)
-        .expect("a Vec grows to fit any message");
-    out
+    crate::record::domain_and(DOMAIN, &unsigned)
 }
 
 /// Checks a claim from the network (cheap checks first) and returns its subject.
@@ -134,28 +128,7 @@ pub fn verify(c: &OfflineClaim, now_ms: u64) -> Result<PeerId, Rejected> {
 }
 
 /// Verifies each distinct claim once per lookup: every copy of a record carries the same ones.
-#[derive(Default)]
-pub struct ClaimChecker {
-    seen: HashMap<Vec<u8>, bool>,
-}
-
-impl ClaimChecker {
-    pub fn accepts(&mut self, c: &OfflineClaim, now_ms: u64) -> bool {
-        let bytes = c.encode_to_vec();
-        if let Some(&ok) = self.seen.get(&bytes) {
-            return ok;
-        }
-        let ok = match verify(c, now_ms) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!("dropping an offline claim: {e}");
-                false
-            }
-        };
-        self.seen.insert(bytes, ok);
-        ok
-    }
-}
+pub type ClaimChecker = crate::record::Checker<OfflineClaim>;
 
 /// The newest claim of each claimant about each subject, at most [`MAX_CLAIMS_PER_BLOCK`] (the
 /// freshest), in a canonical order. `claims` must be verified already.

@@ -11,6 +11,7 @@
 //! remove anybody else's.
 
 use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 
 use libp2p::identity::{Keypair, PublicKey, SigningError};
 use libp2p::kad::RecordKey;
@@ -78,16 +79,21 @@ pub fn sign(record: &mut ServerRecord, key: &Keypair) -> Result<(), SigningError
     Ok(())
 }
 
-/// The bytes a signature covers: the entry encoded with an empty signature field. prost writes
-/// fields in tag order and skips defaults, so a reader re-encoding a decoded entry gets exactly
-/// the bytes its author signed.
+/// The bytes a signature covers: the entry encoded with an empty signature field.
 fn signed_bytes(record: &ServerRecord) -> Vec<u8> {
     let unsigned = ServerRecord {
         signature: Vec::new(),
         ..record.clone()
     };
-    let mut out = Vec::with_capacity(DOMAIN.len() + unsigned.encoded_len());
-    out.extend_from_slice(DOMAIN);
+    domain_and(DOMAIN, &unsigned)
+}
+
+/// `domain`, then `unsigned` encoded. prost writes fields in tag order and skips defaults, so a
+/// reader re-encoding a decoded message (its signature field emptied) gets exactly the bytes
+/// its author signed.
+pub(crate) fn domain_and<M: Message>(domain: &[u8], unsigned: &M) -> Vec<u8> {
+    let mut out = Vec::with_capacity(domain.len() + unsigned.encoded_len());
+    out.extend_from_slice(domain);
     unsigned
         .encode(&mut out)
         .expect("a Vec grows to fit any message");
@@ -129,24 +135,57 @@ pub fn verify(record: &ServerRecord, now_ms: u64) -> Result<PeerId, Rejected> {
     Ok(claimed)
 }
 
-/// Verifies each distinct entry once: a lookup sees the same entry in every copy of every block
-/// of its author's range, and an Ed25519 check costs tens of microseconds.
-#[derive(Default)]
-pub struct Checker {
-    seen: HashMap<Vec<u8>, bool>,
+/// Something signed that a [`Checker`] verifies: a server entry, or an offline claim.
+pub trait Signed: Message {
+    /// What it is, for the log line that says why one was dropped.
+    const WHAT: &'static str;
+    fn check(&self, now_ms: u64) -> Result<(), String>;
 }
 
-impl Checker {
-    /// Whether `record` is believable; logs why not, once per distinct entry.
-    pub fn accepts(&mut self, record: &ServerRecord, now_ms: u64) -> bool {
-        let bytes = record.encode_to_vec();
+impl Signed for ServerRecord {
+    const WHAT: &'static str = "a server entry";
+    fn check(&self, now_ms: u64) -> Result<(), String> {
+        verify(self, now_ms).map(drop).map_err(|e| e.to_string())
+    }
+}
+
+impl Signed for OfflineClaim {
+    const WHAT: &'static str = "an offline claim";
+    fn check(&self, now_ms: u64) -> Result<(), String> {
+        offline::verify(self, now_ms)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Verifies each distinct item once: a lookup sees the same entry in every copy of every block
+/// of its author's range (and the same claims in every copy of a record), and an Ed25519 check
+/// costs tens of microseconds.
+pub struct Checker<M = ServerRecord> {
+    seen: HashMap<Vec<u8>, bool>,
+    item: PhantomData<fn(&M)>,
+}
+
+impl<M> Default for Checker<M> {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::new(),
+            item: PhantomData,
+        }
+    }
+}
+
+impl<M: Signed> Checker<M> {
+    /// Whether `item` is believable; logs why not, once per distinct item.
+    pub fn accepts(&mut self, item: &M, now_ms: u64) -> bool {
+        let bytes = item.encode_to_vec();
         if let Some(&ok) = self.seen.get(&bytes) {
             return ok;
         }
-        let ok = match verify(record, now_ms) {
-            Ok(_) => true,
+        let ok = match item.check(now_ms) {
+            Ok(()) => true,
             Err(e) => {
-                tracing::debug!("dropping a server entry: {e}");
+                tracing::debug!("dropping {}: {e}", M::WHAT);
                 false
             }
         };
@@ -235,7 +274,7 @@ pub fn merge_stored(
         })
         .collect();
     let known: HashSet<Vec<u8>> = held.offline.iter().map(|c| c.encode_to_vec()).collect();
-    let mut claims = offline::ClaimChecker::default();
+    let mut claims = Checker::<OfflineClaim>::default();
     let fresh_claims: Vec<OfflineClaim> = incoming
         .offline
         .into_iter()
