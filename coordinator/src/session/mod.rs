@@ -661,6 +661,17 @@ impl<N: Network> InferenceSession<N> {
                 Err(e) => {
                     if let Some(peer) = e.peer() {
                         self.router.ban(peer);
+                        // Any block of the peer's range will do: readers merge claims across
+                        // every block's record.
+                        let served = self.view.as_ref().and_then(|v| {
+                            v.servers
+                                .iter()
+                                .find(|s| s.peer == peer)
+                                .map(|s| s.blocks.start)
+                        });
+                        if let (true, Some(block)) = (e.unreachable(), served) {
+                            self.router.network.report_unreachable(peer, block);
+                        }
                     }
                     last = e.into();
                 }
@@ -747,6 +758,8 @@ mod tests {
         pushed: Mutex<usize>,
         /// Never answer an open (a frozen machine whose record lingers).
         frozen: Vec<PeerId>,
+        /// Open, then time out every step (a machine that froze after the open).
+        stalls: Vec<PeerId>,
         /// Lookups made.
         lookups: Mutex<usize>,
         /// Peers claimed offline, with the block named.
@@ -769,6 +782,7 @@ mod tests {
                 push: None,
                 pushed: Mutex::default(),
                 frozen: Vec::new(),
+                stalls: Vec::new(),
                 lookups: Mutex::default(),
                 reported: Mutex::default(),
             }
@@ -835,6 +849,13 @@ mod tests {
             let (peer, blocks) = span.clone();
             if peer == self.dead && pos + hidden.tokens as u32 > self.dies_at {
                 return Err(SessionError::Closed { peer });
+            }
+            if self.stalls.contains(&peer) {
+                return Err(SessionError::Timeout {
+                    peer,
+                    what: "step",
+                    secs: 1.0,
+                });
             }
             if self.liars.contains(&peer) {
                 return Err(SessionError::Remote {
@@ -1106,6 +1127,31 @@ mod tests {
         assert_eq!(session.recoveries().len(), 1);
         assert!(session.recoveries()[0] >= bound);
         assert!(session.recoveries()[0] < REROUTE_CONNECT);
+    }
+
+    /// The fast peer dies; the next best opens but its machine froze, so the replay into it
+    /// times out: it is banned and claimed offline like a peer that never opened, and the third
+    /// takes the blocks.
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_silent_during_the_replay_is_claimed_offline() {
+        let [fast, stalled, slow, tail] = [(); 4].map(|_| PeerId::random());
+        let router = router_of(Fake {
+            dead: fast,
+            dies_at: 1,
+            stalls: vec![stalled],
+            ..Fake::new(vec![
+                server(fast, 0..4, 1.0),
+                server(stalled, 0..4, 2.0),
+                server(slow, 0..4, 10.0),
+                server(tail, 4..6, 1.0),
+            ])
+        });
+        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
+        session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        let y = session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
+        assert_eq!(y.data, [8.0]);
+        assert_eq!(session.route()[0].peer, slow.to_string());
+        assert_eq!(*router.network.reported.lock().unwrap(), [(stalled, 0)]);
     }
 
     /// A session over `fast` (which dies at position 1) and a tail, after its first token;
