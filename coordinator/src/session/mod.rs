@@ -1134,37 +1134,41 @@ mod tests {
     /// takes the blocks.
     #[tokio::test(start_paused = true)]
     async fn a_replacement_silent_during_the_replay_is_claimed_offline() {
-        let [fast, stalled, slow, tail] = [(); 4].map(|_| PeerId::random());
-        let router = router_of(Fake {
-            dead: fast,
-            dies_at: 1,
-            stalls: vec![stalled],
-            ..Fake::new(vec![
-                server(fast, 0..4, 1.0),
-                server(stalled, 0..4, 2.0),
-                server(slow, 0..4, 10.0),
-                server(tail, 4..6, 1.0),
-            ])
-        });
-        let mut session = InferenceSession::open(router.clone(), 16).await.unwrap();
-        session.run_blocks(hidden(&[1.0]), 0).await.unwrap();
+        let (router, mut session, [next, slow]) = session_losing_fast(Next::Stalls).await;
         let y = session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
         assert_eq!(y.data, [8.0]);
         assert_eq!(session.route()[0].peer, slow.to_string());
-        assert_eq!(*router.network.reported.lock().unwrap(), [(stalled, 0)]);
+        assert_eq!(*router.network.reported.lock().unwrap(), [(next, 0)]);
+    }
+
+    /// What the peer after `fast` does in [`session_losing_fast`].
+    enum Next {
+        Answers,
+        /// Never answers an open.
+        Frozen,
+        /// Opens, then times out every step.
+        Stalls,
     }
 
     /// A session over `fast` (which dies at position 1) and a tail, after its first token;
-    /// `next` and then `slow` serve the fast peer's blocks too, and `next` never answers an
-    /// open if `next_frozen`.
+    /// `next` and then `slow` serve the fast peer's blocks too, `next` behaving as told.
     async fn session_losing_fast(
-        next_frozen: bool,
+        behaviour: Next,
     ) -> (Arc<Router<Fake>>, InferenceSession<Fake>, [PeerId; 2]) {
         let [fast, next, slow] = [(); 3].map(|_| PeerId::random());
         let router = router_of(Fake {
             dead: fast,
             dies_at: 1,
-            frozen: if next_frozen { vec![next] } else { Vec::new() },
+            frozen: if matches!(behaviour, Next::Frozen) {
+                vec![next]
+            } else {
+                Vec::new()
+            },
+            stalls: if matches!(behaviour, Next::Stalls) {
+                vec![next]
+            } else {
+                Vec::new()
+            },
             ..Fake::new(vec![
                 server(fast, 0..4, 1.0),
                 server(next, 0..4, 2.0),
@@ -1180,7 +1184,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reroute_plans_on_the_sessions_recent_view_without_a_lookup() {
-        let (router, mut session, [next, _]) = session_losing_fast(false).await;
+        let (router, mut session, [next, _]) = session_losing_fast(Next::Answers).await;
         // Older than a request's own reuse, younger than a session's.
         tokio::time::sleep(VIEW_REUSE * 5).await;
         session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
@@ -1191,7 +1195,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reroute_looks_up_again_when_the_sessions_view_is_old_or_fails_it() {
-        let (router, mut session, [next, _]) = session_losing_fast(false).await;
+        let (router, mut session, [next, _]) = session_losing_fast(Next::Answers).await;
         tokio::time::sleep(SESSION_VIEW_REUSE).await;
         session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
         assert_eq!(session.route()[0].peer, next.to_string());
@@ -1199,7 +1203,7 @@ mod tests {
 
         // Recent, but the peer it offers froze since: one bounded attempt on it, then a
         // fresh lookup for the next route.
-        let (router, mut session, [next, slow]) = session_losing_fast(true).await;
+        let (router, mut session, [next, slow]) = session_losing_fast(Next::Frozen).await;
         tokio::time::sleep(VIEW_REUSE * 5).await;
         session.run_blocks(hidden(&[2.0]), 1).await.unwrap();
         assert_eq!(session.route()[0].peer, slow.to_string());
