@@ -105,6 +105,23 @@ impl Server {
     }
 }
 
+/// Every copy of a block record decoded once (undecodable ones dropped): its entries, per
+/// copy, and the claims of all copies, at most [`offline::MAX_CLAIMS_PER_BLOCK`] from each (an
+/// honest record holds no more; a copy with more is not worth more signature checks).
+/// Announcers, claimants and readers all need both halves.
+fn decode_copies(copies: &[Vec<u8>]) -> (Vec<Vec<ServerRecord>>, Vec<OfflineClaim>) {
+    let mut entries = Vec::with_capacity(copies.len());
+    let mut claims = Vec::new();
+    for r in copies
+        .iter()
+        .filter_map(|c| BlockRecord::decode(c.as_slice()).ok())
+    {
+        entries.push(r.servers);
+        claims.extend(r.offline.into_iter().take(offline::MAX_CLAIMS_PER_BLOCK));
+    }
+    (entries, claims)
+}
+
 /// Merges every copy of a block record: newest believable entry per peer wins; expired,
 /// unsigned, forged and foreign entries go (see [`crate::record`]).
 pub fn merge_copies(
@@ -113,10 +130,16 @@ pub fn merge_copies(
     now_ms: u64,
     checker: &mut Checker,
 ) -> Vec<ServerRecord> {
-    let entries = copies
-        .iter()
-        .filter_map(|c| BlockRecord::decode(c.as_slice()).ok())
-        .flat_map(|r| r.servers);
+    let (entries, _) = decode_copies(copies);
+    merge_entries(entries.into_iter().flatten(), fp, now_ms, checker)
+}
+
+fn merge_entries(
+    entries: impl IntoIterator<Item = ServerRecord>,
+    fp: &Fingerprint,
+    now_ms: u64,
+    checker: &mut Checker,
+) -> Vec<ServerRecord> {
     record::newest_per_peer(
         entries,
         |s| s.fingerprint.as_slice() == fp.as_slice(),
@@ -125,22 +148,15 @@ pub fn merge_copies(
     )
 }
 
-/// The believable offline claims about servers of model `fp` in every copy of a block record,
-/// the newest per claimant and server (see [`crate::offline`]).
-pub fn merge_claims(
-    copies: &[Vec<u8>],
-    fp: &Fingerprint,
-    now_ms: u64,
-    checker: &mut ClaimChecker,
-) -> Vec<OfflineClaim> {
-    let claims = copies
-        .iter()
-        .filter_map(|c| BlockRecord::decode(c.as_slice()).ok())
-        // An honest record holds at most this many; a copy with more is not worth more
-        // signature checks.
-        .flat_map(|r| r.offline.into_iter().take(offline::MAX_CLAIMS_PER_BLOCK))
-        .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms));
-    offline::newest(claims)
+/// The believable offline claims about servers of model `fp` among `claims`, the newest per
+/// claimant and server (see [`crate::offline`]).
+fn merge_claims(claims: Vec<OfflineClaim>, fp: &Fingerprint, now_ms: u64) -> Vec<OfflineClaim> {
+    let mut checker = ClaimChecker::default();
+    offline::newest(
+        claims
+            .into_iter()
+            .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms)),
+    )
 }
 
 /// Signs `me` with this peer's key and writes it into the record of every block in its range.
@@ -160,14 +176,19 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
             .await
             .unwrap_or_default();
         let now = now_ms();
-        let mut servers = merge_copies(&copies, fp, now, &mut Checker::default());
+        let (entries, claims) = decode_copies(&copies);
+        let mut servers = merge_entries(
+            entries.into_iter().flatten(),
+            fp,
+            now,
+            &mut Checker::default(),
+        );
         servers.retain(|s| s.peer_id != me.peer_id);
         servers.push(me.clone());
         // At the per-block bound the stalest others make room; our own entry is the newest.
         let servers = record::newest(servers);
         // Other servers' claims are carried over; ours are refuted by the entry we write.
-        let claims = merge_claims(&copies, fp, now, &mut ClaimChecker::default());
-        let offline = offline::unrefuted(claims, &servers);
+        let offline = offline::unrefuted(merge_claims(claims, fp, now), &servers);
         let value = BlockRecord { servers, offline }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });
@@ -221,8 +242,14 @@ pub async fn report_offline(
         .get_record(key.clone(), QUERY_TIMEOUT)
         .await
         .unwrap_or_default();
-    let servers = merge_copies(&copies, fp, now, &mut Checker::default());
-    let mut claims = merge_claims(&copies, fp, now, &mut ClaimChecker::default());
+    let (entries, claims) = decode_copies(&copies);
+    let servers = merge_entries(
+        entries.into_iter().flatten(),
+        fp,
+        now,
+        &mut Checker::default(),
+    );
+    let mut claims = merge_claims(claims, fp, now);
     claims.push(claim);
     let offline = offline::unrefuted(offline::newest(claims), &servers);
     let value = BlockRecord { servers, offline }.encode_to_vec();
@@ -235,9 +262,10 @@ fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Ser
     let now = now_ms();
     let mut checker = Checker::default();
     let mut by_peer: HashMap<PeerId, Server> = HashMap::new();
+    let (entries, claims) = decode_copies(copies);
     // Each copy is merged on its own, then across blocks: newest announcement per peer wins.
-    for copy in copies {
-        for rec in merge_copies(std::slice::from_ref(copy), fp, now, &mut checker) {
+    for copy in entries {
+        for rec in merge_entries(copy, fp, now, &mut checker) {
             if let Some(s) = Server::from_record(&rec, fp, block_count, now) {
                 match by_peer.get(&s.peer) {
                     Some(old) if old.announced_at_ms >= s.announced_at_ms => {}
@@ -248,8 +276,7 @@ fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Ser
             }
         }
     }
-    let claims = merge_claims(copies, fp, now, &mut ClaimChecker::default());
-    let claimed = offline::latest_by_subject(&claims);
+    let claimed = offline::latest_by_subject(&merge_claims(claims, fp, now));
     let mut out: Vec<Server> = by_peer.into_values().collect();
     for s in &mut out {
         s.reported_offline = claimed
