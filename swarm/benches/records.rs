@@ -88,14 +88,14 @@ fn records(c: &mut Criterion) {
     c.bench_function("verify one offline claim", |b| {
         b.iter(|| offline::verify(&claim, now).unwrap())
     });
-    let servers: Vec<ServerRecord> = (0..64)
-        .map(|_| entry(&Keypair::generate_ed25519(), now - 1))
-        .collect();
+    // A record keeps claims only about servers it lists: the held claims name 31 of its 64
+    // servers, the new one a 32nd.
+    let keys: Vec<Keypair> = (0..64).map(|_| Keypair::generate_ed25519()).collect();
+    let servers: Vec<ServerRecord> = keys.iter().map(|k| entry(k, now - 1)).collect();
+    let listed = |i: usize| keys[i].public().to_peer_id();
+    let claim = offline::claim(listed(31), &FP, 29, now, &client).unwrap();
     let held_claims: Vec<_> = (0..offline::MAX_CLAIMS_PER_BLOCK - 1)
-        .map(|_| {
-            let other = Keypair::generate_ed25519().public().to_peer_id();
-            offline::claim(other, &FP, 29, now, &Keypair::generate_ed25519()).unwrap()
-        })
+        .map(|i| offline::claim(listed(i), &FP, 29, now, &Keypair::generate_ed25519()).unwrap())
         .collect();
     let held = BlockRecord {
         servers: servers.clone(),

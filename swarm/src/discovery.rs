@@ -148,15 +148,13 @@ fn merge_entries(
     )
 }
 
-/// The believable offline claims about servers of model `fp` among `claims`, the newest per
-/// claimant and server (see [`crate::offline`]).
+/// The believable offline claims about servers of model `fp` among `claims`.
 fn merge_claims(claims: Vec<OfflineClaim>, fp: &Fingerprint, now_ms: u64) -> Vec<OfflineClaim> {
     let mut checker = ClaimChecker::default();
-    offline::newest(
-        claims
-            .into_iter()
-            .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms)),
-    )
+    claims
+        .into_iter()
+        .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms))
+        .collect()
 }
 
 /// Signs `me` with this peer's key and writes it into the record of every block in its range.
@@ -188,7 +186,7 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
         // At the per-block bound the stalest others make room; our own entry is the newest.
         let servers = record::newest(servers);
         // Other servers' claims are carried over; ours are refuted by the entry we write.
-        let offline = offline::unrefuted(merge_claims(claims, fp, now), &servers);
+        let offline = offline::kept(merge_claims(claims, fp, now), &servers);
         let value = BlockRecord { servers, offline }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });
@@ -251,7 +249,7 @@ pub async fn report_offline(
     );
     let mut claims = merge_claims(claims, fp, now);
     claims.push(claim);
-    let offline = offline::unrefuted(offline::newest(claims), &servers);
+    let offline = offline::kept(claims, &servers);
     let value = BlockRecord { servers, offline }.encode_to_vec();
     net.put_record(key, value, QUERY_TIMEOUT).await
 }
@@ -276,13 +274,26 @@ fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Ser
             }
         }
     }
-    let claimed = offline::latest_by_subject(&merge_claims(claims, fp, now));
-    let mut out: Vec<Server> = by_peer.into_values().collect();
-    for s in &mut out {
-        s.reported_offline = claimed
-            .get(&s.peer)
-            .is_some_and(|&at| at > s.announced_at_ms);
+    // A claim counts only against a listed server that has not announced since it, and one
+    // believable claim is enough to mark it: so only such claims are checked, and a server's
+    // claims stop being checked at the first that verifies. Junk about made-up or refuted servers
+    // costs no signature check.
+    let mut checker = ClaimChecker::default();
+    for c in claims {
+        let Ok(subject) = PeerId::from_bytes(&c.subject) else {
+            continue;
+        };
+        if let Some(s) = by_peer.get_mut(&subject) {
+            if !s.reported_offline
+                && c.seen_at_ms > s.announced_at_ms
+                && c.fingerprint.as_slice() == fp.as_slice()
+                && checker.accepts(&c, now)
+            {
+                s.reported_offline = true;
+            }
+        }
     }
+    let mut out: Vec<Server> = by_peer.into_values().collect();
     out.sort_by_key(|s| (s.blocks.start, s.peer));
     out
 }
@@ -363,6 +374,39 @@ mod tests {
         }
         .encode_to_vec();
         let servers = servers_of(&[copy, other], &fp, 10);
+        let marked = |p| {
+            servers
+                .iter()
+                .find(|s| s.peer == p)
+                .unwrap()
+                .reported_offline
+        };
+        assert!(marked(pa));
+        assert!(!marked(pb));
+    }
+
+    #[test]
+    fn a_forged_claim_beside_a_genuine_one_neither_marks_nor_hides_it() {
+        let fp = [7u8; 32];
+        let now = now_ms();
+        let [a, b, client] = [(); 3].map(|_| Keypair::generate_ed25519());
+        let (pa, pb) = (a.public().to_peer_id(), b.public().to_peer_id());
+        let claim = |p, at| offline::claim(p, &fp, 0, at, &client).unwrap();
+        let mut forged = claim(pa, now - 500);
+        forged.seen_at_ms += 1;
+        let mut forged_b = claim(pb, now - 500);
+        forged_b.seen_at_ms += 1;
+        let copy = BlockRecord {
+            servers: vec![
+                rec(&a, now - 2_000, now + 30_000, &fp),
+                rec(&b, now - 2_000, now + 30_000, &fp),
+            ],
+            // The forgery about `a` comes first and is newer: checking stops at a believable
+            // claim, not at the first one.
+            offline: vec![forged, claim(pa, now - 1_000), forged_b],
+        }
+        .encode_to_vec();
+        let servers = servers_of(&[copy], &fp, 10);
         let marked = |p| {
             servers
                 .iter()

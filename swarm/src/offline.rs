@@ -12,7 +12,11 @@
 //! - dated at most [`MAX_CLAIM_SKEW_MS`] ahead of the reader and believed for
 //!   [`CLAIM_TTL_MS`], so one cannot outlive the refresh that refutes it by much;
 //! - never a removal: readers price a claimed server like one without cache room, used only
-//!   where nobody else serves its blocks.
+//!   where nobody else serves its blocks;
+//! - about a server the record lists, or it is dropped: made-up subjects take no room, and
+//!   when the room runs out, claims about the servers that announced longest ago stay (see
+//!   [`kept`]). Readers check the signature of a claim only when it would mark a listed
+//!   server, and stop at the first that does.
 //!
 //! The worst a lying client can do is steer other clients away from an honest server until
 //! that server's next announcement, one signed put at a time, within the per-peer put
@@ -130,43 +134,53 @@ pub fn verify(c: &OfflineClaim, now_ms: u64) -> Result<PeerId, Rejected> {
 /// Verifies each distinct claim once per lookup: every copy of a record carries the same ones.
 pub type ClaimChecker = crate::record::Checker<OfflineClaim>;
 
-/// The newest claim of each claimant about each subject, at most [`MAX_CLAIMS_PER_BLOCK`] (the
-/// freshest), in a canonical order. `claims` must be verified already.
-pub fn newest(claims: impl IntoIterator<Item = OfflineClaim>) -> Vec<OfflineClaim> {
-    let mut by_pair: HashMap<(Vec<u8>, Vec<u8>), OfflineClaim> = HashMap::new();
-    for c in claims {
-        let pair = (c.public_key.clone(), c.subject.clone());
-        match by_pair.get(&pair) {
-            Some(old) if old.seen_at_ms >= c.seen_at_ms => {}
-            _ => {
-                by_pair.insert(pair, c);
-            }
-        }
-    }
-    let mut out: Vec<OfflineClaim> = by_pair.into_values().collect();
-    if out.len() > MAX_CLAIMS_PER_BLOCK {
-        out.sort_by_key(|c| std::cmp::Reverse(c.seen_at_ms));
-        out.truncate(MAX_CLAIMS_PER_BLOCK);
-    }
-    out.sort_by(|a, b| (&a.subject, &a.public_key).cmp(&(&b.subject, &b.public_key)));
-    out
-}
-
-/// `claims` without those its subject refuted: a claim counts only until the server announces
-/// again, and `servers` holds its newest entry.
-pub fn unrefuted(claims: Vec<OfflineClaim>, servers: &[ServerRecord]) -> Vec<OfflineClaim> {
+/// The claims a record keeps beside `servers`, its entries (newest per peer): of each claimant
+/// the newest claim about each server the record lists and that has not announced since, at
+/// most [`MAX_CLAIMS_PER_BLOCK`], in a canonical order. `claims` must be verified already.
+///
+/// A claim about a server the record does not list steers nobody, so it takes no room: junk
+/// about made-up peers cannot push real claims out. When more claims qualify than a record
+/// keeps, those about the servers that announced longest ago stay. A dead server stops
+/// announcing, so within an interval claims about it outrank every claim, true or not, about a
+/// server still refreshing, and a flood of fresh claims about live servers cannot mute it.
+pub fn kept(
+    claims: impl IntoIterator<Item = OfflineClaim>,
+    servers: &[ServerRecord],
+) -> Vec<OfflineClaim> {
     let announced: HashMap<&[u8], u64> = servers
         .iter()
         .map(|s| (s.peer_id.as_slice(), s.announced_at_ms))
         .collect();
-    claims
-        .into_iter()
-        .filter(|c| {
-            announced
-                .get(c.subject.as_slice())
-                .is_none_or(|&at| c.seen_at_ms > at)
-        })
-        .collect()
+    let mut by_pair: HashMap<(Vec<u8>, Vec<u8>), (u64, OfflineClaim)> = HashMap::new();
+    for c in claims {
+        let Some(&at) = announced.get(c.subject.as_slice()) else {
+            continue;
+        };
+        if c.seen_at_ms <= at {
+            continue;
+        }
+        let pair = (c.public_key.clone(), c.subject.clone());
+        match by_pair.get(&pair) {
+            Some((_, old)) if old.seen_at_ms >= c.seen_at_ms => {}
+            _ => {
+                by_pair.insert(pair, (at, c));
+            }
+        }
+    }
+    let mut out: Vec<(u64, OfflineClaim)> = by_pair.into_values().collect();
+    if out.len() > MAX_CLAIMS_PER_BLOCK {
+        // Stalest server first, then the newest claim; the rest only makes the cut the same
+        // on every peer that stores the record.
+        out.sort_by(|(a_at, a), (b_at, b)| {
+            a_at.cmp(b_at)
+                .then(b.seen_at_ms.cmp(&a.seen_at_ms))
+                .then_with(|| (&a.subject, &a.public_key).cmp(&(&b.subject, &b.public_key)))
+        });
+        out.truncate(MAX_CLAIMS_PER_BLOCK);
+    }
+    let mut out: Vec<OfflineClaim> = out.into_iter().map(|(_, c)| c).collect();
+    out.sort_by(|a, b| (&a.subject, &a.public_key).cmp(&(&b.subject, &b.public_key)));
+    out
 }
 
 /// Whether `c` belongs under `key`: its model's key for the block it names.
@@ -175,18 +189,6 @@ pub fn belongs_to(c: &OfflineClaim, key: &RecordKey) -> bool {
         return false;
     };
     c.block < MAX_BLOCKS && crate::discovery::block_key(&fp, c.block) == *key
-}
-
-/// For each subject, when the newest believable claim about it was made.
-pub fn latest_by_subject(claims: &[OfflineClaim]) -> HashMap<PeerId, u64> {
-    let mut out: HashMap<PeerId, u64> = HashMap::new();
-    for c in claims {
-        if let Ok(subject) = PeerId::from_bytes(&c.subject) {
-            let at = out.entry(subject).or_default();
-            *at = (*at).max(c.seen_at_ms);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -248,23 +250,57 @@ mod tests {
         assert!(matches!(verify(&big, NOW), Err(Rejected::TooLarge(_))));
     }
 
+    /// An entry as `kept` reads it: only who announced and when.
+    fn listed(p: PeerId, at: u64) -> ServerRecord {
+        ServerRecord {
+            peer_id: p.to_bytes(),
+            announced_at_ms: at,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn one_claim_per_claimant_and_subject_and_the_freshest_are_kept() {
+    fn one_claim_per_claimant_about_each_listed_unrefuted_server_is_kept() {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let s = peer();
-        let kept = newest([
-            claim(s, &FP, 0, NOW, &a).unwrap(),
-            claim(s, &FP, 0, NOW + 5, &a).unwrap(),
-            claim(s, &FP, 0, NOW + 1, &b).unwrap(),
-        ]);
-        assert_eq!(kept.len(), 2);
-        assert_eq!(latest_by_subject(&kept)[&s], NOW + 5);
-        // One claimant about many subjects: the freshest MAX_CLAIMS_PER_BLOCK stay.
-        let many = (0..MAX_CLAIMS_PER_BLOCK as u64 + 8)
-            .map(|i| claim(peer(), &FP, 0, NOW + i, &a).unwrap());
-        let kept = newest(many);
+        let (s, refuted, unlisted) = (peer(), peer(), peer());
+        let servers = [listed(s, NOW - 10), listed(refuted, NOW + 2)];
+        let kept = kept(
+            [
+                claim(s, &FP, 0, NOW, &a).unwrap(),
+                claim(s, &FP, 0, NOW + 5, &a).unwrap(),
+                claim(s, &FP, 0, NOW + 1, &b).unwrap(),
+                claim(refuted, &FP, 0, NOW + 1, &a).unwrap(),
+                claim(unlisted, &FP, 0, NOW + 1, &a).unwrap(),
+            ],
+            &servers,
+        );
+        let pairs: Vec<(Vec<u8>, u64)> = kept
+            .iter()
+            .map(|c| (c.public_key.clone(), c.seen_at_ms))
+            .collect();
+        let key = |k: &Keypair| k.public().encode_protobuf();
+        let mut want = vec![(key(&a), NOW + 5), (key(&b), NOW + 1)];
+        want.sort();
+        let mut got = pairs;
+        got.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_flood_of_fresh_claims_about_live_servers_cannot_push_out_one_about_a_dead_server() {
+        let (honest, dead) = (Keypair::generate_ed25519(), peer());
+        // The dead server last announced 12 s ago; the live ones just did.
+        let mut servers = vec![listed(dead, NOW - 12_000)];
+        let live: Vec<PeerId> = (0..MAX_CLAIMS_PER_BLOCK + 8).map(|_| peer()).collect();
+        servers.extend(live.iter().map(|&p| listed(p, NOW - 1_000)));
+        let genuine = claim(dead, &FP, 0, NOW - 2_000, &honest).unwrap();
+        // Newer than the genuine claim, each from a key of its own.
+        let flood = live
+            .iter()
+            .map(|&p| claim(p, &FP, 0, NOW, &Keypair::generate_ed25519()).unwrap());
+        let kept = kept(flood.chain([genuine.clone()]), &servers);
         assert_eq!(kept.len(), MAX_CLAIMS_PER_BLOCK);
-        assert!(kept.iter().all(|c| c.seen_at_ms >= NOW + 8));
+        assert!(kept.contains(&genuine));
     }
 
     #[test]

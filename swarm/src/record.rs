@@ -273,30 +273,40 @@ pub fn merge_stored(
             !known.contains(&s.encode_to_vec()) && belongs_to(s, key) && checker.accepts(s, now_ms)
         })
         .collect();
+    let live = held
+        .servers
+        .into_iter()
+        .filter(|s| s.expires_at_ms >= now_ms);
+    let fresh_entries = !fresh.is_empty();
+    let servers = newest(live.chain(fresh));
+    // Only claims about servers this record lists can be kept (see `offline::kept`): junk
+    // about anybody else costs no signature check.
+    let listed: HashMap<&[u8], u64> = servers
+        .iter()
+        .map(|s| (s.peer_id.as_slice(), s.announced_at_ms))
+        .collect();
     let known: HashSet<Vec<u8>> = held.offline.iter().map(|c| c.encode_to_vec()).collect();
     let mut claims = Checker::<OfflineClaim>::default();
     let fresh_claims: Vec<OfflineClaim> = incoming
         .offline
         .into_iter()
         .filter(|c| {
-            !known.contains(&c.encode_to_vec())
+            listed
+                .get(c.subject.as_slice())
+                .is_some_and(|&at| c.seen_at_ms > at)
+                && !known.contains(&c.encode_to_vec())
                 && offline::belongs_to(c, key)
                 && claims.accepts(c, now_ms)
         })
         .collect();
-    if fresh.is_empty() && fresh_claims.is_empty() {
+    if !fresh_entries && fresh_claims.is_empty() {
         return None;
     }
-    let live = held
-        .servers
-        .into_iter()
-        .filter(|s| s.expires_at_ms >= now_ms);
-    let servers = newest(live.chain(fresh));
     let live = held
         .offline
         .into_iter()
         .filter(|c| c.seen_at_ms.saturating_add(offline::CLAIM_TTL_MS) >= now_ms);
-    let offline = offline::unrefuted(offline::newest(live.chain(fresh_claims)), &servers);
+    let offline = offline::kept(live.chain(fresh_claims), &servers);
     Some(BlockRecord { servers, offline }.encode_to_vec())
 }
 

@@ -437,3 +437,54 @@ fn forged_misplaced_and_excess_claims_are_not_stored() {
         None
     );
 }
+
+#[test]
+fn claims_about_unlisted_servers_are_not_stored_and_a_flood_cannot_mute_a_dead_server() {
+    let key = block_key(&FP, 3);
+    let (dead, client) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let live: Vec<Keypair> = (0..offline::MAX_CLAIMS_PER_BLOCK)
+        .map(|_| Keypair::generate_ed25519())
+        .collect();
+    // The dead server last announced 12 s ago; the live ones 1 s ago.
+    let mut entries = vec![entry(&dead, ServerState::Online, NOW - 12_000)];
+    entries.extend(
+        live.iter()
+            .map(|k| entry(k, ServerState::Online, NOW - 1_000)),
+    );
+    let genuine = offline::claim(dead.public().to_peer_id(), &FP, 3, NOW, &client).unwrap();
+    let held = merge_stored(
+        &key,
+        None,
+        &with_claims(entries.clone(), vec![genuine.clone()]),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(claims(&held), std::slice::from_ref(&genuine));
+
+    // About a peer the record does not list: nothing to store.
+    let nobody = Keypair::generate_ed25519().public().to_peer_id();
+    let junk = offline::claim(nobody, &FP, 3, NOW + 1, &client).unwrap();
+    assert_eq!(
+        merge_stored(
+            &key,
+            Some(&held),
+            &with_claims(Vec::new(), vec![junk]),
+            NOW + 1
+        ),
+        None
+    );
+
+    // A Sybil's newer claims about every live server, each from a key of its own, fill the
+    // record's room: the claim about the server that stopped announcing stays.
+    let flood = live
+        .iter()
+        .map(|k| {
+            let sybil = Keypair::generate_ed25519();
+            offline::claim(k.public().to_peer_id(), &FP, 3, NOW + 2, &sybil).unwrap()
+        })
+        .collect();
+    let stored = merge_stored(&key, Some(&held), &with_claims(Vec::new(), flood), NOW + 2).unwrap();
+    let kept = claims(&stored);
+    assert_eq!(kept.len(), offline::MAX_CLAIMS_PER_BLOCK);
+    assert!(kept.contains(&genuine));
+}
