@@ -354,6 +354,14 @@ mod tests {
         assert!(Server::from_record(&r, &fp, 30, 0).is_none());
     }
 
+    fn marked(servers: &[Server], p: PeerId) -> bool {
+        servers
+            .iter()
+            .find(|s| s.peer == p)
+            .unwrap()
+            .reported_offline
+    }
+
     #[test]
     fn a_server_is_marked_when_claimed_offline_after_its_newest_announcement() {
         let fp = [7u8; 32];
@@ -374,15 +382,8 @@ mod tests {
         }
         .encode_to_vec();
         let servers = servers_of(&[copy, other], &fp, 10);
-        let marked = |p| {
-            servers
-                .iter()
-                .find(|s| s.peer == p)
-                .unwrap()
-                .reported_offline
-        };
-        assert!(marked(pa));
-        assert!(!marked(pb));
+        assert!(marked(&servers, pa));
+        assert!(!marked(&servers, pb));
     }
 
     #[test]
@@ -407,15 +408,8 @@ mod tests {
         }
         .encode_to_vec();
         let servers = servers_of(&[copy], &fp, 10);
-        let marked = |p| {
-            servers
-                .iter()
-                .find(|s| s.peer == p)
-                .unwrap()
-                .reported_offline
-        };
-        assert!(marked(pa));
-        assert!(!marked(pb));
+        assert!(marked(&servers, pa));
+        assert!(!marked(&servers, pb));
     }
 
     #[test]
