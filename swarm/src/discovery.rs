@@ -148,13 +148,11 @@ fn merge_entries(
     )
 }
 
-/// The believable offline claims about servers of model `fp` among `claims`.
-fn merge_claims(claims: Vec<OfflineClaim>, fp: &Fingerprint, now_ms: u64) -> Vec<OfflineClaim> {
+/// Whether a claim read from a record is believable for model `fp`: signed, dated and sized as
+/// [`offline::verify`] wants. Each distinct claim is checked once per lookup.
+fn believable(fp: &Fingerprint, now_ms: u64) -> impl FnMut(&OfflineClaim) -> bool + '_ {
     let mut checker = ClaimChecker::default();
-    claims
-        .into_iter()
-        .filter(|c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms))
-        .collect()
+    move |c| c.fingerprint.as_slice() == fp.as_slice() && checker.accepts(c, now_ms)
 }
 
 /// Signs `me` with this peer's key and writes it into the record of every block in its range.
@@ -186,7 +184,7 @@ pub async fn announce(net: &NetHandle, fp: &Fingerprint, me: &ServerRecord) -> u
         // At the per-block bound the stalest others make room; our own entry is the newest.
         let servers = record::newest(servers);
         // Other servers' claims are carried over; ours are refuted by the entry we write.
-        let offline = offline::kept(merge_claims(claims, fp, now), &servers);
+        let offline = offline::kept(claims, &servers, believable(fp, now));
         let value = BlockRecord { servers, offline }.encode_to_vec();
         net.put_record(key, value, QUERY_TIMEOUT).await
     });
@@ -247,9 +245,8 @@ pub async fn report_offline(
         now,
         &mut Checker::default(),
     );
-    let mut claims = merge_claims(claims, fp, now);
-    claims.push(claim);
-    let offline = offline::kept(claims, &servers);
+    let claims = claims.into_iter().chain([claim]);
+    let offline = offline::kept(claims, &servers, believable(fp, now));
     let value = BlockRecord { servers, offline }.encode_to_vec();
     net.put_record(key, value, QUERY_TIMEOUT).await
 }
@@ -278,17 +275,13 @@ fn servers_of(copies: &[Vec<u8>], fp: &Fingerprint, block_count: u32) -> Vec<Ser
     // believable claim is enough to mark it: so only such claims are checked, and a server's
     // claims stop being checked at the first that verifies. Junk about made-up or refuted servers
     // costs no signature check.
-    let mut checker = ClaimChecker::default();
+    let mut believable = believable(fp, now);
     for c in claims {
         let Ok(subject) = PeerId::from_bytes(&c.subject) else {
             continue;
         };
         if let Some(s) = by_peer.get_mut(&subject) {
-            if !s.reported_offline
-                && c.seen_at_ms > s.announced_at_ms
-                && c.fingerprint.as_slice() == fp.as_slice()
-                && checker.accepts(&c, now)
-            {
+            if !s.reported_offline && c.seen_at_ms > s.announced_at_ms && believable(&c) {
                 s.reported_offline = true;
             }
         }

@@ -135,8 +135,9 @@ pub fn verify(c: &OfflineClaim, now_ms: u64) -> Result<PeerId, Rejected> {
 pub type ClaimChecker = crate::record::Checker<OfflineClaim>;
 
 /// The claims a record keeps beside `servers`, its entries (newest per peer): of each claimant
-/// the newest claim about each server the record lists and that has not announced since, at
-/// most [`MAX_CLAIMS_PER_BLOCK`], in a canonical order. `claims` must be verified already.
+/// the newest `believable` claim about each server the record lists and that has not announced
+/// since, at most [`MAX_CLAIMS_PER_BLOCK`], in a canonical order. `believable` (a signature
+/// check, as a rule) is asked only about claims that would count, after the cheap tests.
 ///
 /// A claim about a server the record does not list steers nobody, so it takes no room: junk
 /// about made-up peers cannot push real claims out. When more claims qualify than a record
@@ -146,6 +147,7 @@ pub type ClaimChecker = crate::record::Checker<OfflineClaim>;
 pub fn kept(
     claims: impl IntoIterator<Item = OfflineClaim>,
     servers: &[ServerRecord],
+    mut believable: impl FnMut(&OfflineClaim) -> bool,
 ) -> Vec<OfflineClaim> {
     let announced: HashMap<&[u8], u64> = servers
         .iter()
@@ -156,7 +158,7 @@ pub fn kept(
         let Some(&at) = announced.get(c.subject.as_slice()) else {
             continue;
         };
-        if c.seen_at_ms <= at {
+        if c.seen_at_ms <= at || !believable(&c) {
             continue;
         }
         let pair = (c.public_key.clone(), c.subject.clone());
@@ -273,6 +275,7 @@ mod tests {
                 claim(unlisted, &FP, 0, NOW + 1, &a).unwrap(),
             ],
             &servers,
+            |_| true,
         );
         let pairs: Vec<(Vec<u8>, u64)> = kept
             .iter()
@@ -298,7 +301,7 @@ mod tests {
         let flood = live
             .iter()
             .map(|&p| claim(p, &FP, 0, NOW, &Keypair::generate_ed25519()).unwrap());
-        let kept = kept(flood.chain([genuine.clone()]), &servers);
+        let kept = kept(flood.chain([genuine.clone()]), &servers, |_| true);
         assert_eq!(kept.len(), MAX_CLAIMS_PER_BLOCK);
         assert!(kept.contains(&genuine));
     }

@@ -279,34 +279,27 @@ pub fn merge_stored(
         .filter(|s| s.expires_at_ms >= now_ms);
     let fresh_entries = !fresh.is_empty();
     let servers = newest(live.chain(fresh));
-    // Only claims about servers this record lists can be kept (see `offline::kept`): junk
-    // about anybody else costs no signature check.
-    let listed: HashMap<&[u8], u64> = servers
-        .iter()
-        .map(|s| (s.peer_id.as_slice(), s.announced_at_ms))
-        .collect();
-    let known: HashSet<Vec<u8>> = held.offline.iter().map(|c| c.encode_to_vec()).collect();
-    let mut claims = Checker::<OfflineClaim>::default();
-    let fresh_claims: Vec<OfflineClaim> = incoming
+    // Held claims were checked when they arrived; of the incoming ones only claims that would
+    // be kept get a signature check (see `offline::kept`).
+    let live: Vec<OfflineClaim> = held
         .offline
         .into_iter()
-        .filter(|c| {
-            listed
-                .get(c.subject.as_slice())
-                .is_some_and(|&at| c.seen_at_ms > at)
-                && !known.contains(&c.encode_to_vec())
-                && offline::belongs_to(c, key)
-                && claims.accepts(c, now_ms)
-        })
+        .filter(|c| c.seen_at_ms.saturating_add(offline::CLAIM_TTL_MS) >= now_ms)
         .collect();
-    if !fresh_entries && fresh_claims.is_empty() {
+    let known: HashSet<Vec<u8>> = live.iter().map(|c| c.encode_to_vec()).collect();
+    let mut checker = Checker::<OfflineClaim>::default();
+    let mut fresh_claims = false;
+    let offline = offline::kept(live.into_iter().chain(incoming.offline), &servers, |c| {
+        if known.contains(&c.encode_to_vec()) {
+            return true;
+        }
+        let ok = offline::belongs_to(c, key) && checker.accepts(c, now_ms);
+        fresh_claims |= ok;
+        ok
+    });
+    if !fresh_entries && !fresh_claims {
         return None;
     }
-    let live = held
-        .offline
-        .into_iter()
-        .filter(|c| c.seen_at_ms.saturating_add(offline::CLAIM_TTL_MS) >= now_ms);
-    let offline = offline::kept(live.chain(fresh_claims), &servers);
     Some(BlockRecord { servers, offline }.encode_to_vec())
 }
 
